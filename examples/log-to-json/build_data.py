@@ -1,0 +1,84 @@
+"""Build data.jsonl (raw log line -> JSON) from the loghub samples.
+
+Run from the repository root:  python examples/log-to-json/build_data.py [--loghub ../shared/datasets/loghub]
+
+Each example's prompt is one raw log line as the system wrote it (rebuilt from loghub's structured CSV); the
+completion is compact JSON with the line's level, component and event template (variables written `<*>`).
+Fields a system's format does not carry are null: Apache lines name no component, OpenSSH lines no level.
+Lines are sampled round-robin over event templates so rare events are represented, with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SYSTEMS = ("HDFS", "Apache", "OpenSSH")
+
+
+def raw_line(system: str, row: dict[str, str]) -> str:
+    if system == "HDFS":
+        return f"{row['Date'].zfill(6)} {row['Time'].zfill(6)} {row['Pid']} {row['Level']} {row['Component']}: {row['Content']}"
+    if system == "Apache":
+        return f"[{row['Time']}] [{row['Level']}] {row['Content']}"
+    return f"{row['Date']} {row['Day']} {row['Time']} {row['Component']} sshd[{row['Pid']}]: {row['Content']}"
+
+
+def structured(system: str, row: dict[str, str]) -> dict[str, str | None]:
+    level = row.get("Level") if system != "OpenSSH" else None
+    component = {"HDFS": row.get("Component"), "Apache": None, "OpenSSH": "sshd"}[system]
+    return {"level": level, "component": component, "template": row["EventTemplate"]}
+
+
+def sample_round_robin(rows: list[dict[str, str]], n: int, rng: random.Random) -> list[dict[str, str]]:
+    by_template: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        by_template[row["EventTemplate"]].append(row)
+    for group in by_template.values():
+        rng.shuffle(group)
+    picked: list[dict[str, str]] = []
+    queues = sorted(by_template.values(), key=lambda g: g[0]["EventTemplate"])
+    while len(picked) < n and any(queues):
+        for group in queues:
+            if group and len(picked) < n:
+                picked.append(group.pop())
+    return picked
+
+
+def build(loghub: Path, per_system: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    examples = []
+    for system in SYSTEMS:
+        with (loghub / f"{system}_2k.log_structured.csv").open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for row in sample_round_robin(rows, per_system, rng):
+            examples.append(
+                {
+                    "prompt": raw_line(system, row),
+                    "completion": json.dumps(structured(system, row), ensure_ascii=False),
+                    "system": system,
+                }
+            )
+    rng.shuffle(examples)
+    return examples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loghub", type=Path, default=HERE.parents[1] / ".." / "shared" / "datasets" / "loghub")
+    parser.add_argument("--per-system", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
+    args = parser.parse_args()
+    examples = build(args.loghub, args.per_system, args.seed)
+    args.out.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    print(f"wrote {len(examples)} examples to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The run config: one pydantic model, read from YAML, overridable by `key.path=value` flags.
+
+Every section forbids unknown keys so a typo (`learning_rte`) fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from specialist.errors import ConfigError
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the examples are and how to read them."""
+
+    path: Path = Field(description="JSONL or CSV file of examples, relative to the config file.")
+    format: Literal["auto", "jsonl", "csv"] = "auto"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    instruction: str = Field(
+        default="",
+        description="Task description put before every input, in training, evaluation and serving alike.",
+    )
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    max_examples: int | None = Field(default=None, gt=0, description="Use only the first N rows (after shuffling).")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must stay below 0.9 so that training rows remain")
+        return self
+
+
+class ModelConfig(_Section):
+    """The base model: `gemma-3-270m` (embedded), a local HF folder, a local .gguf file, or a hub id."""
+
+    name: str = DEFAULT_MODEL
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights dtype for training and evaluation; auto picks bfloat16 where the hardware runs it fast.",
+    )
+
+
+class MethodConfig(_Section):
+    """How the weights are adapted. The foundation ships LoRA; other methods build on it."""
+
+    kind: Literal["lora"] = "lora"
+    r: int = Field(default=16, gt=0, le=1024)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingConfig(_Section):
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, description="Stop after this many optimizer steps; -1 means run all epochs.")
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1)
+    batch_size: int = Field(default=8, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    max_length: int = Field(default=256, gt=8, description="Longest training sequence in tokens; longer rows are cut.")
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 42
+    logging_steps: int = Field(default=5, gt=0)
+    eval_steps: int | None = Field(default=None, gt=0, description="Validation loss every N steps; None: 4 per run.")
+    completion_only_loss: bool = True
+
+
+class EvaluationConfig(_Section):
+    scorers: list[Literal["json_valid", "exact_match", "field_accuracy"]] = Field(
+        default_factory=lambda: ["json_valid", "exact_match", "field_accuracy"]
+    )
+    max_new_tokens: int | None = Field(
+        default=None, gt=0, description="None: the longest training completion plus a margin."
+    )
+    batch_size: int = Field(default=16, gt=0)
+    max_examples: int | None = Field(default=None, gt=0, description="Evaluate on at most N test rows.")
+    samples_in_report: int = Field(default=12, ge=0)
+    skip_base: bool = False
+
+
+class OutputConfig(_Section):
+    dir: Path = Field(default=Path("runs"), description="Parent folder of run folders, relative to the working dir.")
+    run_name: str | None = Field(default=None, description="None: the config file's stem plus a timestamp.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value in {".", ".."}):
+            raise ValueError("run_name must be a plain folder name without '/'")
+        return value
+
+
+class RunConfig(_Section):
+    """The single source of truth for a run: data, model, method, training, evaluation, output."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML at `path`, apply `key.path=value` overrides, validate; relative data paths resolve from the file.
+
+    Raises ConfigError listing every problem at once, each with its key path and a hint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", hint="pass the path of a YAML run config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
+    for override in overrides or []:
+        apply_override(raw, override)
+    config = validate_config(raw, source=str(path))
+    if not config.data.path.is_absolute():
+        config.data.path = (path.parent / config.data.path).resolve()
+    return config
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the nested dict; the value is parsed as YAML so `0.1`, `true`, `[q,v]` get their types."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not of the form key.path=value", hint="e.g. training.epochs=2")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s) in the run config:"]
+    for error in exc.errors():
+        key_path = ".".join(str(part) for part in error["loc"])
+        lines.append(f"  - {key_path}: {_describe(error)}")
+    return "\n".join(lines)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return f"unknown key{_did_you_mean(error['loc'])}"
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] == "literal_error":
+        return f"{error['msg'].lower()} (got {error['input']!r})"
+    return f"{error['msg']} (got {error['input']!r})"
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    section: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    allowed = ", ".join(section.model_fields)
+    return f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {allowed}"

@@ -1,0 +1,61 @@
+"""Deterministic train/val/test split, written as JSONL with content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from specialist.data.load import Example
+from specialist.errors import DataError
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+    def parts(self) -> dict[str, list[Example]]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def split_examples(
+    examples: list[Example], val_fraction: float, test_fraction: float, seed: int, max_examples: int | None = None
+) -> Split:
+    """Shuffle with `seed` (same seed, same data: same split), cap at `max_examples`, then cut test, val, train."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    if max_examples is not None:
+        order = order[:max_examples]
+    n_test = max(1, round(len(order) * test_fraction))
+    n_val = round(len(order) * val_fraction)
+    if len(order) - n_test - n_val < 1:
+        raise DataError(
+            f"{len(order)} example(s) are too few to split into train/val/test",
+            hint="add examples or lower data.val_fraction / data.test_fraction",
+        )
+    picked = [examples[i] for i in order]
+    return Split(
+        test=picked[:n_test],
+        val=picked[n_test : n_test + n_val],
+        train=picked[n_test + n_val :],
+    )
+
+
+def write_split(split: Split, folder: Path) -> dict[str, dict[str, object]]:
+    """Write train/val/test.jsonl into `folder`; return {part: {"rows", "sha256", "file"}}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict[str, object]] = {}
+    for name, rows in split.parts().items():
+        text = "".join(
+            json.dumps({"prompt": r.prompt, "completion": r.completion, "source_line": r.line}, ensure_ascii=False)
+            + "\n"
+            for r in rows
+        )
+        path = folder / f"{name}.jsonl"
+        path.write_text(text, encoding="utf-8")
+        summary[name] = {"rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest(), "file": path.name}
+    return summary

@@ -1,0 +1,118 @@
+"""Tiny models and tokenizers built in-process (no downloads), and a cache that never touches the user's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CORPUS = [
+    '{"level": "INFO", "component": "dfs.DataNode", "template": "Receiving block blk_<*>"}',
+    "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38865 terminating",
+    "Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186",
+    "[Sun Dec 04 04:47:44 2005] [notice] workerEnv.init() ok /etc/httpd/conf/workers2.properties",
+    "### Input:\n### Output:\nParse the log line into JSON. null true false 0123456789",
+] * 20
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("specialist-home")
+    monkeypatch.setenv("SPECIALIST_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved random Llama (2 layers, hidden 32) with a BPE tokenizer trained on log-like text."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+LOG_EXAMPLES = [
+    ("081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_3886 terminating",
+     {"level": "INFO", "component": "dfs.DataNode$PacketResponder",
+      "template": "PacketResponder <*> for block blk_<*> terminating"}),
+    ("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186",
+     {"level": None, "component": "sshd", "template": "Invalid user <*> from <*>"}),
+    ("[Sun Dec 04 04:47:44 2005] [notice] workerEnv.init() ok /etc/httpd/conf/workers2.properties",
+     {"level": "notice", "component": None, "template": "workerEnv.init() ok <*>"}),
+]
+
+
+@pytest.fixture
+def log_data(tmp_path) -> Path:
+    """40 prompt/completion rows cycling through three loghub-like lines."""
+    path = tmp_path / "data.jsonl"
+    rows = [
+        {"prompt": f"{LOG_EXAMPLES[i % 3][0]} #{i}", "completion": json.dumps(LOG_EXAMPLES[i % 3][1])}
+        for i in range(40)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir, log_data):
+    """A config dict for a 2-step run of the tiny model."""
+    return {
+        "data": {"path": str(log_data), "instruction": "Parse the log line into JSON.", "val_fraction": 0.1,
+                 "test_fraction": 0.1},
+        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "method": {"r": 4, "alpha": 8},
+        "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.01, "logging_steps": 1},
+        "evaluation": {"max_new_tokens": 8, "batch_size": 4, "samples_in_report": 2},
+        "output": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
+    }

@@ -1,0 +1,53 @@
+"""The CLI as a user meets it: exit codes, messages without tracebacks, a full run."""
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from specialist.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "validate", "models"):
+        assert command in result.output
+
+
+def test_bad_config_exits_2_with_the_key_path_and_no_traceback(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "d.jsonl"}, "training": {"epoch": 2}}))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "training.epoch: unknown key; did you mean 'epochs'?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_reports_bad_data_lines(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "d.jsonl"}}))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "d.jsonl:2: malformed JSON" in result.output.replace("\n", "")
+
+
+def test_models_says_where_the_empty_cache_is():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0 and "no cached models" in result.output
+
+
+def test_run_prints_the_before_after_table_and_report_path(tiny_config, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = runner.invoke(app, ["run", str(path), "--max-steps", "1", "--set", "evaluation.samples_in_report=1"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "json_valid" in result.output and "exact_match" in result.output and "field_accuracy" in result.output
+    assert "report.html" in result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["steps"] == 1
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_steps"] == 1

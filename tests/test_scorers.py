@@ -1,0 +1,46 @@
+import pytest
+
+from specialist.evaluate.scorers import (
+    score_exact_match,
+    score_field_accuracy,
+    score_json_valid,
+    score_outputs,
+)
+
+EXPECTED = '{"level": "INFO", "component": "dfs.DataNode", "template": "Receiving <*>"}'
+
+
+@pytest.mark.parametrize(
+    ("output", "valid"),
+    [('{"a": 1}', 1.0), ("[1, 2]", 1.0), ('{"a": 1', 0.0), ("Sure! Here is the JSON: {}", 0.0), ("", 0.0)],
+)
+def test_json_valid(output, valid):
+    assert score_json_valid(output, EXPECTED) == valid
+
+
+def test_exact_match_ignores_key_order_and_spacing_for_json():
+    reordered = '{"template":"Receiving <*>","component":"dfs.DataNode","level":"INFO"}'
+    assert score_exact_match(reordered, EXPECTED) == 1.0
+    assert score_exact_match(reordered.replace("INFO", "WARN"), EXPECTED) == 0.0
+
+
+def test_exact_match_on_plain_text_strips_whitespace():
+    assert score_exact_match(" security \n", "security") == 1.0
+    assert score_exact_match("Security", "security") == 0.0
+
+
+def test_field_accuracy_counts_each_key():
+    two_of_three = '{"level": "INFO", "component": "dfs.DataNode", "template": "wrong"}'
+    assert score_field_accuracy(two_of_three, EXPECTED) == pytest.approx(2 / 3)
+    assert score_field_accuracy("not json", EXPECTED) == 0.0
+    assert score_field_accuracy('{"level": null}', '{"level": null, "component": "sshd"}') == 0.5
+
+
+def test_score_outputs_averages_and_reports_keys():
+    outputs = [EXPECTED, '{"level": "INFO"}', "garbage"]
+    result = score_outputs(outputs, [EXPECTED] * 3, ["json_valid", "exact_match", "field_accuracy"])
+    assert result["json_valid"] == pytest.approx(2 / 3)
+    assert result["exact_match"] == pytest.approx(1 / 3)
+    assert result["field_accuracy"] == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert result["field_accuracy_per_key"] == {"level": pytest.approx(2 / 3), "component": pytest.approx(1 / 3),
+                                                "template": pytest.approx(1 / 3)}

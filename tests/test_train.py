@@ -1,0 +1,111 @@
+"""Completion-only labels, the fast loss against the plain forward, and the format shared with evaluation."""
+
+import torch
+
+from specialist.config import MethodConfig, TrainingConfig
+from specialist.data import Example, PromptTemplate, encode_for_training
+from specialist.train.fast_loss import completion_loss, label_positions
+from specialist.train.sft import build_dataset, lora_config, sft_config
+
+
+def make_trainer(model, tokenizer, template, tmp_path, examples):
+    from specialist.train.fast_loss import CompletionOnlySFTTrainer
+
+    args = sft_config(TrainingConfig(max_steps=1, batch_size=2), tmp_path, len(examples), bf16=False, has_val=False)
+    return CompletionOnlySFTTrainer(
+        model=model, args=args, train_dataset=build_dataset(examples, template, tokenizer),
+        processing_class=tokenizer, peft_config=lora_config(MethodConfig(r=4, alpha=8)),
+    )
+
+
+EXAMPLES = [Example("081109 INFO dfs.DataNode: Receiving block", '{"level": "INFO"}', 1),
+            Example("Dec 10 sshd[1]: Invalid user x", '{"level": null}', 2)]
+
+
+def test_prompt_positions_are_masked_and_completion_positions_are_not(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse the log line into JSON.")
+    trainer = make_trainer(model, tokenizer, template, tmp_path, EXAMPLES)
+    for row, example in zip(trainer.train_dataset, EXAMPLES):
+        prompt_len = len(template.encode_prompt(example.prompt, tokenizer))
+        labels = row["labels"]
+        assert all(label == -100 for label in labels[:prompt_len])
+        assert labels[prompt_len:] == row["input_ids"][prompt_len:]
+        assert labels[-1] == tokenizer.eos_token_id  # the model learns to stop
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert (batch["labels"][batch["input_ids"] == tokenizer.pad_token_id] == -100).all()
+
+
+def test_training_prompt_tokens_equal_inference_prompt_tokens(tiny_model):
+    _, tokenizer = tiny_model
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse.")
+    encoded = encode_for_training(template, tokenizer, "a log line", '{"a": 1}')
+    prompt_ids = template.encode_prompt("a log line", tokenizer)
+    assert encoded["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert encoded["completion_mask"] == [0] * len(prompt_ids) + [1] * (len(encoded["input_ids"]) - len(prompt_ids))
+    assert prompt_ids[0] == tokenizer.bos_token_id and prompt_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_template_round_trips_through_the_run_folder(tiny_model, tmp_path):
+    _, tokenizer = tiny_model
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse.")
+    template.save(tmp_path / "template.json")
+    loaded = PromptTemplate.load(tmp_path / "template.json")
+    assert loaded == template
+    assert loaded.render_prompt("x") == "Parse.\n\n### Input:\nx\n\n### Output:\n"
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(tiny_model):
+    _, tokenizer = tiny_model
+    tokenizer.chat_template = "{% for m in messages %}<bos>[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse.")
+    assert template.kind == "chat"
+    assert template.render_prompt("x", tokenizer) == "<bos>[user] Parse.\n\nx\n[assistant] "
+    ids = template.encode_prompt("x", tokenizer)
+    assert ids.count(tokenizer.bos_token_id) == 1  # the template's BOS, not a second one from the tokenizer
+
+
+def padded_batch(tokenizer, template):
+    rows = [encode_for_training(template, tokenizer, ex.prompt, ex.completion) for ex in EXAMPLES]
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"])
+        attention[i, :n] = 1
+        labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def test_label_positions_pair_each_kept_position_with_the_next_label():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    keep, targets = label_positions(labels)
+    assert keep.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert targets.tolist() == [5, 6, 7]
+
+
+def test_fast_loss_and_adapter_gradients_equal_the_full_logits_reference(tiny_model):
+    from peft import get_peft_model
+
+    model, tokenizer = tiny_model
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse.")
+    batch = padded_batch(tokenizer, template)
+    model = get_peft_model(model, lora_config(MethodConfig(r=4, alpha=8)))
+    for name, param in model.named_parameters():  # B starts at zero; perturb so gradients reach A too
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads(lambda: model(**batch).loss)
+    fast_loss, fast_grads = loss_and_grads(lambda: completion_loss(model, batch, None))
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-3, atol=0)
+    assert ref_grads.keys() == fast_grads.keys() and len(ref_grads) > 0
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
