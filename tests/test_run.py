@@ -13,7 +13,7 @@ def test_two_step_run_writes_a_complete_run_folder(tiny_config):
     summary = run(validate_config(tiny_config), config_name="tiny")
     run_dir = summary.run_dir
     expected = {"config.yaml", "data", "template.json", "adapter", "predictions.jsonl", "metrics.json", "loss.png",
-                "report.html", "checkpoints"}
+                "report.html"}
     assert expected <= {p.name for p in run_dir.iterdir()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["scores"]) == {"base", "tuned"}

@@ -51,8 +51,9 @@ class TrainResult:
 
 def build_dataset(examples: list[Example], template: PromptTemplate, tokenizer: PreTrainedTokenizerBase):
     """A `datasets.Dataset` of input_ids + completion_mask, ready for SFTTrainer (which skips its own tokenizing)."""
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
 
+    disable_progress_bars()  # SFTTrainer's map/filter passes take milliseconds here; their bars are noise
     rows = [encode_for_training(template, tokenizer, ex.prompt, ex.completion) for ex in examples]
     return Dataset.from_list(rows)
 
@@ -150,6 +151,7 @@ def train_lora(
     adapter_dir = run_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokens = _tokens_seen(trainer, train_ds)
+    _remove_if_empty(Path(args.output_dir))
     return TrainResult(
         model=trainer.model,
         adapter_dir=adapter_dir,
@@ -176,6 +178,11 @@ def _tokens_seen(trainer, dataset) -> int:
         return int(seen)
     epochs = trainer.state.epoch or 0
     return int(sum(len(ids) for ids in dataset["input_ids"]) * epochs)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _param_dtype_is_bf16(model) -> bool:
