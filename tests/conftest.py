@@ -112,7 +112,8 @@ def tiny_config(tmp_path, tiny_model_dir, log_data):
                  "test_fraction": 0.1},
         "model": {"name": str(tiny_model_dir), "dtype": "float32"},
         "method": {"r": 4, "alpha": 8},
-        "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.01, "logging_steps": 1},
+        "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.01, "logging_steps": 1,
+                     "report_to": []},
         "evaluation": {"max_new_tokens": 8, "batch_size": 4, "samples_in_report": 2},
         "output": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
     }

@@ -74,7 +74,7 @@ def test_missing_config_file_is_a_config_error(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("examples/**/*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", sorted(REPO.glob("examples/**/config*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert isinstance(config, RunConfig)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from specialist.data import Example, load_examples, split_examples, write_split
+from specialist.data import Columns, Example, load_examples, split_examples, write_split
 from specialist.errors import DataError
 
 
@@ -16,7 +16,14 @@ def test_jsonl_rows_keep_their_line_numbers(tmp_path):
 def test_csv_with_custom_columns(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('log,json\n"x, y","{""a"": 1}"\n')
-    assert load_examples(path, "log", "json") == [Example("x, y", '{"a": 1}', 2)]
+    assert load_examples(path, Columns("log", "json")) == [Example("x, y", '{"a": 1}', 2)]
+
+
+def test_preference_and_plain_text_shapes(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "good", "rejected": "bad", "text": "plain"}\n')
+    assert load_examples(path, Columns("prompt", "chosen", "rejected")) == [Example("q", "good", 1, rejected="bad")]
+    assert load_examples(path, Columns("", "text")) == [Example("", "plain", 1)]
 
 
 def test_malformed_json_names_file_line_and_fix(tmp_path):

@@ -11,7 +11,8 @@ from specialist.train.sft import build_dataset, lora_config, sft_config
 def make_trainer(model, tokenizer, template, tmp_path, examples):
     from specialist.train.fast_loss import CompletionOnlySFTTrainer
 
-    args = sft_config(TrainingConfig(max_steps=1, batch_size=2), tmp_path, len(examples), bf16=False, has_val=False)
+    args = sft_config(TrainingConfig(max_steps=1, batch_size=2, report_to=[]), tmp_path, len(examples), bf16=False,
+                      has_val=False)
     return CompletionOnlySFTTrainer(
         model=model, args=args, train_dataset=build_dataset(examples, template, tokenizer),
         processing_class=tokenizer, peft_config=lora_config(MethodConfig(r=4, alpha=8)),

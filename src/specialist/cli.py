@@ -48,17 +48,43 @@ def run(
 
 
 @app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")],
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue the newest run of CONFIG from its newest complete checkpoint.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides training.max_steps).")] = None,
+) -> None:
+    """Train only (no evaluation arms); runs the same under `accelerate launch` and `torchrun`."""
+    from specialist.config import load_config
+    from specialist.pipeline import train_only
+
+    overrides = list(set_ or []) + ([f"training.max_steps={max_steps}"] if max_steps is not None else [])
+    with _user_errors():
+        cfg = load_config(config, overrides)
+        summary = train_only(cfg, config_name=_config_name(config), resume=resume)
+    from specialist.train.common import is_main_process
+
+    if is_main_process():
+        figures = summary.metrics["train"]
+        console.print(f"trained {figures['steps']} steps: loss {figures['first_loss']} -> {figures['final_loss']}, "
+                      f"validation {figures['final_val_loss']}", soft_wrap=True)
+        console.print(f"run folder: [bold]{summary.run_dir}[/]", soft_wrap=True)
+
+
+@app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],
     set_: SetOption = None,
 ) -> None:
     """Check a config and its data without loading a model; exit 2 with every problem listed."""
     from specialist.config import load_config
-    from specialist.data import load_examples
+    from specialist.data import Columns, load_examples
+    from specialist.train import check_method_runs_here
 
     with _user_errors():
         cfg = load_config(config, list(set_ or []))
-        examples = load_examples(cfg.data.path, cfg.data.prompt_column, cfg.data.completion_column, cfg.data.format)
+        check_method_runs_here(cfg.method)
+        examples = load_examples(cfg.data.path, Columns.for_method(cfg.data, cfg.method.kind), cfg.data.format)
     console.print(f"[green]ok[/] {config}: {len(examples)} examples in {cfg.data.path}, model {cfg.model.name}")
 
 
@@ -89,6 +115,8 @@ def print_scores(metrics: dict) -> None:
         table.add_column(arm, justify="right")
     if len(arms) == 2:
         table.add_column("change", justify="right")
+    if not arms:
+        return
     for metric in [m for m in scores[arms[0]] if isinstance(scores[arms[0]][m], float)]:
         values = [scores[arm][metric] for arm in arms]
         cells = [f"{100 * v:.1f}%" for v in values]

@@ -27,7 +27,9 @@ class DataConfig(_Section):
     path: Path = Field(description="JSONL or CSV file of examples, relative to the config file.")
     format: Literal["auto", "jsonl", "csv"] = "auto"
     prompt_column: str = "prompt"
-    completion_column: str = "completion"
+    completion_column: str = Field(default="completion", description="For method.kind=dpo: the chosen answer.")
+    rejected_column: str = Field(default="rejected", description="method.kind=dpo only: the rejected answer.")
+    text_column: str = Field(default="text", description="method.kind=continued_pretraining only: plain text.")
     instruction: str = Field(
         default="",
         description="Task description put before every input, in training, evaluation and serving alike.",
@@ -53,14 +55,39 @@ class ModelConfig(_Section):
     )
 
 
-class MethodConfig(_Section):
-    """How the weights are adapted. The foundation ships LoRA; other methods build on it."""
+MethodKind = Literal["lora", "full", "qlora", "dpo", "continued_pretraining"]
 
-    kind: Literal["lora"] = "lora"
+
+class MethodConfig(_Section):
+    """How the weights are adapted.
+
+    - lora: low-rank adapters on a frozen base (DoRA and rsLoRA as switches); the default.
+    - full: every parameter trains; best quality per example, most memory, a full model folder per checkpoint.
+    - qlora: LoRA on a 4-bit base (bitsandbytes, CUDA only): the least memory, a little slower per step.
+    - dpo: preference tuning on prompt/chosen/rejected, from the base or from an SFT run's adapter.
+    - continued_pretraining: next-token loss on plain text packed into blocks, for domain adaptation.
+    """
+
+    kind: MethodKind = "lora"
     r: int = Field(default=16, gt=0, le=1024)
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+    adapter: bool | None = Field(
+        default=None, description="dpo/continued_pretraining: train a LoRA adapter (default) or all weights (false)."
+    )
+    from_adapter: Path | None = Field(default=None, description="dpo: start from this SFT run's adapter folder.")
+    beta: float = Field(default=0.1, gt=0, description="dpo: strength of the pull towards the reference model.")
+
+    @property
+    def uses_lora(self) -> bool:
+        if self.kind in ("lora", "qlora"):
+            return True
+        if self.kind == "full":
+            return False
+        return self.adapter is not False
 
 
 class TrainingConfig(_Section):
@@ -75,7 +102,20 @@ class TrainingConfig(_Section):
     seed: int = 42
     logging_steps: int = Field(default=5, gt=0)
     eval_steps: int | None = Field(default=None, gt=0, description="Validation loss every N steps; None: 4 per run.")
+    save_steps: int | None = Field(default=None, gt=0, description="Checkpoint every N steps; None: at each eval.")
+    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept besides the best one.")
+    early_stopping_patience: int | None = Field(
+        default=None, gt=0, description="Stop after N evaluations without validation-loss improvement; None: off."
+    )
+    early_stopping_min_delta: float = Field(default=0.0, ge=0)
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward: less memory, about a third slower."
+    )
     completion_only_loss: bool = True
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl."
+    )
+    block_size: int = Field(default=256, gt=8, description="continued_pretraining: tokens per packed block.")
 
 
 class EvaluationConfig(_Section):

@@ -68,15 +68,19 @@ def resolve_model(name: str) -> Path | str:
 
 
 def load_model_and_tokenizer(
-    name: str, dtype: str = "auto"
+    name: str, dtype: str = "auto", quantize_4bit: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the resolved base model and its tokenizer, in eval mode, with a pad token set."""
+    """Load the resolved base model and its tokenizer, in eval mode, with a pad token set.
+
+    `quantize_4bit` loads the base in NF4 through bitsandbytes (QLoRA; CUDA only, checked by the caller).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_model(name)
+    extra = _four_bit_arguments() if quantize_4bit else {"dtype": torch_dtype(dtype)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(location, **extra)
     except Exception as exc:  # corrupt files surface as OSError, SafetensorError, ValueError, ... alike
         raise ModelError(
             f"could not load model {name!r} from {location}: {type(exc).__name__}: {exc}",
@@ -86,6 +90,16 @@ def load_model_and_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _four_bit_arguments() -> dict:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if bf16_is_fast() else torch.float16
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute)
+    return {"quantization_config": config, "dtype": compute, "device_map": {"": 0}}
 
 
 def torch_dtype(name: str) -> torch.dtype:

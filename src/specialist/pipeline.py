@@ -1,15 +1,21 @@
-"""`specialist run`: data -> base evaluation -> LoRA fine-tune -> tuned evaluation -> run folder and report.
+"""`specialist run` and `specialist train`: the stages wired together around one run folder.
 
+`run`: data -> base evaluation -> training -> tuned evaluation -> report. `train`: data -> training, resumable.
 The run folder holds everything needed to audit or reuse the run:
 
     config.yaml        the resolved config (after flags)
-    data/              train/val/test.jsonl as used, with their hashes in metrics.json
+    manifest.json      data hashes, package versions, seed, hardware, git commit, start/end times
+    data/              train/val/test.jsonl as used
     template.json      the prompt format used by training and evaluation (and later serving)
-    adapter/           the PEFT LoRA adapter
-    predictions.jsonl  every held-out example with each arm's output
+    adapter/ | model/  the PEFT adapter (LoRA methods) or the full model (all-weights methods)
+    checkpoints/       the last `save_total_limit` checkpoints and the best one (marked complete when whole)
+    metrics.jsonl      every training log line; tensorboard/ the same as TensorBoard events
+    predictions.jsonl  every held-out example with each arm's output (run only)
     metrics.json       scores per arm, training figures, split hashes
     loss.png           training and validation loss
-    report.html        the before/after report
+    report.html        the before/after report (run only)
+
+Under `torchrun`/`accelerate launch` every process runs this; only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from typing import Any
 
 from specialist.config import RunConfig
 from specialist.console import console
-from specialist.data import Example, PromptTemplate, load_examples, split_examples, write_split
+from specialist.data import Columns, Example, PromptTemplate, Split, load_examples, split_examples, write_split
+from specialist.errors import ConfigError
 from specialist.evaluate import generate_outputs, score_outputs
 from specialist.evaluate.report import plot_loss_curve, png_data_uri, write_report
 from specialist.evaluate.scorers import score_exact_match
-
-HEADLINE_METRICS = ("json_valid", "exact_match", "field_accuracy")
+from specialist.manifest import finish_manifest, start_manifest
+from specialist.train.common import TrainResult, is_main_process
 
 
 @dataclass
@@ -42,43 +49,35 @@ class RunSummary:
 
 
 def run(config: RunConfig, config_name: str = "run") -> RunSummary:
-    """Execute the whole slice for `config`; returns the run folder and its metrics."""
-    from specialist.models import load_model_and_tokenizer
-    from specialist.train import train_lora
+    """The whole slice for `config`: base scores, training, tuned scores, report. Returns folder and metrics."""
+    from specialist.train import check_method_runs_here
 
+    check_method_runs_here(config.method)
     started = time.perf_counter()
     run_dir = create_run_dir(config, config_name)
-    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-
-    examples = load_examples(
-        config.data.path, config.data.prompt_column, config.data.completion_column, config.data.format
-    )
-    split = split_examples(
-        examples, config.data.val_fraction, config.data.test_fraction, config.training.seed, config.data.max_examples
-    )
-    split_summary = write_split(split, run_dir / "data")
-    console.log(f"data: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test rows")
-
-    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype)
-    template = PromptTemplate.for_tokenizer(tokenizer, config.data.instruction)
-    template.save(run_dir / "template.json")
+    manifest = start_manifest(config, run_dir)
+    split, split_summary = prepare_data(config, run_dir)
+    model, tokenizer, template = load_base(config, run_dir)
 
     test = split.test[: config.evaluation.max_examples] if config.evaluation.max_examples else split.test
+    generates = config.method.kind != "continued_pretraining"
     max_new_tokens = config.evaluation.max_new_tokens or default_max_new_tokens(tokenizer, split.train)
     outputs: dict[str, list[str]] = {}
-    if not config.evaluation.skip_base:
+    if generates and not config.evaluation.skip_base and is_main_process():
         outputs["base"] = evaluate_arm(model, tokenizer, template, test, max_new_tokens, config, "base")
 
-    result = train_lora(
-        model, tokenizer, template, split.train, split.val, config.method, config.training, run_dir
-    )
-    outputs["tuned"] = evaluate_arm(result.model, tokenizer, template, test, max_new_tokens, config, "tuned")
+    result = train(config, model, tokenizer, template, split, run_dir)
+    if not is_main_process():
+        return RunSummary(run_dir=run_dir, metrics={})
+    if generates:
+        outputs["tuned"] = evaluate_arm(result.model, tokenizer, template, test, max_new_tokens, config, "tuned")
 
-    scores = {arm: score_outputs(out, [ex.completion for ex in test], config.evaluation.scorers)
-              for arm, out in outputs.items()}
+    expected = [ex.completion for ex in test]
+    scores = {arm: score_outputs(out, expected, config.evaluation.scorers) for arm, out in outputs.items()}
     write_predictions(run_dir / "predictions.jsonl", test, outputs)
     metrics = {
         "model": config.model.name,
+        "method": config.method.kind,
         "scores": scores,
         "n_eval": len(test),
         "max_new_tokens": max_new_tokens,
@@ -87,17 +86,117 @@ def run(config: RunConfig, config_name: str = "run") -> RunSummary:
         "overfitting_warning": overfitting_warning(result.log_history),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    loss_png = plot_loss_curve(result.log_history, run_dir / "loss.png")
-    write_report(run_dir / "report.html", report_context(config, run_dir, metrics, test, outputs, loss_png))
+    write_training_outputs(run_dir, metrics, result, manifest)
+    if outputs:
+        loss_png = run_dir / "loss.png" if (run_dir / "loss.png").is_file() else None
+        write_report(run_dir / "report.html", report_context(config, run_dir, metrics, test, outputs, loss_png))
     return RunSummary(run_dir=run_dir, metrics=metrics)
 
 
+def train_only(config: RunConfig, config_name: str = "run", resume: bool = False) -> RunSummary:
+    """`specialist train`: data and training only; with `resume`, continue the newest complete checkpoint."""
+    from specialist.train import check_method_runs_here, latest_complete_checkpoint
+
+    check_method_runs_here(config.method)
+    started = time.perf_counter()
+    if resume:
+        run_dir = find_run_to_resume(config, config_name)
+        checkpoint = latest_complete_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise ConfigError(f"{run_dir} has no complete checkpoint to resume from",
+                              hint="start again without --resume")
+        console.log(f"resuming {run_dir} from {checkpoint.name}")
+    else:
+        run_dir, checkpoint = create_run_dir(config, config_name), None
+    manifest = start_manifest(config, run_dir)
+    split, split_summary = prepare_data(config, run_dir)
+    model, tokenizer, template = load_base(config, run_dir)
+    result = train(config, model, tokenizer, template, split, run_dir, resume_from=checkpoint)
+    metrics = {"model": config.model.name, "method": config.method.kind, "split": split_summary,
+               "train": result.summary(), "overfitting_warning": overfitting_warning(result.log_history),
+               "wall_seconds": round(time.perf_counter() - started, 1)}
+    if is_main_process():
+        write_training_outputs(run_dir, metrics, result, manifest)
+    return RunSummary(run_dir=run_dir, metrics=metrics)
+
+
+def train(config: RunConfig, model, tokenizer, template, split: Split, run_dir: Path,
+          resume_from: Path | None = None) -> TrainResult:
+    from specialist.train import train_model
+
+    return train_model(model, tokenizer, template, split.train, split.val, config.method, config.training,
+                       run_dir, resume_from)
+
+
+def prepare_data(config: RunConfig, run_dir: Path) -> tuple[Split, dict[str, Any]]:
+    columns = Columns.for_method(config.data, config.method.kind)
+    examples = load_examples(config.data.path, columns, config.data.format)
+    split = split_examples(
+        examples, config.data.val_fraction, config.data.test_fraction, config.training.seed, config.data.max_examples
+    )
+    summary = write_split(split, run_dir / "data") if is_main_process() else {}
+    console.log(f"data: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test rows")
+    return split, summary
+
+
+def load_base(config: RunConfig, run_dir: Path):
+    """The base model and tokenizer, and the prompt template, saved into the run folder."""
+    from specialist.models import load_model_and_tokenizer
+
+    dtype = config.model.dtype
+    if config.method.kind == "full" and dtype == "auto":
+        dtype = "float32"  # all weights train: keep fp32 master weights, bf16 only through autocast
+    model, tokenizer = load_model_and_tokenizer(config.model.name, dtype, quantize_4bit=config.method.kind == "qlora")
+    template = PromptTemplate.for_tokenizer(tokenizer, config.data.instruction)
+    if is_main_process():
+        template.save(run_dir / "template.json")
+    return model, tokenizer, template
+
+
 def create_run_dir(config: RunConfig, config_name: str) -> Path:
-    name = config.output.run_name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = config.output.run_name or shared_across_ranks(f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     run_dir = config.output.dir / name
-    run_dir.mkdir(parents=True, exist_ok=config.output.run_name is not None)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=config.output.run_name is not None)
+        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     return run_dir
+
+
+def shared_across_ranks(value: str) -> str:
+    """Rank 0's value on every rank, so all processes of a launch agree on the run folder."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return value
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState()  # initialises the process group the Trainer will use anyway
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def find_run_to_resume(config: RunConfig, config_name: str) -> Path:
+    if config.output.run_name:
+        run_dir = config.output.dir / config.output.run_name
+        if not run_dir.is_dir():
+            raise ConfigError(f"no run folder {run_dir} to resume", hint="start it without --resume first")
+        return run_dir
+    candidates = sorted(config.output.dir.glob(f"{config_name}-*"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ConfigError(f"no run of {config_name!r} under {config.output.dir} to resume",
+                          hint="start it without --resume first, or set output.run_name")
+    return candidates[-1]
+
+
+def write_training_outputs(run_dir: Path, metrics: dict[str, Any], result: TrainResult,
+                           manifest: dict[str, Any]) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_loss_curve(result.log_history, run_dir / "loss.png")
+    finish_manifest(manifest, run_dir, metrics.get("split", {}))
+    if metrics.get("overfitting_warning"):
+        console.print(f"[yellow]warning:[/] {metrics['overfitting_warning']}")
 
 
 def default_max_new_tokens(tokenizer, train: list[Example]) -> int:
@@ -124,13 +223,13 @@ def write_predictions(path: Path, test: list[Example], outputs: dict[str, list[s
 def overfitting_warning(log_history: list[dict[str, Any]], tolerance: float = 0.02) -> str | None:
     """A sentence when validation loss ended above its best while training loss kept falling, else None."""
     val = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    if len(val) < 2 or len(train) < 2:
+    train_losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    if len(val) < 2 or len(train_losses) < 2:
         return None
     best_step, best = min(val, key=lambda item: item[1])
     last_step, last = val[-1]
-    train_at_best = min(train, key=lambda item: abs(item[0] - best_step))[1]
-    if last > best + tolerance and train[-1][1] < train_at_best:
+    train_at_best = min(train_losses, key=lambda item: abs(item[0] - best_step))[1]
+    if last > best + tolerance and train_losses[-1][1] < train_at_best:
         return (f"possible overfitting: validation loss rose from {best:.3f} (step {best_step}) to {last:.3f} "
                 f"(step {last_step}) while training loss kept falling")
     return None
@@ -139,18 +238,12 @@ def overfitting_warning(log_history: list[dict[str, Any]], tolerance: float = 0.
 def report_context(config, run_dir, metrics, test, outputs, loss_png) -> dict[str, Any]:
     arms = list(outputs)
     score_rows = []
-    for metric in [m for m in config.evaluation.scorers]:
+    for metric in config.evaluation.scorers:
         values = [metrics["scores"][arm][metric] for arm in arms]
-        delta, css = "", ""
-        if len(values) == 2:
-            change = values[1] - values[0]
-            delta = f"{100 * change:+.1f} pts"
-            css = "better" if change > 0 else "worse" if change < 0 else ""
-        score_rows.append({"metric": metric, "values": values, "delta": delta, "css": css})
+        score_rows.append({"metric": metric, "values": values, **_change(values)})
     for key in metrics["scores"][arms[-1]].get("field_accuracy_per_key", {}):
         values = [metrics["scores"][arm]["field_accuracy_per_key"].get(key, 0.0) for arm in arms]
-        delta = f"{100 * (values[1] - values[0]):+.1f} pts" if len(values) == 2 else ""
-        score_rows.append({"metric": f"  field: {key}", "values": values, "delta": delta, "css": ""})
+        score_rows.append({"metric": f"  field: {key}", "values": values, **_change(values), "css": ""})
     samples = [
         {
             "input": ex.prompt,
@@ -163,7 +256,7 @@ def report_context(config, run_dir, metrics, test, outputs, loss_png) -> dict[st
     return {
         "run_name": run_dir.name,
         "model_name": config.model.name,
-        "method": f"LoRA r={config.method.r} alpha={config.method.alpha} targets={config.method.target_modules}",
+        "method": describe_method(config.method),
         "data_path": config.data.path,
         "split": metrics["split"],
         "n_eval": metrics["n_eval"],
@@ -175,3 +268,18 @@ def report_context(config, run_dir, metrics, test, outputs, loss_png) -> dict[st
         "overfit_warning": metrics["overfitting_warning"],
         "samples": samples,
     }
+
+
+def describe_method(method) -> str:
+    if not method.uses_lora:
+        return f"{method.kind} (all weights)"
+    extras = [name for name, on in (("DoRA", method.use_dora), ("rsLoRA", method.use_rslora)) if on]
+    return (f"{method.kind}: LoRA r={method.r} alpha={method.alpha} targets={method.target_modules}"
+            + (f" ({', '.join(extras)})" if extras else ""))
+
+
+def _change(values: list[float]) -> dict[str, str]:
+    if len(values) != 2:
+        return {"delta": "", "css": ""}
+    change = values[1] - values[0]
+    return {"delta": f"{100 * change:+.1f} pts", "css": "better" if change > 0 else "worse" if change < 0 else ""}

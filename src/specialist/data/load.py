@@ -15,15 +15,37 @@ _MAX_ERRORS_SHOWN = 5
 
 @dataclass(frozen=True)
 class Example:
+    """One training row. Plain text (continued pretraining) has an empty prompt; preference rows a `rejected`."""
+
     prompt: str
     completion: str
     line: int  # 1-based line (JSONL) or row (CSV, header is line 1) in the source file
+    rejected: str | None = None
 
 
-def load_examples(
-    path: Path, prompt_column: str = "prompt", completion_column: str = "completion", fmt: str = "auto"
-) -> list[Example]:
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of the file feed which fields of an Example; an empty prompt column means plain text."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    rejected: str | None = None
+
+    @classmethod
+    def for_method(cls, data, kind: str) -> Columns:
+        if kind == "continued_pretraining":
+            return cls(prompt="", completion=data.text_column)
+        if kind == "dpo":
+            return cls(prompt=data.prompt_column, completion=data.completion_column, rejected=data.rejected_column)
+        return cls(prompt=data.prompt_column, completion=data.completion_column)
+
+    def required(self) -> list[str]:
+        return [c for c in (self.prompt, self.completion, self.rejected) if c]
+
+
+def load_examples(path: Path, columns: Columns | None = None, fmt: str = "auto") -> list[Example]:
     """Every row of `path` as an Example; raises DataError listing the bad lines and how to fix them."""
+    columns = columns or Columns()
     if not path.is_file():
         raise DataError(f"data file not found: {path}", hint="set data.path in the config (relative to the config)")
     fmt = _detect_format(path) if fmt == "auto" else fmt
@@ -33,7 +55,7 @@ def load_examples(
         if isinstance(row, str):
             problems.append(f"{path}:{line}: {row}")
             continue
-        example, problem = _to_example(row, line, prompt_column, completion_column)
+        example, problem = _to_example(row, line, columns)
         if problem:
             problems.append(f"{path}:{line}: {problem}")
         else:
@@ -43,8 +65,8 @@ def load_examples(
         more = f"\n  ... and {len(problems) - _MAX_ERRORS_SHOWN} more" if len(problems) > _MAX_ERRORS_SHOWN else ""
         raise DataError(
             f"{len(problems)} bad row(s) in {path}:\n  {shown}{more}",
-            hint=f"each row needs non-empty text in '{prompt_column}' and '{completion_column}' "
-            "(set data.prompt_column / data.completion_column if your columns are named otherwise)",
+            hint=f"each row needs non-empty text in {columns.required()} "
+            "(set data.prompt_column / completion_column / rejected_column / text_column if yours are named otherwise)",
         )
     if not examples:
         raise DataError(f"{path} holds no examples", hint="add prompt/completion rows to the file")
@@ -90,15 +112,20 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
         raise DataError(f"{path} is not UTF-8 ({exc.reason})", hint="re-save the file as UTF-8") from exc
 
 
-def _to_example(row: dict[str, Any], line: int, prompt_column: str, completion_column: str) -> tuple[Example, str]:
-    missing = [column for column in (prompt_column, completion_column) if column not in row]
+def _to_example(row: dict[str, Any], line: int, columns: Columns) -> tuple[Example | None, str]:
+    missing = [column for column in columns.required() if column not in row]
     if missing:
-        return None, f"missing column(s) {missing}; the row has {sorted(row)}"  # type: ignore[return-value]
-    prompt, completion = _as_text(row[prompt_column]), _as_text(row[completion_column])
-    empty = [name for name, value in ((prompt_column, prompt), (completion_column, completion)) if not value.strip()]
+        return None, f"missing column(s) {missing}; the row has {sorted(row)}"
+    values = {column: _as_text(row[column]) for column in columns.required()}
+    empty = [column for column, value in values.items() if not value.strip()]
     if empty:
-        return None, f"empty {empty}"  # type: ignore[return-value]
-    return Example(prompt=prompt, completion=completion, line=line), ""
+        return None, f"empty {empty}"
+    return Example(
+        prompt=values.get(columns.prompt, ""),
+        completion=values[columns.completion],
+        line=line,
+        rejected=values.get(columns.rejected) if columns.rejected else None,
+    ), ""
 
 
 def _as_text(value: Any) -> str:

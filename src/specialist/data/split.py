@@ -45,13 +45,21 @@ def split_examples(
     )
 
 
+def _as_row(example: Example) -> dict[str, object]:
+    row: dict[str, object] = {"prompt": example.prompt, "completion": example.completion}
+    if example.rejected is not None:
+        row["rejected"] = example.rejected
+    row["source_line"] = example.line
+    return row
+
+
 def write_split(split: Split, folder: Path) -> dict[str, dict[str, object]]:
     """Write train/val/test.jsonl into `folder`; return {part: {"rows", "sha256", "file"}}."""
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, object]] = {}
     for name, rows in split.parts().items():
         text = "".join(
-            json.dumps({"prompt": r.prompt, "completion": r.completion, "source_line": r.line}, ensure_ascii=False)
+            json.dumps(_as_row(r), ensure_ascii=False)
             + "\n"
             for r in rows
         )

@@ -1,0 +1,193 @@
+"""What every method shares: Trainer arguments, callbacks, checkpoint discovery, the training result.
+
+Methods differ in the model they prepare and the trainer class; the loop, logging, checkpoints, early stopping
+and resume are the Trainer's own, configured here once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+from specialist.config import TrainingConfig
+
+COMPLETE_MARK = "specialist-complete.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained model (PEFT-wrapped when an adapter was trained), ready to generate
+    output_dir: Path  # adapter/ or model/ in the run folder
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    train_tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    best_checkpoint: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.train_tokens / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        losses = [e["loss"] for e in self.log_history if "loss" in e]
+        val_losses = [e["eval_loss"] for e in self.log_history if "eval_loss" in e]
+        summary = {
+            "steps": self.steps,
+            "seconds": round(self.seconds, 1),
+            "train_tokens": self.train_tokens,
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "final_val_loss": val_losses[-1] if val_losses else None,
+            "best_val_loss": min(val_losses) if val_losses else None,
+            "best_checkpoint": self.best_checkpoint,
+            "output": str(self.output_dir),
+        }
+        last_eval = next((e for e in reversed(self.log_history) if "eval_loss" in e), {})
+        for key in ("eval_rewards/margins", "eval_rewards/accuracies"):  # DPO's preference figures
+            if key in last_eval:
+                summary[key.removeprefix("eval_").replace("/", "_")] = last_eval[key]
+        return summary
+
+
+def planned_steps(training: TrainingConfig, n_train: int, world_size: int = 1) -> int:
+    if training.max_steps > 0:
+        return training.max_steps
+    per_step = training.batch_size * training.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(math.ceil(n_train / per_step) * training.epochs))
+
+
+def common_arguments(
+    training: TrainingConfig, output_dir: Path, n_train: int, has_val: bool, bf16: bool
+) -> dict[str, Any]:
+    """TrainingArguments fields shared by SFTConfig and DPOConfig."""
+    import os
+
+    import torch
+
+    # transformers 5 reads the TensorBoard folder from the environment when the Trainer is built.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir.parent / "tensorboard")
+
+    steps = planned_steps(training, n_train, _world_size())
+    eval_steps = training.eval_steps or max(1, steps // 4)
+    save_steps = training.save_steps or eval_steps
+    keep_best = has_val and save_steps % eval_steps == 0
+    return dict(
+        output_dir=str(output_dir),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(training.warmup_ratio * steps),
+        weight_decay=training.weight_decay,
+        seed=training.seed,
+        data_seed=training.seed,
+        bf16=bf16,
+        activation_checkpointing=training.gradient_checkpointing,
+        logging_steps=training.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=training.save_total_limit,
+        # The best checkpoint is kept out of the rotation and, at the end, is the model that is saved.
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if keep_best else None,
+        greater_is_better=False if keep_best else None,
+        prediction_loss_only=True,
+        report_to=list(training.report_to),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def callbacks(training: TrainingConfig, run_dir: Path, args) -> list[TrainerCallback]:
+    from specialist.train.progress import RichProgressCallback
+
+    found: list[TrainerCallback] = [RichProgressCallback(), MetricsJsonlCallback(run_dir / "metrics.jsonl"),
+                                    CheckpointCompleteCallback()]
+    if training.early_stopping_patience:
+        if not args.load_best_model_at_end:
+            from specialist.errors import ConfigError
+
+            raise ConfigError(
+                "early stopping needs validation rows and checkpoints at evaluation steps",
+                hint="set data.val_fraction > 0 and training.save_steps to a multiple of training.eval_steps",
+            )
+        found.append(EarlyStoppingCallback(training.early_stopping_patience, training.early_stopping_min_delta))
+    return found
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Every Trainer log (loss, lr, eval loss, ...) as one JSON line with step, epoch and wall time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time() - self.started, 2),
+               **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it.
+
+    A run killed mid-save leaves a checkpoint folder without the mark, which `latest_complete_checkpoint` skips.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if folder.is_dir():
+            (folder / COMPLETE_MARK).write_text(json.dumps({"step": state.global_step, "time": time.time()}))
+
+
+def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The highest-step checkpoint folder that carries the completion mark, or None."""
+    if not checkpoints.is_dir():
+        return None
+    complete = [p for p in checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARK).is_file()]
+    steps = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p) for p in complete
+             if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def run_trainer(trainer, resume_from: Path | None) -> tuple[float, int]:
+    """Train (from a checkpoint when given); return (seconds, tokens seen)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    # The Rich bar replaces the Trainer's plain-text dict printer.
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return time.perf_counter() - started, int(trainer.state.num_input_tokens_seen or 0)
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,70 @@
+"""Preference tuning with TRL's DPOTrainer on prompt/chosen/rejected rows.
+
+Starting from an SFT run's adapter, that adapter is merged into the base first and a new LoRA adapter is trained
+on top: the reference model (the merged model with the new adapter switched off) is then the SFT model, which is
+what DPO's KL pull should point at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specialist.config import MethodConfig, TrainingConfig
+from specialist.data import Example, PromptTemplate
+from specialist.errors import ConfigError
+from specialist.train.common import TrainResult, callbacks, common_arguments
+from specialist.train.sft import finish, lora_config, use_bf16_autocast
+
+
+def preference_dataset(examples: list[Example], template: PromptTemplate, tokenizer):
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": template.render_prompt(ex.prompt, tokenizer), "chosen": ex.completion, "rejected": ex.rejected}
+        for ex in examples
+    ])
+
+
+def merge_sft_adapter(model, adapter: Path):
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"method.from_adapter: no PEFT adapter in {adapter}",
+                          hint="point it at the adapter/ folder of an SFT run")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def train_dpo(
+    model,
+    tokenizer,
+    template: PromptTemplate,
+    train: list[Example],
+    val: list[Example],
+    method: MethodConfig,
+    training: TrainingConfig,
+    run_dir: Path,
+    resume_from: Path | None = None,
+) -> TrainResult:
+    from trl import DPOConfig, DPOTrainer
+
+    if method.from_adapter is not None:
+        model = merge_sft_adapter(model, method.from_adapter)
+    train_ds = preference_dataset(train, template, tokenizer)
+    val_ds = preference_dataset(val, template, tokenizer) if val else None
+    args = DPOConfig(
+        **common_arguments(training, run_dir / "checkpoints", len(train_ds), val_ds is not None,
+                           use_bf16_autocast(model)),
+        beta=method.beta,
+        max_length=training.max_length,
+    )
+    args.prediction_loss_only = False  # DPO's eval reports reward margins and accuracy alongside the loss
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(method) if method.uses_lora else None,
+        callbacks=callbacks(training, run_dir, args),
+    )
+    return finish(trainer, tokenizer, method, run_dir, resume_from)
