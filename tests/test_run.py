@@ -12,18 +12,18 @@ from specialist.pipeline import overfitting_warning, run
 def test_two_step_run_writes_a_complete_run_folder(tiny_config):
     summary = run(validate_config(tiny_config), config_name="tiny")
     run_dir = summary.run_dir
-    expected = {"config.yaml", "data", "template.json", "adapter", "predictions.jsonl", "metrics.json", "loss.png",
-                "report.html"}
+    expected = {"config.yaml", "manifest.json", "data", "template.json", "adapter", "checkpoints", "metrics.jsonl",
+                "predictions.jsonl", "metrics.json", "eval.json", "loss.png", "figures", "report.html", "report.md"}
     assert expected <= {p.name for p in run_dir.iterdir()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["scores"]) == {"base", "tuned"}
-    for arm in ("base", "tuned"):
+    assert set(metrics["scores"]) == {"base", "few_shot", "tuned"}
+    for arm in ("base", "few_shot", "tuned"):
         assert set(metrics["scores"][arm]) >= {"json_valid", "exact_match", "field_accuracy"}
     assert metrics["train"]["steps"] == 2
     assert metrics["train"]["first_loss"] is not None and metrics["train"]["train_tokens"] > 0
     assert metrics["split"]["test"]["rows"] == 4 and len(metrics["split"]["test"]["sha256"]) == 64
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 4 and {"input", "expected", "base", "tuned"} <= set(predictions[0])
+    assert len(predictions) == 4 and {"input", "expected", "base", "few_shot", "tuned"} <= set(predictions[0])
     html = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert "json_valid" in html and str(escape(predictions[0]["expected"])) in html

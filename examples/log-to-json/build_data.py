@@ -6,6 +6,8 @@ Each example's prompt is one raw log line as the system wrote it (rebuilt from l
 completion is compact JSON with the line's level, component and event template (variables written `<*>`).
 Fields a system's format does not carry are null: Apache lines name no component, OpenSSH lines no level.
 Lines are sampled round-robin over event templates so rare events are represented, with a fixed seed.
+preferences.jsonl (for method.kind=dpo) pairs each line's JSON with a rejected answer whose template is the raw
+message, variables left in.
 """
 
 from __future__ import annotations
@@ -68,6 +70,26 @@ def build(loghub: Path, per_system: int, seed: int) -> list[dict[str, str]]:
     return examples
 
 
+def preference_rows(examples: list[dict[str, str]]) -> list[dict[str, str]]:
+    """prompt/chosen/rejected: the rejected answer copies the raw message instead of abstracting it to a template,
+    the mistake a half-trained model makes most."""
+    rows = []
+    for example in examples:
+        chosen = json.loads(example["completion"])
+        message = example["prompt"].split(": ", 1)[-1] if example["system"] != "Apache" else example["prompt"].split("] ", 2)[-1]
+        if message == chosen["template"]:
+            continue  # a line without variables has no wrong template to prefer against
+        rejected = {**chosen, "template": message}
+        rows.append({"prompt": example["prompt"], "chosen": example["completion"],
+                     "rejected": json.dumps(rejected, ensure_ascii=False)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    print(f"wrote {len(rows)} rows to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loghub", type=Path, default=HERE.parents[1] / ".." / "shared" / "datasets" / "loghub")
@@ -76,8 +98,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
     args = parser.parse_args()
     examples = build(args.loghub, args.per_system, args.seed)
-    args.out.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
-    print(f"wrote {len(examples)} examples to {args.out}")
+    write_jsonl(args.out, examples)
+    write_jsonl(args.out.with_name("preferences.jsonl"), preference_rows(examples))
 
 
 if __name__ == "__main__":

@@ -43,8 +43,14 @@ def run(
         cfg = load_config(config, overrides)
         summary = run_pipeline(cfg, config_name=_config_name(config))
     print_scores(summary.metrics)
+    for gate in summary.metrics.get("gates", []):
+        mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
+        console.print(f"gate {mark}  {gate['gate']}  (value {gate['value']:.3f})", soft_wrap=True)
     console.print(f"run folder: [bold]{summary.run_dir}[/]", soft_wrap=True)
-    console.print(f"report:     [bold]{summary.report.resolve()}[/]", soft_wrap=True)
+    if summary.report.is_file():
+        console.print(f"report:     [bold]{summary.report.resolve()}[/]", soft_wrap=True)
+    if not all(gate["passed"] for gate in summary.metrics.get("gates", [])):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -69,6 +75,56 @@ def train(
         console.print(f"trained {figures['steps']} steps: loss {figures['first_loss']} -> {figures['final_loss']}, "
                       f"validation {figures['final_val_loss']}", soft_wrap=True)
         console.print(f"run folder: [bold]{summary.run_dir}[/]", soft_wrap=True)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `specialist run` or `specialist train`.")],
+    set_: SetOption = None,
+    arm: Annotated[list[str] | None, typer.Option(help="Another arm, NAME=RUN_DIR or NAME=ADAPTER_DIR (repeatable).")] = None,
+) -> None:
+    """Score base, few-shot, tuned (and any other arm) on the run's held-out rows; exit 1 when a gate fails."""
+    from specialist.evaluate.runner import evaluate_run, load_run_config
+
+    with _user_errors():
+        others = dict(_parse_arm(a) for a in arm or [])
+        result = evaluate_run(run_dir, load_run_config(run_dir, list(set_ or [])), others)
+    _finish_evaluation(result)
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders; the first one's data and base model are used.")],
+    set_: SetOption = None,
+) -> None:
+    """Score several runs on the first run's held-out rows, side by side with its base arms."""
+    from specialist.evaluate.runner import evaluate_run, load_run_config
+
+    with _user_errors():
+        first, rest = run_dirs[0], run_dirs[1:]
+        names = [p.resolve().name for p in rest]
+        if len(set(names)) != len(names) or first.resolve().name in names:
+            raise SpecialistError("compare needs run folders with distinct names")
+        result = evaluate_run(first, load_run_config(first, list(set_ or [])), dict(zip(names, rest)))
+    _finish_evaluation(result)
+
+
+def _parse_arm(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise SpecialistError(f"--arm {text!r} is not NAME=PATH", hint="e.g. --arm v2=runs/log-to-json-2")
+    return name, Path(path)
+
+
+def _finish_evaluation(result) -> None:
+    scores = {arm: {m: v["mean"] for m, v in s["scores"].items()} for arm, s in result.report["arms"].items()}
+    print_scores({"scores": scores, "n_eval": result.report["n_eval"]})
+    for gate in result.gates:
+        mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"
+        console.print(f"gate {mark}  {gate.gate}  (value {gate.value:.3f})", soft_wrap=True)
+    console.print(f"report: [bold]{(result.run_dir / 'report.html').resolve()}[/]", soft_wrap=True)
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -109,19 +165,23 @@ def models() -> None:
 def print_scores(metrics: dict) -> None:
     scores = metrics["scores"]
     arms = list(scores)
+    if not arms:
+        return
     table = Table(title=f"held-out results ({metrics['n_eval']} examples)")
     table.add_column("metric")
     for arm in arms:
         table.add_column(arm, justify="right")
-    if len(arms) == 2:
-        table.add_column("change", justify="right")
-    if not arms:
-        return
+    compared = "base" in arms and "tuned" in arms
+    if compared:
+        table.add_column("tuned - base", justify="right")
     for metric in [m for m in scores[arms[0]] if isinstance(scores[arms[0]][m], float)]:
         values = [scores[arm][metric] for arm in arms]
+        if metric == "length":
+            table.add_row("length (words)", *[f"{v:.1f}" for v in values], *([""] if compared else []))
+            continue
         cells = [f"{100 * v:.1f}%" for v in values]
-        if len(arms) == 2:
-            cells.append(f"{100 * (values[1] - values[0]):+.1f} pts")
+        if compared:
+            cells.append(f"{100 * (scores['tuned'][metric] - scores['base'][metric]):+.1f} pts")
         table.add_row(metric, *cells)
     console.print(table)
     if metrics.get("overfitting_warning"):
@@ -140,7 +200,7 @@ class _user_errors:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if isinstance(exc, SpecialistError):
-            console.print(f"[red]error:[/] {exc}")
+            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code)
         return False
 

@@ -119,9 +119,20 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    scorers: list[Literal["json_valid", "exact_match", "field_accuracy"]] = Field(
-        default_factory=lambda: ["json_valid", "exact_match", "field_accuracy"]
+    scorers: list[str] = Field(
+        default_factory=lambda: ["json_valid", "exact_match", "field_accuracy"],
+        description="Built-in scorer names or custom ones as package.module:function.",
     )
+    few_shot_k: int = Field(default=3, ge=0, description="Train examples shown to the base few-shot arm; 0: no arm.")
+    label_json_key: str | None = Field(default=None, description="label_accuracy: read the label from this JSON key.")
+    label_pattern: str | None = Field(default=None, description="label_accuracy: regex; group 1 is the label.")
+    json_schema: Path | None = Field(default=None, description="json_schema: a Draft 2020-12 schema file.")
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    train_sample: int = Field(default=60, ge=0, description="Train rows scored beside the test rows (overfitting).")
+    gates: list[str] = Field(default_factory=list, description="e.g. 'json_valid >= 0.95', 'tuned - base >= 0.2 on exact_match'.")
     max_new_tokens: int | None = Field(
         default=None, gt=0, description="None: the longest training completion plus a margin."
     )
@@ -129,6 +140,28 @@ class EvaluationConfig(_Section):
     max_examples: int | None = Field(default=None, gt=0, description="Evaluate on at most N test rows.")
     samples_in_report: int = Field(default=12, ge=0)
     skip_base: bool = False
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers_are_known_or_importable_paths(cls, names: list[str]) -> list[str]:
+        from specialist.evaluate.scorers import KNOWN
+
+        unknown = [n for n in names if n not in KNOWN and ":" not in n]
+        if unknown:
+            raise ValueError(f"unknown scorer(s) {unknown}; built in: {sorted(KNOWN)}, or package.module:function")
+        return names
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_parse(cls, gates: list[str]) -> list[str]:
+        from specialist.evaluate.gates import parse_gate
+
+        for gate in gates:
+            parse_gate(gate)
+        return gates
+
+    def sampling(self) -> dict | None:
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.do_sample else None
 
 
 class OutputConfig(_Section):
@@ -176,6 +209,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     config = validate_config(raw, source=str(path))
     if not config.data.path.is_absolute():
         config.data.path = (path.parent / config.data.path).resolve()
+    adapter = config.method.from_adapter
+    if adapter is not None and not adapter.is_absolute():
+        config.method.from_adapter = (path.parent / adapter).resolve()
+    schema = config.evaluation.json_schema
+    if schema is not None and not schema.is_absolute():
+        config.evaluation.json_schema = (path.parent / schema).resolve()
     return config
 
 

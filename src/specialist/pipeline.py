@@ -1,6 +1,6 @@
 """`specialist run` and `specialist train`: the stages wired together around one run folder.
 
-`run`: data -> base evaluation -> training -> tuned evaluation -> report. `train`: data -> training, resumable.
+`run`: data -> training -> evaluation of every arm -> report. `train`: data -> training, resumable.
 The run folder holds everything needed to audit or reuse the run:
 
     config.yaml        the resolved config (after flags)
@@ -10,10 +10,11 @@ The run folder holds everything needed to audit or reuse the run:
     adapter/ | model/  the PEFT adapter (LoRA methods) or the full model (all-weights methods)
     checkpoints/       the last `save_total_limit` checkpoints and the best one (marked complete when whole)
     metrics.jsonl      every training log line; tensorboard/ the same as TensorBoard events
-    predictions.jsonl  every held-out example with each arm's output (run only)
-    metrics.json       scores per arm, training figures, split hashes
-    loss.png           training and validation loss
-    report.html        the before/after report (run only)
+    predictions.jsonl  every held-out example with each arm's output (run / eval)
+    metrics.json       training figures, split hashes, headline scores per arm
+    eval.json          every score with its interval, paired tests, labels, overfitting, gates (run / eval)
+    loss.png, figures/ training and validation loss; score, confusion and length plots
+    report.html/.md    the before/after report (run / eval)
 
 Under `torchrun`/`accelerate launch` every process runs this; only rank 0 writes the run folder.
 """
@@ -29,11 +30,9 @@ from typing import Any
 
 from specialist.config import RunConfig
 from specialist.console import console
-from specialist.data import Columns, Example, PromptTemplate, Split, load_examples, split_examples, write_split
+from specialist.data import Columns, PromptTemplate, Split, load_examples, split_examples, write_split
 from specialist.errors import ConfigError
-from specialist.evaluate import generate_outputs, score_outputs
-from specialist.evaluate.report import plot_loss_curve, png_data_uri, write_report
-from specialist.evaluate.scorers import score_exact_match
+from specialist.evaluate.report import plot_loss_curve
 from specialist.manifest import finish_manifest, start_manifest
 from specialist.train.common import TrainResult, is_main_process
 
@@ -49,48 +48,25 @@ class RunSummary:
 
 
 def run(config: RunConfig, config_name: str = "run") -> RunSummary:
-    """The whole slice for `config`: base scores, training, tuned scores, report. Returns folder and metrics."""
-    from specialist.train import check_method_runs_here
+    """The whole slice for `config`: training, then every evaluation arm on the held-out rows, then the report."""
+    from specialist.evaluate.runner import evaluate_run
 
-    check_method_runs_here(config.method)
-    started = time.perf_counter()
-    run_dir = create_run_dir(config, config_name)
-    manifest = start_manifest(config, run_dir)
-    split, split_summary = prepare_data(config, run_dir)
-    model, tokenizer, template = load_base(config, run_dir)
-
-    test = split.test[: config.evaluation.max_examples] if config.evaluation.max_examples else split.test
-    generates = config.method.kind != "continued_pretraining"
-    max_new_tokens = config.evaluation.max_new_tokens or default_max_new_tokens(tokenizer, split.train)
-    outputs: dict[str, list[str]] = {}
-    if generates and not config.evaluation.skip_base and is_main_process():
-        outputs["base"] = evaluate_arm(model, tokenizer, template, test, max_new_tokens, config, "base")
-
-    result = train(config, model, tokenizer, template, split, run_dir)
+    trained = train_only(config, config_name)
     if not is_main_process():
-        return RunSummary(run_dir=run_dir, metrics={})
-    if generates:
-        outputs["tuned"] = evaluate_arm(result.model, tokenizer, template, test, max_new_tokens, config, "tuned")
-
-    expected = [ex.completion for ex in test]
-    scores = {arm: score_outputs(out, expected, config.evaluation.scorers) for arm, out in outputs.items()}
-    write_predictions(run_dir / "predictions.jsonl", test, outputs)
-    metrics = {
-        "model": config.model.name,
-        "method": config.method.kind,
-        "scores": scores,
-        "n_eval": len(test),
-        "max_new_tokens": max_new_tokens,
-        "split": split_summary,
-        "train": result.summary(),
-        "overfitting_warning": overfitting_warning(result.log_history),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_training_outputs(run_dir, metrics, result, manifest)
-    if outputs:
-        loss_png = run_dir / "loss.png" if (run_dir / "loss.png").is_file() else None
-        write_report(run_dir / "report.html", report_context(config, run_dir, metrics, test, outputs, loss_png))
-    return RunSummary(run_dir=run_dir, metrics=metrics)
+        return trained
+    metrics = trained.metrics
+    if config.method.kind != "continued_pretraining":  # plain text has no prompts to answer
+        evaluation = evaluate_run(trained.run_dir, config)
+        metrics["scores"] = {arm: {m: v["mean"] for m, v in summary["scores"].items()}
+                             | ({"field_accuracy_per_key": summary["field_accuracy_per_key"]}
+                                if "field_accuracy_per_key" in summary else {})
+                             for arm, summary in evaluation.report["arms"].items()}
+        metrics["n_eval"] = evaluation.report["n_eval"]
+        metrics["gates"] = evaluation.report["gates"]
+        (trained.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    else:
+        metrics["scores"] = {}
+    return RunSummary(run_dir=trained.run_dir, metrics=metrics)
 
 
 def train_only(config: RunConfig, config_name: str = "run", resume: bool = False) -> RunSummary:
@@ -199,27 +175,6 @@ def write_training_outputs(run_dir: Path, metrics: dict[str, Any], result: Train
         console.print(f"[yellow]warning:[/] {metrics['overfitting_warning']}")
 
 
-def default_max_new_tokens(tokenizer, train: list[Example]) -> int:
-    """Room for the longest training completion plus a margin: enough to be right, short enough to stay fast."""
-    longest = max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in train)
-    return longest + max(8, longest // 4)
-
-
-def evaluate_arm(model, tokenizer, template, test: list[Example], max_new_tokens: int, config: RunConfig, arm: str):
-    model.eval()
-    return generate_outputs(
-        model, tokenizer, template, [ex.prompt for ex in test], max_new_tokens,
-        batch_size=config.evaluation.batch_size, label=f"evaluating {arm}",
-    )
-
-
-def write_predictions(path: Path, test: list[Example], outputs: dict[str, list[str]]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for i, ex in enumerate(test):
-            row = {"input": ex.prompt, "expected": ex.completion, **{arm: out[i] for arm, out in outputs.items()}}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def overfitting_warning(log_history: list[dict[str, Any]], tolerance: float = 0.02) -> str | None:
     """A sentence when validation loss ended above its best while training loss kept falling, else None."""
     val = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
@@ -235,51 +190,3 @@ def overfitting_warning(log_history: list[dict[str, Any]], tolerance: float = 0.
     return None
 
 
-def report_context(config, run_dir, metrics, test, outputs, loss_png) -> dict[str, Any]:
-    arms = list(outputs)
-    score_rows = []
-    for metric in config.evaluation.scorers:
-        values = [metrics["scores"][arm][metric] for arm in arms]
-        score_rows.append({"metric": metric, "values": values, **_change(values)})
-    for key in metrics["scores"][arms[-1]].get("field_accuracy_per_key", {}):
-        values = [metrics["scores"][arm]["field_accuracy_per_key"].get(key, 0.0) for arm in arms]
-        score_rows.append({"metric": f"  field: {key}", "values": values, **_change(values), "css": ""})
-    samples = [
-        {
-            "input": ex.prompt,
-            "expected": ex.completion,
-            "outputs": [{"text": outputs[arm][i], "match": score_exact_match(outputs[arm][i], ex.completion)}
-                        for arm in arms],
-        }
-        for i, ex in enumerate(test[: config.evaluation.samples_in_report])
-    ]
-    return {
-        "run_name": run_dir.name,
-        "model_name": config.model.name,
-        "method": describe_method(config.method),
-        "data_path": config.data.path,
-        "split": metrics["split"],
-        "n_eval": metrics["n_eval"],
-        "train": metrics["train"],
-        "max_new_tokens": metrics["max_new_tokens"],
-        "arms": arms,
-        "score_rows": score_rows,
-        "loss_curve": png_data_uri(loss_png),
-        "overfit_warning": metrics["overfitting_warning"],
-        "samples": samples,
-    }
-
-
-def describe_method(method) -> str:
-    if not method.uses_lora:
-        return f"{method.kind} (all weights)"
-    extras = [name for name, on in (("DoRA", method.use_dora), ("rsLoRA", method.use_rslora)) if on]
-    return (f"{method.kind}: LoRA r={method.r} alpha={method.alpha} targets={method.target_modules}"
-            + (f" ({', '.join(extras)})" if extras else ""))
-
-
-def _change(values: list[float]) -> dict[str, str]:
-    if len(values) != 2:
-        return {"delta": "", "css": ""}
-    change = values[1] - values[0]
-    return {"delta": f"{100 * change:+.1f} pts", "css": "better" if change > 0 else "worse" if change < 0 else ""}

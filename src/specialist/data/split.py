@@ -67,3 +67,15 @@ def write_split(split: Split, folder: Path) -> dict[str, dict[str, object]]:
         path.write_text(text, encoding="utf-8")
         summary[name] = {"rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest(), "file": path.name}
     return summary
+
+
+def read_split(folder: Path) -> Split:
+    """The train/val/test files a run wrote, back as a Split (what `specialist eval` scores a run on)."""
+    parts = {}
+    for name in ("train", "val", "test"):
+        path = folder / f"{name}.jsonl"
+        if not path.is_file():
+            raise DataError(f"{path} is missing", hint="point at a run folder written by `specialist run/train`")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        parts[name] = [Example(r["prompt"], r["completion"], r.get("source_line", 0), r.get("rejected")) for r in rows]
+    return Split(**parts)

@@ -18,6 +18,7 @@ exactly the tokens it is given at inference (no merges across the boundary).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,19 +46,29 @@ class PromptTemplate:
             chat_template=chat_template,
         )
 
-    def render_prompt(self, text: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    def render_prompt(self, text: str, tokenizer: PreTrainedTokenizerBase | None = None,
+                      shots: Sequence[tuple[str, str]] = ()) -> str:
+        """The prompt for `text`; `shots` are (input, output) examples shown first (the few-shot arm)."""
         if self.kind == "builtin":
             instruction = f"{self.instruction}\n\n" if self.instruction else ""
-            return BUILTIN_FORMAT.format(instruction=instruction, input=text)
+            examples = "".join(BUILTIN_FORMAT.format(instruction="", input=i) + f"{o}\n\n" for i, o in shots)
+            return instruction + examples + BUILTIN_FORMAT.format(instruction="", input=text)
         if tokenizer is None:
             raise ValueError("a chat template needs the tokenizer to render")
-        content = f"{self.instruction}\n\n{text}" if self.instruction else text
+        messages = []
+        for n, (shot_input, shot_output) in enumerate([*shots, (text, None)]):
+            content = f"{self.instruction}\n\n{shot_input}" if self.instruction and n == 0 else shot_input
+            messages.append({"role": "user", "content": content})
+            if shot_output is not None:
+                messages.append({"role": "assistant", "content": shot_output})
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Text that ends an answer even without EOS: a base model continues the built-in format with a new turn."""
+        return ("\n### ",) if self.kind == "builtin" else ()
 
     def render_completion(self, text: str) -> str:
         return text + self.eos_token
@@ -67,9 +78,10 @@ class PromptTemplate:
         """A chat template writes its own BOS; the built-in format lets the tokenizer add it."""
         return self.kind == "chat"
 
-    def encode_prompt(self, text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    def encode_prompt(self, text: str, tokenizer: PreTrainedTokenizerBase,
+                      shots: Sequence[tuple[str, str]] = ()) -> list[int]:
         return tokenizer(
-            self.render_prompt(text, tokenizer), add_special_tokens=not self.prompt_has_special_tokens
+            self.render_prompt(text, tokenizer, shots), add_special_tokens=not self.prompt_has_special_tokens
         )["input_ids"]
 
     def save(self, path: Path) -> None:

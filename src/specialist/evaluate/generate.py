@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from specialist.console import progress
@@ -19,14 +20,17 @@ def generate_outputs(
     max_new_tokens: int,
     batch_size: int = 16,
     label: str = "generating",
+    shots: Sequence[tuple[str, str]] = (),
+    sampling: dict | None = None,
 ) -> list[str]:
-    """The model's greedy completion for each prompt, in input order, special tokens stripped.
+    """The model's completion for each prompt (greedy unless `sampling` is given), in input order.
 
-    Prompts are sorted by length before batching so each batch carries little padding.
+    Prompts are sorted by length before batching so each batch carries little padding. Special tokens are
+    stripped and the text is cut at the template's stop strings, the same for every arm.
     """
     import torch
 
-    encoded = [template.encode_prompt(p, tokenizer) for p in prompts]
+    encoded = [template.encode_prompt(p, tokenizer, shots) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     stop_ids = _stop_token_ids(tokenizer)
@@ -39,15 +43,21 @@ def generate_outputs(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **(sampling or {"do_sample": False}),
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = generated[:, input_ids.shape[1] :]
             for i, row in zip(batch, new_tokens):
-                outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                outputs[i] = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), template.stop_strings)
             bar.advance(task, len(batch))
     return outputs
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    return text.strip()
 
 
 def _left_pad(rows: list[list[int]], pad_id: int):

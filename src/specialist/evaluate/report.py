@@ -1,39 +1,111 @@
-"""The run report: loss-curve PNG and a self-contained report.html (images embedded as data URIs)."""
+"""The evaluation report: plots as PNG, one self-contained report.html (images as data URIs) and report.md."""
 
 from __future__ import annotations
 
 import base64
-import html
-import io
+import json
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from specialist.data import Example
+from specialist.evaluate.scorers import score_exact_match
 
-def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training and validation loss against step, saved as PNG; None when nothing was logged."""
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def read_log_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training and validation loss against step, saved as PNG; None when nothing was logged."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     val = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not train and not val:
         return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     if train:
         ax.plot(*zip(*train), label="training loss", color="#1f77b4")
     if val:
         ax.plot(*zip(*val), label="validation loss", color="#d62728", marker="o")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (completion tokens)")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_scores(report: dict[str, Any], path: Path) -> Path | None:
+    """Grouped bars: each 0-1 metric per arm, with its 95% bootstrap interval as error bars."""
+    arms = list(report["arms"])
+    metrics = [m for m in next(iter(report["arms"].values()), {}).get("scores", {}) if m != "length"]
+    if not arms or not metrics:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(metrics) * len(arms) / 2), 3.8), dpi=110)
+    width = 0.8 / len(arms)
+    for n, arm in enumerate(arms):
+        scores = report["arms"][arm]["scores"]
+        means = [scores[m]["mean"] for m in metrics]
+        errors = [[scores[m]["mean"] - scores[m]["low"] for m in metrics],
+                  [scores[m]["high"] - scores[m]["mean"] for m in metrics]]
+        positions = [i + (n - (len(arms) - 1) / 2) * width for i in range(len(metrics))]
+        ax.bar(positions, means, width, yerr=errors, capsize=3, label=arm)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (95% interval)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confusion(labels: dict[str, Any], title: str, path: Path) -> Path:
+    plt = _pyplot()
+    matrix = labels["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(labels["predicted_labels"]), 1.2 + 0.5 * len(labels["labels"])),
+                           dpi=110)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels["predicted_labels"])), labels["predicted_labels"], rotation=45, ha="right")
+    ax.set_yticks(range(len(labels["labels"])), labels["labels"])
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("expected")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_lengths(outputs: dict[str, list[str]], expected: list[str], path: Path) -> Path | None:
+    if not outputs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    series = {"expected": expected, **outputs}
+    ax.hist([[len(t.split()) for t in texts] for texts in series.values()], bins=20, label=list(series))
+    ax.set_xlabel("words in the answer")
+    ax.set_ylabel("rows")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -43,9 +115,110 @@ def png_data_uri(path: Path | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def write_report(path: Path, context: dict[str, Any]) -> Path:
+def write_eval_report(run_dir: Path, config, report: dict[str, Any], test: list[Example],
+                      outputs: dict[str, list[str]]) -> None:
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    expected = [ex.completion for ex in test]
+    images = {
+        "scores": plot_scores(report, figures / "scores.png"),
+        "loss": plot_loss_curve(read_log_history(run_dir), run_dir / "loss.png"),
+        "lengths": plot_lengths(outputs, expected, figures / "lengths.png"),
+    }
+    confusions = {arm: plot_confusion(s["labels"], arm, figures / f"confusion-{arm}.png")
+                  for arm, s in report["arms"].items() if "labels" in s}
+    context = report_context(run_dir, config, report, test, outputs)
+    context["images"] = {name: png_data_uri(path) for name, path in images.items()}
+    context["confusions"] = {arm: png_data_uri(path) for arm, path in confusions.items()}
     env = Environment(loader=PackageLoader("specialist", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
-    env.filters["esc"] = html.escape
-    path.write_text(env.get_template("report.html").render(**context), encoding="utf-8")
-    return path
+    (run_dir / "report.html").write_text(env.get_template("report.html").render(**context), encoding="utf-8")
+    (run_dir / "report.md").write_text(render_markdown(context), encoding="utf-8")
+
+
+def report_context(run_dir: Path, config, report: dict[str, Any], test: list[Example],
+                   outputs: dict[str, list[str]]) -> dict[str, Any]:
+    arms = list(report["arms"])
+    metrics_path = run_dir / "metrics.json"
+    train = json.loads(metrics_path.read_text()).get("train", {}) if metrics_path.is_file() else {}
+    return {
+        "run_name": run_dir.name,
+        "model_name": config.model.name,
+        "method": config.method.kind,
+        "n_eval": report["n_eval"],
+        "max_new_tokens": report["max_new_tokens"],
+        "decoding": report["decoding"],
+        "train": train,
+        "arms": arms,
+        "score_rows": score_table(report, arms),
+        "key_rows": key_table(report, arms),
+        "overfitting": report.get("overfitting"),
+        "gates": report.get("gates", []),
+        "regressions": worst_regressions(test, outputs),
+        "samples": samples(test, outputs, config.evaluation.samples_in_report),
+        "overfit_warning": _overfit_warning(run_dir),
+    }
+
+
+def score_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for metric in report["arms"][arms[0]]["scores"] if arms else []:
+        cells = [report["arms"][arm]["scores"][metric] for arm in arms]
+        versus_base = report.get("comparisons", {}).get("tuned_vs_base", {}).get(metric)
+        rows.append({"metric": metric, "cells": cells, "versus_base": versus_base})
+    return rows
+
+
+def key_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]:
+    keys = report["arms"][arms[-1]].get("field_accuracy_per_key", {}) if arms else {}
+    return [{"key": key, "values": [report["arms"][a].get("field_accuracy_per_key", {}).get(key, 0.0) for a in arms]}
+            for key in keys]
+
+
+def worst_regressions(test: list[Example], outputs: dict[str, list[str]], limit: int = 10) -> list[dict[str, Any]]:
+    """Rows the base got exactly right and the tuned model gets wrong: what fine-tuning broke."""
+    if "tuned" not in outputs or "base" not in outputs:
+        return []
+    rows = []
+    for i, ex in enumerate(test):
+        base_ok = score_exact_match(outputs["base"][i], ex.completion)
+        tuned_ok = score_exact_match(outputs["tuned"][i], ex.completion)
+        if base_ok > tuned_ok:
+            rows.append({"input": ex.prompt, "expected": ex.completion, "base": outputs["base"][i],
+                         "tuned": outputs["tuned"][i]})
+    return rows[:limit]
+
+
+def samples(test: list[Example], outputs: dict[str, list[str]], limit: int) -> list[dict[str, Any]]:
+    return [
+        {"input": ex.prompt, "expected": ex.completion,
+         "outputs": [{"text": out[i], "match": score_exact_match(out[i], ex.completion)} for out in outputs.values()]}
+        for i, ex in enumerate(test[:limit])
+    ]
+
+
+def _overfit_warning(run_dir: Path) -> str | None:
+    metrics_path = run_dir / "metrics.json"
+    return json.loads(metrics_path.read_text()).get("overfitting_warning") if metrics_path.is_file() else None
+
+
+def render_markdown(context: dict[str, Any]) -> str:
+    arms = context["arms"]
+    lines = [f"# specialist report: {context['run_name']}", "",
+             f"Base model `{context['model_name']}`, method `{context['method']}`, {context['n_eval']} held-out rows, "
+             f"decoding {context['decoding']}, at most {context['max_new_tokens']} new tokens.", "",
+             "| metric | " + " | ".join(arms) + " | tuned vs base |", "|---|" + "---|" * (len(arms) + 1)]
+    for row in context["score_rows"]:
+        cells = [f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}]" for c in row["cells"]]
+        vs = row["versus_base"]
+        verdict = f"{vs['difference']['mean']:+.3f}, p={vs['p_value']:.3f}" if vs else ""
+        lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {verdict} |")
+    if context["overfitting"]:
+        over = context["overfitting"]
+        lines += ["", f"Overfitting: memorisation rate {over['memorisation_rate']:.3f}; "
+                  f"train-minus-test gap {json.dumps({k: round(v, 3) for k, v in over.get('gap', {}).items()})}"]
+    if context["gates"]:
+        lines += ["", "| gate | value | result |", "|---|---|---|"]
+        lines += [f"| `{g['gate']}` | {g['value']:.3f} | {'pass' if g['passed'] else 'FAIL'} |"
+                  for g in context["gates"]]
+    return "\n".join(lines) + "\n"

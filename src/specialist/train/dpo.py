@@ -12,8 +12,8 @@ from pathlib import Path
 from specialist.config import MethodConfig, TrainingConfig
 from specialist.data import Example, PromptTemplate
 from specialist.errors import ConfigError
-from specialist.train.common import TrainResult, callbacks, common_arguments
-from specialist.train.sft import finish, lora_config, use_bf16_autocast
+from specialist.train.common import TrainResult, common_arguments
+from specialist.train.sft import fit, use_bf16_autocast
 
 
 def preference_dataset(examples: list[Example], template: PromptTemplate, tokenizer):
@@ -58,13 +58,4 @@ def train_dpo(
         max_length=training.max_length,
     )
     args.prediction_loss_only = False  # DPO's eval reports reward margins and accuracy alongside the loss
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(method) if method.uses_lora else None,
-        callbacks=callbacks(training, run_dir, args),
-    )
-    return finish(trainer, tokenizer, method, run_dir, resume_from)
+    return fit(DPOTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run_dir, resume_from)

@@ -90,7 +90,14 @@ def train_sft(
         refuse_examples_without_completion(train_ds, training.max_length)
     args = sft_config(training, run_dir / "checkpoints", len(train_ds), bf16=use_bf16_autocast(model),
                       has_val=val_ds is not None, plain_text=plain_text)
-    trainer = CompletionOnlySFTTrainer(
+    return fit(CompletionOnlySFTTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run_dir,
+               resume_from)
+
+
+def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodConfig, training: TrainingConfig,
+        run_dir: Path, resume_from: Path | None) -> TrainResult:
+    """Build the method's trainer, run it, and save what it trained: `adapter/` (LoRA) or `model/` (all weights)."""
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -99,11 +106,6 @@ def train_sft(
         peft_config=lora_config(method) if method.uses_lora else None,
         callbacks=callbacks(training, run_dir, args),
     )
-    return finish(trainer, tokenizer, method, run_dir, resume_from)
-
-
-def finish(trainer, tokenizer, method: MethodConfig, run_dir: Path, resume_from: Path | None) -> TrainResult:
-    """Run the trainer and save what it trained: `adapter/` for LoRA methods, `model/` for all-weights ones."""
     seconds, tokens = run_trainer(trainer, resume_from)
     output_dir = run_dir / ("adapter" if method.uses_lora else "model")
     if is_main_process():

@@ -1,0 +1,104 @@
+"""`specialist eval` and `compare` end to end on a tiny-model run: arms, intervals, gates, exit codes, report."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from specialist.cli import app
+from specialist.config import validate_config
+from specialist.pipeline import train_only
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def trained_run(tiny_config):
+    tiny_config["evaluation"].update({"few_shot_k": 2, "train_sample": 4, "bootstrap_samples": 200,
+                                      "scorers": ["json_valid", "exact_match", "field_accuracy", "rouge_l", "length"]})
+    return train_only(validate_config(tiny_config), "tiny").run_dir
+
+
+def test_eval_scores_all_three_arms_with_intervals_and_paired_tests(trained_run):
+    result = runner.invoke(app, ["eval", str(trained_run)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    report = json.loads((trained_run / "eval.json").read_text())
+    assert set(report["arms"]) == {"base", "few_shot", "tuned"}
+    for arm in report["arms"].values():
+        for metric, interval in arm["scores"].items():
+            assert interval["low"] <= interval["mean"] <= interval["high"], metric
+    assert set(report["comparisons"]) == {"tuned_vs_base", "tuned_vs_few_shot"}
+    assert 0 < report["comparisons"]["tuned_vs_base"]["exact_match"]["p_value"] <= 1
+    assert report["overfitting"]["train_rows"] == 4 and "memorisation_rate" in report["overfitting"]
+    predictions = [json.loads(line) for line in (trained_run / "predictions.jsonl").read_text().splitlines()]
+    assert {"base", "few_shot", "tuned"} <= set(predictions[0])
+    markdown = (trained_run / "report.md").read_text()
+    assert "| json_valid |" in markdown and "tuned vs base" in markdown
+    html = (trained_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # scores, loss, lengths
+
+
+def test_failed_gate_exits_1_and_names_the_gate(trained_run):
+    result = runner.invoke(app, ["eval", str(trained_run), "--set", "evaluation.gates=['json_valid >= 1.01']"],
+                           terminal_width=200)
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "json_valid >= 1.01" in result.output
+    assert json.loads((trained_run / "eval.json").read_text())["gates"][0]["passed"] is False
+
+
+def test_gate_on_an_uncomputed_figure_exits_2(trained_run):
+    result = runner.invoke(app, ["eval", str(trained_run), "--set", "evaluation.gates=['forgetting.x <= 1']"],
+                           terminal_width=200)
+    assert result.exit_code == 2 and "did not compute" in result.output
+
+
+def test_passing_gates_exit_0(trained_run):
+    result = runner.invoke(app, ["eval", str(trained_run), "--set",
+                                 "evaluation.gates=['json_valid >= 0', 'tuned - base >= -1 on exact_match']"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("pass") >= 2
+
+
+def test_compare_adds_another_run_as_an_arm(trained_run, tmp_path):
+    other = tmp_path / "second-run"
+    shutil.copytree(trained_run, other)
+    result = runner.invoke(app, ["compare", str(trained_run), str(other)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    report = json.loads((trained_run / "eval.json").read_text())
+    assert "second-run" in report["arms"]
+    # the same adapter under two names gives the same outputs
+    assert report["arms"]["second-run"]["scores"] == report["arms"]["tuned"]["scores"]
+
+
+def test_eval_of_a_folder_that_is_not_a_run_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 2 and "not a run folder" in result.output
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it as root)")
+def test_report_renders_in_headless_chromium_with_its_figures(trained_run, tmp_path):
+    runner.invoke(app, ["eval", str(trained_run)])
+    page = (trained_run / "report.html").resolve()
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom",
+         f"--run-all-compositor-stages-before-draw", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Scores on held-out examples" in dom.stdout
+    assert dom.stdout.count("<img") >= 3
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile2'}",
+                    "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000  # a page with figures, not a blank one

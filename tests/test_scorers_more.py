@@ -1,0 +1,93 @@
+"""The evaluation scorers beyond JSON, each on hand-made cases."""
+
+import json
+
+import pytest
+
+from specialist.errors import ConfigError
+from specialist.evaluate.scorers import (
+    LabelRule,
+    label_report,
+    length_report,
+    make_json_schema,
+    make_label_accuracy,
+    refusal_report,
+    resolve_scorers,
+    score_chrf,
+    score_length,
+    score_refusal_rate,
+    score_rouge_l,
+)
+
+
+def test_rouge_l_is_lcs_f1_on_words():
+    assert score_rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    # LCS "the cat the mat" = 4 of 6 words each side
+    assert score_rouge_l("the cat sat on the mat", "the cat was under the mat") == pytest.approx(4 / 6)
+    assert score_rouge_l("alpha", "beta") == 0.0
+
+
+def test_chrf_rewards_partial_character_overlap():
+    assert score_chrf("connection refused", "connection refused") == pytest.approx(1.0)
+    near, far = score_chrf("connection refuse", "connection refused"), score_chrf("disk full", "connection refused")
+    assert 0.8 < near < 1.0 and far < 0.2
+
+
+def test_label_accuracy_reads_labels_by_json_key_or_pattern():
+    by_key = make_label_accuracy(LabelRule(json_key="priority"))
+    assert by_key('{"priority": "Major"}', '{"priority": "major"}') == 1.0
+    assert by_key("Major", '{"priority": "Major"}') == 0.0
+    by_pattern = make_label_accuracy(LabelRule(pattern=r"category:\s*(\w+)"))
+    assert by_pattern("I think category: security, clearly", "category: Security") == 1.0
+    assert make_label_accuracy(LabelRule())(" UI \n", "ui") == 1.0
+
+
+def test_label_report_gives_macro_f1_and_the_confusion_matrix():
+    expected = ["a", "a", "a", "b", "b", "c"]
+    outputs = ["a", "a", "b", "b", "b", "x"]
+    report = label_report(outputs, expected, LabelRule())
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    assert report["labels"] == ["a", "b", "c"] and report["predicted_labels"] == ["a", "b", "c", "x"]
+    assert report["confusion"] == [[2, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]]
+    f1_a, f1_b, f1_c = 2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * (2 / 3) * 1 / (2 / 3 + 1), 0.0
+    assert report["macro_f1"] == pytest.approx((f1_a + f1_b + f1_c) / 3)
+    assert report["per_label"]["c"]["support"] == 1
+
+
+def test_refusals_are_reported_in_both_directions():
+    expected = ["I can't help with that.", "I cannot assist with weapons.", "Use kill -9 PID.", "Run ps aux."]
+    outputs = ["I can't help with that.", "Sure, here is how.", "I won't do that.", "Run ps aux."]
+    report = refusal_report(outputs, expected)
+    assert report == {"should_refuse": 2, "should_answer": 2, "refused_when_should": 0.5,
+                      "refused_when_should_not": 0.5}
+    assert score_refusal_rate("I'm unable to do this", "") == 1.0
+    assert score_refusal_rate("how to kill a Python process: os.kill", "") == 0.0
+
+
+def test_json_schema_checks_structure(tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["severity"],
+                                  "properties": {"severity": {"enum": ["low", "high"]}}}))
+    score = make_json_schema(schema)
+    assert score('{"severity": "low"}', "") == 1.0
+    assert score('{"severity": "medium"}', "") == 0.0
+    assert score("not json", "") == 0.0
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not a usable JSON schema"):
+        make_json_schema(tmp_path / "bad.json")
+
+
+def test_length_statistics():
+    assert score_length("one two three", "") == 3.0
+    assert length_report(["a", "a b", "a b c", "a b c d"]) == {"mean": 2.5, "p50": 3, "p95": 4, "max": 4}
+
+
+def test_custom_scorer_is_imported_by_path_and_bad_paths_are_config_errors():
+    scorers = resolve_scorers(["json_valid", "specialist.evaluate.scorers:score_rouge_l"])
+    assert scorers["specialist.evaluate.scorers:score_rouge_l"]("a b", "a b") == 1.0
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        resolve_scorers(["no_such_module:f"])
+    with pytest.raises(ConfigError, match="unknown scorer"):
+        resolve_scorers(["bleu"])
+    with pytest.raises(ConfigError, match="needs evaluation.json_schema"):
+        resolve_scorers(["json_schema"])
