@@ -33,6 +33,11 @@ def test_eval_scores_all_three_arms_with_intervals_and_paired_tests(trained_run)
     assert set(report["comparisons"]) == {"tuned_vs_base", "tuned_vs_few_shot"}
     assert 0 < report["comparisons"]["tuned_vs_base"]["exact_match"]["p_value"] <= 1
     assert report["overfitting"]["train_rows"] == 4 and "memorisation_rate" in report["overfitting"]
+    forgetting = report["forgetting"]
+    assert forgetting["before"]["perplexity"] > 1 and forgetting["after"]["perplexity"] > 1
+    assert forgetting["ppl_increase"] == pytest.approx(
+        forgetting["after"]["perplexity"] / forgetting["before"]["perplexity"] - 1)
+    assert forgetting["before"]["perplexity"] != forgetting["after"]["perplexity"]  # the adapter was switched off
     predictions = [json.loads(line) for line in (trained_run / "predictions.jsonl").read_text().splitlines()]
     assert {"base", "few_shot", "tuned"} <= set(predictions[0])
     markdown = (trained_run / "report.md").read_text()
@@ -50,17 +55,19 @@ def test_failed_gate_exits_1_and_names_the_gate(trained_run):
 
 
 def test_gate_on_an_uncomputed_figure_exits_2(trained_run):
-    result = runner.invoke(app, ["eval", str(trained_run), "--set", "evaluation.gates=['forgetting.x <= 1']"],
+    result = runner.invoke(app, ["eval", str(trained_run), "--set", "evaluation.gates=['forgetting.x <= 1']",
+                                 "--set", "evaluation.forgetting=false"],
                            terminal_width=200)
     assert result.exit_code == 2 and "did not compute" in result.output
 
 
 def test_passing_gates_exit_0(trained_run):
     result = runner.invoke(app, ["eval", str(trained_run), "--set",
-                                 "evaluation.gates=['json_valid >= 0', 'tuned - base >= -1 on exact_match']"],
+                                 "evaluation.gates=['json_valid >= 0', 'tuned - base >= -1 on exact_match', "
+                                 "'forgetting.ppl_increase <= 100']"],
                            terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert result.output.count("pass") >= 2
+    assert result.output.count("pass") >= 3
 
 
 def test_compare_adds_another_run_as_an_arm(trained_run, tmp_path):

@@ -133,6 +133,9 @@ class EvaluationConfig(_Section):
     bootstrap_samples: int = Field(default=1000, ge=100)
     train_sample: int = Field(default=60, ge=0, description="Train rows scored beside the test rows (overfitting).")
     gates: list[str] = Field(default_factory=list, description="e.g. 'json_valid >= 0.95', 'tuned - base >= 0.2 on exact_match'.")
+    forgetting: bool = Field(default=True, description="Perplexity on general text and a knowledge probe, before/after.")
+    forgetting_corpus: Path | None = Field(default=None, description="Replace the bundled general text: one text a line.")
+    forgetting_max_texts: int = Field(default=300, gt=0)
     max_new_tokens: int | None = Field(
         default=None, gt=0, description="None: the longest training completion plus a margin."
     )
@@ -212,9 +215,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     adapter = config.method.from_adapter
     if adapter is not None and not adapter.is_absolute():
         config.method.from_adapter = (path.parent / adapter).resolve()
-    schema = config.evaluation.json_schema
-    if schema is not None and not schema.is_absolute():
-        config.evaluation.json_schema = (path.parent / schema).resolve()
+    for key in ("json_schema", "forgetting_corpus"):
+        value = getattr(config.evaluation, key)
+        if value is not None and not value.is_absolute():
+            setattr(config.evaluation, key, (path.parent / value).resolve())
     return config
 
 

@@ -153,6 +153,7 @@ def report_context(run_dir: Path, config, report: dict[str, Any], test: list[Exa
         "score_rows": score_table(report, arms),
         "key_rows": key_table(report, arms),
         "overfitting": report.get("overfitting"),
+        "forgetting": report.get("forgetting"),
         "gates": report.get("gates", []),
         "regressions": worst_regressions(test, outputs),
         "samples": samples(test, outputs, config.evaluation.samples_in_report),
@@ -213,6 +214,11 @@ def render_markdown(context: dict[str, Any]) -> str:
         vs = row["versus_base"]
         verdict = f"{vs['difference']['mean']:+.3f}, p={vs['p_value']:.3f}" if vs else ""
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {verdict} |")
+    if context["forgetting"]:
+        f = context["forgetting"]
+        lines += ["", f"Forgetting: perplexity on {f['corpus']} {f['before']['perplexity']:.2f} -> "
+                  f"{f['after']['perplexity']:.2f} ({100 * f['ppl_increase']:+.1f}%); knowledge probe "
+                  f"{f['before']['knowledge']:.3f} -> {f['after']['knowledge']:.3f}"]
     if context["overfitting"]:
         over = context["overfitting"]
         lines += ["", f"Overfitting: memorisation rate {over['memorisation_rate']:.3f}; "

@@ -104,6 +104,8 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
                  for name in outputs},
         "comparisons": compare_arms(rows, evaluation.bootstrap_samples),
     }
+    if tuned is not None and evaluation.forgetting:
+        report["forgetting"] = forgetting(model, tuned, tokenizer, arms, evaluation)
     if tuned is not None:
         report["overfitting"] = overfitting(tuned, tokenizer, template, split, rows["tuned"], outputs["tuned"],
                                             scorers, max_new_tokens, config)
@@ -208,6 +210,23 @@ def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[
     return comparisons
 
 
+def forgetting(base_model, tuned, tokenizer, arms: list[Arm], evaluation) -> dict[str, Any]:
+    """Perplexity and knowledge probe with the base weights, then with the tuned ones."""
+    from specialist.evaluate.forgetting import forgetting_report, general_text, knowledge_probe, measure
+
+    texts = general_text(evaluation.forgetting_corpus, evaluation.forgetting_max_texts)
+    questions = knowledge_probe()
+    is_adapter = hasattr(tuned, "disable_adapter")
+    # With an adapter, the base weights are the same object with the adapter switched off.
+    with (tuned.disable_adapter() if is_adapter else nullcontext()):
+        before = measure(tuned if is_adapter else base_model, tokenizer, texts, questions)
+    tuned_arm = next(arm for arm in arms if arm.name == "tuned")
+    with tuned_arm.context():
+        after = measure(tuned, tokenizer, texts, questions)
+    corpus = str(evaluation.forgetting_corpus) if evaluation.forgetting_corpus else "bundled Wikipedia sentences"
+    return forgetting_report(before, after, len(texts), len(questions), corpus)
+
+
 def overfitting(tuned, tokenizer, template, split, test_rows, test_outputs, scorers, max_new_tokens,
                 config: RunConfig) -> dict[str, Any]:
     """Tuned scores on train rows beside test rows, and how often it recites a training answer that is wrong."""
@@ -234,6 +253,9 @@ def flat_figures(report: dict[str, Any]) -> dict[str, float]:
     for arm, summary in report["arms"].items():
         if "labels" in summary:
             figures[f"{arm}.macro_f1"] = summary["labels"]["macro_f1"]
+    for name in ("ppl_increase", "knowledge_drop"):
+        if name in report.get("forgetting", {}):
+            figures[f"forgetting.{name}"] = report["forgetting"][name]
     over = report.get("overfitting", {})
     figures.update({f"overfitting.gap.{m}": v for m, v in over.get("gap", {}).items()})
     if "memorisation_rate" in over:
