@@ -51,6 +51,7 @@ def run(config: RunConfig, config_name: str = "run") -> RunSummary:
     """The whole slice for `config`: training, then every evaluation arm on the held-out rows, then the report."""
     from specialist.evaluate.runner import evaluate_run
 
+    started = time.perf_counter()
     trained = train_only(config, config_name)
     if not is_main_process():
         return trained
@@ -63,6 +64,7 @@ def run(config: RunConfig, config_name: str = "run") -> RunSummary:
                              for arm, summary in evaluation.report["arms"].items()}
         metrics["n_eval"] = evaluation.report["n_eval"]
         metrics["gates"] = evaluation.report["gates"]
+        metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
         (trained.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     else:
         metrics["scores"] = {}

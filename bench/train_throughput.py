@@ -1,0 +1,190 @@
+"""Training throughput: TRL's SFTTrainer defaults against `specialist train` defaults, one process tree.
+
+    .venv/bin/python bench/train_throughput.py [--steps 8] [--model gemma-3-270m] [--out bench/results/...json]
+
+Each arm runs in its own child process (so peak RSS is its own), one after the other, on the same training
+rows of examples/log-to-json, the same LoRA settings (r=16, alpha=32, all-linear), batch size and number of
+optimizer steps:
+
+  (a) reference: SFTTrainer + PEFT with TRL's defaults for everything else (dtype as transformers loads it,
+      TRL's own tokenization of prompt/completion, full-vocabulary entropy/accuracy metrics, its loss path);
+  (b) specialist: the same rows through `specialist.train` with its defaults (dtype auto, completion-only
+      logits, pre-tokenized data).
+
+Printed for each: training tokens/s (prompt + completion tokens processed, no padding), peak RSS, final
+training loss and validation loss on the same validation rows, and model FLOPs utilisation: 6 x parameters x
+tokens/s against the matmul rate this script measures on this machine in this run (fp32 and bf16). Then the
+ratios (b)/(a). Figures go to JSON as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "log-to-json" / "data.jsonl"
+INSTRUCTION = ('Parse the log line into JSON with the keys "level", "component" and "template" (the event template '
+               "with every variable part replaced by <*>; null for a field the line lacks).")
+
+
+def matmul_rate(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in this process, best of `repeats`."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def rows(n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
+    examples = [json.loads(line) for line in DATA.read_text().splitlines()]
+    return examples[:n_train], examples[n_train : n_train + n_val]
+
+
+def run_reference(args) -> dict:
+    """(a) TRL defaults: the prompt/completion dataset handed to SFTTrainer as is."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from specialist.data import PromptTemplate
+    from specialist.models import resolve_model
+
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    template = PromptTemplate.for_tokenizer(tokenizer, INSTRUCTION)
+    train, val = rows(args.train_rows, args.val_rows)
+    to_ds = lambda part: Dataset.from_list(  # noqa: E731
+        [{"prompt": template.render_prompt(r["prompt"]), "completion": r["completion"]} for r in part])
+    config = SFTConfig(output_dir=args.workdir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                       per_device_eval_batch_size=args.batch_size, learning_rate=3e-4, report_to="none",
+                       save_strategy="no", logging_steps=1, include_num_input_tokens_seen="non_padding",
+                       seed=42, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=to_ds(train), eval_dataset=to_ds(val),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return measure(trainer, model)
+
+
+def run_specialist(args) -> dict:
+    """(b) specialist defaults through its own training entry point."""
+    from specialist.config import validate_config
+    from specialist.data import Example, PromptTemplate
+    from specialist.models import load_model_and_tokenizer
+    from specialist.train.fast_loss import CompletionOnlySFTTrainer
+    from specialist.train.sft import build_dataset, lora_config, sft_config, use_bf16_autocast
+
+    config = validate_config({"data": {"path": str(DATA), "instruction": INSTRUCTION},
+                              "training": {"max_steps": args.steps, "batch_size": args.batch_size,
+                                           "learning_rate": 3e-4, "report_to": [], "logging_steps": 1}})
+    model, tokenizer = load_model_and_tokenizer(args.model, config.model.dtype)
+    template = PromptTemplate.for_tokenizer(tokenizer, INSTRUCTION)
+    train, val = rows(args.train_rows, args.val_rows)
+    as_examples = lambda part: [Example(r["prompt"], r["completion"], i) for i, r in enumerate(part)]  # noqa: E731
+    sft = sft_config(config.training, Path(args.workdir), len(train), use_bf16_autocast(model), has_val=False)
+    sft.save_strategy = "no"
+    trainer = CompletionOnlySFTTrainer(model=model, args=sft,
+                                       train_dataset=build_dataset(as_examples(train), template, tokenizer),
+                                       eval_dataset=build_dataset(as_examples(val), template, tokenizer),
+                                       processing_class=tokenizer, peft_config=lora_config(config.method))
+    return measure(trainer, model)
+
+
+def measure(trainer, model) -> dict:
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    val_loss = trainer.evaluate()["eval_loss"]
+    params = sum(p.numel() for p in model.parameters())
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
+            "final_train_loss": losses[-1], "val_loss": val_loss, "parameters": params,
+            "dtype": str(next(model.parameters()).dtype),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(arm: str, args) -> dict:
+    """Run one arm in a fresh interpreter and read its JSON back."""
+    out = Path(args.workdir) / f"{arm}.json"
+    cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--model", args.model,
+           "--batch-size", str(args.batch_size), "--train-rows", str(args.train_rows),
+           "--val-rows", str(args.val_rows), "--workdir", args.workdir, "--child-out", str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-rows", type=int, default=256)
+    parser.add_argument("--val-rows", type=int, default=32)
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
+    parser.add_argument("--arm", choices=["reference", "specialist"])
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--child-out", type=Path)
+    args = parser.parse_args()
+    if args.arm:
+        result = run_reference(args) if args.arm == "reference" else run_specialist(args)
+        args.child_out.write_text(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as workdir:
+        args.workdir = workdir
+        rates = {"fp32": matmul_rate("float32"), "bf16": matmul_rate("bfloat16")}
+        results = {"reference": child("reference", args), "specialist": child("specialist", args)}
+    for result in results.values():
+        flops = 6 * result["parameters"] * result["tokens_per_second"]
+        result["mfu_vs_fp32_matmul"] = flops / rates["fp32"]
+        result["mfu_vs_bf16_matmul"] = flops / rates["bf16"]
+    a, b = results["reference"], results["specialist"]
+    ratios = {"tokens_per_second": b["tokens_per_second"] / a["tokens_per_second"],
+              "peak_rss": b["peak_rss_mib"] / a["peak_rss_mib"],
+              "val_loss_difference": b["val_loss"] - a["val_loss"]}
+    print_table(results, ratios, rates, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k in
+                                                  ("steps", "batch_size", "train_rows", "val_rows", "model")},
+                                    "matmul_flops": rates, "results": results, "ratios": ratios}, indent=2))
+    print(f"figures written to {args.out}")
+
+
+def print_table(results: dict, ratios: dict, rates: dict, args) -> None:
+    print(f"\n{args.steps} optimizer steps, batch {args.batch_size}, LoRA r=16 all-linear, {args.model}")
+    print(f"measured matmul: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s")
+    header = f"{'':28}{'(a) TRL defaults':>18}{'(b) specialist':>18}{'(b)/(a)':>10}"
+    print(header + "\n" + "-" * len(header))
+    a, b = results["reference"], results["specialist"]
+    lines = [
+        ("dtype", a["dtype"], b["dtype"], ""),
+        ("training tokens/s", f"{a['tokens_per_second']:.1f}", f"{b['tokens_per_second']:.1f}",
+         f"{ratios['tokens_per_second']:.2f}x"),
+        ("peak RSS (MiB)", f"{a['peak_rss_mib']:.0f}", f"{b['peak_rss_mib']:.0f}", f"{ratios['peak_rss']:.2f}x"),
+        ("final training loss", f"{a['final_train_loss']:.4f}", f"{b['final_train_loss']:.4f}", ""),
+        ("validation loss", f"{a['val_loss']:.4f}", f"{b['val_loss']:.4f}", f"{ratios['val_loss_difference']:+.4f}"),
+        ("MFU vs fp32 matmul", f"{100 * a['mfu_vs_fp32_matmul']:.1f}%", f"{100 * b['mfu_vs_fp32_matmul']:.1f}%", ""),
+        ("MFU vs bf16 matmul", f"{100 * a['mfu_vs_bf16_matmul']:.1f}%", f"{100 * b['mfu_vs_bf16_matmul']:.1f}%", ""),
+    ]
+    for name, x, y, r in lines:
+        print(f"{name:28}{x:>18}{y:>18}{r:>10}")
+
+
+if __name__ == "__main__":
+    main()
