@@ -110,3 +110,39 @@ def test_fast_loss_and_adapter_gradients_equal_the_full_logits_reference(tiny_mo
     assert ref_grads.keys() == fast_grads.keys() and len(ref_grads) > 0
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_completion_only_loss_can_be_turned_off(tiny_model, tmp_path):
+    from specialist.train.fast_loss import CompletionOnlySFTTrainer
+
+    model, tokenizer = tiny_model
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse.")
+    args = sft_config(TrainingConfig(max_steps=1, batch_size=2, report_to=[], completion_only_loss=False), tmp_path,
+                      len(EXAMPLES), bf16=False, has_val=False)
+    trainer = CompletionOnlySFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                       train_dataset=build_dataset(EXAMPLES, template, tokenizer),
+                                       peft_config=lora_config(MethodConfig(r=4, alpha=8)))
+    row = trainer.train_dataset[0]
+    assert row["labels"] == row["input_ids"]
+
+
+def test_evaluation_uses_the_format_stored_with_the_run(tiny_config, monkeypatch):
+    """Changing the instruction in the config after training must not change the prompts evaluation builds."""
+    import specialist.evaluate.runner as runner
+    from specialist.config import validate_config
+    from specialist.pipeline import train_only
+
+    run_dir = train_only(validate_config(tiny_config), "tiny").run_dir
+    stored = PromptTemplate.load(run_dir / "template.json")
+    seen = []
+
+    def capture(model, tokenizer, template, prompts, *args, **kwargs):
+        seen.append(template)
+        return ["{}"] * len(prompts)
+
+    monkeypatch.setattr(runner, "generate_outputs", capture)
+    tiny_config["data"]["instruction"] = "Something else entirely."
+    tiny_config["evaluation"]["forgetting"] = False
+    runner.evaluate_run(run_dir, validate_config(tiny_config))
+    assert seen and all(t == stored for t in seen)
+    assert stored.instruction == "Parse the log line into JSON."
