@@ -179,7 +179,6 @@ BUILTIN: dict[str, Scorer] = {
 }
 NEEDS_SETTINGS = {"label_accuracy", "json_schema"}
 KNOWN = set(BUILTIN) | NEEDS_SETTINGS
-SCORERS = BUILTIN  # kept for callers that only need the plain ones
 
 
 def resolve_scorers(names: list[str], label_rule: LabelRule | None = None,

@@ -37,7 +37,8 @@ class RichProgressCallback(TrainerCallback):
             if key in logs:
                 self._last[key] = float(logs[key])
         self._progress.update(self._task, info=self._info(state))
-        if not console.is_terminal:  # a live bar does not render into a log file; leave a line per log instead
+        fresh = "loss" in logs or "eval_loss" in logs  # not the end-of-training summary, which repeats them
+        if fresh and not console.is_terminal:  # a live bar does not render into a log file; leave a line instead
             console.log(f"step {state.global_step}/{state.max_steps}  {self._info(state)}")
 
     def on_train_end(self, args, state, control, **kwargs):
