@@ -79,3 +79,12 @@ def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert isinstance(config, RunConfig)
     assert config.data.path.is_file(), f"{path} points at missing data {config.data.path}"
+
+
+def test_method_keys_for_another_kind_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match="from_adapter applies to kind 'dpo' only"):
+        validate_config({"data": {"path": "d.jsonl"}, "method": {"kind": "lora", "from_adapter": "runs/x/adapter"}})
+    with pytest.raises(ConfigError, match="adapter applies to kinds"):
+        validate_config({"data": {"path": "d.jsonl"}, "method": {"kind": "lora", "adapter": False}})
+    assert not validate_config({"data": {"path": "d.jsonl"},
+                                "method": {"kind": "continued_pretraining", "adapter": False}}).method.uses_lora

@@ -81,6 +81,15 @@ class MethodConfig(_Section):
     from_adapter: Path | None = Field(default=None, description="dpo: start from this SFT run's adapter folder.")
     beta: float = Field(default=0.1, gt=0, description="dpo: strength of the pull towards the reference model.")
 
+    @model_validator(mode="after")
+    def _method_specific_keys_match_the_kind(self) -> MethodConfig:
+        if self.from_adapter is not None and self.kind != "dpo":
+            raise ValueError(f"from_adapter applies to kind 'dpo' only, not {self.kind!r}")
+        if self.adapter is not None and self.kind not in ("dpo", "continued_pretraining"):
+            raise ValueError(f"adapter applies to kinds 'dpo' and 'continued_pretraining' only, not {self.kind!r} "
+                             "(use kind 'full' to train all weights)")
+        return self
+
     @property
     def uses_lora(self) -> bool:
         if self.kind in ("lora", "qlora"):
