@@ -34,7 +34,7 @@ from specialist.data import Columns, PromptTemplate, Split, load_examples, split
 from specialist.errors import ConfigError
 from specialist.evaluate.report import plot_loss_curve
 from specialist.manifest import finish_manifest, start_manifest
-from specialist.train.common import TrainResult, is_main_process
+from specialist.train.common import TrainResult, is_main_process, world_size
 
 
 @dataclass
@@ -142,9 +142,7 @@ def create_run_dir(config: RunConfig, config_name: str) -> Path:
 
 def shared_across_ranks(value: str) -> str:
     """Rank 0's value on every rank, so all processes of a launch agree on the run folder."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if world_size() == 1:
         return value
     import torch.distributed as dist
     from accelerate import PartialState

@@ -22,13 +22,6 @@ def _pyplot():
     return plt
 
 
-def read_log_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     """Training and validation loss against step, saved as PNG; None when nothing was logged."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
@@ -122,7 +115,7 @@ def write_eval_report(run_dir: Path, config, report: dict[str, Any], test: list[
     expected = [ex.completion for ex in test]
     images = {
         "scores": plot_scores(report, figures / "scores.png"),
-        "loss": plot_loss_curve(read_log_history(run_dir), run_dir / "loss.png"),
+        "loss": run_dir / "loss.png",  # written by training; a run evaluated before training has none
         "lengths": plot_lengths(outputs, expected, figures / "lengths.png"),
     }
     confusions = {arm: plot_confusion(s["labels"], arm, figures / f"confusion-{arm}.png")

@@ -66,8 +66,8 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
     return validate_config(raw, source=str(path))
 
 
-def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[str, Path] | None = None,
-                 model=None, tokenizer=None) -> EvalResult:
+def evaluate_run(run_dir: Path, config: RunConfig | None = None,
+                 others: dict[str, Path] | None = None) -> EvalResult:
     """Score every arm on the run's test split; write eval.json, report.md and report.html; check the gates."""
     from specialist.models import load_model_and_tokenizer
 
@@ -76,8 +76,7 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
     template = PromptTemplate.load(run_dir / "template.json")
     split = read_split(run_dir / "data")
     test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype)
     if config.method.kind == "dpo" and config.method.from_adapter is not None:
         from specialist.train.dpo import merge_sft_adapter
 

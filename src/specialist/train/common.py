@@ -75,7 +75,7 @@ def common_arguments(
     # transformers 5 reads the TensorBoard folder from the environment when the Trainer is built.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir.parent / "tensorboard")
 
-    steps = planned_steps(training, n_train, _world_size())
+    steps = planned_steps(training, n_train, world_size())
     eval_steps = training.eval_steps or max(1, steps // 4)
     save_steps = training.save_steps or eval_steps
     keep_best = has_val and save_steps % eval_steps == 0
@@ -187,7 +187,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _world_size() -> int:
+def world_size() -> int:
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
