@@ -109,7 +109,7 @@ def tiny_config(tmp_path, tiny_model_dir, log_data):
     """A config dict for a 2-step run of the tiny model."""
     return {
         "data": {"path": str(log_data), "instruction": "Parse the log line into JSON.", "val_fraction": 0.1,
-                 "test_fraction": 0.1},
+                 "test_fraction": 0.1, "dedupe": {"near": False}},  # rows differ by a counter only
         "model": {"name": str(tiny_model_dir), "dtype": "float32"},
         "method": {"r": 4, "alpha": 8},
         "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.01, "logging_steps": 1,

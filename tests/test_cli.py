@@ -35,6 +35,22 @@ def test_validate_reports_bad_data_lines(tmp_path):
     assert "d.jsonl:2: malformed JSON" in result.output.replace("\n", "")
 
 
+def test_prepare_writes_a_folder_a_run_can_train_on(tiny_config, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = runner.invoke(app, ["prepare", str(path), "--out", str(tmp_path / "prepared")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "rows per step" in result.output and "tokens per row" in result.output
+    report = json.loads((tmp_path / "prepared" / "report.json").read_text())
+    assert report["rows_read"] == 40 and report["lengths"]["total"]["max"] > 0
+    tiny_config["data"]["path"] = str(tmp_path / "prepared")
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = runner.invoke(app, ["train", str(path), "--max-steps", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    run_data = tmp_path / "runs" / "tiny" / "data"
+    assert (run_data / "train.jsonl").read_bytes() == (tmp_path / "prepared" / "train.jsonl").read_bytes()
+
+
 def test_models_says_where_the_empty_cache_is():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0 and "no cached models" in result.output

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from specialist.cli import app
@@ -97,7 +96,7 @@ def test_report_renders_in_headless_chromium_with_its_figures(trained_run, tmp_p
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom",
-         f"--run-all-compositor-stages-before-draw", page.as_uri()],
+         "--run-all-compositor-stages-before-draw", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]

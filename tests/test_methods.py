@@ -65,7 +65,7 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_model_folder(tiny_conf
 def test_continued_pretraining_learns_plain_text(tiny_config, tmp_path, tiny_model_dir):
     text = tmp_path / "docs.jsonl"
     line = "the datanode receives a block and the namenode updates the block map. "
-    text.write_text("".join(json.dumps({"text": line * (1 + i % 3)}) + "\n" for i in range(40)))
+    text.write_text("".join(json.dumps({"text": f"{line * (1 + i % 3)}doc {i}."}) + "\n" for i in range(40)))
     tiny_config["data"]["path"] = str(text)
     tiny_config["training"]["block_size"] = 32
     summary = run(configured(tiny_config, kind="continued_pretraining"), "tiny")

@@ -128,20 +128,48 @@ def _finish_evaluation(result) -> None:
 
 
 @app.command()
+def prepare(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")],
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: OUTPUT_DIR/<config name>-data).")] = None,
+    lengths: Annotated[bool, typer.Option(help="Measure token lengths with the base model's tokenizer.")] = True,
+) -> None:
+    """Validate, clean, dedupe, split and balance CONFIG's data; write train/val/test.jsonl and a report.
+
+    Point data.path at the output folder to train on exactly this split.
+    """
+    from specialist.config import load_config
+    from specialist.pipeline import load_template, prepare_data
+
+    with _user_errors():
+        cfg = load_config(config, list(set_ or []))
+        tokenizer, template = load_template(cfg) if lengths else (None, None)
+        folder = out or cfg.output.dir / f"{_config_name(config)}-data"
+        prepare_data(cfg, folder, tokenizer, template)
+    console.print(f"prepared data: [bold]{folder}[/] (report.json, manifest.json)", soft_wrap=True)
+
+
+@app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],
     set_: SetOption = None,
 ) -> None:
-    """Check a config and its data without loading a model; exit 2 with every problem listed."""
+    """Check a config and its data without a model or any output; exit 2 with the problems listed."""
+    import tempfile
+
     from specialist.config import load_config
-    from specialist.data import Columns, load_examples
+    from specialist.data import prepare as prepare_rows
+    from specialist.data.report import print_prepare_report
     from specialist.train import check_method_runs_here
 
-    with _user_errors():
+    with _user_errors(), tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(config, list(set_ or []))
         check_method_runs_here(cfg.method)
-        examples = load_examples(cfg.data.path, Columns.for_method(cfg.data, cfg.method.kind), cfg.data.format)
-    console.print(f"[green]ok[/] {config}: {len(examples)} examples in {cfg.data.path}, model {cfg.model.name}")
+        prepared = prepare_rows(cfg.data, cfg.method.kind, Path(scratch) / "data", cfg.training.seed)
+        print_prepare_report(prepared.report)
+    splits = prepared.report.get("splits", {})
+    console.print(f"[green]ok[/] {config}: {sum(splits.values())} examples in {cfg.data.path}, model {cfg.model.name}",
+                  soft_wrap=True)
 
 
 @app.command()

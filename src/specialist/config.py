@@ -21,27 +21,102 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
-    """Where the examples are and how to read them."""
+class CleanConfig(_Section):
+    """Text clean-up applied to every field before anything else looks at it."""
 
-    path: Path = Field(description="JSONL or CSV file of examples, relative to the config file.")
-    format: Literal["auto", "jsonl", "csv"] = "auto"
-    prompt_column: str = "prompt"
-    completion_column: str = Field(default="completion", description="For method.kind=dpo: the chosen answer.")
+    normalize: bool = Field(default=True, description="Unicode NFC, control characters out, CRLF to LF, trailing spaces.")
+    scrub: bool | list[str] = Field(
+        default=False,
+        description="Replace secrets and personal data with a placeholder: true for every kind, or a list of "
+        "kinds (email, ipv4, ipv6, aws_key, api_key, bearer, private_key).",
+    )
+    placeholder: str = Field(default="<{kind}>", description="What replaces a scrubbed span; {kind} is its kind.")
+
+    @field_validator("scrub")
+    @classmethod
+    def _scrub_kinds_are_known(cls, value: bool | list[str]) -> bool | list[str]:
+        from specialist.data.clean import SCRUB_KINDS
+
+        if isinstance(value, list):
+            unknown = [k for k in value if k not in SCRUB_KINDS]
+            if unknown:
+                raise ValueError(f"unknown scrub kind(s) {unknown}; known: {list(SCRUB_KINDS)}")
+        return value
+
+
+class DedupeConfig(_Section):
+    exact: bool = Field(default=True, description="Drop rows equal to an earlier one after case and space folding.")
+    near: bool = Field(default=True, description="Drop near-duplicates (MinHash + LSH on word shingles).")
+    leakage: bool = Field(default=True, description="Drop val/test rows that are near-duplicates of a training row.")
+    threshold: float = Field(default=0.85, gt=0, le=1, description="Estimated Jaccard similarity that counts as near.")
+    num_perm: int = Field(default=64, ge=16, le=256, description="MinHash permutations (signature length).")
+    shingle_words: int = Field(default=3, ge=1, le=10, description="Words per shingle.")
+
+
+class BalanceConfig(_Section):
+    """Class balance of the training split (labelled data); val and test keep the natural distribution."""
+
+    mode: Literal["none", "report", "cap", "upsample", "cap_and_upsample"] = "report"
+    max_per_class: int | None = Field(default=None, gt=0, description="cap: keep at most N training rows per label.")
+    min_per_class: int | None = Field(default=None, gt=0, description="upsample: repeat rows up to N per label.")
+
+    @model_validator(mode="after")
+    def _limits_given_for_the_mode(self) -> BalanceConfig:
+        if "cap" in self.mode and self.max_per_class is None:
+            raise ValueError(f"balance mode {self.mode!r} needs max_per_class")
+        if "upsample" in self.mode and self.min_per_class is None:
+            raise ValueError(f"balance mode {self.mode!r} needs min_per_class")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the examples are, their shape, and how `prepare` cleans, dedupes, balances and splits them."""
+
+    path: Path = Field(description="Data file (JSONL, JSON array, CSV/TSV, Parquet), a `datasets` save_to_disk "
+                       "folder, or a folder written by `specialist prepare`; relative to the config file.")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "arrow"] = "auto"
+    shape: Literal["auto", "prompt_completion", "messages", "text", "preference", "labelled"] = Field(
+        default="auto", description="auto: told by the columns present (and the method)."
+    )
+    prompt_column: str = Field(default="prompt", description="Also found under input / instruction / question.")
+    completion_column: str = Field(default="completion", description="Also output / response / answer; dpo: chosen.")
     rejected_column: str = Field(default="rejected", description="method.kind=dpo only: the rejected answer.")
-    text_column: str = Field(default="text", description="method.kind=continued_pretraining only: plain text.")
+    chosen_column: str = Field(default="chosen", description="Preference rows: the preferred answer.")
+    text_column: str = Field(default="text", description="Plain text (continued pretraining) or the labelled text.")
+    messages_column: str = Field(default="messages", description="Chat rows: a list of {role, content}.")
+    label_column: str = Field(default="label", description="Labelled rows' class; also used to stratify and balance.")
+    labels: list[str] | None = Field(default=None, description="The allowed label set; a label outside it is an error.")
+    label_template: str = Field(default="{label}", description="Completion written for a label, e.g. "
+                                '\'{"priority": "{label}"}\'.')
     instruction: str = Field(
         default="",
         description="Task description put before every input, in training, evaluation and serving alike.",
     )
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    max_examples: int | None = Field(default=None, gt=0, description="Use only the first N rows (after shuffling).")
+    max_examples: int | None = Field(default=None, gt=0, description="Use only N rows (after shuffling).")
+    split_by: Literal["random", "stratified", "grouped"] = Field(
+        default="random", description="stratified: by label; grouped: whole groups of group_column per split."
+    )
+    group_column: str | None = Field(default=None, description="split_by=grouped: rows sharing it stay together.")
+    max_bad_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="Stop (writing nothing) when more than this share of rows is malformed."
+    )
+    over_length: Literal["drop", "truncate"] = Field(
+        default="drop", description="Rows longer than training.max_length tokens: drop them, or keep them cut."
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must stay below 0.9 so that training rows remain")
+        if self.split_by == "grouped" and not self.group_column:
+            raise ValueError("split_by 'grouped' needs group_column")
+        if "{label}" not in self.label_template:
+            raise ValueError("label_template must contain {label}")
         return self
 
 

@@ -30,7 +30,7 @@ def start_manifest(config: RunConfig, run_dir: Path) -> dict[str, Any]:
         "finished": None,
         "config": config.model_dump(mode="json"),
         "seed": config.training.seed,
-        "data_file": {"path": str(config.data.path), "sha256": _sha256(config.data.path)},
+        "data_file": {"path": str(config.data.path), "sha256": sha256_of(config.data.path)},
         "packages": {name: _version(name) for name in PACKAGES},
         "hardware": hardware(),
         "git_commit": git_commit(Path.cwd()),
@@ -66,13 +66,16 @@ def git_commit(folder: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
+def sha256_of(path: Path) -> str | None:
+    """SHA-256 of a file, or of every file in a folder in name order; None when nothing is there."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
         return None
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for file in files:
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

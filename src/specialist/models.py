@@ -67,6 +67,20 @@ def resolve_model(name: str) -> Path | str:
     )
 
 
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer alone (what `prepare` measures lengths with), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    location = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except Exception as exc:  # corrupt files surface as OSError, ValueError, ... alike
+        raise _load_failure(name, location, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(
     name: str, dtype: str = "auto", quantize_4bit: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -74,22 +88,24 @@ def load_model_and_tokenizer(
 
     `quantize_4bit` loads the base in NF4 through bitsandbytes (QLoRA; CUDA only, checked by the caller).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = load_tokenizer(name)
     location = resolve_model(name)
     extra = _four_bit_arguments() if quantize_4bit else {"dtype": torch_dtype(dtype)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, **extra)
     except Exception as exc:  # corrupt files surface as OSError, SafetensorError, ValueError, ... alike
-        raise ModelError(
-            f"could not load model {name!r} from {location}: {type(exc).__name__}: {exc}",
-            hint="the folder may be incomplete or corrupt; delete it (or the cache entry) and try again",
-        ) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _load_failure(name, location, exc) from exc
     model.eval()
     return model, tokenizer
+
+
+def _load_failure(name: str, location: Path | str, exc: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model {name!r} from {location}: {type(exc).__name__}: {exc}",
+        hint="the folder may be incomplete or corrupt; delete it (or the cache entry) and try again",
+    )
 
 
 def _four_bit_arguments() -> dict:

@@ -5,7 +5,7 @@ The run folder holds everything needed to audit or reuse the run:
 
     config.yaml        the resolved config (after flags)
     manifest.json      data hashes, package versions, seed, hardware, git commit, start/end times
-    data/              train/val/test.jsonl as used
+    data/              train/val/test.jsonl as used, with the data manifest.json and report.json (`prepare`)
     template.json      the prompt format used by training and evaluation (and later serving)
     adapter/ | model/  the PEFT adapter (LoRA methods) or the full model (all-weights methods)
     checkpoints/       the last `save_total_limit` checkpoints and the best one (marked complete when whole)
@@ -30,7 +30,8 @@ from typing import Any
 
 from specialist.config import RunConfig
 from specialist.console import console
-from specialist.data import Columns, PromptTemplate, Split, load_examples, split_examples, write_split
+from specialist.data import PromptTemplate, Split, read_split
+from specialist.data.report import print_prepare_report
 from specialist.errors import ConfigError
 from specialist.evaluate.report import plot_loss_curve
 from specialist.manifest import finish_manifest, start_manifest
@@ -87,8 +88,9 @@ def train_only(config: RunConfig, config_name: str = "run", resume: bool = False
     else:
         run_dir, checkpoint = create_run_dir(config, config_name), None
     manifest = start_manifest(config, run_dir)
-    split, split_summary = prepare_data(config, run_dir)
-    model, tokenizer, template = load_base(config, run_dir)
+    tokenizer, template = load_template(config, run_dir)
+    split, split_summary = prepare_data(config, run_dir / "data", tokenizer, template)
+    model, tokenizer = load_base(config)
     result = train(config, model, tokenizer, template, split, run_dir, resume_from=checkpoint)
     metrics = {"model": config.model.name, "method": config.method.kind, "split": split_summary,
                "train": result.summary(), "overfitting_warning": overfitting_warning(result.log_history),
@@ -106,29 +108,41 @@ def train(config: RunConfig, model, tokenizer, template, split: Split, run_dir: 
                        run_dir, resume_from)
 
 
-def prepare_data(config: RunConfig, run_dir: Path) -> tuple[Split, dict[str, Any]]:
-    columns = Columns.for_method(config.data, config.method.kind)
-    examples = load_examples(config.data.path, columns, config.data.format)
-    split = split_examples(
-        examples, config.data.val_fraction, config.data.test_fraction, config.training.seed, config.data.max_examples
-    )
-    summary = write_split(split, run_dir / "data") if is_main_process() else {}
+def prepare_data(config: RunConfig, folder: Path, tokenizer=None, template=None,
+                 show_progress: bool = True) -> tuple[Split, dict[str, Any]]:
+    """`specialist prepare` into `folder` (rank 0 under several processes; the others wait, then read it)."""
+    from specialist.data import prepare
+
+    if is_main_process():
+        prepared = prepare(config.data, config.method.kind, folder, config.training.seed, tokenizer=tokenizer,
+                           template=template, max_length=config.training.max_length, show_progress=show_progress)
+        print_prepare_report(prepared.report)
+    wait_for_all_ranks()
+    split = read_split(folder)
     console.log(f"data: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test rows")
-    return split, summary
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    return split, manifest["files"]
 
 
-def load_base(config: RunConfig, run_dir: Path):
-    """The base model and tokenizer, and the prompt template, saved into the run folder."""
+def load_template(config: RunConfig, run_dir: Path | None = None):
+    """The base model's tokenizer and the prompt template (saved into the run folder when given)."""
+    from specialist.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.name)
+    template = PromptTemplate.for_tokenizer(tokenizer, config.data.instruction)
+    if run_dir is not None and is_main_process():
+        template.save(run_dir / "template.json")
+    return tokenizer, template
+
+
+def load_base(config: RunConfig):
+    """The base model and its tokenizer, in the dtype the method trains in."""
     from specialist.models import load_model_and_tokenizer
 
     dtype = config.model.dtype
     if config.method.kind == "full" and dtype == "auto":
         dtype = "float32"  # all weights train: keep fp32 master weights, bf16 only through autocast
-    model, tokenizer = load_model_and_tokenizer(config.model.name, dtype, quantize_4bit=config.method.kind == "qlora")
-    template = PromptTemplate.for_tokenizer(tokenizer, config.data.instruction)
-    if is_main_process():
-        template.save(run_dir / "template.json")
-    return model, tokenizer, template
+    return load_model_and_tokenizer(config.model.name, dtype, quantize_4bit=config.method.kind == "qlora")
 
 
 def create_run_dir(config: RunConfig, config_name: str) -> Path:
@@ -138,6 +152,15 @@ def create_run_dir(config: RunConfig, config_name: str) -> Path:
         run_dir.mkdir(parents=True, exist_ok=config.output.run_name is not None)
         (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     return run_dir
+
+
+def wait_for_all_ranks() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        PartialState()  # initialises the process group if the Trainer has not yet
+        dist.barrier()  # PartialState.wait_for_everyone skips CPU launches that accelerate does not classify
 
 
 def shared_across_ranks(value: str) -> str:

@@ -1,0 +1,96 @@
+"""The data report in the terminal: what was read, what was dropped and why (with lines), lengths, labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from specialist.console import console
+
+
+def print_prepare_report(report: dict[str, Any]) -> None:
+    if not report.get("steps"):
+        console.log("data: reusing a prepared folder")
+        return
+    source = report["source"]
+    console.print(f"[bold]data[/] {source['path']} ({source['format']}, {source['shape']} rows), "
+                  f"{report['rows_read']} rows read", soft_wrap=True)
+    console.print(_steps_table(report))
+    if report["dropped"]:
+        console.print(_dropped_table(report["dropped"], source["path"]))
+    if report.get("lengths"):
+        console.print(_lengths_table(report["lengths"]))
+    if report.get("labels"):
+        console.print(_labels_table(report["labels"]))
+    for line in _notes(report):
+        console.print(line, soft_wrap=True)
+
+
+def _steps_table(report: dict[str, Any]) -> Table:
+    table = Table(title="rows per step")
+    for column in ("step", "in", "out", "dropped"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    for step in report["steps"]:
+        table.add_row(step["step"], str(step["rows_in"]), str(step["rows_out"]), str(step["rows_in"] - step["rows_out"]))
+    splits = report["splits"]
+    table.add_row("[bold]split[/]", "", f"{splits['train']} / {splits['val']} / {splits['test']}", "train/val/test")
+    return table
+
+
+def _dropped_table(dropped: dict[str, Any], path: str) -> Table:
+    table = Table(title="rows dropped, and why")
+    table.add_column("reason")
+    table.add_column("rows", justify="right")
+    table.add_column("first lines")
+    for kind, entry in dropped.items():
+        first = entry["first"][0]
+        lines = ", ".join(str(p["line"]) for p in entry["first"])
+        table.add_row(kind, str(entry["count"]), f"{lines}  ({path}:{first['line']}: {first['problem']})")
+    return table
+
+
+def _lengths_table(lengths: dict[str, Any]) -> Table:
+    table = Table(title=f"tokens per row (max_length {lengths['max_length']})")
+    for column in ("part", "p50", "p95", "max"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for part in ("prompt", "completion", "total"):
+        figures = lengths[part]
+        table.add_row(part, str(figures["p50"]), str(figures["p95"]), str(figures["max"]))
+    return table
+
+
+def _labels_table(labels: dict[str, Any]) -> Table:
+    balance = labels.get("balance") or {}
+    after = balance.get("train_after", {})
+    table = Table(title="labels")
+    table.add_column("label")
+    table.add_column("rows", justify="right")
+    if balance:
+        table.add_column("train before", justify="right")
+        table.add_column("train after", justify="right")
+    for label, count in labels["all"].items():
+        extra = [str(balance["train_before"].get(label, 0)), str(after.get(label, 0))] if balance else []
+        table.add_row(label, str(count), *extra)
+    return table
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    duplicates = report["duplicates"]
+    if duplicates["exact"] or duplicates["near"]:
+        biggest = duplicates["largest_clusters"][0] if duplicates["largest_clusters"] else None
+        where = f"; largest cluster {biggest['size']} rows, kept line {biggest['kept_line']}" if biggest else ""
+        notes.append(f"duplicates: {duplicates['exact']} exact, {duplicates['near']} near removed{where}")
+    leakage = report["leakage"]
+    if leakage["val"]["rows"] or leakage["test"]["rows"]:
+        notes.append(f"[yellow]leakage:[/] {leakage['test']['rows']} test and {leakage['val']['rows']} val rows "
+                     f"matched a training row and were removed (test lines {leakage['test']['lines']})")
+    scrubbed = report["clean"]["scrubbed"]
+    if scrubbed:
+        notes.append("scrubbed: " + ", ".join(f"{n} {kind}" for kind, n in scrubbed.items()))
+    if report.get("labels") and report["labels"].get("declared_without_rows"):
+        notes.append(f"[yellow]labels with no rows:[/] {report['labels']['declared_without_rows']}")
+    if report.get("tokens_per_epoch") is not None:
+        notes.append(f"training tokens per epoch: about {report['tokens_per_epoch']:,}")
+    return notes
