@@ -9,10 +9,16 @@ optimizer steps:
   (a) reference: SFTTrainer + PEFT with TRL's defaults for everything else (dtype as transformers loads it,
       TRL's own tokenization of prompt/completion, full-vocabulary entropy/accuracy metrics, its loss path);
   (b) specialist: the same rows through `specialist.train` with its defaults (dtype auto, completion-only
-      logits, pre-tokenized data).
+      logits computed in chunks with the gradient fused in (no logits tensor kept), one row per forward pass on
+      CPU (micro-batches accumulated into the same batch: no padding, bounded activations), activation
+      checkpointing as in TRL, warmup rounded down, pre-tokenized data).
 
-Printed for each: training tokens/s (prompt + completion tokens processed, no padding), peak RSS, final
-training loss and validation loss on the same validation rows, and FLOPs utilisation against the faster of the
+SPECIALIST_BENCH_TRAINING='{"micro_batch_tokens": null}' (a JSON object of training keys) changes (b)'s
+settings, to measure one lever at a time.
+
+Printed for each: training tokens/s (prompt + completion tokens processed, no padding), peak RSS of the process
+up to the end of training, final training loss, and validation loss (mean cross-entropy per completion token on
+the same validation rows, computed after training by the same code for both arms), and FLOPs utilisation against the faster of the
 fp32/bf16 matmul rates this script measures on this machine in this run: once with the FLOPs each arm executes
 (forward + input gradients; the LM head only where it projects) and once with the 6 x parameters convention,
 which overstates a run that skips most of the LM head. Then the ratios (b)/(a). Figures go to JSON as well.
@@ -83,7 +89,7 @@ def run_reference(args) -> dict:
     trainer = SFTTrainer(model=model, args=config, train_dataset=to_ds(train), eval_dataset=to_ds(val),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    return measure(trainer, model, head_fraction=1.0)  # TRL's fused head still scores every position
+    return measure(trainer, model, head_fraction=1.0, held_out=(tokenizer, template, val))
 
 
 def run_specialist(args) -> dict:
@@ -96,7 +102,8 @@ def run_specialist(args) -> dict:
 
     config = validate_config({"data": {"path": str(DATA), "instruction": INSTRUCTION},
                               "training": {"max_steps": args.steps, "batch_size": args.batch_size,
-                                           "learning_rate": 3e-4, "report_to": [], "logging_steps": 1}})
+                                           "learning_rate": 3e-4, "report_to": [], "logging_steps": 1,
+                                           **json.loads(os.environ.get("SPECIALIST_BENCH_TRAINING", "{}"))}})
     model, tokenizer = load_model_and_tokenizer(args.model, config.model.dtype)
     template = PromptTemplate.for_tokenizer(tokenizer, INSTRUCTION)
     train, val = rows(args.train_rows, args.val_rows)
@@ -109,27 +116,53 @@ def run_specialist(args) -> dict:
                                        processing_class=tokenizer, peft_config=lora_config(config.method))
     labels = trainer.train_dataset["labels"]
     labelled = sum(sum(1 for t in row if t != -100) for row in labels) / sum(len(row) for row in labels)
-    return measure(trainer, model, head_fraction=labelled)
+    return measure(trainer, model, head_fraction=labelled, held_out=(tokenizer, template, val))
 
 
-def measure(trainer, model, head_fraction: float) -> dict:
+def held_out_loss(model, tokenizer, template, rows: list[dict]) -> float:
+    """Mean cross-entropy per completion token over `rows`, by the same code for both arms.
+
+    The trainers' own eval losses average per-batch means, which depends on the eval batch size; this does not.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from specialist.data import encode_for_training
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            encoded = encode_for_training(template, tokenizer, row["prompt"], row["completion"])
+            ids = torch.tensor([encoded["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            mask = torch.tensor(encoded["completion_mask"][1:], dtype=torch.bool)
+            total += F.cross_entropy(logits[mask], ids[0, 1:][mask], reduction="sum").item()
+            count += int(mask.sum())
+    return total / count
+
+
+def measure(trainer, model, head_fraction: float, held_out) -> dict:
     """Run the trainer; `head_fraction` is the share of positions the LM head projects (for executed FLOPs)."""
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    peak_training = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    val_loss = trainer.evaluate()["eval_loss"]
+    val_loss = held_out_loss(trainer.model, *held_out)
     params = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight.numel()
     tokens = int(trainer.state.num_input_tokens_seen)
-    # Executed FLOPs per token with a frozen base: forward (2 x params) and input gradients (2 x params);
-    # the LM head's share only on the positions it projects. LoRA's own FLOPs are under 1% and left out.
-    executed_per_token = 4 * (params - head) + 4 * head * head_fraction
+    # Executed FLOPs per token with a frozen base: forward (2 x params) and input gradients (2 x params), plus
+    # the forward again under activation checkpointing; the LM head's share only on the positions it projects.
+    # LoRA's own FLOPs are under 1% and left out.
+    recompute = 2 * (params - head) if trainer.args.gradient_checkpointing else 0
+    executed_per_token = 4 * (params - head) + recompute + 4 * head * head_fraction
     return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "executed_flops_per_token": executed_per_token, "head_fraction": head_fraction,
             "final_train_loss": losses[-1], "val_loss": val_loss, "parameters": params,
             "dtype": str(next(model.parameters()).dtype),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_training}
 
 
 def child(arm: str, args) -> dict:

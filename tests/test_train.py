@@ -1,5 +1,6 @@
 """Completion-only labels, the fast loss against the plain forward, and the format shared with evaluation."""
 
+import pytest
 import torch
 
 from specialist.config import MethodConfig, TrainingConfig
@@ -87,7 +88,8 @@ def test_label_positions_pair_each_kept_position_with_the_next_label():
     assert targets.tolist() == [5, 6, 7]
 
 
-def test_fast_loss_and_adapter_gradients_equal_the_full_logits_reference(tiny_model):
+@pytest.mark.parametrize("chunk_rows", [None, 256, 3])  # whole, one chunk, several chunks
+def test_fast_loss_and_adapter_gradients_equal_the_full_logits_reference(tiny_model, chunk_rows):
     from peft import get_peft_model
 
     model, tokenizer = tiny_model
@@ -105,9 +107,29 @@ def test_fast_loss_and_adapter_gradients_equal_the_full_logits_reference(tiny_mo
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     ref_loss, ref_grads = loss_and_grads(lambda: model(**batch).loss)
-    fast_loss, fast_grads = loss_and_grads(lambda: completion_loss(model, batch, None))
+    fast_loss, fast_grads = loss_and_grads(lambda: completion_loss(model, batch, None, chunk_rows=chunk_rows))
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-3, atol=0)
     assert ref_grads.keys() == fast_grads.keys() and len(ref_grads) > 0
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_gives_the_tied_head_and_embedding_the_reference_gradient(tiny_model):
+    """Full fine-tuning: the head weight trains (tied to the input embedding), so its gradient must match too."""
+    model, tokenizer = tiny_model
+    batch = padded_batch(tokenizer, PromptTemplate.for_tokenizer(tokenizer, "Parse."))
+    model.train()
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads(lambda: model(**batch).loss)
+    fast_loss, fast_grads = loss_and_grads(lambda: completion_loss(model, batch, None, chunk_rows=4))
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-3, atol=0)
+    assert ref_grads.keys() == fast_grads.keys() and any("embed_tokens" in n for n in ref_grads)
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
 
@@ -146,3 +168,39 @@ def test_evaluation_uses_the_format_stored_with_the_run(tiny_config, monkeypatch
     runner.evaluate_run(run_dir, validate_config(tiny_config))
     assert seen and all(t == stored for t in seen)
     assert stored.instruction == "Parse the log line into JSON."
+
+
+@pytest.mark.parametrize(("tokens", "batch", "accumulation", "expected"), [
+    (256, 8, 1, (1, 8)), (512, 8, 1, (2, 4)), (700, 6, 2, (2, 6)), (4096, 8, 1, (8, 1)), (None, 8, 2, (8, 2)),
+])
+def test_micro_batches_divide_the_batch_within_the_token_budget(tokens, batch, accumulation, expected):
+    from specialist.train.common import micro_batches
+
+    training = TrainingConfig(batch_size=batch, gradient_accumulation_steps=accumulation, micro_batch_tokens=tokens)
+    assert micro_batches(training, 256) == expected
+
+
+def test_micro_batched_step_matches_the_whole_batch_step(tiny_model_dir, tmp_path):
+    """One optimizer step over 4 rows as 4 micro-batches gives the adapter the whole batch's update."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specialist.train.fast_loss import CompletionOnlySFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse.")
+    examples = [Example(f"line {i} " * (1 + i), f'{{"n": {i}}}', i) for i in range(4)]
+    adapters = []
+    for tokens in (None, 8):  # whole batch; a budget smaller than a row: one row per forward pass
+        training = TrainingConfig(max_steps=1, batch_size=4, report_to=[], micro_batch_tokens=tokens,
+                                  learning_rate=0.05, warmup_ratio=0.0, gradient_checkpointing=False)
+        args = sft_config(training, tmp_path / str(tokens), len(examples), bf16=False, has_val=False)
+        args.save_strategy = "no"
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        trainer = CompletionOnlySFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                           train_dataset=build_dataset(examples, template, tokenizer),
+                                           peft_config=lora_config(MethodConfig(r=4, alpha=8)))
+        assert args.gradient_accumulation_steps == (1 if tokens is None else 4)
+        trainer.train()
+        adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n})
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=1e-4, atol=1e-6, msg=name)

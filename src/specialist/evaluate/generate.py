@@ -33,7 +33,7 @@ def generate_outputs(
     encoded = [template.encode_prompt(p, tokenizer, shots) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     with progress() as bar, torch.inference_mode():
         task = bar.add_task(label, total=len(prompts), info="")
         for start in range(0, len(order), batch_size):
@@ -72,7 +72,7 @@ def _left_pad(rows: list[list[int]], pad_id: int):
     return input_ids, attention_mask
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus a chat model's end-of-turn token, so generation stops where training taught it to."""
     ids = {tokenizer.eos_token_id}
     for token in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):

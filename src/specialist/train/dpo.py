@@ -53,7 +53,8 @@ def train_dpo(
     val_ds = preference_dataset(val, template, tokenizer) if val else None
     args = DPOConfig(
         **common_arguments(training, run_dir / "checkpoints", len(train_ds), val_ds is not None,
-                           use_bf16_autocast(model)),
+                           use_bf16_autocast(model),
+                           sequence_length=2 * training.max_length),  # chosen and rejected in one forward
         beta=method.beta,
         max_length=training.max_length,
     )

@@ -59,7 +59,8 @@ def sft_config(training: TrainingConfig, output_dir: Path, n_train: int, bf16: b
     from trl import SFTConfig
 
     return SFTConfig(
-        **common_arguments(training, output_dir, n_train, has_val, bf16),
+        **common_arguments(training, output_dir, n_train, has_val, bf16,
+                           sequence_length=training.block_size if plain_text else training.max_length),
         max_length=training.block_size if plain_text else training.max_length,
         completion_only_loss=False if plain_text else training.completion_only_loss,
         # Plain text is concatenated and cut into full blocks, the classic pretraining layout.
