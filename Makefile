@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[embedded,test]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[embedded,serve,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -173,6 +173,85 @@ def validate(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `specialist run` or `specialist train`.")],
+    format_: Annotated[str, typer.Option("--format", help="merged (a plain transformers folder) or adapter (PEFT).")] = "merged",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT).")] = None,
+    golden: Annotated[int, typer.Option(help="Test prompts replayed through the export and compared.")] = 8,
+) -> None:
+    """Export a run's model; replay golden prompts through the export and fail (exit 1) on any difference."""
+    from specialist.deploy.export import export_run
+
+    with _user_errors():
+        result = export_run(run_dir, format_, out, golden)
+    check = result.check
+    console.print(f"exported {format_}: [bold]{result.folder}[/] ({check['prompts']} golden prompts identical, "
+                  f"{check['stopped_at_end_token']} stopped at the end token)", soft_wrap=True)
+
+
+@app.command()
+def serve(
+    arm: Annotated[list[str], typer.Option(help="NAME=SOURCE: a run folder, an export folder or a base model (repeatable).")],
+    split: Annotated[str | None, typer.Option(help="Traffic split for requests to model 'specialist', e.g. tuned=0.9,base=0.1.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    db: Annotated[Path, typer.Option(help="SQLite request log.")] = Path("serve.sqlite"),
+    api_key: Annotated[str | None, typer.Option(envvar="SPECIALIST_API_KEY", help="Require Authorization: Bearer KEY.")] = None,
+    log_prompts: Annotated[bool, typer.Option(help="Store prompts and outputs in the log (off: metadata only).")] = False,
+    max_batch: Annotated[int, typer.Option(help="Requests generated together at most.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 10.0,
+    queue_size: Annotated[int, typer.Option(help="Waiting requests per arm before answering 503.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+) -> None:
+    """Serve the arms behind an OpenAI-compatible API with A/B routing, batching and a request log."""
+    import uvicorn
+
+    from specialist.deploy.arms import load_arm, parse_arms, parse_split
+    from specialist.deploy.serve import ServeSettings, create_app
+
+    with _user_errors():
+        specs = parse_arms(arm)
+        weights = parse_split(split, [name for name, _ in specs])
+        loaded: dict = {}
+        for name, source in specs:
+            fallback = next((a.template for a in loaded.values()), None)
+            loaded[name] = load_arm(name, source, fallback)
+        settings = ServeSettings(split=weights, db=db, api_key=api_key, log_prompts=log_prompts,
+                                 max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                                 max_tokens_limit=max_tokens)
+    console.print(f"serving {list(loaded)} on http://{host}:{port}/v1 (split {weights}); log {db}", soft_wrap=True)
+    uvicorn.run(create_app(loaded, settings), host=host, port=port, log_level="warning")
+
+
+@app.command("ab-report")
+def ab_report_command(
+    db: Annotated[Path, typer.Argument(help="The SQLite request log a `specialist serve` wrote.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """Per-arm requests, latency p50/p95, format pass rate (95% CI), feedback; a test between arms' pass rates."""
+    import json
+
+    from specialist.deploy.ab import ab_report
+
+    with _user_errors():
+        report = ab_report(db)
+    table = Table(title=f"A/B report: {report['requests']} requests in {db}")
+    for column in ("arm", "requests", "p50 s", "p95 s", "format pass", "95% CI", "feedback"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for name, a in report["arms"].items():
+        rate = "n/a" if a["format_pass_rate"] is None else f"{100 * a['format_pass_rate']:.1f}%"
+        ci = "" if a["format_pass_ci95"] is None else "[{:.1f}, {:.1f}]".format(*(100 * x for x in a["format_pass_ci95"]))
+        table.add_row(name, str(a["requests"]), f"{a['latency_p50_s']:.3f}", f"{a['latency_p95_s']:.3f}", rate, ci,
+                      f"{100 * a['feedback_rate']:.1f}%")
+    console.print(table)
+    for test in report["format_pass_tests"]:
+        console.print(f"format pass rate {test['arms'][0]} - {test['arms'][1]}: {100 * test['difference']:+.1f} pts, "
+                      f"z = {test['z']:.2f}, p = {test['p_value']:.4f}", soft_wrap=True)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+@app.command()
 def models() -> None:
     """List converted models in the cache ($SPECIALIST_HOME/models)."""
     from specialist.models import list_cached_models, models_dir

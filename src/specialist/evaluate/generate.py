@@ -38,7 +38,7 @@ def generate_outputs(
         task = bar.add_task(label, total=len(prompts), info="")
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+            input_ids, attention_mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
             generated = model.generate(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
@@ -60,7 +60,7 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text.strip()
 
 
-def _left_pad(rows: list[list[int]], pad_id: int):
+def left_pad(rows: list[list[int]], pad_id: int):
     import torch
 
     width = max(len(r) for r in rows)

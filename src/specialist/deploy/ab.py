@@ -1,0 +1,76 @@
+"""`specialist ab-report DB`: how each arm did on live traffic, with intervals and a test on format pass rates."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from specialist.deploy.records import read_requests
+
+
+def wilson_interval(passed: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (sound at small counts and at 0% / 100%)."""
+    if total == 0:
+        return 0.0, 0.0
+    p = passed / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def two_proportion_test(passed_a: int, total_a: int, passed_b: int, total_b: int) -> dict[str, float] | None:
+    """Two-sided z-test that two pass rates are equal (pooled variance); None when either arm has no rows."""
+    if total_a == 0 or total_b == 0:
+        return None
+    pooled = (passed_a + passed_b) / (total_a + total_b)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / total_a + 1 / total_b))
+    diff = passed_a / total_a - passed_b / total_b
+    if spread == 0:
+        return {"difference": diff, "z": 0.0, "p_value": 1.0}
+    z = diff / spread
+    return {"difference": diff, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    position = q * (len(ordered) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ab_report(db: Path) -> dict[str, Any]:
+    rows = read_requests(db)
+    arms: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == name]
+        checked = [r for r in mine if r["format_ok"] is not None]
+        passed = sum(r["format_ok"] for r in checked)
+        rated = [r["feedback"] for r in mine if r["feedback"] is not None]
+        latencies = [r["latency_s"] for r in mine]
+        arms[name] = {
+            "requests": len(mine),
+            "latency_p50_s": _quantile(latencies, 0.5),
+            "latency_p95_s": _quantile(latencies, 0.95),
+            "tokens_out_mean": sum(r["tokens_out"] for r in mine) / len(mine),
+            "format_checked": len(checked),
+            "format_pass_rate": passed / len(checked) if checked else None,
+            "format_pass_ci95": wilson_interval(passed, len(checked)) if checked else None,
+            "feedback_count": len(rated),
+            "feedback_rate": len(rated) / len(mine),
+            "feedback_mean": sum(rated) / len(rated) if rated else None,
+            "_passed": passed,
+        }
+    names = list(arms)
+    tests = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            result = two_proportion_test(arms[a]["_passed"], arms[a]["format_checked"],
+                                         arms[b]["_passed"], arms[b]["format_checked"])
+            if result is not None:
+                tests.append({"arms": [a, b], **result})
+    for figures in arms.values():
+        figures.pop("_passed")
+    return {"db": str(db), "requests": len(rows), "arms": arms, "format_pass_tests": tests}

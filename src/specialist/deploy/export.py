@@ -1,0 +1,166 @@
+"""`specialist export RUN_DIR --format merged|adapter`: artifacts other tools load, checked by replaying prompts.
+
+- merged: the LoRA folded into the base weights (or a full fine-tune's weights), a plain transformers folder
+  (safetensors, config, tokenizer, generation config) that vLLM and transformers load as any model;
+- adapter: the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that PEFT and vLLM's LoRA
+  support load on top of the base.
+
+Both carry the run's `template.json` (the prompt format the model was trained on) and `export.json` (source run,
+base model, format). The generation config lists every stop token, so a server that honours it stops at the end
+of the answer.
+
+Golden-set replay: the first `golden` test prompts of the run are answered greedily (one at a time, no padding)
+by the run's own model and by the exported artifact loaded back from disk; every difference, and every answer
+that ran to the token limit where the run's own stopped, goes to `export_check.json`. Any mismatch fails the
+export (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specialist.console import console
+from specialist.data import PromptTemplate, read_split
+from specialist.errors import ConfigError, SpecialistError
+
+FORMATS = ("merged", "adapter")
+
+
+class ExportMismatch(SpecialistError):
+    """The exported artifact answers the golden prompts differently from the run it came from."""
+
+    exit_code = 1
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    check: dict[str, Any]
+
+
+def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8,
+               max_new_tokens: int | None = None) -> ExportResult:
+    from specialist.evaluate.runner import default_max_new_tokens, load_run_config
+    from specialist.models import load_model_and_tokenizer
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    config = load_run_config(run_dir)
+    template = PromptTemplate.load(run_dir / "template.json")
+    split = read_split(run_dir / "data")
+    adapter, full = run_dir / "adapter", run_dir / "model"
+    if fmt == "adapter" and not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{run_dir} has no adapter to export (method {config.method.kind})",
+                          hint="export it with --format merged")
+    if not (adapter / "adapter_config.json").is_file() and not (full / "config.json").is_file():
+        raise ConfigError(f"{run_dir} holds no trained model", hint="train it first (`specialist train`)")
+    out = out or run_dir / "export" / fmt
+    base, tokenizer = load_model_and_tokenizer(config.model.name, "float32")
+    tuned = _run_model(base, adapter, full)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "merged":
+        _write_merged(tuned, tokenizer, out)
+    else:
+        _write_adapter(adapter, tokenizer, out)
+    template.save(out / "template.json")
+    (out / "export.json").write_text(json.dumps({
+        "format": fmt, "run": str(run_dir.resolve()), "base_model": config.model.name,
+        "method": config.method.kind, "template": "template.json"}, indent=2), encoding="utf-8")
+    exported = load_exported(out)[0]
+    prompts = [ex.prompt for ex in split.test[:golden]]
+    limit = max_new_tokens or default_max_new_tokens(tokenizer, split.train)
+    check = compare_outputs(tuned, exported, tokenizer, template, prompts, limit)
+    check["format"] = fmt
+    (out / "export_check.json").write_text(json.dumps(check, indent=2), encoding="utf-8")
+    if check["mismatches"]:
+        raise ExportMismatch(f"{len(check['mismatches'])} of {len(prompts)} golden prompts answer differently "
+                             f"after export; see {out / 'export_check.json'}")
+    console.log(f"export {fmt}: {len(prompts)} golden prompts answered identically, every answer stopped "
+                f"where the run's own did")
+    return ExportResult(out, check)
+
+
+def _run_model(base, adapter: Path, full: Path):
+    if (adapter / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, adapter).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(full, dtype=base.dtype).eval()
+
+
+def _write_merged(tuned, tokenizer, out: Path) -> None:
+    import copy
+
+    from specialist.evaluate.generate import stop_token_ids
+
+    merged = copy.deepcopy(tuned).merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
+    merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _write_adapter(adapter: Path, tokenizer, out: Path) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(adapter / name, out / name)
+    tokenizer.save_pretrained(out)
+
+
+def load_exported(folder: Path):
+    """(model, tokenizer, template) from an export folder: merged loads alone, an adapter onto its base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta_path = folder / "export.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{folder} is not an export folder (no export.json)",
+                          hint="pass a folder written by `specialist export`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    template = PromptTemplate.load(folder / "template.json")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if meta["format"] == "adapter":
+        from peft import PeftModel
+
+        from specialist.models import load_model_and_tokenizer
+
+        base, _ = load_model_and_tokenizer(meta["base_model"], "float32")
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    return model.eval(), tokenizer, template
+
+
+def compare_outputs(reference, candidate, tokenizer, template: PromptTemplate, prompts: list[str],
+                    max_new_tokens: int) -> dict[str, Any]:
+    """Greedy answers of both models, one prompt at a time; mismatches in text or in where they stopped."""
+    mismatches, stopped = [], 0
+    for n, prompt in enumerate(prompts):
+        want, want_stop = greedy_answer(reference, tokenizer, template, prompt, max_new_tokens)
+        got, got_stop = greedy_answer(candidate, tokenizer, template, prompt, max_new_tokens)
+        stopped += got_stop
+        if want != got or want_stop != got_stop:
+            mismatches.append({"index": n, "prompt": prompt, "run": want, "export": got,
+                               "run_stopped": want_stop, "export_stopped": got_stop})
+    return {"prompts": len(prompts), "mismatches": mismatches, "stopped_at_end_token": stopped,
+            "max_new_tokens": max_new_tokens}
+
+
+def greedy_answer(model, tokenizer, template: PromptTemplate, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+    """(answer text, whether generation ended on a stop token rather than at the limit)."""
+    import torch
+
+    from specialist.evaluate.generate import cut_at_stop, stop_token_ids
+
+    stops = stop_token_ids(tokenizer)
+    ids = torch.tensor([template.encode_prompt(prompt, tokenizer)])
+    with torch.inference_mode():
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    new = generated[0, ids.shape[1]:].tolist()
+    ended = bool(new) and new[-1] in stops
+    return cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), template.stop_strings), ended
