@@ -288,3 +288,32 @@ def test_ab_report_counts_arms_latency_pass_rates_and_feedback(tmp_path):
     assert tuned["feedback_count"] == 1 and tuned["feedback_mean"] == 1.0
     assert tuned["latency_p50_s"] <= tuned["latency_p95_s"]
     assert report["format_pass_tests"][0]["arms"] == ["tuned", "base"]
+
+
+@pytest.mark.parametrize(("qtype", "tolerance"), [("f32", 1e-4), ("f16", 2e-3), ("q8_0", 2e-2)])
+def test_gguf_export_reads_back_through_transformers_with_close_logits(run_dir, tmp_path, qtype, tolerance):
+    import gguf
+
+    result = export_run(run_dir, "gguf", tmp_path / qtype, golden=4, max_new_tokens=8, quantize=qtype)
+    meta = json.loads((result.folder / "export.json").read_text())
+    reader = gguf.GGUFReader(str(result.folder / meta["gguf_file"]))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    check = result.check
+    assert check["logits"]["max_relative_l2"] < tolerance and check["logits"]["top1_agreement"] == 1.0
+    if qtype != "q8_0":
+        assert check["mismatches"] == []
+    sizes = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert sizes["blk.0.attn_q.weight"] == {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[qtype]
+    assert sizes["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_gguf_tokenizer_reads_back_with_the_same_ids(run_dir, tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    result = export_run(run_dir, "gguf", tmp_path / "g", golden=1, max_new_tokens=4, quantize="f16")
+    name = json.loads((result.folder / "export.json").read_text())["gguf_file"]
+    from_gguf = AutoTokenizer.from_pretrained(result.folder, gguf_file=name)
+    original = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "081109 INFO dfs.DataNode: Receiving block"
+    assert from_gguf(text, add_special_tokens=False)["input_ids"] == original(text, add_special_tokens=False)["input_ids"]

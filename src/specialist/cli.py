@@ -175,7 +175,8 @@ def validate(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `specialist run` or `specialist train`.")],
-    format_: Annotated[str, typer.Option("--format", help="merged (a plain transformers folder) or adapter (PEFT).")] = "merged",
+    format_: Annotated[str, typer.Option("--format", help="merged (transformers/vLLM folder), adapter (PEFT) or gguf (llama.cpp).")] = "merged",
+    quantize: Annotated[str, typer.Option(help="gguf only: f32, f16 or q8_0.")] = "f16",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT).")] = None,
     golden: Annotated[int, typer.Option(help="Test prompts replayed through the export and compared.")] = 8,
 ) -> None:
@@ -183,7 +184,7 @@ def export(
     from specialist.deploy.export import export_run
 
     with _user_errors():
-        result = export_run(run_dir, format_, out, golden)
+        result = export_run(run_dir, format_, out, golden, quantize=quantize)
     check = result.check
     console.print(f"exported {format_}: [bold]{result.folder}[/] ({check['prompts']} golden prompts identical, "
                   f"{check['stopped_at_end_token']} stopped at the end token)", soft_wrap=True)

@@ -259,6 +259,14 @@ def _assemble_embedded(name: str, work: Path) -> Path:
         ) from exc
 
 
+def source_gguf(name: str, work: Path) -> Path | None:
+    """The GGUF file a base model came from (assembled into `work` for an embedded one), or None."""
+    if name in EMBEDDED_MODELS:
+        return _assemble_embedded(name, work)
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def _gguf_cache_name(path: Path) -> str:
     stat = path.resolve().stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()

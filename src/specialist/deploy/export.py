@@ -3,7 +3,9 @@
 - merged: the LoRA folded into the base weights (or a full fine-tune's weights), a plain transformers folder
   (safetensors, config, tokenizer, generation config) that vLLM and transformers load as any model;
 - adapter: the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that PEFT and vLLM's LoRA
-  support load on top of the base.
+  support load on top of the base;
+- gguf: one GGUF file (f32, f16 or q8_0) for llama.cpp and Ollama (`specialist.deploy.gguf_export`), checked
+  also by next-token logits against the run's model after loading it back through transformers' GGUF reader.
 
 Both carry the run's `template.json` (the prompt format the model was trained on) and `export.json` (source run,
 base model, format). The generation config lists every stop token, so a server that honours it stops at the end
@@ -11,8 +13,8 @@ of the answer.
 
 Golden-set replay: the first `golden` test prompts of the run are answered greedily (one at a time, no padding)
 by the run's own model and by the exported artifact loaded back from disk; every difference, and every answer
-that ran to the token limit where the run's own stopped, goes to `export_check.json`. Any mismatch fails the
-export (exit 1).
+that ran to the token limit where the run's own stopped, goes to `export_check.json`. Any mismatch fails a
+merged, adapter, f32 or f16 export (exit 1); a q8_0 file's mismatches are listed beside its logit distance.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from specialist.console import console
 from specialist.data import PromptTemplate, read_split
 from specialist.errors import ConfigError, SpecialistError
 
-FORMATS = ("merged", "adapter")
+FORMATS = ("merged", "adapter", "gguf")
 
 
 class ExportMismatch(SpecialistError):
@@ -43,7 +45,7 @@ class ExportResult:
 
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8,
-               max_new_tokens: int | None = None) -> ExportResult:
+               max_new_tokens: int | None = None, quantize: str = "f16") -> ExportResult:
     from specialist.evaluate.runner import default_max_new_tokens, load_run_config
     from specialist.models import load_model_and_tokenizer
 
@@ -62,21 +64,28 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     base, tokenizer = load_model_and_tokenizer(config.model.name, "float32")
     tuned = _run_model(base, adapter, full)
     out.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {}
     if fmt == "merged":
         _write_merged(tuned, tokenizer, out)
-    else:
+    elif fmt == "adapter":
         _write_adapter(adapter, tokenizer, out)
+    else:
+        extra = _write_gguf(tuned, tokenizer, out, quantize, config.model.name)
     template.save(out / "template.json")
     (out / "export.json").write_text(json.dumps({
         "format": fmt, "run": str(run_dir.resolve()), "base_model": config.model.name,
-        "method": config.method.kind, "template": "template.json"}, indent=2), encoding="utf-8")
+        "method": config.method.kind, "template": "template.json", **extra}, indent=2), encoding="utf-8")
     exported = load_exported(out)[0]
     prompts = [ex.prompt for ex in split.test[:golden]]
     limit = max_new_tokens or default_max_new_tokens(tokenizer, split.train)
     check = compare_outputs(tuned, exported, tokenizer, template, prompts, limit)
     check["format"] = fmt
+    if fmt == "gguf":
+        check["quantize"] = quantize
+        check["logits"] = compare_next_token_logits(tuned, exported, tokenizer, template, prompts)
     (out / "export_check.json").write_text(json.dumps(check, indent=2), encoding="utf-8")
-    if check["mismatches"]:
+    strict = fmt != "gguf" or quantize in ("f32", "f16")  # a quantized file may change a greedy tie: listed only
+    if check["mismatches"] and strict:
         raise ExportMismatch(f"{len(check['mismatches'])} of {len(prompts)} golden prompts answer differently "
                              f"after export; see {out / 'export_check.json'}")
     console.log(f"export {fmt}: {len(prompts)} golden prompts answered identically, every answer stopped "
@@ -112,6 +121,39 @@ def _write_adapter(adapter: Path, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _write_gguf(tuned, tokenizer, out: Path, quantize: str, base_name: str) -> dict[str, Any]:
+    import copy
+    import tempfile
+
+    from specialist.deploy.gguf_export import write_gguf
+    from specialist.models import source_gguf
+
+    merged = copy.deepcopy(tuned).merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
+    name = f"model-{quantize}.gguf"
+    with tempfile.TemporaryDirectory() as work:
+        source = source_gguf(base_name, Path(work))
+        written = write_gguf(merged, tokenizer, out / name, quantize, source_gguf=source)
+    tokenizer.save_pretrained(out)  # for loaders that want tokenizer files beside the GGUF
+    return {"gguf_file": name, "gguf_bytes": written["bytes"], "metadata_from": "source GGUF" if source else "config"}
+
+
+def compare_next_token_logits(reference, candidate, tokenizer, template: PromptTemplate,
+                              prompts: list[str]) -> dict[str, float]:
+    """How far the candidate's next-token logits are from the reference's on each prompt."""
+    import torch
+
+    worst_abs, worst_rel, top1 = 0.0, 0.0, 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([template.encode_prompt(prompt, tokenizer)])
+            want = reference(input_ids=ids).logits[0, -1].float()
+            got = candidate(input_ids=ids).logits[0, -1].float()
+            worst_abs = max(worst_abs, float((want - got).abs().max()))
+            worst_rel = max(worst_rel, float((want - got).norm() / want.norm().clamp(min=1e-12)))
+            top1 += int(want.argmax() == got.argmax())
+    return {"max_abs_diff": worst_abs, "max_relative_l2": worst_rel, "top1_agreement": top1 / max(1, len(prompts))}
+
+
 def load_exported(folder: Path):
     """(model, tokenizer, template) from an export folder: merged loads alone, an adapter onto its base model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,6 +165,10 @@ def load_exported(folder: Path):
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     template = PromptTemplate.load(folder / "template.json")
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if meta["format"] == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=meta["gguf_file"])
+        model.hf_quantizer = None
+        return model.eval(), tokenizer, template
     if meta["format"] == "adapter":
         from peft import PeftModel
 
