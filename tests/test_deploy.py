@@ -317,3 +317,17 @@ def test_gguf_tokenizer_reads_back_with_the_same_ids(run_dir, tmp_path, tiny_mod
     original = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = "081109 INFO dfs.DataNode: Receiving block"
     assert from_gguf(text, add_special_tokens=False)["input_ids"] == original(text, add_special_tokens=False)["input_ids"]
+
+
+def test_int8_export_loads_scores_as_an_eval_arm_and_stays_close(run_dir, tmp_path):
+    from specialist.evaluate.runner import evaluate_run, load_run_config
+
+    result = export_run(run_dir, "int8", tmp_path / "q8", golden=4, max_new_tokens=8)
+    meta = json.loads((result.folder / "export.json").read_text())
+    assert meta["int8_bytes"] > 0 and result.check["logits"]["max_relative_l2"] < 0.1
+    model = load_exported(result.folder)[0]
+    assert type(model.lm_head).__module__.startswith("torch.ao.nn.quantized.dynamic")  # int8 LM head
+    config = load_run_config(run_dir, ["evaluation.forgetting=false", "evaluation.max_examples=4",
+                                       "evaluation.max_new_tokens=6", "evaluation.bootstrap_samples=100"])
+    evaluation = evaluate_run(run_dir, config, {"int8": result.folder})
+    assert "int8" in evaluation.report["arms"] and "tuned" in evaluation.report["arms"]

@@ -29,7 +29,7 @@ from specialist.console import console
 from specialist.data import PromptTemplate, read_split
 from specialist.errors import ConfigError, SpecialistError
 
-FORMATS = ("merged", "adapter", "gguf")
+FORMATS = ("merged", "adapter", "gguf", "int8")
 
 
 class ExportMismatch(SpecialistError):
@@ -69,6 +69,8 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
         _write_merged(tuned, tokenizer, out)
     elif fmt == "adapter":
         _write_adapter(adapter, tokenizer, out)
+    elif fmt == "int8":
+        extra = _write_int8(tuned, tokenizer, out)
     else:
         extra = _write_gguf(tuned, tokenizer, out, quantize, config.model.name)
     template.save(out / "template.json")
@@ -84,7 +86,10 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
         check["quantize"] = quantize
         check["logits"] = compare_next_token_logits(tuned, exported, tokenizer, template, prompts)
     (out / "export_check.json").write_text(json.dumps(check, indent=2), encoding="utf-8")
-    strict = fmt != "gguf" or quantize in ("f32", "f16")  # a quantized file may change a greedy tie: listed only
+    if fmt == "int8":
+        check["logits"] = compare_next_token_logits(tuned, exported, tokenizer, template, prompts)
+    # a quantized model may change a greedy tie: its mismatches are listed beside the logit distance, not fatal
+    strict = fmt in ("merged", "adapter") or (fmt == "gguf" and quantize in ("f32", "f16"))
     if check["mismatches"] and strict:
         raise ExportMismatch(f"{len(check['mismatches'])} of {len(prompts)} golden prompts answer differently "
                              f"after export; see {out / 'export_check.json'}")
@@ -119,6 +124,62 @@ def _write_adapter(adapter: Path, tokenizer, out: Path) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy2(adapter / name, out / name)
     tokenizer.save_pretrained(out)
+
+
+INT8_STATE = "int8_state.pt"
+
+
+def quantize_int8(model):
+    """Every Linear layer (the LM head included) as int8 weights with per-channel scales, dynamic activations.
+
+    PyTorch's own dynamic quantization: int8 matrix-vector products, which is what token-by-token decoding on a
+    CPU spends its time in. The (tied) input embedding stays a float lookup.
+    """
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=False)
+
+
+def _write_int8(tuned, tokenizer, out: Path) -> dict[str, Any]:
+    import copy
+
+    import torch
+
+    from specialist.evaluate.generate import stop_token_ids
+
+    merged = copy.deepcopy(tuned).merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
+    merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    quantized = quantize_int8(merged)
+    # the float weights left (embedding, norms) are stored as bf16: the embedding is most of a small model
+    torch.save(_cast_floats(quantized.state_dict(), torch.float32, torch.bfloat16), out / INT8_STATE)
+    merged.config.save_pretrained(out)
+    merged.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"int8_state": INT8_STATE, "int8_bytes": (out / INT8_STATE).stat().st_size}
+
+
+def _load_int8(folder: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    model = quantize_int8(model)
+    state = torch.load(folder / INT8_STATE, weights_only=False)  # packed int8 weights are not plain tensors
+    model.load_state_dict(_cast_floats(state, torch.bfloat16, torch.float32))
+    return model
+
+
+def _cast_floats(state, source, target):
+    """`state` with its `source`-dtype tensors cast to `target`; keeps the version metadata quantized modules need."""
+    from collections import OrderedDict
+
+    import torch
+
+    cast = OrderedDict((k, v.to(target) if torch.is_tensor(v) and v.dtype == source and not k.endswith(".scale")
+                        else v) for k, v in state.items())
+    cast._metadata = getattr(state, "_metadata", None)
+    return cast
 
 
 def _write_gguf(tuned, tokenizer, out: Path, quantize: str, base_name: str) -> dict[str, Any]:
@@ -165,6 +226,8 @@ def load_exported(folder: Path):
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     template = PromptTemplate.load(folder / "template.json")
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if meta["format"] == "int8":
+        return _load_int8(folder).eval(), tokenizer, template
     if meta["format"] == "gguf":
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=meta["gguf_file"])
         model.hf_quantizer = None

@@ -144,8 +144,13 @@ def build_arms(model, run_dir: Path, config: RunConfig, train: list[Example],
 
 
 def other_arm(name: str, folder: Path, peft_model, model) -> Arm:
-    """Another run folder or adapter folder as an arm of its own."""
+    """Another run folder, adapter folder or export folder as an arm of its own."""
     from peft import PeftModel
+
+    if (folder / "export.json").is_file():  # merged, int8, gguf or adapter export: loaded as it would be served
+        from specialist.deploy.export import load_exported
+
+        return Arm(name, load_exported(folder)[0])
 
     adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
     if not (adapter / "adapter_config.json").is_file():
