@@ -2,9 +2,7 @@
 
 import asyncio
 import json
-import socket
 import sqlite3
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +14,7 @@ from specialist.config import validate_config
 from specialist.deploy.ab import ab_report, two_proportion_test, wilson_interval
 from specialist.deploy.arms import load_arm, parse_split
 from specialist.deploy.export import ExportMismatch, compare_outputs, export_run, load_exported
-from specialist.deploy.serve import ROUTER, Router, ServeSettings, create_app
+from specialist.deploy.serve import ROUTER, BackgroundServer as RunningServer, Router, ServeSettings, create_app
 from specialist.errors import ConfigError
 from specialist.pipeline import train_only
 
@@ -112,35 +110,6 @@ def test_split_routing_is_sticky_per_user_and_follows_the_weights():
 
 
 # ---- the server -------------------------------------------------------------------------------------------
-
-
-class RunningServer:
-    """uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -331,3 +300,60 @@ def test_int8_export_loads_scores_as_an_eval_arm_and_stays_close(run_dir, tmp_pa
                                        "evaluation.max_new_tokens=6", "evaluation.bootstrap_samples=100"])
     evaluation = evaluate_run(run_dir, config, {"int8": result.folder})
     assert "int8" in evaluation.report["arms"] and "tuned" in evaluation.report["arms"]
+
+
+# ---- drift ------------------------------------------------------------------------------------------------
+
+
+def test_psi_and_js_distance_are_zero_for_the_same_data_and_grow_with_shift():
+    from collections import Counter
+
+    import numpy as np
+
+    from specialist.deploy.drift import js_distance, population_stability_index
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(100, 10, 2000)
+    assert population_stability_index(reference, rng.normal(100, 10, 2000)) < 0.05
+    assert population_stability_index(reference, rng.normal(140, 10, 2000)) > 1.0
+    words = Counter({"block": 5, "datanode": 3})
+    assert js_distance(words, words) == 0.0 and js_distance(words, Counter({"refund": 4})) == 1.0
+
+
+def fill_log(path, rows):
+    from specialist.deploy.records import RequestLog
+
+    log = RequestLog(path)
+    for i, (prompt, tokens_in, ok) in enumerate(rows):
+        log.add(request_id=f"r{i}", arm="tuned", endpoint="chat", user=None, latency_s=0.1, tokens_in=tokens_in,
+                tokens_out=5, format_ok=ok, finish_reason="stop", prompt=prompt, output=None)
+    log.close()
+
+
+def test_drift_cli_passes_on_training_like_traffic_and_fails_with_exit_1_on_shift(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from specialist.cli import app
+    from specialist.data import PromptTemplate, read_split
+    from specialist.models import load_tokenizer
+    from specialist.evaluate.runner import load_run_config
+
+    tokenizer = load_tokenizer(load_run_config(run_dir).model.name)
+    template = PromptTemplate.load(run_dir / "template.json")
+    train = [ex.prompt for ex in read_split(run_dir / "data").train]
+    same = [(p, len(template.encode_prompt(p, tokenizer)), True) for p in train]
+    fill_log(tmp_path / "same.sqlite", same)
+    result = CliRunner().invoke(app, ["drift", str(run_dir), str(tmp_path / "same.sqlite")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "drift.json").read_text())
+    assert not summary["drift"] and summary["signals"]["novel_input_share"]["value"] == 0.0
+    assert (tmp_path / "drift.png").stat().st_size > 1000
+
+    other = "refund my card payment was declined twice at the checkout page yesterday evening"
+    shifted = [(f"{other} {i}", 300 + i, i < 20) for i in range(40)]  # longer, unfamiliar, failing later
+    fill_log(tmp_path / "shifted.sqlite", shifted)
+    result = CliRunner().invoke(app, ["drift", str(run_dir), str(tmp_path / "shifted.sqlite")], terminal_width=200)
+    assert result.exit_code == 1, result.output
+    signals = json.loads((tmp_path / "drift.json").read_text())["signals"]
+    assert all(signals[name]["drift"] for name in ("input_length_psi", "vocabulary_js_distance",
+                                                   "novel_input_share", "format_pass_rate_trend"))

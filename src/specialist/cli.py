@@ -253,6 +253,38 @@ def ab_report_command(
 
 
 @app.command()
+def drift(
+    run_dir: Annotated[Path, typer.Argument(help="The run whose training data is the reference.")],
+    db: Annotated[Path, typer.Argument(help="The SQLite request log a `specialist serve` wrote.")],
+    arm: Annotated[str | None, typer.Option(help="Only this arm's traffic (default: all).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for drift.json and drift.png (default: beside DB).")] = None,
+    psi: Annotated[float, typer.Option(help="Input-length PSI above this is drift.")] = 0.2,
+    novel_share: Annotated[float, typer.Option(help="Share of unfamiliar inputs above this is drift.")] = 0.25,
+    pass_rate_drop: Annotated[float, typer.Option(help="Format pass-rate fall (first to last window) above this is drift.")] = 0.1,
+) -> None:
+    """Compare recent traffic with the training data and output health over time; exit 1 on drift."""
+    from specialist.data import PromptTemplate
+    from specialist.deploy.drift import DriftThresholds, detect_drift, write_drift_outputs
+    from specialist.evaluate.runner import load_run_config
+    from specialist.models import load_tokenizer
+
+    with _user_errors():
+        config = load_run_config(run_dir)
+        tokenizer = load_tokenizer(config.model.name)
+        thresholds = DriftThresholds(psi=psi, novel_share=novel_share, pass_rate_drop=pass_rate_drop)
+        result = detect_drift(run_dir, db, tokenizer, PromptTemplate.load(run_dir / "template.json"), thresholds, arm)
+        summary, png = write_drift_outputs(result, out or db.parent)
+    for name, signal in result["signals"].items():
+        mark = "[red]DRIFT[/]" if signal["drift"] else "[green]ok[/]"
+        value = "n/a" if signal["value"] is None else f"{signal['value']:.3f}"
+        console.print(f"{mark:>14}  {name}: {value}" + (f" (threshold {signal['threshold']})" if "threshold" in signal
+                                                        else f" ({signal.get('note', '')})"), soft_wrap=True)
+    console.print(f"{result['requests']} requests; summary {summary}, plot {png}", soft_wrap=True)
+    if result["drift"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def models() -> None:
     """List converted models in the cache ($SPECIALIST_HOME/models)."""
     from specialist.models import list_cached_models, models_dir

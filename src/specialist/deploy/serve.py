@@ -452,3 +452,41 @@ def openai_chunk(kind: str, request_id: str, arm: str, piece: str, finish: str |
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": arm,
             "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]}
+
+
+class BackgroundServer:
+    """The app under uvicorn in a thread on a free loopback port: for notebooks, tests and benchmarks.
+
+        with BackgroundServer(create_app(arms, settings)) as server:
+            OpenAI(base_url=f"{server.url}/v1", api_key="-")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
