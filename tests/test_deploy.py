@@ -288,14 +288,24 @@ def test_gguf_tokenizer_reads_back_with_the_same_ids(run_dir, tmp_path, tiny_mod
     assert from_gguf(text, add_special_tokens=False)["input_ids"] == original(text, add_special_tokens=False)["input_ids"]
 
 
-def test_int8_export_loads_scores_as_an_eval_arm_and_stays_close(run_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_int8_export_loads_scores_as_an_eval_arm_and_stays_close(run_dir, tmp_path, mode):
+    import torch
+
     from specialist.evaluate.runner import evaluate_run, load_run_config
 
-    result = export_run(run_dir, "int8", tmp_path / "q8", golden=4, max_new_tokens=8)
+    result = export_run(run_dir, "int8", tmp_path / "q8", golden=4, max_new_tokens=8, quantize=mode)
     meta = json.loads((result.folder / "export.json").read_text())
-    assert meta["int8_bytes"] > 0 and result.check["logits"]["max_relative_l2"] < 0.1
+    merged_bytes = sum(p.numel() * 4 for p in load_exported(result.folder)[0].parameters())
+    assert meta["int8_mode"] == mode and result.check["logits"]["max_relative_l2"] < 0.1
     model = load_exported(result.folder)[0]
-    assert type(model.lm_head).__module__.startswith("torch.ao.nn.quantized.dynamic")  # int8 LM head
+    layer = model.model.layers[0].mlp.down_proj
+    if mode == "dynamic":
+        assert type(layer).__module__.startswith("torch.ao.nn.quantized.dynamic")  # int8 matmuls
+        assert type(model.lm_head) is torch.nn.Linear  # the head stays float
+    else:
+        assert type(layer) is torch.nn.Linear and meta["int8_bytes"] < 0.5 * merged_bytes  # int8 on disk (scales and header aside: 1/4)
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again after loading
     config = load_run_config(run_dir, ["evaluation.forgetting=false", "evaluation.max_examples=4",
                                        "evaluation.max_new_tokens=6", "evaluation.bootstrap_samples=100"])
     evaluation = evaluate_run(run_dir, config, {"int8": result.folder})
@@ -357,3 +367,24 @@ def test_drift_cli_passes_on_training_like_traffic_and_fails_with_exit_1_on_shif
     signals = json.loads((tmp_path / "drift.json").read_text())["signals"]
     assert all(signals[name]["drift"] for name in ("input_length_psi", "vocabulary_js_distance",
                                                    "novel_input_share", "format_pass_rate_trend"))
+
+
+def test_gguf_generates_in_llama_cpp_where_it_is_installed(run_dir, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed here")
+    from specialist.data import PromptTemplate, read_split
+    from specialist.deploy.export import greedy_answer
+
+    result = export_run(run_dir, "gguf", tmp_path / "g", golden=1, max_new_tokens=6, quantize="f32")
+    name = json.loads((result.folder / "export.json").read_text())["gguf_file"]
+    llm = llama_cpp.Llama(model_path=str(result.folder / name), n_ctx=256, verbose=False)
+    template = PromptTemplate.load(run_dir / "template.json")
+    model, tokenizer, _ = load_exported(result.folder)
+    prompt = read_split(run_dir / "data").test[0].prompt
+    tokens = template.encode_prompt(prompt, tokenizer)
+    generated = []
+    for token in llm.generate(tokens, temp=0.0, top_k=1):
+        if token == tokenizer.eos_token_id or len(generated) == 6:
+            break
+        generated.append(token)
+    expected, _ = greedy_answer(model, tokenizer, template, prompt, 6)
+    assert tokenizer.decode(generated, skip_special_tokens=True).strip() == expected

@@ -91,3 +91,18 @@ def test_custom_scorer_is_imported_by_path_and_bad_paths_are_config_errors():
         resolve_scorers(["bleu"])
     with pytest.raises(ConfigError, match="needs evaluation.json_schema"):
         resolve_scorers(["json_schema"])
+
+
+def test_escalation_is_reported_apart_so_a_router_that_never_escalates_looks_bad():
+    from specialist.evaluate.scorers import LabelRule, label_report
+
+    expected = ['{"route": "card"}', '{"route": "card"}', '{"route": "refund"}', '{"route": "escalate"}',
+                '{"route": "escalate"}']
+    never = ['{"route": "card"}', '{"route": "card"}', '{"route": "refund"}', '{"route": "card"}',
+             '{"route": "refund"}']
+    report = label_report(never, expected, LabelRule(json_key="route"), escalation="escalate")
+    assert report["accuracy"] == 0.6 and report["escalation"]["recall"] == 0.0
+    assert report["escalation"]["in_scope_accuracy"] == 1.0 and report["escalation"]["false_escalation_rate"] == 0.0
+    eager = ['{"route": "escalate"}'] * 5
+    report = label_report(eager, expected, LabelRule(json_key="route"), escalation="escalate")
+    assert report["escalation"]["recall"] == 1.0 and report["escalation"]["false_escalation_rate"] == 1.0

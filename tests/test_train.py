@@ -204,3 +204,19 @@ def test_micro_batched_step_matches_the_whole_batch_step(tiny_model_dir, tmp_pat
         adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n})
     for name in adapters[0]:
         torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_batched_together_never_see_each_other(tiny_model):
+    """Perturbing one row of a padded batch leaves the other row's logits and loss terms unchanged."""
+    model, tokenizer = tiny_model
+    batch = padded_batch(tokenizer, PromptTemplate.for_tokenizer(tokenizer, "Parse."))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        perturbed = batch["input_ids"].clone()
+        width = int(batch["attention_mask"][1].sum())
+        perturbed[1, :width] = torch.randint(4, len(tokenizer), (width,))
+        after = model(input_ids=perturbed, attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"][0].bool()
+    torch.testing.assert_close(after[0][real], before[0][real], rtol=0, atol=1e-5)
+    assert not torch.allclose(after[1, :width], before[1, :width])

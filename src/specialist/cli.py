@@ -176,18 +176,17 @@ def validate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `specialist run` or `specialist train`.")],
     format_: Annotated[str, typer.Option("--format", help="merged (transformers/vLLM folder), adapter (PEFT) or gguf (llama.cpp).")] = "merged",
-    quantize: Annotated[str, typer.Option(help="gguf only: f32, f16 or q8_0.")] = "f16",
+    quantize: Annotated[str | None, typer.Option(help="gguf: f32, f16 (default) or q8_0; int8: weight_only (default: "
+                                                      "int8 on disk, float compute) or dynamic (int8 matmuls).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT).")] = None,
     golden: Annotated[int, typer.Option(help="Test prompts replayed through the export and compared.")] = 8,
 ) -> None:
     """Export a run's model; replay golden prompts through the export and fail (exit 1) on any difference."""
-    from specialist.deploy.export import export_run
+    from specialist.deploy.export import describe_check, export_run
 
     with _user_errors():
         result = export_run(run_dir, format_, out, golden, quantize=quantize)
-    check = result.check
-    console.print(f"exported {format_}: [bold]{result.folder}[/] ({check['prompts']} golden prompts identical, "
-                  f"{check['stopped_at_end_token']} stopped at the end token)", soft_wrap=True)
+    console.print(f"exported {format_}: [bold]{result.folder}[/] ({describe_check(result.check)})", soft_wrap=True)
 
 
 @app.command()

@@ -217,6 +217,10 @@ class EvaluationConfig(_Section):
     few_shot_k: int = Field(default=3, ge=0, description="Train examples shown to the base few-shot arm; 0: no arm.")
     label_json_key: str | None = Field(default=None, description="label_accuracy: read the label from this JSON key.")
     label_pattern: str | None = Field(default=None, description="label_accuracy: regex; group 1 is the label.")
+    escalation_label: str | None = Field(
+        default=None, description="label_accuracy: the 'hand to a human' label; its recall and the accuracy on "
+        "the other (in-scope) rows are reported apart, so a router that never escalates cannot hide.",
+    )
     json_schema: Path | None = Field(default=None, description="json_schema: a Draft 2020-12 schema file.")
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)

@@ -45,7 +45,7 @@ class ExportResult:
 
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8,
-               max_new_tokens: int | None = None, quantize: str = "f16") -> ExportResult:
+               max_new_tokens: int | None = None, quantize: str | None = None) -> ExportResult:
     from specialist.evaluate.runner import default_max_new_tokens, load_run_config
     from specialist.models import load_model_and_tokenizer
 
@@ -70,8 +70,10 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     elif fmt == "adapter":
         _write_adapter(adapter, tokenizer, out)
     elif fmt == "int8":
-        extra = _write_int8(tuned, tokenizer, out)
+        quantize = quantize or "weight_only"
+        extra = _write_int8(tuned, tokenizer, out, quantize)
     else:
+        quantize = quantize or "f16"
         extra = _write_gguf(tuned, tokenizer, out, quantize, config.model.name)
     template.save(out / "template.json")
     (out / "export.json").write_text(json.dumps({
@@ -82,20 +84,27 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     limit = max_new_tokens or default_max_new_tokens(tokenizer, split.train)
     check = compare_outputs(tuned, exported, tokenizer, template, prompts, limit)
     check["format"] = fmt
-    if fmt == "gguf":
+    if fmt in ("gguf", "int8"):
         check["quantize"] = quantize
         check["logits"] = compare_next_token_logits(tuned, exported, tokenizer, template, prompts)
     (out / "export_check.json").write_text(json.dumps(check, indent=2), encoding="utf-8")
-    if fmt == "int8":
-        check["logits"] = compare_next_token_logits(tuned, exported, tokenizer, template, prompts)
     # a quantized model may change a greedy tie: its mismatches are listed beside the logit distance, not fatal
-    strict = fmt in ("merged", "adapter") or (fmt == "gguf" and quantize in ("f32", "f16"))
+    strict = fmt in ("merged", "adapter") or quantize in ("f32", "f16")
     if check["mismatches"] and strict:
         raise ExportMismatch(f"{len(check['mismatches'])} of {len(prompts)} golden prompts answer differently "
                              f"after export; see {out / 'export_check.json'}")
-    console.log(f"export {fmt}: {len(prompts)} golden prompts answered identically, every answer stopped "
-                f"where the run's own did")
+    console.log(f"export {fmt}: {describe_check(check)}")
     return ExportResult(out, check)
+
+
+def describe_check(check: dict[str, Any]) -> str:
+    same = check["prompts"] - len(check["mismatches"])
+    text = (f"{same} of {check['prompts']} golden prompts answered as the run does, "
+            f"{check['stopped_at_end_token']} stopped at the end token")
+    if "logits" in check:
+        text += (f"; next-token logits within {100 * check['logits']['max_relative_l2']:.2f}% (relative L2), "
+                 f"top-1 agreement {100 * check['logits']['top1_agreement']:.0f}%")
+    return text
 
 
 def _run_model(base, adapter: Path, full: Path):
@@ -127,45 +136,96 @@ def _write_adapter(adapter: Path, tokenizer, out: Path) -> None:
 
 
 INT8_STATE = "int8_state.pt"
+INT8_WEIGHTS = "model-int8.safetensors"
+INT8_MODES = ("weight_only", "dynamic")
 
 
-def quantize_int8(model):
-    """Every Linear layer (the LM head included) as int8 weights with per-channel scales, dynamic activations.
+def quantize_dynamic_int8(model):
+    """The Linear layers (not the LM head) as PyTorch dynamic int8: int8 weights with per-channel scales, and
+    activations quantized on the fly, so the matrix-vector products of decoding run in int8 (fbgemm).
 
-    PyTorch's own dynamic quantization: int8 matrix-vector products, which is what token-by-token decoding on a
-    CPU spends its time in. The (tied) input embedding stays a float lookup.
+    Fast on CPU, but lossy for models with large activation outliers: the export check and `specialist eval`
+    measure how lossy for yours.
     """
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=False)
+    head = model.get_output_embeddings()
+    spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head}
+    return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=False)
 
 
-def _write_int8(tuned, tokenizer, out: Path) -> dict[str, Any]:
+def int8_weights(state: dict) -> dict:
+    """Every 2-D float weight as int8 with one fp32 scale per row (symmetric); 1-D weights kept as fp32."""
+    import torch
+
+    out, seen = {}, {}
+    for name, tensor in state.items():
+        if id(tensor) in seen:  # tied weights (embedding and LM head) are stored once
+            continue
+        seen[id(tensor)] = name
+        if tensor.ndim == 2 and tensor.is_floating_point():
+            scale = (tensor.float().abs().amax(dim=1) / 127).clamp(min=1e-12)
+            out[name] = torch.round(tensor.float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            out[f"{name}.int8_scale"] = scale.contiguous()
+        else:
+            out[name] = tensor.float().contiguous()
+    return out
+
+
+def dequantize_weights(stored: dict) -> dict:
+    import torch
+
+    return {name: tensor.float() * stored[f"{name}.int8_scale"][:, None] if tensor.dtype == torch.int8 else tensor
+            for name, tensor in stored.items() if not name.endswith(".int8_scale")}
+
+
+def _write_int8(tuned, tokenizer, out: Path, mode: str) -> dict[str, Any]:
     import copy
 
     import torch
+    from safetensors.torch import save_file
 
     from specialist.evaluate.generate import stop_token_ids
 
+    if mode not in INT8_MODES:
+        raise ConfigError(f"unknown int8 mode {mode!r}", hint=f"use --quantize {' or '.join(INT8_MODES)}")
     merged = copy.deepcopy(tuned).merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    quantized = quantize_int8(merged)
-    # the float weights left (embedding, norms) are stored as bf16: the embedding is most of a small model
-    torch.save(_cast_floats(quantized.state_dict(), torch.float32, torch.bfloat16), out / INT8_STATE)
+    if mode == "weight_only":
+        save_file(int8_weights(merged.state_dict()), str(out / INT8_WEIGHTS))
+        weights = out / INT8_WEIGHTS
+    else:
+        # the float weights left (embedding, norms) are stored as bf16: the embedding is most of a small model
+        torch.save(_cast_floats(quantize_dynamic_int8(merged).state_dict(), torch.float32, torch.bfloat16),
+                   out / INT8_STATE)
+        weights = out / INT8_STATE
     merged.config.save_pretrained(out)
     merged.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"int8_state": INT8_STATE, "int8_bytes": (out / INT8_STATE).stat().st_size}
+    return {"int8_mode": mode, "int8_file": weights.name, "int8_bytes": weights.stat().st_size}
 
 
-def _load_int8(folder: Path):
+def _load_int8(folder: Path, meta: dict[str, Any]):
+    """weight_only: int8 weights dequantized once at load (fp32 compute); dynamic: int8 matmuls at run time."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
-    model = quantize_int8(model)
-    state = torch.load(folder / INT8_STATE, weights_only=False)  # packed int8 weights are not plain tensors
+    if meta.get("int8_mode", "dynamic") == "weight_only":
+        from safetensors.torch import load_file
+
+        state = dequantize_weights(load_file(str(folder / meta["int8_file"])))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {n for n in missing if n.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ConfigError(f"{folder}: int8 weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+                              f"unexpected {unexpected[:3]})", hint="export it again")
+        model.tie_weights()
+        return model
+    model = quantize_dynamic_int8(model)
+    state = torch.load(folder / meta.get("int8_file", INT8_STATE), weights_only=False)  # packed int8 weights
     model.load_state_dict(_cast_floats(state, torch.bfloat16, torch.float32))
     return model
 
@@ -176,8 +236,14 @@ def _cast_floats(state, source, target):
 
     import torch
 
-    cast = OrderedDict((k, v.to(target) if torch.is_tensor(v) and v.dtype == source and not k.endswith(".scale")
-                        else v) for k, v in state.items())
+    done: dict[int, Any] = {}  # tied tensors (embedding and head) stay one tensor, saved once
+
+    def convert(key: str, value):
+        if not (torch.is_tensor(value) and value.dtype == source) or key.endswith(".scale"):
+            return value
+        return done.setdefault(id(value), value.to(target))
+
+    cast = OrderedDict((k, convert(k, v)) for k, v in state.items())
     cast._metadata = getattr(state, "_metadata", None)
     return cast
 
@@ -227,7 +293,7 @@ def load_exported(folder: Path):
     template = PromptTemplate.load(folder / "template.json")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if meta["format"] == "int8":
-        return _load_int8(folder).eval(), tokenizer, template
+        return _load_int8(folder, meta).eval(), tokenizer, template
     if meta["format"] == "gguf":
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=meta["gguf_file"])
         model.hf_quantizer = None

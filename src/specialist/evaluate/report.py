@@ -145,6 +145,7 @@ def report_context(run_dir: Path, config, report: dict[str, Any], test: list[Exa
         "arms": arms,
         "score_rows": score_table(report, arms),
         "key_rows": key_table(report, arms),
+        "label_rows": label_table(report, arms),
         "overfitting": report.get("overfitting"),
         "forgetting": report.get("forgetting"),
         "gates": report.get("gates", []),
@@ -160,6 +161,20 @@ def score_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]
         cells = [report["arms"][arm]["scores"][metric] for arm in arms]
         versus_base = report.get("comparisons", {}).get("tuned_vs_base", {}).get(metric)
         rows.append({"metric": metric, "cells": cells, "versus_base": versus_base})
+    return rows
+
+
+def label_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]:
+    """Per arm: accuracy, macro-F1 and, with an escalation label, its recall and the in-scope accuracy."""
+    rows = []
+    for arm in arms:
+        labels = report["arms"][arm].get("labels")
+        if labels:
+            escalation = labels.get("escalation") or {}
+            rows.append({"arm": arm, "accuracy": labels["accuracy"], "macro_f1": labels["macro_f1"],
+                         "in_scope_accuracy": escalation.get("in_scope_accuracy"),
+                         "escalation_recall": escalation.get("recall"),
+                         "false_escalation_rate": escalation.get("false_escalation_rate")})
     return rows
 
 
@@ -207,6 +222,13 @@ def render_markdown(context: dict[str, Any]) -> str:
         vs = row["versus_base"]
         verdict = f"{vs['difference']['mean']:+.3f}, p={vs['p_value']:.3f}" if vs else ""
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {verdict} |")
+    if context.get("label_rows"):
+        lines += ["", "| arm | label accuracy | macro-F1 | in-scope accuracy | escalation recall | false escalations |",
+                  "|---|---|---|---|---|---|"]
+        for row in context["label_rows"]:
+            cells = [row[k] for k in ("accuracy", "macro_f1", "in_scope_accuracy", "escalation_recall",
+                                      "false_escalation_rate")]
+            lines.append(f"| {row['arm']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
     if context["forgetting"]:
         f = context["forgetting"]
         lines += ["", f"Forgetting: perplexity on {f['corpus']} {f['before']['perplexity']:.2f} -> "

@@ -195,7 +195,7 @@ def arm_summary(rows: dict[str, list[float]], outputs: list[str], expected: list
     if "field_accuracy" in rows:
         summary["field_accuracy_per_key"] = per_key_accuracy(outputs, expected)
     if "label_accuracy" in rows:
-        summary["labels"] = label_report(outputs, expected, rule)
+        summary["labels"] = label_report(outputs, expected, rule, evaluation.escalation_label)
     if "refusal_rate" in rows:
         summary["refusals"] = refusal_report(outputs, expected)
     return summary

@@ -240,8 +240,13 @@ def per_key_accuracy(outputs: list[str], expected: list[str]) -> dict[str, float
     return {key: sum(values) / len(values) for key, values in totals.items()}
 
 
-def label_report(outputs: list[str], expected: list[str], rule: LabelRule) -> dict[str, Any]:
-    """Accuracy, macro-F1 over the expected labels, per-label precision/recall/F1 and the confusion matrix."""
+def label_report(outputs: list[str], expected: list[str], rule: LabelRule,
+                 escalation: str | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the expected labels, per-label precision/recall/F1 and the confusion matrix.
+
+    With `escalation` (e.g. "escalate"), also: its recall, the accuracy on the other rows (in scope), and how
+    often an in-scope row was escalated.
+    """
     got = [rule.extract(o) for o in outputs]
     want = [rule.extract(e) for e in expected]
     labels = sorted(set(want))
@@ -257,7 +262,7 @@ def label_report(outputs: list[str], expected: list[str], rule: LabelRule) -> di
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_label[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
-    return {
+    report = {
         "accuracy": sum(g == w for g, w in zip(got, want)) / len(want) if want else 0.0,
         "macro_f1": sum(v["f1"] for v in per_label.values()) / len(per_label) if per_label else 0.0,
         "per_label": per_label,
@@ -265,6 +270,19 @@ def label_report(outputs: list[str], expected: list[str], rule: LabelRule) -> di
         "predicted_labels": predicted_labels,
         "confusion": matrix,
     }
+    if escalation is not None:
+        key = escalation.lower() if rule.lowercase else escalation
+        out_of_scope = [(g, w) for g, w in zip(got, want) if w == key]
+        in_scope = [(g, w) for g, w in zip(got, want) if w != key]
+        report["escalation"] = {
+            "label": escalation,
+            "recall": sum(g == key for g, _ in out_of_scope) / len(out_of_scope) if out_of_scope else None,
+            "in_scope_accuracy": sum(g == w for g, w in in_scope) / len(in_scope) if in_scope else None,
+            "false_escalation_rate": sum(g == key for g, _ in in_scope) / len(in_scope) if in_scope else None,
+            "should_escalate": len(out_of_scope),
+            "in_scope": len(in_scope),
+        }
+    return report
 
 
 def refusal_report(outputs: list[str], expected: list[str]) -> dict[str, Any]:
