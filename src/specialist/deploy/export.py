@@ -160,11 +160,11 @@ def int8_weights(state: dict) -> dict:
     """Every 2-D float weight as int8 with one fp32 scale per row (symmetric); 1-D weights kept as fp32."""
     import torch
 
-    out, seen = {}, {}
+    out, seen = {}, set()
     for name, tensor in state.items():
-        if id(tensor) in seen:  # tied weights (embedding and LM head) are stored once
+        if tensor.data_ptr() in seen:  # tied weights (embedding and LM head) share storage: stored once
             continue
-        seen[id(tensor)] = name
+        seen.add(tensor.data_ptr())
         if tensor.ndim == 2 and tensor.is_floating_point():
             scale = (tensor.float().abs().amax(dim=1) / 127).clamp(min=1e-12)
             out[name] = torch.round(tensor.float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
@@ -241,7 +241,7 @@ def _cast_floats(state, source, target):
     def convert(key: str, value):
         if not (torch.is_tensor(value) and value.dtype == source) or key.endswith(".scale"):
             return value
-        return done.setdefault(id(value), value.to(target))
+        return done.setdefault(value.data_ptr(), value.to(target))
 
     cast = OrderedDict((k, convert(k, v)) for k, v in state.items())
     cast._metadata = getattr(state, "_metadata", None)
