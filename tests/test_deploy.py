@@ -90,10 +90,12 @@ def test_a_different_model_is_reported_as_a_mismatch(run_dir, tmp_path, tiny_mod
     assert issubclass(ExportMismatch, Exception) and ExportMismatch.exit_code == 1
 
 
-def test_export_refuses_a_folder_without_a_model(tmp_path):
+def test_export_refuses_a_folder_without_a_model_and_an_unknown_format(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"path": "d.jsonl"}}))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="holds no trained model"):
         export_run(tmp_path, "gguf")
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export_run(tmp_path, "onnx")
 
 
 # ---- routing ----------------------------------------------------------------------------------------------

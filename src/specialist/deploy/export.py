@@ -52,14 +52,14 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     config = load_run_config(run_dir)
-    template = PromptTemplate.load(run_dir / "template.json")
-    split = read_split(run_dir / "data")
     adapter, full = run_dir / "adapter", run_dir / "model"
     if fmt == "adapter" and not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{run_dir} has no adapter to export (method {config.method.kind})",
                           hint="export it with --format merged")
     if not (adapter / "adapter_config.json").is_file() and not (full / "config.json").is_file():
         raise ConfigError(f"{run_dir} holds no trained model", hint="train it first (`specialist train`)")
+    template = PromptTemplate.load(run_dir / "template.json")
+    split = read_split(run_dir / "data")
     out = out or run_dir / "export" / fmt
     base, tokenizer = load_model_and_tokenizer(config.model.name, "float32")
     tuned = _run_model(base, adapter, full)
