@@ -312,6 +312,9 @@ def test_int8_export_loads_scores_as_an_eval_arm_and_stays_close(run_dir, tmp_pa
                                        "evaluation.max_new_tokens=6", "evaluation.bootstrap_samples=100"])
     evaluation = evaluate_run(run_dir, config, {"int8": result.folder})
     assert "int8" in evaluation.report["arms"] and "tuned" in evaluation.report["arms"]
+    costs = evaluation.report["costs"]
+    assert costs["int8"]["weights_bytes"] == meta["int8_bytes"] and costs["tuned"]["generation_seconds"] > 0
+    assert "| int8 |" in (run_dir / "report.md").read_text()
 
 
 # ---- drift ------------------------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ def report_context(run_dir: Path, config, report: dict[str, Any], test: list[Exa
         "score_rows": score_table(report, arms),
         "key_rows": key_table(report, arms),
         "label_rows": label_table(report, arms),
+        "costs": report.get("costs", {}),
         "overfitting": report.get("overfitting"),
         "forgetting": report.get("forgetting"),
         "gates": report.get("gates", []),
@@ -222,6 +223,11 @@ def render_markdown(context: dict[str, Any]) -> str:
         vs = row["versus_base"]
         verdict = f"{vs['difference']['mean']:+.3f}, p={vs['p_value']:.3f}" if vs else ""
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {verdict} |")
+    if context.get("costs"):
+        lines += ["", "| arm | generation on these rows (s) | weights on disk |", "|---|---|---|"]
+        for arm, cost in context["costs"].items():
+            size = f"{cost['weights_bytes'] / 2**20:.0f} MiB" if cost.get("weights_bytes") else ""
+            lines.append(f"| {arm} | {cost['generation_seconds']:.1f} | {size} |")
     if context.get("label_rows"):
         lines += ["", "| arm | label accuracy | macro-F1 | in-scope accuracy | escalation recall | false escalations |",
                   "|---|---|---|---|---|---|"]

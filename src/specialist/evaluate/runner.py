@@ -8,6 +8,7 @@ report.html in the run folder; gates decide the exit code.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class Arm:
     model: Any
     context: Callable[[], AbstractContextManager] = nullcontext  # e.g. the adapter switched off for `base`
     shots: list[tuple[str, str]] = field(default_factory=list)
+    weights_bytes: int | None = None  # known for export folders: what serving it costs on disk
 
 
 @dataclass
@@ -89,9 +91,12 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None,
     expected = [ex.completion for ex in test]
 
     outputs: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
     for arm in arms:
+        started = time.perf_counter()
         with arm.context():
             outputs[arm.name] = generate(arm, tokenizer, template, test, max_new_tokens, config)
+        seconds[arm.name] = time.perf_counter() - started
     rows = {name: score_rows(out, expected, scorers) for name, out in outputs.items()}
 
     report: dict[str, Any] = {
@@ -102,6 +107,9 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None,
         "arms": {name: arm_summary(rows[name], outputs[name], expected, evaluation, rule)
                  for name in outputs},
         "comparisons": compare_arms(rows, evaluation.bootstrap_samples),
+        # what an arm costs beside what it scores: generation time on these rows, and the weights' size on disk
+        "costs": {arm.name: {"generation_seconds": round(seconds[arm.name], 2), "weights_bytes": arm.weights_bytes}
+                  for arm in arms},
     }
     if tuned is not None and evaluation.forgetting:
         report["forgetting"] = forgetting(model, tuned, tokenizer, arms, evaluation)
@@ -150,7 +158,8 @@ def other_arm(name: str, folder: Path, peft_model, model) -> Arm:
     if (folder / "export.json").is_file():  # merged, int8, gguf or adapter export: loaded as it would be served
         from specialist.deploy.export import load_exported
 
-        return Arm(name, load_exported(folder)[0])
+        weights = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".gguf"))
+        return Arm(name, load_exported(folder)[0], weights_bytes=weights)
 
     adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
     if not (adapter / "adapter_config.json").is_file():
