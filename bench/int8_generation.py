@@ -18,10 +18,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".bin"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("merged", type=Path)
@@ -34,7 +30,7 @@ def main() -> None:
     import torch
 
     from specialist.data import read_split
-    from specialist.deploy.export import greedy_answer, load_exported
+    from specialist.deploy.export import greedy_answer, load_exported, weights_bytes
 
     run = Path(json.loads((args.merged / "export.json").read_text())["run"])
     prompts = [ex.prompt for ex in read_split(run / "data").test[: args.prompts]]

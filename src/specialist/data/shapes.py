@@ -179,16 +179,20 @@ def _messages_to_example(messages: Any, line: int, row: dict[str, Any], data) ->
     turns = [(m["role"], as_text(m["content"])) for m in messages]
     if not turns[-1][1].strip():
         return None, "empty_field", "the last assistant message is empty"
+    group = _group_of(row, data)
+    return Example(fold_chat(turns[:-1]), turns[-1][1], line, label=_label_of(row, data), group=group), "", ""
+
+
+def fold_chat(turns: list[tuple[str, str]]) -> str:
+    """The model input for the (role, content) turns before an answer: the last user turn alone, or earlier turns
+    as a transcript before it; a system message goes first. Training data and served chat requests alike."""
     system = [content for role, content in turns if role == "system"]
-    dialogue = [(role, content) for role, content in turns[:-1] if role != "system"]
+    dialogue = [(role, content) for role, content in turns if role != "system"]
     if len(dialogue) == 1:
         prompt = dialogue[0][1]
     else:  # earlier turns stay visible to the model as a transcript before the last user turn
         prompt = "\n\n".join(f"{role.capitalize()}: {content}" for role, content in dialogue)
-    if system:
-        prompt = f"{system[0]}\n\n{prompt}"
-    group = _group_of(row, data)
-    return Example(prompt, turns[-1][1], line, label=_label_of(row, data), group=group), "", ""
+    return f"{system[0]}\n\n{prompt}" if system else prompt
 
 
 def check_role_order(messages: Any) -> str:

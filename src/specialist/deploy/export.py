@@ -117,13 +117,24 @@ def _run_model(base, adapter: Path, full: Path):
     return AutoModelForCausalLM.from_pretrained(full, dtype=base.dtype).eval()
 
 
-def _write_merged(tuned, tokenizer, out: Path) -> None:
+def merged_copy(tuned, tokenizer):
+    """A plain model with the run's LoRA folded in (the run's own model is left as it is), told every stop token."""
     import copy
 
     from specialist.evaluate.generate import stop_token_ids
 
     merged = copy.deepcopy(tuned).merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    return merged
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the weight files in an export folder (what serving it costs on disk)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".bin", ".gguf"))
+
+
+def _write_merged(tuned, tokenizer, out: Path) -> None:
+    merged = merged_copy(tuned, tokenizer)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -182,17 +193,12 @@ def dequantize_weights(stored: dict) -> dict:
 
 
 def _write_int8(tuned, tokenizer, out: Path, mode: str) -> dict[str, Any]:
-    import copy
-
     import torch
     from safetensors.torch import save_file
 
-    from specialist.evaluate.generate import stop_token_ids
-
     if mode not in INT8_MODES:
         raise ConfigError(f"unknown int8 mode {mode!r}", hint=f"use --quantize {' or '.join(INT8_MODES)}")
-    merged = copy.deepcopy(tuned).merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
-    merged.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    merged = merged_copy(tuned, tokenizer)
     if mode == "weight_only":
         save_file(int8_weights(merged.state_dict()), str(out / INT8_WEIGHTS))
         weights = out / INT8_WEIGHTS
@@ -249,13 +255,12 @@ def _cast_floats(state, source, target):
 
 
 def _write_gguf(tuned, tokenizer, out: Path, quantize: str, base_name: str) -> dict[str, Any]:
-    import copy
     import tempfile
 
     from specialist.deploy.gguf_export import write_gguf
     from specialist.models import source_gguf
 
-    merged = copy.deepcopy(tuned).merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned
+    merged = merged_copy(tuned, tokenizer)
     name = f"model-{quantize}.gguf"
     with tempfile.TemporaryDirectory() as work:
         source = source_gguf(base_name, Path(work))

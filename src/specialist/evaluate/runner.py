@@ -156,10 +156,9 @@ def other_arm(name: str, folder: Path, peft_model, model) -> Arm:
     from peft import PeftModel
 
     if (folder / "export.json").is_file():  # merged, int8, gguf or adapter export: loaded as it would be served
-        from specialist.deploy.export import load_exported
+        from specialist.deploy.export import load_exported, weights_bytes
 
-        weights = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".gguf"))
-        return Arm(name, load_exported(folder)[0], weights_bytes=weights)
+        return Arm(name, load_exported(folder)[0], weights_bytes=weights_bytes(folder))
 
     adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
     if not (adapter / "adapter_config.json").is_file():
