@@ -155,9 +155,10 @@ def test_openai_client_chat_completion_streaming_and_auth(arms, tmp_path):
             client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
-        feedback = httpx.post(f"{server.url}/v1/feedback", json={"id": chat.id, "score": 1},
-                              headers={"Authorization": "Bearer secret"})
-        assert feedback.status_code == 200
+        for request_id in (chat.id, chunks[-1].id):  # a streamed answer's id is the logged one too
+            feedback = httpx.post(f"{server.url}/v1/feedback", json={"id": request_id, "score": 1},
+                                  headers={"Authorization": "Bearer secret"})
+            assert feedback.status_code == 200
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'specialist_requests_total{arm="tuned"}' in metrics and "specialist_latency_seconds" in metrics
     rows = sqlite3.connect(tmp_path / "log.sqlite").execute("SELECT arm, endpoint, prompt FROM requests").fetchall()

@@ -156,20 +156,22 @@ def _user_fraction(user: str) -> float:
     return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") / 2**64
 
 
+def new_request_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
 def user_hash(user: str | None) -> str | None:
     return hashlib.sha256(user.encode()).hexdigest()[:16] if user else None
 
 
 def chat_input(messages: list[dict[str, Any]]) -> str:
     """The model input for a chat request: the last user turn, with a system message and earlier turns before it."""
-    from specialist.data.shapes import as_text
+    from specialist.data.shapes import as_text, fold_chat
 
-    system = [as_text(m.get("content")) for m in messages if m.get("role") == "system"]
-    dialogue = [(m.get("role", "user"), as_text(m.get("content"))) for m in messages if m.get("role") != "system"]
-    if dialogue and dialogue[-1][0] == "assistant":
-        dialogue = dialogue[:-1]
-    text = dialogue[-1][1] if len(dialogue) == 1 else "\n\n".join(f"{r.capitalize()}: {c}" for r, c in dialogue)
-    return f"{system[0]}\n\n{text}" if system else text
+    turns = [(m.get("role", "user"), as_text(m.get("content"))) for m in messages]
+    if turns[-1][0] == "assistant":  # a trailing assistant turn is not part of the question
+        turns = turns[:-1]
+    return fold_chat(turns)
 
 
 def create_app(arms: dict[str, ServedArm], settings: ServeSettings):
@@ -295,14 +297,14 @@ def create_app(arms: dict[str, ServedArm], settings: ServeSettings):
         except Exception as exc:  # noqa: BLE001 - reported to the client in OpenAI's shape
             return error(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
         latency = time.perf_counter() - request_start
-        request_id = record(arm_name, kind, body, input_text, result, latency)
+        request_id = new_request_id(kind)
+        record(request_id, arm_name, kind, body, input_text, result, latency)
         return JSONResponse(openai_body(kind, request_id, arm_name, result))
 
-    def record(arm_name: str, kind: str, body: dict[str, Any], input_text: str, result: dict[str, Any],
-               latency: float) -> str:
+    def record(request_id: str, arm_name: str, kind: str, body: dict[str, Any], input_text: str,
+               result: dict[str, Any], latency: float) -> None:
         arm = arms[arm_name]
         passed = arm.format_check(result["text"], "") if arm.format_check else None
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         log.add(request_id=request_id, arm=arm_name, endpoint=kind, user=user_hash(body.get("user")),
                 latency_s=latency, tokens_in=result["prompt_tokens"], tokens_out=result["completion_tokens"],
                 format_ok=None if passed is None else bool(passed >= 1.0), finish_reason=result["finish_reason"],
@@ -310,7 +312,6 @@ def create_app(arms: dict[str, ServedArm], settings: ServeSettings):
                 output=result["text"] if settings.log_prompts else None)
         counters[f"requests_{arm_name}"] += 1
         latencies[arm_name].append(latency)
-        return request_id
 
     async def stream(body, arm_name, input_text, kind, max_tokens, sampling, request_start):
         worker = workers[arm_name]
@@ -319,7 +320,7 @@ def create_app(arms: dict[str, ServedArm], settings: ServeSettings):
                          headers={"Retry-After": str(settings.retry_after_s)})
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        request_id = new_request_id(kind)  # the id the client sees in every chunk is the one logged
 
         def produce() -> None:
             try:
@@ -337,9 +338,10 @@ def create_app(arms: dict[str, ServedArm], settings: ServeSettings):
                 if what == "piece":
                     yield f"data: {json.dumps(openai_chunk(kind, request_id, arm_name, value, None))}\n\n"
                 elif what == "done":
+                    # recorded before the last chunk, so feedback sent on [DONE] finds the request
+                    record(request_id, arm_name, kind, body, input_text, value, time.perf_counter() - request_start)
                     yield f"data: {json.dumps(openai_chunk(kind, request_id, arm_name, '', value['finish_reason']))}\n\n"
                     yield "data: [DONE]\n\n"
-                    record(arm_name, kind, body, input_text, value, time.perf_counter() - request_start)
                     return
                 else:
                     yield f"data: {json.dumps({'error': {'message': str(value), 'type': 'server_error'}})}\n\n"
