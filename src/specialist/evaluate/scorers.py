@@ -1,13 +1,16 @@
 """Scorers: each maps one (output, expected) pair to a number; `score_outputs` averages them per arm.
 
 Built in: json_valid, json_schema, exact_match, field_accuracy, label_accuracy (with macro-F1 and a confusion
-matrix, from `label_report`), rouge_l, chrf, refusal_rate (both directions, from `refusal_report`), length.
-A custom scorer is a `package.module:function` path to a function `(output: str, expected: str) -> float`.
+matrix, from `label_report`), rouge_l, chrf, refusal_rate (both directions, from `refusal_report`), length,
+tests_pass and mutation_kill (generated test code run in a sandbox: `code_tests`).
+A custom scorer is a `package.module:function` path to a function `(output: str, expected: str) -> float`, or
+`(output, expected, prompt) -> float` when it needs the input too (as the code scorers do).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 from collections import Counter
@@ -178,7 +181,8 @@ BUILTIN: dict[str, Scorer] = {
     "length": score_length,
 }
 NEEDS_SETTINGS = {"label_accuracy", "json_schema"}
-KNOWN = set(BUILTIN) | NEEDS_SETTINGS
+CODE_SCORERS = {"tests_pass", "mutation_kill"}
+KNOWN = set(BUILTIN) | NEEDS_SETTINGS | CODE_SCORERS
 
 
 def resolve_scorers(names: list[str], label_rule: LabelRule | None = None,
@@ -190,6 +194,11 @@ def resolve_scorers(names: list[str], label_rule: LabelRule | None = None,
             resolved[name] = BUILTIN[name]
         elif name == "label_accuracy":
             resolved[name] = make_label_accuracy(label_rule or LabelRule())
+        elif name in CODE_SCORERS:
+            from specialist.evaluate import code_tests
+
+            code_tests.require_pytest()
+            resolved[name] = getattr(code_tests, f"score_{name}")
         elif name == "json_schema":
             if json_schema is None:
                 raise ConfigError("the json_schema scorer needs evaluation.json_schema (a schema file)")
@@ -214,18 +223,37 @@ def import_scorer(path: str) -> Scorer:
     return function
 
 
-def score_rows(outputs: list[str], expected: list[str], scorers: dict[str, Scorer]) -> dict[str, list[float]]:
+def takes_prompt(scorer: Scorer) -> bool:
+    """Whether a scorer reads the row's input as a third argument."""
+    try:
+        parameters = inspect.signature(scorer).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+def score_rows(outputs: list[str], expected: list[str], scorers: dict[str, Scorer],
+               prompts: list[str] | None = None) -> dict[str, list[float]]:
     """Each scorer's value on every row, in row order (what bootstrap intervals and paired tests need)."""
     if len(outputs) != len(expected):
         raise ValueError(f"{len(outputs)} outputs for {len(expected)} expected completions")
-    return {name: [float(fn(o, e)) for o, e in zip(outputs, expected)] for name, fn in scorers.items()}
+    rows = {}
+    for name, fn in scorers.items():
+        if takes_prompt(fn):
+            if prompts is None or len(prompts) != len(outputs):
+                raise ValueError(f"scorer {name!r} reads each row's prompt; give one prompt per output")
+            rows[name] = [float(fn(o, e, p)) for o, e, p in zip(outputs, expected, prompts)]
+        else:
+            rows[name] = [float(fn(o, e)) for o, e in zip(outputs, expected)]
+    return rows
 
 
 def score_outputs(outputs: list[str], expected: list[str], scorers: list[str] | dict[str, Scorer],
-                  label_rule: LabelRule | None = None) -> dict[str, Any]:
+                  label_rule: LabelRule | None = None, prompts: list[str] | None = None) -> dict[str, Any]:
     """Mean of each scorer over the examples; `field_accuracy` also reports each key's accuracy."""
     functions = scorers if isinstance(scorers, dict) else resolve_scorers(scorers, label_rule)
-    rows = score_rows(outputs, expected, functions)
+    rows = score_rows(outputs, expected, functions, prompts)
     result: dict[str, Any] = {name: sum(v) / len(v) if v else 0.0 for name, v in rows.items()}
     if "field_accuracy" in functions:
         result["field_accuracy_per_key"] = per_key_accuracy(outputs, expected)
