@@ -66,12 +66,46 @@ def test_continued_pretraining_learns_plain_text(tiny_config, tmp_path, tiny_mod
     text = tmp_path / "docs.jsonl"
     line = "the datanode receives a block and the namenode updates the block map. "
     text.write_text("".join(json.dumps({"text": f"{line * (1 + i % 3)}doc {i}."}) + "\n" for i in range(40)))
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question": "who updates the block map?", "choices": ["the namenode", "the printer"], "answer": 0,
+         "document": "the datanode"},
+        {"question": "what does the datanode receive?", "choices": ["a cake", "a block", "a letter"],
+         "answer": "a block"},
+    ]))
     tiny_config["data"]["path"] = str(text)
     tiny_config["training"]["block_size"] = 32
+    tiny_config["evaluation"].update({"questions": str(questions), "forgetting_max_texts": 8,
+                                      "gates": ["domain.doc_ppl_change < 0", "tuned.question_accuracy >= 0"]})
     summary = run(configured(tiny_config, kind="continued_pretraining"), "tiny")
     assert_loss_falls(summary.run_dir)
-    assert summary.metrics["scores"] == {}  # no prompts to generate from: perplexity belongs to evaluation
+    assert summary.metrics["scores"] == {}  # no prompts to generate from: perplexities and questions instead
     assert adapter_changes_the_model(tiny_model_dir, summary.run_dir / "adapter")
+    report = json.loads((summary.run_dir / "eval.json").read_text())
+    assert report["kind"] == "domain_adaptation" and report["questions"] == 2
+    base, tuned = report["arms"]["base"], report["arms"]["tuned"]
+    # trained on these very sentences: the held-out documents (the same sentences) get likelier
+    assert tuned["doc_perplexity"] < 0.95 * base["doc_perplexity"]
+    assert report["doc_ppl_change"] == pytest.approx(tuned["doc_perplexity"] / base["doc_perplexity"] - 1)
+    assert 0 <= tuned["question_accuracy"]["mean"] <= 1
+    assert report["questions_on_trained_documents"]["n"] == 1  # the one question naming its document
+    assert [g["passed"] for g in report["gates"]] == [True, True]
+    assert "held-out documents" in (summary.run_dir / "report.md").read_text()
+
+
+def test_question_files_are_checked_with_file_and_line(tmp_path):
+    from specialist.errors import DataError
+    from specialist.evaluate.domain import read_questions
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"]}\n')
+    with pytest.raises(DataError, match=r"q.jsonl:2"):
+        read_questions(path)
+    path.write_text('{"question": "q", "choices": ["a", "b"], "answer": "c"}\n')
+    with pytest.raises(DataError, match=r"q.jsonl:1"):
+        read_questions(path)
+    with pytest.raises(DataError, match="is not a file"):
+        read_questions(tmp_path / "missing.jsonl")
 
 
 def preference_data(tmp_path):

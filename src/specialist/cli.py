@@ -117,8 +117,11 @@ def _parse_arm(text: str) -> tuple[str, Path]:
 
 
 def _finish_evaluation(result) -> None:
-    scores = {arm: {m: v["mean"] for m, v in s["scores"].items()} for arm, s in result.report["arms"].items()}
-    print_scores({"scores": scores, "n_eval": result.report["n_eval"]})
+    if result.report.get("kind") == "domain_adaptation":
+        print_domain(result.report)
+    else:
+        scores = {arm: {m: v["mean"] for m, v in s["scores"].items()} for arm, s in result.report["arms"].items()}
+        print_scores({"scores": scores, "n_eval": result.report["n_eval"]})
     for gate in result.gates:
         mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"
         console.print(f"gate {mark}  {gate.gate}  (value {gate.value:.3f})", soft_wrap=True)
@@ -160,11 +163,13 @@ def validate(
     from specialist.config import load_config
     from specialist.data import prepare as prepare_rows
     from specialist.data.report import print_prepare_report
+    from specialist.evaluate.runner import check_evaluation_inputs
     from specialist.train import check_method_runs_here
 
     with _user_errors(), tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(config, list(set_ or []))
         check_method_runs_here(cfg.method)
+        check_evaluation_inputs(cfg)
         prepared = prepare_rows(cfg.data, cfg.method.kind, Path(scratch) / "data", cfg.training.seed)
         print_prepare_report(prepared.report)
     splits = prepared.report.get("splits", {})
@@ -301,7 +306,20 @@ def models() -> None:
     console.print(table)
 
 
+def print_domain(report: dict) -> None:
+    from specialist.evaluate.domain import domain_table
+
+    table = Table(title="domain adaptation: before and after")
+    for column in ("metric", "base", "tuned", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in domain_table(report):
+        table.add_row(*row)
+    console.print(table)
+
+
 def print_scores(metrics: dict) -> None:
+    if "domain" in metrics:
+        print_domain(metrics["domain"])
     scores = metrics["scores"]
     arms = list(scores)
     if not arms:

@@ -222,6 +222,10 @@ class EvaluationConfig(_Section):
         "the other (in-scope) rows are reported apart, so a router that never escalates cannot hide.",
     )
     json_schema: Path | None = Field(default=None, description="json_schema: a Draft 2020-12 schema file.")
+    questions: Path | None = Field(
+        default=None, description="continued_pretraining: multiple-choice questions about the documents (JSONL "
+        '{"question", "choices", "answer"}), scored by choice log-likelihood before and after.',
+    )
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -310,7 +314,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     adapter = config.method.from_adapter
     if adapter is not None and not adapter.is_absolute():
         config.method.from_adapter = (path.parent / adapter).resolve()
-    for key in ("json_schema", "forgetting_corpus"):
+    for key in ("json_schema", "forgetting_corpus", "questions"):
         value = getattr(config.evaluation, key)
         if value is not None and not value.is_absolute():
             setattr(config.evaluation, key, (path.parent / value).resolve())

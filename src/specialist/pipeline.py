@@ -50,25 +50,27 @@ class RunSummary:
 
 def run(config: RunConfig, config_name: str = "run") -> RunSummary:
     """The whole slice for `config`: training, then every evaluation arm on the held-out rows, then the report."""
-    from specialist.evaluate.runner import evaluate_run
+    from specialist.evaluate.runner import check_evaluation_inputs, evaluate_run
 
     started = time.perf_counter()
+    check_evaluation_inputs(config)  # a bad schema or question file fails now, not after training
     trained = train_only(config, config_name)
     if not is_main_process():
         return trained
     metrics = trained.metrics
-    if config.method.kind != "continued_pretraining":  # plain text has no prompts to answer
-        evaluation = evaluate_run(trained.run_dir, config)
+    evaluation = evaluate_run(trained.run_dir, config)
+    if evaluation.report.get("kind") == "domain_adaptation":  # perplexities and questions, not generations
+        metrics["scores"] = {}
+        metrics["domain"] = evaluation.report
+    else:
         metrics["scores"] = {arm: {m: v["mean"] for m, v in summary["scores"].items()}
                              | ({"field_accuracy_per_key": summary["field_accuracy_per_key"]}
                                 if "field_accuracy_per_key" in summary else {})
                              for arm, summary in evaluation.report["arms"].items()}
-        metrics["n_eval"] = evaluation.report["n_eval"]
-        metrics["gates"] = evaluation.report["gates"]
-        metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-        (trained.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    else:
-        metrics["scores"] = {}
+    metrics["n_eval"] = evaluation.report["n_eval"]
+    metrics["gates"] = evaluation.report["gates"]
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    (trained.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return RunSummary(run_dir=trained.run_dir, metrics=metrics)
 
 

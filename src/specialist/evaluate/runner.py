@@ -74,6 +74,10 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None,
     from specialist.models import load_model_and_tokenizer
 
     config = config or load_run_config(run_dir)
+    if config.method.kind == "continued_pretraining":  # plain text: no prompts to answer, see evaluate.domain
+        from specialist.evaluate.domain import evaluate_domain
+
+        return evaluate_domain(run_dir, config)
     evaluation = config.evaluation
     template = PromptTemplate.load(run_dir / "template.json")
     split = read_split(run_dir / "data")
@@ -97,7 +101,8 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None,
         with arm.context():
             outputs[arm.name] = generate(arm, tokenizer, template, test, max_new_tokens, config)
         seconds[arm.name] = time.perf_counter() - started
-    rows = {name: score_rows(out, expected, scorers) for name, out in outputs.items()}
+    prompts = [ex.prompt for ex in test]
+    rows = {name: score_rows(out, expected, scorers, prompts) for name, out in outputs.items()}
 
     report: dict[str, Any] = {
         "run": str(run_dir),
@@ -120,6 +125,18 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None,
     report["gates"] = [{"gate": g.gate, "value": g.value, "passed": g.passed} for g in gates]
     write_eval_outputs(run_dir, config, report, test, outputs)
     return EvalResult(run_dir, report, gates)
+
+
+def check_evaluation_inputs(config: RunConfig) -> None:
+    """Fail early, before any training, on an unreadable schema, question set or scorer."""
+    evaluation = config.evaluation
+    if evaluation.questions is not None:
+        from specialist.evaluate.domain import read_questions
+
+        read_questions(evaluation.questions)
+    if config.method.kind != "continued_pretraining":
+        resolve_scorers(evaluation.scorers, LabelRule(json_key=evaluation.label_json_key,
+                                                      pattern=evaluation.label_pattern), evaluation.json_schema)
 
 
 def build_arms(model, run_dir: Path, config: RunConfig, train: list[Example],
@@ -246,7 +263,8 @@ def overfitting(tuned, tokenizer, template, split, test_rows, test_outputs, scor
     result: dict[str, Any] = {"train_rows": len(sample)}
     if sample:
         train_outputs = generate(Arm("tuned", tuned), tokenizer, template, sample, max_new_tokens, config)
-        train_rows = score_rows(train_outputs, [ex.completion for ex in sample], scorers)
+        train_rows = score_rows(train_outputs, [ex.completion for ex in sample], scorers,
+                                [ex.prompt for ex in sample])
         result["train_scores"] = {m: _mean(v) for m, v in train_rows.items()}
         result["test_scores"] = {m: _mean(v) for m, v in test_rows.items()}
         result["gap"] = {m: result["train_scores"][m] - result["test_scores"][m] for m in train_rows if m != "length"}
@@ -259,12 +277,16 @@ def overfitting(tuned, tokenizer, template, split, test_rows, test_outputs, scor
 
 
 def flat_figures(report: dict[str, Any]) -> dict[str, float]:
-    """Every number a gate may name: `arm.metric`, `overfitting.gap.metric`, `overfitting.memorisation_rate`."""
+    """Every number a gate may name: `arm.metric` (with `arm.macro_f1`, `arm.refused_when_should[_not]`),
+    `forgetting.*`, `overfitting.gap.metric`, `overfitting.memorisation_rate`."""
     figures = {f"{arm}.{metric}": value["mean"]
                for arm, summary in report["arms"].items() for metric, value in summary["scores"].items()}
     for arm, summary in report["arms"].items():
         if "labels" in summary:
             figures[f"{arm}.macro_f1"] = summary["labels"]["macro_f1"]
+        for name, value in summary.get("refusals", {}).items():
+            if name.startswith("refused_") and value is not None:
+                figures[f"{arm}.{name}"] = value
     for name in ("ppl_increase", "knowledge_drop"):
         if name in report.get("forgetting", {}):
             figures[f"forgetting.{name}"] = report["forgetting"][name]

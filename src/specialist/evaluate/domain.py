@@ -1,0 +1,226 @@
+"""Evaluation of continued pretraining (domain adaptation): what the model now knows of the domain, and what
+it kept of everything else.
+
+Plain text has no prompts to answer, so instead of base / few-shot / tuned generations this scores two arms,
+`base` (the adapter switched off, or the base weights) and `tuned`, on:
+
+- perplexity on the run's held-out documents (test split): the gain on the domain;
+- perplexity on general text (the bundled Wikipedia sentences or `evaluation.forgetting_corpus`): the cost;
+- `evaluation.questions`, when given: multiple-choice questions about the documents, each answered by the
+  choice with the highest mean log-probability per token after the question (how lm-evaluation-harness
+  scores small models, which cannot be trusted to write an answer letter), with a bootstrap interval and a
+  paired test between the arms.
+
+Figures for gates: `base.doc_perplexity`, `tuned.doc_perplexity`, `*.general_perplexity`,
+`*.question_accuracy`, `domain.doc_ppl_change` (relative: -0.2 is 20% lower) and `forgetting.ppl_increase`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specialist.config import RunConfig
+from specialist.console import console
+from specialist.data import read_split
+from specialist.errors import DataError
+from specialist.evaluate.forgetting import general_text, perplexity
+from specialist.evaluate.gates import check_gates
+from specialist.evaluate.stats import bootstrap_ci, paired_comparison
+
+
+def read_questions(path: Path) -> list[dict[str, Any]]:
+    """JSONL rows {"question": str, "choices": [str, ...], "answer": index or the choice itself}, and optionally
+    "document": the start of the document that answers it (to report questions on trained documents apart)."""
+    if not path.is_file():
+        raise DataError(f"evaluation.questions: {path} is not a file", hint="give a JSONL file of questions")
+    questions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            choices = [str(c) for c in row["choices"]]
+            answer = row["answer"] if isinstance(row["answer"], int) else choices.index(str(row["answer"]))
+            if not row["question"] or len(choices) < 2 or not 0 <= answer < len(choices):
+                raise ValueError("needs a question, two or more choices and an answer among them")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}:{number}: not a question row ({exc})",
+                            hint='write {"question": "...", "choices": ["a", "b", ...], "answer": 0}') from exc
+        questions.append({"question": row["question"], "choices": choices, "answer": answer,
+                          "document": row.get("document")})
+    if not questions:
+        raise DataError(f"{path} holds no questions")
+    return questions
+
+
+@torch.inference_mode()
+def choice_scores(model, tokenizer, question: str, choices: list[str]) -> list[float]:
+    """Mean log-probability per token of each choice written after `Question: ...\\nAnswer:`."""
+    prefix = f"Question: {question}\nAnswer:"
+    prefix_ids = tokenizer(prefix)["input_ids"]
+    rows = [prefix_ids + tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+    scores = []
+    for i, row in enumerate(rows):
+        positions = torch.arange(len(prefix_ids) - 1, len(row) - 1, device=model.device)
+        targets = input_ids[i, len(prefix_ids) : len(row)]
+        logprobs = torch.log_softmax(logits[i, positions], dim=-1).gather(1, targets[:, None])
+        scores.append(float(logprobs.mean()))
+    return scores
+
+
+def answer_questions(model, tokenizer, questions: list[dict[str, Any]]) -> list[float]:
+    """1 per question whose right choice scores highest, else 0."""
+    model.eval()
+    correct = []
+    for q in questions:
+        scores = choice_scores(model, tokenizer, q["question"], q["choices"])
+        correct.append(float(max(range(len(scores)), key=scores.__getitem__) == q["answer"]))
+    return correct
+
+
+def measure_arm(model, tokenizer, docs: list[str], general: list[str],
+                questions: list[dict[str, Any]]) -> dict[str, Any]:
+    model.eval()
+    return {"doc_perplexity": perplexity(model, tokenizer, docs, batch_size=4),
+            "general_perplexity": perplexity(model, tokenizer, general),
+            "questions": answer_questions(model, tokenizer, questions) if questions else []}
+
+
+def evaluate_domain(run_dir: Path, config: RunConfig):
+    """Score base and tuned on held-out documents, general text and the question set; write eval.json,
+    report.md and report.html; check the gates."""
+    from peft import PeftModel
+
+    from specialist.evaluate.runner import EvalResult
+    from specialist.models import load_model_and_tokenizer
+
+    evaluation = config.evaluation
+    split = read_split(run_dir / "data")
+    docs = [ex.completion for ex in split.test[: evaluation.max_examples or None]]
+    if not docs:
+        raise DataError(f"{run_dir / 'data'} has no held-out documents", hint="set data.test_fraction above 0")
+    general = general_text(evaluation.forgetting_corpus, evaluation.forgetting_max_texts)
+    questions = read_questions(evaluation.questions) if evaluation.questions else []
+    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype)
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        tuned = PeftModel.from_pretrained(model, run_dir / "adapter")
+        base, base_context = tuned, tuned.disable_adapter
+    else:
+        from transformers import AutoModelForCausalLM
+
+        tuned = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=model.dtype)
+        base, base_context = model, nullcontext
+    console.log(f"domain evaluation: {len(docs)} held-out documents, {len(general)} general texts, "
+                f"{len(questions)} questions")
+    with base_context():
+        before = measure_arm(base, tokenizer, docs, general, questions)
+    after = measure_arm(tuned, tokenizer, docs, general, questions)
+    trained_on = [trained_document(q, split.train) for q in questions]
+    report = domain_report(before, after, len(docs), len(general), evaluation, trained_on)
+    gates = check_gates(evaluation.gates, domain_figures(report))
+    report["gates"] = [{"gate": g.gate, "value": g.value, "passed": g.passed} for g in gates]
+    write_domain_outputs(run_dir, report)
+    return EvalResult(run_dir, report, gates)
+
+
+def trained_document(question: dict[str, Any], train) -> bool | None:
+    """Whether the document answering `question` was in the training split (None: the question does not say)."""
+    if not question.get("document"):
+        return None
+    return any(ex.completion.startswith(question["document"]) for ex in train)
+
+
+def _subset_accuracy(correct: list[float], keep: list[bool]) -> float | None:
+    chosen = [c for c, k in zip(correct, keep) if k]
+    return sum(chosen) / len(chosen) if chosen else None
+
+
+def domain_report(before: dict[str, Any], after: dict[str, Any], n_docs: int, n_general: int,
+                  evaluation, trained_on: list[bool | None] | None = None) -> dict[str, Any]:
+    arms = {}
+    for name, measured in (("base", before), ("tuned", after)):
+        arms[name] = {"doc_perplexity": measured["doc_perplexity"],
+                      "general_perplexity": measured["general_perplexity"]}
+        if measured["questions"]:
+            arms[name]["question_accuracy"] = bootstrap_ci(measured["questions"], evaluation.bootstrap_samples).as_dict()
+    report: dict[str, Any] = {
+        "kind": "domain_adaptation",
+        "n_eval": n_docs,
+        "general_texts": n_general,
+        "general_corpus": str(evaluation.forgetting_corpus or "bundled Wikipedia sentences"),
+        "questions": len(before["questions"]),
+        "arms": arms,
+        "doc_ppl_change": after["doc_perplexity"] / before["doc_perplexity"] - 1,
+        "general_ppl_change": after["general_perplexity"] / before["general_perplexity"] - 1,
+    }
+    if before["questions"]:
+        report["question_comparison"] = paired_comparison(before["questions"], after["questions"],
+                                                          evaluation.bootstrap_samples).as_dict()
+        trained_on = trained_on or [None] * len(before["questions"])
+        for subset, keep in (("trained", [t is True for t in trained_on]), ("held_out", [t is False for t in trained_on])):
+            if any(keep):
+                report[f"questions_on_{subset}_documents"] = {
+                    "n": sum(keep), "base": _subset_accuracy(before["questions"], keep),
+                    "tuned": _subset_accuracy(after["questions"], keep)}
+    return report
+
+
+def domain_figures(report: dict[str, Any]) -> dict[str, float]:
+    figures = {"domain.doc_ppl_change": report["doc_ppl_change"], "forgetting.ppl_increase": report["general_ppl_change"]}
+    for arm, values in report["arms"].items():
+        figures[f"{arm}.doc_perplexity"] = values["doc_perplexity"]
+        figures[f"{arm}.general_perplexity"] = values["general_perplexity"]
+        if "question_accuracy" in values:
+            figures[f"{arm}.question_accuracy"] = values["question_accuracy"]["mean"]
+    return figures
+
+
+def domain_table(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, base, tuned, change) rows, as the CLI, report.md and report.html show them."""
+    base, tuned = report["arms"]["base"], report["arms"]["tuned"]
+    rows = [
+        (f"perplexity on {report['n_eval']} held-out documents", f"{base['doc_perplexity']:.2f}",
+         f"{tuned['doc_perplexity']:.2f}", f"{100 * report['doc_ppl_change']:+.1f}%"),
+        (f"perplexity on {report['general_texts']} general texts", f"{base['general_perplexity']:.2f}",
+         f"{tuned['general_perplexity']:.2f}", f"{100 * report['general_ppl_change']:+.1f}%"),
+    ]
+    if "question_accuracy" in base:
+        b, t = base["question_accuracy"], tuned["question_accuracy"]
+        rows.append((f"accuracy on {report['questions']} questions about the documents",
+                     f"{100 * b['mean']:.1f}% [{100 * b['low']:.1f}, {100 * b['high']:.1f}]",
+                     f"{100 * t['mean']:.1f}% [{100 * t['low']:.1f}, {100 * t['high']:.1f}]",
+                     f"{100 * (t['mean'] - b['mean']):+.1f} pts (p={report['question_comparison']['p_value']:.3f})"))
+        for subset, words in (("trained", "trained on"), ("held_out", "held out")):
+            if part := report.get(f"questions_on_{subset}_documents"):
+                rows.append((f"  of which {part['n']} on documents {words}", f"{100 * part['base']:.1f}%",
+                             f"{100 * part['tuned']:.1f}%", f"{100 * (part['tuned'] - part['base']):+.1f} pts"))
+    return rows
+
+
+def write_domain_outputs(run_dir: Path, report: dict[str, Any]) -> None:
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    rows = domain_table(report)
+    gates = [f"- {'pass' if g['passed'] else 'FAIL'}: `{g['gate']}` (value {g['value']:.3f})" for g in report["gates"]]
+    markdown = ["# Domain adaptation: before and after", "", "| metric | base | tuned | change |", "|---|---|---|---|",
+                *[f"| {' | '.join(row)} |" for row in rows], "", "## Gates", "", *(gates or ["(none)"]), ""]
+    (run_dir / "report.md").write_text("\n".join(markdown), encoding="utf-8")
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    gate_items = "".join(f"<li>{html.escape(g[2:])}</li>" for g in gates)
+    (run_dir / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>Domain adaptation</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "table{border-collapse:collapse}</style></head><body><h1>Domain adaptation: before and after</h1>"
+        f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{cells}</table>"
+        f"<h2>Gates</h2><ul>{gate_items or '<li>(none)</li>'}</ul></body></html>", encoding="utf-8")
+    console.log(f"evaluation written to {run_dir / 'eval.json'}")
