@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean chromium
+.PHONY: demo test recipes install clean chromium
 
 install: $(STAMP)
 
@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/specialist run examples/log-to-json/config.yaml
+
+# Every recipe under examples/, one after another (each at most 20 minutes on 2 CPU cores); all run even
+# when one fails a gate, and the exit status says whether any did.
+RECIPES ?= log-to-json bug-triage support-routing test-generation log-root-cause safety-refusals domain-adaptation
+recipes: $(STAMP)
+	@status=0; for recipe in $(RECIPES); do \
+	  echo "== $$recipe"; $(VENV)/bin/specialist run examples/$$recipe/config.yaml || status=1; \
+	done; exit $$status
 
 test: $(STAMP) chromium
 	$(VENV)/bin/python -m pytest
