@@ -84,10 +84,11 @@ def test_tests_pass_and_mutation_kill_scores():
 
 
 def test_code_scorers_read_the_prompt_through_score_rows():
-    scorers = resolve_scorers(["tests_pass", "exact_match"])
+    scorers = resolve_scorers(["tests_pass", "exact_match", "chrf"])
     assert takes_prompt(scorers["tests_pass"]) and not takes_prompt(scorers["exact_match"])
+    assert not takes_prompt(scorers["chrf"])  # its extra parameters have defaults: settings, not the prompt
     rows = score_rows([STRONG, WRONG], [STRONG, STRONG], scorers, [PROMPT, PROMPT])
-    assert rows == {"tests_pass": [1.0, 0.0], "exact_match": [1.0, 0.0]}
+    assert rows["tests_pass"] == [1.0, 0.0] and rows["exact_match"] == [1.0, 0.0] and rows["chrf"][0] == 1.0
     with pytest.raises(ValueError, match="prompt"):
         score_rows([STRONG], [STRONG], scorers)
 
@@ -95,3 +96,13 @@ def test_code_scorers_read_the_prompt_through_score_rows():
 def test_fenced_code_takes_the_python_block():
     assert fenced_code("intro\n```python\nx = 1\n```\nmore") == "x = 1\n"
     assert fenced_code("x = 1\n") == "x = 1\n"
+
+
+def test_every_built_in_scorer_runs_through_score_rows_with_prompts(tmp_path):
+    from specialist.evaluate.scorers import KNOWN, LabelRule
+
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    scorers = resolve_scorers(sorted(KNOWN), LabelRule(json_key="k"), schema)
+    rows = score_rows(['{"k": "a"}', STRONG], ['{"k": "a"}', STRONG], scorers, [PROMPT, PROMPT])
+    assert set(rows) == set(KNOWN) and all(len(v) == 2 for v in rows.values())

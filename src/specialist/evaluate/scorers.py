@@ -224,13 +224,14 @@ def import_scorer(path: str) -> Scorer:
 
 
 def takes_prompt(scorer: Scorer) -> bool:
-    """Whether a scorer reads the row's input as a third argument."""
+    """Whether a scorer reads the row's input: a third positional parameter without a default (settings with
+    defaults, like chrf's `max_n`, do not count), or one named `prompt`."""
     try:
         parameters = inspect.signature(scorer).parameters.values()
     except (TypeError, ValueError):
         return False
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    required = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 3 or any(p.name == "prompt" for p in parameters)
 
 
 def score_rows(outputs: list[str], expected: list[str], scorers: dict[str, Scorer],
