@@ -120,7 +120,9 @@ def _finish_evaluation(result) -> None:
     if result.report.get("kind") == "domain_adaptation":
         print_domain(result.report)
     else:
-        scores = {arm: {m: v["mean"] for m, v in s["scores"].items()} for arm, s in result.report["arms"].items()}
+        from specialist.evaluate.runner import headline_scores
+
+        scores = {arm: headline_scores(s) for arm, s in result.report["arms"].items()}
         print_scores({"scores": scores, "n_eval": result.report["n_eval"]})
     for gate in result.gates:
         mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"

@@ -50,7 +50,7 @@ class RunSummary:
 
 def run(config: RunConfig, config_name: str = "run") -> RunSummary:
     """The whole slice for `config`: training, then every evaluation arm on the held-out rows, then the report."""
-    from specialist.evaluate.runner import check_evaluation_inputs, evaluate_run
+    from specialist.evaluate.runner import check_evaluation_inputs, evaluate_run, headline_scores
 
     started = time.perf_counter()
     check_evaluation_inputs(config)  # a bad schema or question file fails now, not after training
@@ -63,7 +63,7 @@ def run(config: RunConfig, config_name: str = "run") -> RunSummary:
         metrics["scores"] = {}
         metrics["domain"] = evaluation.report
     else:
-        metrics["scores"] = {arm: {m: v["mean"] for m, v in summary["scores"].items()}
+        metrics["scores"] = {arm: headline_scores(summary)
                              | ({"field_accuracy_per_key": summary["field_accuracy_per_key"]}
                                 if "field_accuracy_per_key" in summary else {})
                              for arm, summary in evaluation.report["arms"].items()}

@@ -146,6 +146,8 @@ def report_context(run_dir: Path, config, report: dict[str, Any], test: list[Exa
         "score_rows": score_table(report, arms),
         "key_rows": key_table(report, arms),
         "label_rows": label_table(report, arms),
+        "refusal_rows": [{"arm": arm, **report["arms"][arm]["refusals"]} for arm in arms
+                         if "refusals" in report["arms"][arm]],
         "costs": report.get("costs", {}),
         "overfitting": report.get("overfitting"),
         "forgetting": report.get("forgetting"),
@@ -235,6 +237,13 @@ def render_markdown(context: dict[str, Any]) -> str:
             cells = [row[k] for k in ("accuracy", "macro_f1", "in_scope_accuracy", "escalation_recall",
                                       "false_escalation_rate")]
             lines.append(f"| {row['arm']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    if context.get("refusal_rows"):
+        first = context["refusal_rows"][0]
+        lines += ["", f"| arm | refused when it should ({first['should_refuse']} rows) | "
+                  f"refused when it should not ({first['should_answer']} rows) |", "|---|---|---|"]
+        lines += [f"| {r['arm']} | " + " | ".join("" if r[k] is None else f"{100 * r[k]:.1f}%"
+                                                 for k in ("refused_when_should", "refused_when_should_not")) + " |"
+                  for r in context["refusal_rows"]]
     if context["forgetting"]:
         f = context["forgetting"]
         lines += ["", f"Forgetting: perplexity on {f['corpus']} {f['before']['perplexity']:.2f} -> "

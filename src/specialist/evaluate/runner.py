@@ -226,6 +226,17 @@ def arm_summary(rows: dict[str, list[float]], outputs: list[str], expected: list
     return summary
 
 
+def headline_scores(summary: dict[str, Any]) -> dict[str, float]:
+    """An arm's mean scores, with macro-F1 and the two refusal directions where the evaluation has them."""
+    scores = {metric: value["mean"] for metric, value in summary["scores"].items()}
+    if "labels" in summary:
+        scores["macro_f1"] = summary["labels"]["macro_f1"]
+    for name, value in summary.get("refusals", {}).items():
+        if name.startswith("refused_") and value is not None:
+            scores[name] = value
+    return scores
+
+
 def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[str, Any]:
     """Paired tests of `tuned` against each base arm, per scorer."""
     if "tuned" not in rows:
