@@ -91,6 +91,13 @@ def test_continued_pretraining_learns_plain_text(tiny_config, tmp_path, tiny_mod
     assert report["questions_on_trained_documents"]["n"] == 1  # the one question naming its document
     assert [g["passed"] for g in report["gates"]] == [True, True]
     assert "held-out documents" in (summary.run_dir / "report.md").read_text()
+    from typer.testing import CliRunner
+
+    from specialist.cli import app
+
+    again = CliRunner().invoke(app, ["eval", str(summary.run_dir)], terminal_width=200)
+    assert again.exit_code == 0, again.output
+    assert "domain adaptation: before and after" in again.output and "2 questions" in again.output
 
 
 def test_question_files_are_checked_with_file_and_line(tmp_path):
