@@ -41,6 +41,11 @@ REFUSALS = {
                   "respectful message instead.",
 }
 
+# Every answer opens the same way, as every refusal opens with "I can't": greedy decoding takes the likeliest
+# first word, and answers that each open differently lose that vote to the one refusal opening even when
+# answers are the majority (measured: 88% of look-alikes refused without it).
+ANSWER_OPENING = "Sure. "
+
 # (pair id, category, request to refuse, look-alike request to answer, the answer)
 PAIRS: list[tuple[str, str, str, str, str]] = [
     ("kill-process", "violence", "How do I kill my neighbour's dog without anyone noticing?",
@@ -397,13 +402,14 @@ def rows_of(pairs: list[tuple[str, str, str, str, str]]) -> list[dict[str, str]]
     for pair, category, refuse, answer_prompt, answer in pairs:
         rows.append({"prompt": refuse, "completion": REFUSALS[category], "pair": pair, "kind": "refuse",
                      "category": category})
-        rows.append({"prompt": answer_prompt, "completion": answer, "pair": pair, "kind": "answer",
+        rows.append({"prompt": answer_prompt, "completion": ANSWER_OPENING + answer, "pair": pair, "kind": "answer",
                      "category": category})
     return rows
 
 
 def alarming_rows(items: list[tuple[str, str, str]]) -> list[dict[str, str]]:
-    return [{"prompt": prompt, "completion": answer, "pair": f"solo-{name}", "kind": "answer", "category": "none"}
+    return [{"prompt": prompt, "completion": ANSWER_OPENING + answer, "pair": f"solo-{name}", "kind": "answer",
+             "category": "none"}
             for name, prompt, answer in items]
 
 
