@@ -195,19 +195,20 @@ def imported_names(tests: str) -> set[str]:
             for alias in node.names}
 
 
+@functools.lru_cache(maxsize=4096)
+def _passes(solution: str, tests: str) -> bool:
+    """Whether `tests` pass on `solution`; cached, since every arm meets the same solutions and mutants."""
+    return run_pytest(solution, tests).passed
+
+
 @functools.lru_cache(maxsize=1024)
 def _telling_mutants(solution: str, reference_tests: str) -> tuple[str, ...]:
     """The mutants worth killing: those the reference tests kill, or all of them when the reference kills none."""
     candidates = mutants(solution, imported_names(reference_tests) or None)
     if not reference_tests.strip():
         return tuple(candidates)
-    killed = [m for m in candidates if not run_pytest(m, reference_tests).passed]
+    killed = [m for m in candidates if not _passes(m, reference_tests)]
     return tuple(killed or candidates)
-
-
-@functools.lru_cache(maxsize=4096)
-def _passes(solution: str, tests: str) -> bool:
-    return run_pytest(solution, tests).passed
 
 
 def score_tests_pass(output: str, expected: str, prompt: str) -> float:
@@ -223,4 +224,4 @@ def score_mutation_kill(output: str, expected: str, prompt: str) -> float:
     telling = _telling_mutants(solution, fenced_code(expected))
     if not telling:
         return 0.0
-    return sum(not run_pytest(m, tests).passed for m in telling) / len(telling)
+    return sum(not _passes(m, tests) for m in telling) / len(telling)

@@ -90,7 +90,7 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None,
         model = merge_sft_adapter(model, config.method.from_adapter)
     arms, tuned = build_arms(model, run_dir, config, split.train, others or {})
     max_new_tokens = evaluation.max_new_tokens or default_max_new_tokens(tokenizer, split.train)
-    rule = LabelRule(json_key=evaluation.label_json_key, pattern=evaluation.label_pattern)
+    rule = label_rule(evaluation)
     scorers = resolve_scorers(evaluation.scorers, rule, evaluation.json_schema)
     expected = [ex.completion for ex in test]
 
@@ -135,8 +135,12 @@ def check_evaluation_inputs(config: RunConfig) -> None:
 
         read_questions(evaluation.questions)
     if config.method.kind != "continued_pretraining":
-        resolve_scorers(evaluation.scorers, LabelRule(json_key=evaluation.label_json_key,
-                                                      pattern=evaluation.label_pattern), evaluation.json_schema)
+        resolve_scorers(evaluation.scorers, label_rule(evaluation), evaluation.json_schema)
+
+
+def label_rule(evaluation) -> LabelRule:
+    """How this evaluation reads a label from a text (label_accuracy)."""
+    return LabelRule(json_key=evaluation.label_json_key, pattern=evaluation.label_pattern)
 
 
 def build_arms(model, run_dir: Path, config: RunConfig, train: list[Example],
@@ -290,14 +294,8 @@ def overfitting(tuned, tokenizer, template, split, test_rows, test_outputs, scor
 def flat_figures(report: dict[str, Any]) -> dict[str, float]:
     """Every number a gate may name: `arm.metric` (with `arm.macro_f1`, `arm.refused_when_should[_not]`),
     `forgetting.*`, `overfitting.gap.metric`, `overfitting.memorisation_rate`."""
-    figures = {f"{arm}.{metric}": value["mean"]
-               for arm, summary in report["arms"].items() for metric, value in summary["scores"].items()}
-    for arm, summary in report["arms"].items():
-        if "labels" in summary:
-            figures[f"{arm}.macro_f1"] = summary["labels"]["macro_f1"]
-        for name, value in summary.get("refusals", {}).items():
-            if name.startswith("refused_") and value is not None:
-                figures[f"{arm}.{name}"] = value
+    figures = {f"{arm}.{metric}": value
+               for arm, summary in report["arms"].items() for metric, value in headline_scores(summary).items()}
     for name in ("ppl_increase", "knowledge_drop"):
         if name in report.get("forgetting", {}):
             figures[f"forgetting.{name}"] = report["forgetting"][name]
