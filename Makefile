@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test recipes install clean chromium
+.PHONY: demo test recipes install clean chromium sandbox
 
 install: $(STAMP)
 
@@ -14,18 +14,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[embedded,serve,test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sandbox
 	$(VENV)/bin/specialist run examples/log-to-json/config.yaml
 
 # Every recipe under examples/, one after another (each at most 20 minutes on 2 CPU cores); all run even
 # when one fails a gate, and the exit status says whether any did.
 RECIPES ?= log-to-json bug-triage support-routing test-generation log-root-cause safety-refusals domain-adaptation
-recipes: $(STAMP)
+recipes: $(STAMP) sandbox
 	@status=0; for recipe in $(RECIPES); do \
 	  echo "== $$recipe"; $(VENV)/bin/specialist run examples/$$recipe/config.yaml || status=1; \
 	done; exit $$status
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium sandbox
 	$(VENV)/bin/python -m pytest
 
 # The report test renders report.html in Debian's headless Chromium; it is skipped where that cannot be installed.
@@ -33,6 +33,13 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: the report rendering test will be skipped"; }
+
+# Generated test code (the tests_pass and mutation_kill scorers) runs inside bubblewrap where it can; elsewhere a
+# weaker fallback that does not guard files is used (src/specialist/evaluate/code_tests.py says what it guards).
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) || \
+	  echo "bubblewrap not installed: generated tests will run in the weaker fallback sandbox"; }
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,6 +3,7 @@
 import pytest
 
 from specialist.evaluate.code_tests import (
+    available_isolations,
     fenced_code,
     imported_names,
     mutants,
@@ -35,19 +36,24 @@ WRONG = STRONG.replace("(([1, 2, 3], 5), 0)", "(([1, 2, 3], 5), 1)")
 
 
 def test_a_passing_module_passes_and_a_wrong_one_fails():
-    assert run_pytest(SOLUTION, STRONG).passed
+    passed = run_pytest(SOLUTION, STRONG)
+    assert passed.passed and (passed.tests_passed, passed.tests_failed) == (3, 0)  # from pytest's own report
+    assert passed.isolation == available_isolations()[0]  # the strongest this machine allows
     failed = run_pytest(SOLUTION, WRONG)
     assert not failed.passed and failed.returncode == 1 and "assert 0 == 1" in failed.output
+    assert failed.report_found and failed.tests_failed == 1
 
 
 def test_nothing_to_run_does_not_pass():
-    assert not run_pytest(SOLUTION, "from solution import count_above\n").passed  # pytest exit 5: no tests
-    assert not run_pytest(SOLUTION, "this is not python").passed
+    empty = run_pytest(SOLUTION, "from solution import count_above\n")
+    assert not empty.passed and empty.returncode == 5 and empty.tests_passed == 0  # pytest exit 5: no tests
+    broken = run_pytest(SOLUTION, "this is not python")
+    assert not broken.passed and broken.returncode == 2 and broken.tests_failed == 1  # a collection error
 
 
 def test_an_endless_test_is_killed_at_the_time_limit():
     result = run_pytest(SOLUTION, "def test_forever():\n    while True:\n        pass\n", timeout=2)
-    assert result.timed_out and not result.passed
+    assert result.timed_out and not result.passed and result.returncode is None
 
 
 def test_memory_and_network_are_limited():
