@@ -326,7 +326,7 @@ def test_balance_caps_and_upsamples_the_training_split_only(tmp_path):
 # ---- length --------------------------------------------------------------------------------------------------
 
 
-def test_over_length_rows_are_dropped_or_truncated_and_cut_away_completions_never_train(tmp_path):
+def test_over_length_rows_are_dropped_or_have_their_input_shortened_never_their_answer(tmp_path):
     tokenizer = build_tiny_tokenizer()
     rows = pairs(20) + [{"prompt": "long " * 200, "completion": "c"}, {"prompt": "p", "completion": "long " * 200}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -334,14 +334,16 @@ def test_over_length_rows_are_dropped_or_truncated_and_cut_away_completions_neve
     assert dropped.report["dropped"]["over_max_length"]["count"] == 2
     assert dropped.report["lengths"]["total"]["max"] > 64 and dropped.report["tokens_per_epoch"] > 0
     truncated = run_prepare(tmp_path / "t", path, tokenizer=tokenizer, max_length=64, over_length="truncate")
-    assert truncated.report["dropped"]["completion_cut_away"]["first"][0]["line"] == 21
-    assert truncated.report["lengths"]["truncated"] == 1
-    assert any(e.line == 22 for e in all_rows(truncated))
+    # the long input is shortened and kept; the answer that alone overflows max_length is the one row dropped
+    assert truncated.report["dropped"]["answer_over_max_length"]["first"][0]["line"] == 22
+    assert truncated.report["dropped"]["answer_over_max_length"]["count"] == 1
+    assert truncated.report["lengths"]["truncated"] == 1 and truncated.report["lengths"]["tokens_cut"] > 100
+    assert any(e.line == 21 and e.completion == "c" for e in all_rows(truncated))
 
 
 def test_a_dataset_left_with_no_completion_tokens_stops(tmp_path):
     tokenizer = build_tiny_tokenizer()
-    rows = [{"prompt": f"long prompt {i} " * 40, "completion": "c"} for i in range(10)]
+    rows = [{"prompt": f"p{i}", "completion": f"long answer {i} " * 40} for i in range(10)]
     with pytest.raises(DataError, match="no completion tokens remain"):
         run_prepare(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), tokenizer=tokenizer, max_length=32,
                     over_length="truncate", max_bad_fraction=1.0)

@@ -6,6 +6,7 @@ Every section forbids unknown keys so a typo (`learning_rte`) fails loudly inste
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,12 @@ class DedupeConfig(_Section):
     exact: bool = Field(default=True, description="Drop rows equal to an earlier one after case and space folding.")
     near: bool = Field(default=True, description="Drop near-duplicates (MinHash + LSH on word shingles).")
     leakage: bool = Field(default=True, description="Drop val/test rows that are near-duplicates of a training row.")
+    fixed_split_leakage: Literal["drop_from_train", "drop_from_fixed", "keep"] = Field(
+        default="drop_from_train",
+        description="A fixed val/test set (data.val_path, data.test_path or data.split_column) is never changed "
+        "unless asked: drop_from_train removes the training rows that equal or nearly equal one of its rows; "
+        "drop_from_fixed removes its leaking rows instead (as a random split does); keep only reports them.",
+    )
     threshold: float = Field(default=0.85, gt=0, le=1, description="Estimated Jaccard similarity that counts as near.")
     num_perm: int = Field(default=64, ge=16, le=256, description="MinHash permutations (signature length).")
     shingle_words: int = Field(default=3, ge=1, le=10, description="Words per shingle.")
@@ -92,8 +99,29 @@ class DataConfig(_Section):
         default="",
         description="Task description put before every input, in training, evaluation and serving alike.",
     )
-    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Ignored when data.val_path or "
+                                "data.split_column gives the validation rows.")
+    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0, description="Ignored when data.test_path or "
+                                 "data.split_column gives the test rows.")
+    test_path: Path | None = Field(
+        default=None, description="A fixed test set (same formats and shape as data.path), read, validated, cleaned "
+        "and deduped like it and used as is; data.path then supplies train and val. Relative to the config file.",
+    )
+    val_path: Path | None = Field(
+        default=None, description="A fixed validation set, like test_path; data.path then supplies no val rows.",
+    )
+    split_column: str | None = Field(
+        default=None, description="A column holding each row's split: exactly train, val or test (any other value "
+        "is a bad row); the fractions and split_by are not used then.",
+    )
+    prompt_template: str | None = Field(
+        default=None, description="Build the input from several columns, e.g. '{title}\\n\\n{body}' "
+        "(prompt_completion, labelled and preference rows; replaces prompt_column / text_column).",
+    )
+    csv_max_field_lines: int = Field(
+        default=200, ge=1, description="CSV/TSV: a quoted field spanning more lines (or a quote left open at the end "
+        "of the file) is a bad row at the line where the quote opened; reading resumes on the next line.",
+    )
     max_examples: int | None = Field(default=None, gt=0, description="Use only N rows (after shuffling).")
     split_by: Literal["random", "stratified", "grouped"] = Field(
         default="random", description="stratified: by label; grouped: whole groups of group_column per split."
@@ -103,7 +131,11 @@ class DataConfig(_Section):
         default=0.1, ge=0, le=1, description="Stop (writing nothing) when more than this share of rows is malformed."
     )
     over_length: Literal["drop", "truncate"] = Field(
-        default="drop", description="Rows longer than training.max_length tokens: drop them, or keep them cut."
+        default="drop", description="Rows longer than training.max_length tokens: drop them, or shorten their input "
+        "(never the answer) to fit; a row is dropped only when instruction + answer alone do not fit.",
+    )
+    truncate_side: Literal["right", "left", "middle"] = Field(
+        default="right", description="over_length truncate: cut the input's end, its start, or its middle.",
     )
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
@@ -117,7 +149,20 @@ class DataConfig(_Section):
             raise ValueError("split_by 'grouped' needs group_column")
         if "{label}" not in self.label_template:
             raise ValueError("label_template must contain {label}")
+        if self.split_column and (self.test_path or self.val_path):
+            raise ValueError("split_column and test_path/val_path each fix the split: use one of them")
+        if self.split_column and self.split_by != "random":
+            raise ValueError(f"split_column decides every row's split; remove split_by {self.split_by!r}")
         return self
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _prompt_template_names_columns(cls, value: str | None) -> str | None:
+        from specialist.data.shapes import parse_prompt_template
+
+        if value is not None:
+            parse_prompt_template(value)
+        return value
 
 
 class ModelConfig(_Section):
@@ -175,7 +220,15 @@ class MethodConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: float = Field(default=1.0, gt=0)
+    epochs: float | Literal["auto"] = Field(
+        default=1.0, description="Passes over the training rows; auto: OpenAI's rule, 3 raised for small sets "
+        "(at least 100 examples seen) and lowered for large ones (at most 25,000), within 1..25.",
+    )
+    time_budget: str | None = Field(
+        default=None, description="Fit training into this long, e.g. '90s', '10m', '1h30m': the optimizer steps "
+        "are set from the rate measured over the first steps (never more than epochs/max_steps ask for); "
+        "evaluations and checkpoints move with them. None: off.",
+    )
     max_steps: int = Field(default=-1, description="Stop after this many optimizer steps; -1 means run all epochs.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1)
     batch_size: int = Field(default=8, gt=0)
@@ -208,6 +261,37 @@ class TrainingConfig(_Section):
     )
     block_size: int = Field(default=256, gt=8, description="continued_pretraining: tokens per packed block.")
 
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_are_positive(cls, value: float | str) -> float | str:
+        if value != "auto" and value <= 0:
+            raise ValueError("epochs must be above 0, or 'auto'")
+        return value
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _time_budget_is_a_duration(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError(f"{value} has no unit; write it like '{value}s' or '10m'")
+        if isinstance(value, str):
+            parse_duration(value)
+        return value
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration written like '90s', '10m', '1h30m' or '1.5h'."""
+    import re
+
+    number = r"([0-9]+(?:[.][0-9]+)?)"  # ASCII digits only: \d would also take other scripts' digits
+    match = re.fullmatch(rf"\s*(?:{number}h)?\s*(?:{number}m)?\s*(?:{number}s)?\s*", text)
+    if not text.strip() or match is None:
+        raise ValueError(f"{text!r} is not a duration; write it like '90s', '10m' or '1h30m'")
+    hours, minutes, seconds = (float(part or 0) for part in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"{text!r} is no time at all; give a duration above zero, like '10m'")
+    return total
+
 
 class EvaluationConfig(_Section):
     scorers: list[str] = Field(
@@ -232,9 +316,20 @@ class EvaluationConfig(_Section):
     bootstrap_samples: int = Field(default=1000, ge=100)
     train_sample: int = Field(default=60, ge=0, description="Train rows scored beside the test rows (overfitting).")
     gates: list[str] = Field(default_factory=list, description="e.g. 'json_valid >= 0.95', 'tuned - base >= 0.2 on exact_match'.")
+    gates_confidence: Literal["point", "interval"] = Field(
+        default="point", description="point: a gate compares the value; interval: every gate is judged as if it "
+        "ended in 'confidently' (the interval's far bound must clear the threshold).",
+    )
     forgetting: bool = Field(default=True, description="Perplexity on general text and a knowledge probe, before/after.")
     forgetting_corpus: Path | None = Field(default=None, description="Replace the bundled general text: one text a line.")
     forgetting_max_texts: int = Field(default=300, gt=0)
+    knowledge_probe: Path | None = Field(
+        default=None, description='Replace the bundled MMLU probe: multiple-choice JSONL {"question", "choices" '
+        '(4), "answer" (A-D), "subject" (optional)}.',
+    )
+    knowledge_probe_size: int | None = Field(
+        default=300, ge=0, description="Questions asked, sampled round-robin over subjects; 0 or None: all.",
+    )
     max_new_tokens: int | None = Field(
         default=None, gt=0, description="None: the longest training completion plus a margin."
     )
@@ -309,16 +404,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     for override in overrides or []:
         apply_override(raw, override)
     config = validate_config(raw, source=str(path))
-    if not config.data.path.is_absolute():
-        config.data.path = (path.parent / config.data.path).resolve()
+    for key in ("path", "test_path", "val_path"):
+        value = getattr(config.data, key)
+        if value is not None and not value.is_absolute():
+            setattr(config.data, key, _resolve(path.parent / value))
     adapter = config.method.from_adapter
     if adapter is not None and not adapter.is_absolute():
         config.method.from_adapter = (path.parent / adapter).resolve()
-    for key in ("json_schema", "forgetting_corpus", "questions"):
+    for key in ("json_schema", "forgetting_corpus", "questions", "knowledge_probe"):
         value = getattr(config.evaluation, key)
         if value is not None and not value.is_absolute():
             setattr(config.evaluation, key, (path.parent / value).resolve())
     return config
+
+
+def _resolve(path: Path) -> Path:
+    """The absolute path; a symlink loop stays as written, for the data stage to report with its name."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on a symlink loop
+        return Path(os.path.abspath(path))
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:

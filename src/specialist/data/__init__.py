@@ -4,6 +4,7 @@ prompt template."""
 from specialist.data.load import Example
 from specialist.data.prepare import Prepared, prepare
 from specialist.data.split import Split, read_split
-from specialist.data.template import PromptTemplate, encode_for_training
+from specialist.data.template import FittedPrompt, PromptTemplate, encode_for_training
 
-__all__ = ["Example", "Prepared", "PromptTemplate", "Split", "encode_for_training", "prepare", "read_split"]
+__all__ = ["Example", "FittedPrompt", "Prepared", "PromptTemplate", "Split", "encode_for_training", "prepare",
+           "read_split"]

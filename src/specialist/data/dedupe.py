@@ -111,18 +111,23 @@ class UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
-def near_duplicate_roots(signatures: np.ndarray, threshold: float, active: np.ndarray | None = None) -> np.ndarray:
+def near_duplicate_roots(signatures: np.ndarray, threshold: float, active: np.ndarray | None = None,
+                         groups: np.ndarray | None = None) -> np.ndarray:
     """For each row, the index of the first row of its near-duplicate cluster (itself when unique).
 
-    `active` (bool mask) limits the search to those rows; the others map to themselves.
+    `active` (bool mask) limits the search to those rows; the others map to themselves. With `groups` (one
+    integer a row) only rows of the same group can join a cluster.
     """
     n, num_perm = signatures.shape
     bands, rows = lsh_bands(num_perm, threshold)
     index = np.flatnonzero(active) if active is not None else np.arange(n)
     subset = signatures[index]
+    salt = None if groups is None else groups[index].astype(np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     union = UnionFind(n)
     for band in range(bands):
         keys = band_key(subset, band, rows)
+        if salt is not None:  # rows of different groups fall into different buckets
+            keys = keys ^ salt
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         starts_run = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
@@ -132,6 +137,8 @@ def near_duplicate_roots(signatures: np.ndarray, threshold: float, active: np.nd
             continue
         left, right = index[first_of_run[candidates]], index[order[candidates]]
         confirmed = confirmed_pairs(signatures, left, right, threshold)
+        if groups is not None:
+            confirmed &= groups[left] == groups[right]
         for i, j in zip(left[confirmed].tolist(), right[confirmed].tolist(), strict=True):
             union.union(i, j)
     return np.fromiter((union.find(i) for i in range(n)), dtype=np.int64, count=n)

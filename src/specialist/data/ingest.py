@@ -1,5 +1,7 @@
 """First pass of `prepare`: rows -> validated, cleaned examples in a spool file plus small per-row arrays.
 
+Every source (data.path, and the fixed data.val_path / data.test_path) goes into the same spool, each row tagged
+with its source and, where the split is fixed (a fixed file, or data.split_column), the split it belongs to.
 Each block of rows is validated, cleaned, keyed for exact dedupe and MinHashed by a RowWorker. Large JSONL files
 (the common case for big data) are parsed by a pool of worker processes, one per core, with blocks handed back in
 file order so "keep the first duplicate" still means the first in the file; other formats and small files run
@@ -24,11 +26,14 @@ from specialist.data.clean import Scrubber, normalize_text, scrub_kinds
 from specialist.data.dedupe import MinHasher, exact_key
 from specialist.data.load import Example
 from specialist.data.readers import RawRow, iter_rows, jsonl_line_chunks, parse_jsonl_line
-from specialist.data.shapes import Shape, detect_shape, row_to_example
+from specialist.data.shapes import Shape, as_text, detect_shape, row_to_example
+from specialist.errors import DataError
 
 _BLOCK = 8192
 _PARALLEL_FROM_BYTES = 16 * 2**20  # below this, starting worker processes costs more than it saves
 _FIRST_LINES = 5
+SPLIT_VALUES = {"train": 0, "val": 1, "test": 2}
+UNSPLIT = -1  # a row whose split `prepare` decides
 
 
 @dataclass
@@ -46,6 +51,16 @@ class Problems:
         return {kind: {"count": n, "first": self.first[kind]} for kind, n in self.counts.most_common()}
 
 
+@dataclass(frozen=True)
+class Source:
+    """One file `prepare` reads: the main data (part UNSPLIT) or a fixed val (1) or test (2) set."""
+
+    name: str  # "data", "val" or "test"
+    path: Path
+    fmt: str
+    part: int = UNSPLIT
+
+
 @dataclass
 class Rows:
     """Per-row arrays for the rows that passed validation, in file order; the text lives in the spool."""
@@ -55,6 +70,8 @@ class Rows:
     keys: array = field(default_factory=lambda: array("Q"))
     labels: array = field(default_factory=lambda: array("i"))
     groups: array = field(default_factory=lambda: array("q"))
+    parts: array = field(default_factory=lambda: array("b"))  # fixed split (0 train, 1 val, 2 test) or UNSPLIT
+    sources: array = field(default_factory=lambda: array("b"))  # index of the Source the row came from
     label_names: dict[str, int] = field(default_factory=dict)
     group_names: dict[str, int] = field(default_factory=dict)
     signature_width: int = 0  # MinHash values a row in the signature file (0: none computed)
@@ -64,13 +81,24 @@ class Rows:
 
 
 @dataclass
+class SourceRead:
+    """What reading one source gave: rows and physical lines read, lines of bad rows, and why they were bad."""
+
+    source: Source
+    shape: Shape | None
+    read: int = 0  # rows (records) read
+    lines: int = 0  # physical lines those rows took: a CSV field may span several; the bad share counts lines
+    bad_lines: int = 0
+    good: int = 0
+    changed: int = 0
+    scrubbed: Counter = field(default_factory=Counter)
+    problems: Problems = field(default_factory=Problems)
+
+
+@dataclass
 class Ingested:
     rows: Rows
-    shape: Shape | None
-    read: int
-    changed: int
-    scrubbed: Counter
-    problems: Problems
+    sources: list[SourceRead]
 
 
 @dataclass
@@ -83,16 +111,28 @@ class _Block:
     keys: list[int] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
     groups: list[str | None] = field(default_factory=list)
+    parts: list[int] = field(default_factory=list)
     problems: list[tuple[str, int, str]] = field(default_factory=list)
     read: int = 0
+    lines_read: int = 0
+    bad_lines: int = 0
     changed: int = 0
     scrubbed: Counter = field(default_factory=Counter)
     signatures: np.ndarray | None = None
 
 
+def split_of(row: dict[str, Any], column: str) -> tuple[int | None, str]:
+    """(0 train / 1 val / 2 test, "") from the row's split column, or (None, why not): only the exact words count."""
+    value = row.get(column)
+    text = as_text(value).strip() if value is not None else ""
+    if text in SPLIT_VALUES:
+        return SPLIT_VALUES[text], ""
+    return None, f"split column {column!r} holds {value!r}; it must be exactly train, val or test"
+
+
 class RowWorker:
-    def __init__(self, data, shape: Shape, method_kind: str) -> None:
-        self.data, self.shape = data, shape
+    def __init__(self, data, shape: Shape, method_kind: str, part: int = UNSPLIT) -> None:
+        self.data, self.shape, self.part = data, shape, part
         self.keep_rejected = method_kind == "dpo"
         self.normalize = data.clean.normalize
         self.scrub_kinds = scrub_kinds(data.clean.scrub)
@@ -108,28 +148,22 @@ class RowWorker:
         out, parts, texts = _Block(read=len(raws)), [], []
         scrubber = Scrubber(self.scrub_kinds, self.data.clean.placeholder)
         for raw in raws:
-            if raw.row is None:
-                out.problems.append((raw.kind, raw.line, raw.problem))
-                continue
-            example, kind, message = row_to_example(raw.row, raw.line, self.shape, self.data, self.keep_rejected)
+            out.lines_read += raw.span
+            example, part, kind, message = self._example(raw, scrubber, out)
             if example is None:
                 out.problems.append((kind, raw.line, message))
+                out.bad_lines += raw.span
                 continue
-            cleaned = self._clean(example, scrubber)
-            if cleaned is not example:
-                out.changed += cleaned != example
-            if not cleaned.completion or (self.shape.name != "text" and not cleaned.prompt):
-                out.problems.append(("empty_field", raw.line, "empty after cleaning"))
-                continue
-            encoded = _spool_line(cleaned)
+            encoded = _spool_line(example)
             parts.append(encoded)
             out.sizes.append(len(encoded))
-            out.lines.append(cleaned.line)
-            out.keys.append(exact_key(cleaned.prompt, cleaned.completion, cleaned.rejected))
-            out.labels.append(cleaned.label)
-            out.groups.append(cleaned.group)
+            out.lines.append(example.line)
+            out.keys.append(exact_key(example.prompt, example.completion, example.rejected))
+            out.labels.append(example.label)
+            out.groups.append(example.group)
+            out.parts.append(part)
             if self.hasher is not None:
-                texts.append(f"{cleaned.prompt}\n{cleaned.completion}")
+                texts.append(f"{example.prompt}\n{example.completion}")
         out.blob = b"".join(parts)
         out.scrubbed = scrubber.counts
         if self.hasher is not None and texts:
@@ -137,6 +171,27 @@ class RowWorker:
             # (1 in 65,536) moves a similarity estimate by nothing measurable, at half the memory
             out.signatures = (self.hasher.signatures(texts) >> 16).astype(np.uint16)
         return out
+
+    def _example(self, raw: RawRow, scrubber: Scrubber, out: _Block) -> tuple[Example | None, int, str, str]:
+        """(cleaned example, its fixed split, "", "") or (None, 0, problem kind, message)."""
+        if raw.row is None:
+            return None, 0, raw.kind, raw.problem
+        part = self.part
+        if self.data.split_column:
+            part, problem = split_of(raw.row, self.data.split_column)
+            if part is None:
+                return None, 0, "bad_split_value", problem
+        try:
+            example, kind, message = row_to_example(raw.row, raw.line, self.shape, self.data, self.keep_rejected)
+        except RecursionError:  # a value nested too deep to write back as JSON text
+            return None, 0, "too_deep", "a value is nested too deeply to use; flatten the row"
+        if example is None:
+            return None, 0, kind, message
+        cleaned = self._clean(example, scrubber)
+        out.changed += cleaned is not example and cleaned != example
+        if not cleaned.completion or (self.shape.name != "text" and not cleaned.prompt):
+            return None, 0, "empty_field", "empty after cleaning"
+        return cleaned, part, "", ""
 
     def _clean(self, example: Example, scrubber: Scrubber) -> Example:
         if not self.normalize and not scrubber.patterns:
@@ -164,22 +219,33 @@ def _spool_line(example: Example) -> bytes:
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def ingest(data, method_kind: str, path: Path, fmt: str, spool_path: Path, show_progress: bool) -> Ingested:
-    """Validated, cleaned rows into `spool_path` (JSONL) and their MinHash signatures beside it (.sig, uint16)."""
-    shape = _shape_of_first_good_row(path, fmt, data, method_kind)
-    result = Ingested(Rows(), shape, 0, 0, Counter(), Problems())
-    if shape is None:  # no readable row at all: count the problems for the report and the error
-        for raw in iter_rows(path, fmt):
-            result.read += 1
-            result.problems.add(raw.kind, raw.line, raw.problem)
-        return result
-    worker = RowWorker(data, shape, method_kind)
-    with spool_path.open("wb") as spool, signature_path(spool_path).open("wb") as signatures, \
-            _progress(show_progress, path) as advance:
-        for block in _worker_blocks(worker, path, fmt, data, shape, method_kind):
-            _collect(result, spool, signatures, block)
-            advance(block.read)
+def ingest(data, method_kind: str, sources: list[Source], spool_path: Path, show_progress: bool) -> Ingested:
+    """Validated, cleaned rows of every source into `spool_path` (JSONL), MinHash signatures beside it (.sig)."""
+    result = Ingested(Rows(), [])
+    with spool_path.open("wb") as spool, signature_path(spool_path).open("wb") as signatures:
+        for number, source in enumerate(sources):
+            result.sources.append(_ingest_source(data, method_kind, source, number, result.rows, spool, signatures,
+                                                 show_progress))
     return result
+
+
+def _ingest_source(data, method_kind: str, source: Source, number: int, rows: Rows, spool, signatures,
+                   show_progress: bool) -> SourceRead:
+    shape = _shape_of_first_good_row(source, data, method_kind)
+    read = SourceRead(source, shape)
+    if shape is None:  # no readable row at all: count the problems for the report and the error
+        for raw in iter_rows(source.path, source.fmt, csv_max_field_lines=data.csv_max_field_lines):
+            read.read, read.lines, read.bad_lines = read.read + 1, read.lines + raw.span, read.bad_lines + raw.span
+            read.problems.add(raw.kind, raw.line, raw.problem)
+        return read
+    worker = RowWorker(data, shape, method_kind, source.part)
+    first = len(rows)
+    with _progress(show_progress, source.path) as advance:
+        for block in _worker_blocks(worker, source, data, shape, method_kind):
+            _collect(read, rows, number, spool, signatures, block)
+            advance(block.read)
+    read.good = len(rows) - first
+    return read
 
 
 def signature_path(spool_path: Path) -> Path:
@@ -192,24 +258,26 @@ def load_signatures(spool_path: Path, rows: Rows) -> np.ndarray | None:
     return np.fromfile(signature_path(spool_path), dtype=np.uint16).reshape(len(rows), rows.signature_width)
 
 
-def _worker_blocks(worker: RowWorker, path: Path, fmt: str, data, shape: Shape, method_kind: str) -> Iterator[_Block]:
+def _worker_blocks(worker: RowWorker, source: Source, data, shape: Shape, method_kind: str) -> Iterator[_Block]:
     workers = os.cpu_count() or 1
-    if fmt == "jsonl" and workers > 1 and path.stat().st_size >= _PARALLEL_FROM_BYTES:
+    path = source.path
+    if source.fmt == "jsonl" and workers > 1 and path.stat().st_size >= _PARALLEL_FROM_BYTES:
         # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork
         context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_init_pool_worker, initargs=(data, shape, method_kind)) as pool:
+        with context.Pool(workers, initializer=_init_pool_worker,
+                          initargs=(data, shape, method_kind, source.part)) as pool:
             yield from pool.imap(_pool_jsonl_block, jsonl_line_chunks(path, _BLOCK), chunksize=1)
         return
-    for raws in _blocks(iter_rows(path, fmt)):
+    for raws in _blocks(iter_rows(path, source.fmt, csv_max_field_lines=data.csv_max_field_lines)):
         yield worker.rows_block(raws)
 
 
 _POOL_WORKER: RowWorker | None = None
 
 
-def _init_pool_worker(data, shape: Shape, method_kind: str) -> None:
+def _init_pool_worker(data, shape: Shape, method_kind: str, part: int) -> None:
     global _POOL_WORKER
-    _POOL_WORKER = RowWorker(data, shape, method_kind)
+    _POOL_WORKER = RowWorker(data, shape, method_kind, part)
 
 
 def _pool_jsonl_block(block: tuple[int, list[bytes]]) -> _Block:
@@ -228,20 +296,25 @@ def _blocks(rows: Iterable[RawRow]) -> Iterator[list[RawRow]]:
         yield block
 
 
-def _shape_of_first_good_row(path: Path, fmt: str, data, method_kind: str) -> Shape | None:
-    for raw in iter_rows(path, fmt):
+def _shape_of_first_good_row(source: Source, data, method_kind: str) -> Shape | None:
+    for raw in iter_rows(source.path, source.fmt, csv_max_field_lines=data.csv_max_field_lines):
         if raw.row is not None:
-            return detect_shape(list(raw.row), data, method_kind)
+            try:
+                return detect_shape(list(raw.row), data, method_kind)
+            except DataError as exc:  # name the file: with a fixed val/test file there are several
+                message = str(exc).split("\n  hint: ")[0]
+                raise DataError(f"{source.path}:{raw.line}: {message}", hint=exc.hint) from None
     return None
 
 
-def _collect(result: Ingested, spool, signatures, block: _Block) -> None:
-    rows = result.rows
-    result.read += block.read
-    result.changed += block.changed
-    result.scrubbed.update(block.scrubbed)
+def _collect(read: SourceRead, rows: Rows, number: int, spool, signatures, block: _Block) -> None:
+    read.read += block.read
+    read.lines += block.lines_read
+    read.bad_lines += block.bad_lines
+    read.changed += block.changed
+    read.scrubbed.update(block.scrubbed)
     for kind, line, message in block.problems:
-        result.problems.add(kind, line, message)
+        read.problems.add(kind, line, message)
     if not block.sizes:
         return
     spool.write(block.blob)
@@ -251,6 +324,8 @@ def _collect(result: Ingested, spool, signatures, block: _Block) -> None:
     rows.keys.extend(block.keys)
     rows.labels.extend(_ids(block.labels, rows.label_names))
     rows.groups.extend(_ids(block.groups, rows.group_names))
+    rows.parts.extend(block.parts)
+    rows.sources.extend([number] * len(block.sizes))
     if block.signatures is not None:
         block.signatures.tofile(signatures)
         rows.signature_width = block.signatures.shape[1]

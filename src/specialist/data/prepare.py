@@ -8,10 +8,18 @@ into place, so a run that stops on bad data writes nothing.
 
 Output folder: train.jsonl, val.jsonl, test.jsonl, manifest.json (source hashes, rows per step, seed,
 options) and report.json (what was dropped and why, with line numbers; lengths, labels, duplicates, leakage).
+The output folder must be new, empty, or an earlier prepare output (it is replaced whole), and never one that
+holds, or lies inside, the config or the data: that is checked before anything is written.
+
+Fixed splits: data.test_path / data.val_path (files read like data.path) or data.split_column (a train/val/test
+column) fix which rows are val and test. Those rows are cleaned and deduped among themselves but never cut by
+length, max_examples or leakage unless data.dedupe.fixed_split_leakage asks; training rows that copy one of them
+are dropped from train instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,15 +32,15 @@ from typing import Any
 import numpy as np
 
 from specialist.data.dedupe import leaking_rows, near_duplicate_roots
-from specialist.data.ingest import Problems, Rows, ingest, load_signatures, signature_path
+from specialist.data.ingest import UNSPLIT, Problems, Rows, Source, SourceRead, ingest, load_signatures, signature_path
 from specialist.data.readers import detect_format
-from specialist.data.shapes import Shape
 from specialist.data.split import Split, read_split
 from specialist.errors import DataError
 from specialist.manifest import sha256_of
 
 PREPARED_MARK = "specialist-prepared/1"
 SPLITS = ("train", "val", "test")
+PREPARED_FILES = frozenset(f"{name}.jsonl" for name in SPLITS) | {"manifest.json", "report.json"}
 
 
 @dataclass
@@ -46,11 +54,21 @@ class Prepared:
 
 
 def prepare(data, method_kind: str, out_dir: Path, seed: int, *, tokenizer=None, template=None,
-            max_length: int | None = None, show_progress: bool = True) -> Prepared:
-    """Prepare `data` (a DataConfig) for `method_kind` into `out_dir`; with a tokenizer, lengths are measured too."""
+            max_length: int | None = None, show_progress: bool = True, protect: list[Path] | None = None) -> Prepared:
+    """Prepare `data` (a DataConfig) for `method_kind` into `out_dir`; with a tokenizer, lengths are measured too.
+
+    `protect`: paths (the config file) that must never lie inside `out_dir`; the data files always are. The
+    folder is checked before anything is written: it must be new, empty or an earlier prepare output.
+    """
     path = Path(data.path)
+    out_dir = Path(out_dir)
+    guarded = _protected_paths(data, protect)
     if _is_prepared_folder(path):
-        return _reuse_prepared(path, out_dir)
+        return _reuse_prepared(data, path, out_dir, guarded)
+    check_output_folder(out_dir, guarded)
+    out_dir = _absolute(out_dir)  # "." or a symlinked folder: the rename below must move a real folder
+    if tokenizer is not None and template is not None and max_length is not None:
+        template = _with_truncation(template, data, max_length)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -62,32 +80,94 @@ def prepare(data, method_kind: str, out_dir: Path, seed: int, *, tokenizer=None,
     return Prepared(out_dir, report)
 
 
+def _protected_paths(data, protect: list[Path] | None) -> list[Path]:
+    fixed = [Path(p) for p in (data.path, data.test_path, data.val_path) if p is not None]
+    return fixed + [Path(p) for p in protect or []]
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.realpath(path))  # realpath, unlike Path.resolve on Python 3.11, survives a symlink loop
+
+
+def check_output_folder(out_dir: Path, protected: list[Path]) -> None:
+    """Raise a DataError unless `out_dir` is safe to replace whole: new, empty or an earlier prepare output
+    holding nothing else, and neither holding, nor inside, nor equal to any `protected` path."""
+    target = _absolute(out_dir)
+    for kept in protected:
+        kept_at = _absolute(kept)
+        if target == kept_at or target in kept_at.parents or kept_at in target.parents:
+            where = "is" if target == kept_at else "holds" if target in kept_at.parents else "lies inside"
+            raise DataError(f"output folder {out_dir} {where} {kept}: prepare replaces its output folder whole, so it "
+                            "must not hold your config or data; nothing was written",
+                            hint=f"choose a new folder, e.g. --out {target.parent / (target.name + '-prepared')}"
+                            if where == "holds" else "choose a new folder outside your data")
+    if not os.path.lexists(target):
+        return
+    if not target.is_dir():
+        raise DataError(f"output folder {out_dir} exists and is not a folder; nothing was written",
+                        hint="choose a new folder")
+    entries = sorted(entry.name for entry in target.iterdir())
+    if not entries:
+        return
+    if not _is_prepared_folder(target):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise DataError(f"output folder {out_dir} is not empty ({shown}) and was not written by `specialist "
+                        "prepare`; prepare replaces its output folder whole, so nothing was written",
+                        hint="choose a new or empty folder")
+    extra = sorted(set(entries) - PREPARED_FILES)
+    if extra:
+        raise DataError(f"output folder {out_dir} is an earlier prepare output but also holds {extra}, which "
+                        "replacing it would delete; nothing was written",
+                        hint="move those files elsewhere, or choose a new folder")
+
+
+def _with_truncation(template, data, max_length: int):
+    """The template that shortens inputs to fit, when data.over_length asks and the caller has not set it."""
+    if data.over_length != "truncate" or getattr(template, "truncates", True):
+        return template
+    return dataclasses.replace(template, max_length=max_length, truncate_side=data.truncate_side)
+
+
+def _sources(data, path: Path) -> list[Source]:
+    sources = [Source("data", path, detect_format(path) if data.format == "auto" else data.format)]
+    for name, part, fixed in (("val", 1, data.val_path), ("test", 2, data.test_path)):
+        if fixed is not None:
+            fixed = Path(fixed)
+            sources.append(Source(name, fixed, detect_format(fixed) if data.format == "auto" else data.format, part))
+    return sources
+
+
+def _fixed_parts(data) -> set[int]:
+    """The splits whose rows the user fixed (1 val, 2 test): never cut by length, max_examples or leakage."""
+    if data.split_column:
+        return {1, 2}
+    return {part for part, fixed in ((1, data.val_path), (2, data.test_path)) if fixed is not None}
+
+
 def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, tokenizer, template,
                   max_length: int | None, show_progress: bool) -> dict[str, Any]:
-    fmt = detect_format(path) if data.format == "auto" else data.format
     steps: list[dict[str, Any]] = []
     spool_path = scratch / "spool.jsonl"
-    ingested = ingest(data, method_kind, path, fmt, spool_path, show_progress)
-    rows, shape, read_count, problems = ingested.rows, ingested.shape, ingested.read, ingested.problems
-    _stop_on_bad_input(path, read_count, len(rows), problems, data, shape)
-    steps.append({"step": "read and validate", "rows_in": read_count, "rows_out": len(rows)})
+    ingested = ingest(data, method_kind, _sources(data, path), spool_path, show_progress)
+    for read in ingested.sources:
+        _stop_on_bad_input(read, data)
+    rows, main = ingested.rows, ingested.sources[0]
+    steps.append({"step": "read and validate", "rows_in": sum(r.read for r in ingested.sources),
+                  "rows_out": len(rows)})
     alive = np.ones(len(rows), dtype=bool)
+    parts = np.frombuffer(rows.parts, dtype=np.int8)
+    fixed = _fixed_parts(data)
     keys = np.frombuffer(rows.keys, dtype=np.uint64)
     signatures = load_signatures(spool_path, rows)
-    duplicates = _dedupe(data.dedupe, keys, signatures, alive, rows, steps)
-    if data.max_examples is not None and alive.sum() > data.max_examples:
-        before = int(alive.sum())
-        keep = np.random.default_rng(seed).permutation(np.flatnonzero(alive))[: data.max_examples]
-        alive[:] = False
-        alive[keep] = True
-        steps.append({"step": f"max_examples ({data.max_examples})", "rows_in": before, "rows_out": len(keep)})
+    duplicates = _dedupe(data.dedupe, keys, signatures, alive, rows, parts, steps)
+    _cap_examples(data, alive, ~np.isin(parts, list(fixed)), seed, steps)
     lengths = None
     if tokenizer is not None and template is not None and max_length is not None:
-        lengths = _measure_lengths(spool_path, rows, alive, tokenizer, template, max_length, data.over_length,
-                                   method_kind, problems, steps)
+        lengths = _measure_lengths(spool_path, rows, alive, ~np.isin(parts, list(fixed)), tokenizer, template,
+                                   max_length, data.over_length, method_kind, main.problems, steps)
     labels = np.frombuffer(rows.labels, dtype=np.int32)
-    assignment = _assign_splits(data, alive, labels, np.frombuffer(rows.groups, dtype=np.int64), seed)
-    leakage = _remove_leakage(assignment, keys, signatures, data.dedupe.threshold, rows, steps)
+    assignment = _assign_splits(data, alive, parts, labels, np.frombuffer(rows.groups, dtype=np.int64), seed)
+    leakage = _handle_leakage(assignment, keys, signatures, data.dedupe, fixed, rows, steps)
     order = _shuffled_members(assignment, seed)
     balance = _balance(data.balance, order, labels, rows.label_names, seed, steps)
     _refuse_empty_split(order, data)
@@ -96,12 +176,14 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
     signature_path(spool_path).unlink(missing_ok=True)
     report = {
         "format": PREPARED_MARK,
-        "source": _describe_source(path, fmt, shape),
-        "rows_read": read_count,
+        "source": _describe_source(main),
+        "fixed_sources": {read.source.name: _describe_fixed_source(read) for read in ingested.sources[1:]},
+        "split": _describe_split(data),
+        "rows_read": main.read,
         "steps": steps,
-        "dropped": problems.as_report(),
-        "clean": {"normalize": data.clean.normalize, "rows_changed": ingested.changed,
-                  "scrubbed": dict(ingested.scrubbed)},
+        "dropped": main.problems.as_report(),
+        "clean": {"normalize": data.clean.normalize, "rows_changed": sum(r.changed for r in ingested.sources),
+                  "scrubbed": _sum_counters(r.scrubbed for r in ingested.sources)},
         "duplicates": duplicates,
         "leakage": leakage,
         "labels": _label_report(rows, labels, alive, balance, data),
@@ -113,15 +195,26 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
         "options": data.model_dump(mode="json"),
     }
     (scratch / "report.json").write_text(json.dumps(_without_private(report), indent=2), encoding="utf-8")
-    manifest = {key: report[key] for key in ("format", "source", "rows_read", "steps", "splits", "files", "seed",
-                                             "options")}
+    manifest = {key: report[key] for key in ("format", "source", "fixed_sources", "split", "rows_read", "steps",
+                                             "splits", "files", "seed", "options")}
     (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return _without_private(report)
 
 
-def _stop_on_bad_input(path: Path, read_count: int, good: int, problems: Problems, data, shape: Shape | None) -> None:
-    if read_count == 0:
-        raise DataError(f"{path} is empty: no rows to train on", hint="add rows, or point data.path at the right file")
+def _sum_counters(counters) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counter in counters:
+        for kind, n in counter.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
+def _stop_on_bad_input(read: SourceRead, data) -> None:
+    path, problems = read.source.path, read.problems
+    if read.read == 0:
+        raise DataError(f"{path} is empty: no rows to train on" if read.source.name == "data" else
+                        f"{path} (data.{read.source.name}_path) is empty: no rows to evaluate on",
+                        hint="add rows, or point the config at the right file")
     if problems.counts.get("unknown_label"):
         found = sorted({p["problem"].split("'")[1] for p in problems.first["unknown_label"]})
         lines = ", ".join(f"{path}:{p['line']}" for p in problems.first["unknown_label"])
@@ -130,69 +223,77 @@ def _stop_on_bad_input(path: Path, read_count: int, good: int, problems: Problem
             f"at {lines}",
             hint="add the missing labels to data.labels, fix the rows, or remove data.labels to accept every label",
         )
-    bad = read_count - good
-    if good == 0 or bad / read_count > data.max_bad_fraction:
+    bad, total = read.bad_lines, max(read.lines, 1)
+    unit = "lines" if read.source.fmt in ("csv", "tsv") else "rows"
+    if read.good == 0 or bad / total > data.max_bad_fraction:
         listing = "\n  ".join(f"{path}:{p['line']}: {p['problem']}" for kind in problems.counts
                               for p in problems.first[kind][:2])
         raise DataError(
-            f"{bad} of {read_count} rows in {path} are unusable ({100 * bad / read_count:.1f}% > data.max_bad_fraction "
+            f"{bad} of {read.lines} {unit} in {path} are unusable ({100 * bad / total:.1f}% > data.max_bad_fraction "
             f"{100 * data.max_bad_fraction:.0f}%); nothing was written. First problems:\n  {listing}",
             hint=("fix the rows listed"
-                  + (f"; rows were read as {shape.describe()}" if shape else "")
+                  + (f"; rows were read as {read.shape.describe()}" if read.shape else "")
                   + ", or raise data.max_bad_fraction to skip them"),
         )
 
 
+def _cap_examples(data, alive: np.ndarray, cuttable: np.ndarray, seed: int, steps: list[dict[str, Any]]) -> None:
+    """data.max_examples: keep a random N of the rows whose split is not fixed (a fixed val/test set stays whole)."""
+    pool = np.flatnonzero(alive & cuttable)
+    if data.max_examples is None or pool.size <= data.max_examples:
+        return
+    before = int(alive.sum())
+    drop = np.random.default_rng(seed).permutation(pool)[data.max_examples :]
+    alive[drop] = False
+    steps.append({"step": f"max_examples ({data.max_examples})", "rows_in": before, "rows_out": int(alive.sum())})
+
+
 def _dedupe(options, keys: np.ndarray, signatures: np.ndarray | None, alive: np.ndarray, rows: Rows,
-            steps: list[dict[str, Any]]) -> dict[str, Any]:
+            parts: np.ndarray, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact, then near-duplicate removal, the first row of each cluster kept. Rows of a fixed split are deduped
+    among themselves only: a copy across splits is leakage, handled after the split."""
     lines = np.frombuffer(rows.lines, dtype=np.int64)
     result: dict[str, Any] = {"exact": 0, "near": 0, "largest_clusters": []}
     clusters: list[dict[str, Any]] = []
     if options.exact and len(keys):
         before = int(alive.sum())
-        unique_keys, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True,
-                                                        return_counts=True)
-        alive &= np.isin(np.arange(len(keys)), first)
+        for part in np.unique(parts).tolist():
+            members = np.flatnonzero(parts == part)
+            _, first, inverse = np.unique(keys[members], return_index=True, return_inverse=True)
+            alive[np.setdiff1d(members, members[first])] = False
+            clusters += _largest_clusters(members, members[first][inverse.ravel()], lines, "exact")
         result["exact"] = before - int(alive.sum())
-        clusters += _largest_clusters(first[inverse], counts[inverse], lines, "exact")
         steps.append({"step": "exact dedupe", "rows_in": before, "rows_out": int(alive.sum())})
     if options.near and signatures is not None and len(keys):
         before = int(alive.sum())
-        roots = near_duplicate_roots(signatures, options.threshold, alive)
+        active = alive.copy()
+        roots = near_duplicate_roots(signatures, options.threshold, active, parts.astype(np.int64))
         alive &= roots == np.arange(len(roots))
         result["near"] = before - int(alive.sum())
-        sizes = np.bincount(roots, minlength=len(roots))
-        clusters += _largest_clusters(roots, sizes[roots], lines, "near")
+        members = np.flatnonzero(active)
+        clusters += _largest_clusters(members, roots[members], lines, "near")
         steps.append({"step": "near dedupe", "rows_in": before, "rows_out": int(alive.sum())})
     result["largest_clusters"] = sorted(clusters, key=lambda c: -c["size"])[:5]
     return result
 
 
-def _largest_clusters(root_of: np.ndarray, size_of: np.ndarray, lines: np.ndarray, kind: str) -> list[dict]:
-    roots = np.unique(root_of[size_of > 1])
-    biggest = roots[np.argsort(-size_of[roots], kind="stable")][:5]
-    return [{"kind": kind, "size": int(size_of[r]), "kept_line": int(lines[r]),
-             "dropped_lines": lines[(root_of == r) & (np.arange(len(root_of)) != r)][:10].tolist()}
-            for r in biggest]
+def _largest_clusters(members: np.ndarray, root_of: np.ndarray, lines: np.ndarray, kind: str) -> list[dict]:
+    """The five biggest clusters among `members` (`root_of`: each member's kept row), with their lines."""
+    roots, sizes = np.unique(root_of, return_counts=True)
+    biggest = np.argsort(-sizes, kind="stable")[:5]
+    return [{"kind": kind, "size": int(sizes[k]), "kept_line": int(lines[roots[k]]),
+             "dropped_lines": lines[members[(root_of == roots[k]) & (members != roots[k])]][:10].tolist()}
+            for k in biggest.tolist() if sizes[k] > 1]
 
 
-def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, tokenizer, template, max_length: int,
-                     over_length: str, method_kind: str, problems: Problems, steps) -> dict[str, Any]:
-    """Token lengths of the surviving rows; rows over max_length are dropped or truncated (never left silent)."""
+def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, cuttable: np.ndarray, tokenizer, template,
+                     max_length: int, over_length: str, method_kind: str, problems: Problems, steps) -> dict[str, Any]:
+    """Token lengths of the surviving rows; rows over max_length are dropped, or (truncate) have their input
+    shortened to fit, dropped only when instruction + completion alone exceed max_length. Rows of a fixed split
+    are measured but never dropped (evaluation shortens their inputs itself)."""
     index = np.flatnonzero(alive)
-    prompt_tokens = np.zeros(len(rows), dtype=np.int64)
-    completion_tokens = np.zeros(len(rows), dtype=np.int64)
     plain_text = method_kind == "continued_pretraining"
-    with spool_path.open("rb") as handle:
-        for start in range(0, len(index), 1024):
-            chunk = index[start : start + 1024]
-            records = [json.loads(_spool_record(handle, rows, i)) for i in chunk]
-            completions = [template.render_completion(r["completion"]) for r in records]
-            completion_tokens[chunk] = [len(ids) for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
-            if not plain_text:
-                prompts = [template.render_prompt(r["prompt"], tokenizer) for r in records]
-                encoded = tokenizer(prompts, add_special_tokens=not template.prompt_has_special_tokens)["input_ids"]
-                prompt_tokens[chunk] = [len(ids) for ids in encoded]
+    prompt_tokens, completion_tokens = _token_counts(spool_path, rows, index, tokenizer, template, plain_text)
     total = prompt_tokens + completion_tokens
     lines = np.frombuffer(rows.lines, dtype=np.int64)
     before = int(alive.sum())
@@ -204,23 +305,68 @@ def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, tokenizer,
         summary["train_tokens"] = total
         return summary
     over = alive & (total > max_length)
-    cut_away = alive & (prompt_tokens >= max_length)
-    for i in np.flatnonzero(cut_away if over_length == "truncate" else over)[:].tolist():
-        kind = "completion_cut_away" if over_length == "truncate" else "over_max_length"
-        problems.add(kind, int(lines[i]), f"{total[i]} tokens (prompt {prompt_tokens[i]}) > max_length {max_length}")
-    alive &= ~(cut_away if over_length == "truncate" else over)
+    unfit = over
+    if over_length == "truncate":
+        unfit, shortened, cut = _shorten_inputs(spool_path, rows, over, prompt_tokens, completion_tokens, tokenizer,
+                                                template, max_length)
+        summary.update(truncated=shortened, tokens_cut=cut, truncate_side=template.truncate_side)
+    else:
+        summary["truncated"] = 0
+    drop = unfit & cuttable
+    kind = "answer_over_max_length" if over_length == "truncate" else "over_max_length"
+    for i in np.flatnonzero(drop).tolist():
+        problems.add(kind, int(lines[i]), f"{total[i]} tokens (prompt {prompt_tokens[i]}, completion "
+                     f"{completion_tokens[i]}) > max_length {max_length}"
+                     + ("; even an empty input leaves no room for the completion" if over_length == "truncate" else ""))
+    alive &= ~drop
     summary["over_max_length"] = int(over.sum())
-    summary["truncated"] = int((over & alive).sum()) if over_length == "truncate" else 0
-    summary["completion_tokens_kept"] = int(np.minimum(completion_tokens, np.maximum(max_length - prompt_tokens, 0))[alive].sum())
+    summary["fixed_over_max_length"] = int((unfit & ~cuttable).sum())
+    kept = np.minimum(completion_tokens, np.maximum(max_length - prompt_tokens, 0))
+    summary["completion_tokens_kept"] = int(kept[alive].sum())
     if summary["completion_tokens_kept"] == 0:
         raise DataError(
             f"no completion tokens remain within max_length={max_length}: training would learn nothing",
-            hint="raise training.max_length or shorten the prompts",
+            hint="raise training.max_length, or shorten the completions and data.instruction",
         )
-    summary["train_tokens"] = np.minimum(total, max_length)
+    summary["train_tokens"] = np.minimum(prompt_tokens + completion_tokens, max_length)
     steps.append({"step": f"length ({over_length} over {max_length} tokens)", "rows_in": before,
                   "rows_out": int(alive.sum())})
     return summary
+
+
+def _token_counts(spool_path: Path, rows: Rows, index: np.ndarray, tokenizer, template,
+                  plain_text: bool) -> tuple[np.ndarray, np.ndarray]:
+    prompt_tokens = np.zeros(len(rows), dtype=np.int64)
+    completion_tokens = np.zeros(len(rows), dtype=np.int64)
+    with spool_path.open("rb") as handle:
+        for start in range(0, len(index), 1024):
+            chunk = index[start : start + 1024]
+            records = [json.loads(_spool_record(handle, rows, i)) for i in chunk]
+            completions = [template.render_completion(r["completion"]) for r in records]
+            completion_tokens[chunk] = [len(ids) for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+            if not plain_text:
+                prompts = [template.render_prompt(r["prompt"], tokenizer) for r in records]
+                encoded = tokenizer(prompts, add_special_tokens=not template.prompt_has_special_tokens)["input_ids"]
+                prompt_tokens[chunk] = [len(ids) for ids in encoded]
+    return prompt_tokens, completion_tokens
+
+
+def _shorten_inputs(spool_path: Path, rows: Rows, over: np.ndarray, prompt_tokens: np.ndarray,
+                    completion_tokens: np.ndarray, tokenizer, template, max_length: int) -> tuple[np.ndarray, int, int]:
+    """Fit each over-long row's prompt into max_length - its completion, as training will (prompt_tokens updated
+    in place). Returns (rows that cannot fit even with an empty input, rows shortened, prompt tokens cut)."""
+    unfit = np.zeros(len(over), dtype=bool)
+    shortened = cut = 0
+    with spool_path.open("rb") as handle:
+        for i in np.flatnonzero(over).tolist():
+            record = json.loads(_spool_record(handle, rows, i))
+            fitted = template.fit_prompt(record["prompt"], tokenizer, budget=max_length - int(completion_tokens[i]))
+            if fitted.fits:
+                shortened, cut = shortened + 1, cut + fitted.tokens_cut
+                prompt_tokens[i] = len(fitted.ids)
+            else:
+                unfit[i] = True
+    return unfit, shortened, cut
 
 
 def _percentiles(values: np.ndarray) -> dict[str, int]:
@@ -229,37 +375,45 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
     return {"p50": int(np.percentile(values, 50)), "p95": int(np.percentile(values, 95)), "max": int(values.max())}
 
 
-def _assign_splits(data, alive: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
-    """0 train, 1 val, 2 test, -1 not used; deterministic for `seed`."""
+def _assign_splits(data, alive: np.ndarray, parts: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                   seed: int) -> np.ndarray:
+    """0 train, 1 val, 2 test, -1 not used; rows of a fixed split keep it; deterministic for `seed`."""
     rng = np.random.default_rng(seed)
     assignment = np.full(len(alive), -1, dtype=np.int8)
-    members = np.flatnonzero(alive)
+    fixed = alive & (parts != UNSPLIT)
+    assignment[fixed] = parts[fixed]
+    members = np.flatnonzero(alive & (parts == UNSPLIT))
+    fractions = (0.0 if data.val_path else data.val_fraction, 0.0 if data.test_path else data.test_fraction)
     if data.split_by == "grouped":
-        _assign_groups(assignment, members, groups, data, rng)
+        _assign_groups(assignment, members, groups, data, fractions, rng)
     elif data.split_by == "stratified":
         for label in np.unique(labels[members]):
-            _cut(assignment, rng.permutation(members[labels[members] == label]), data)
+            _cut(assignment, rng.permutation(members[labels[members] == label]), fractions)
     else:
-        _cut(assignment, rng.permutation(members), data)
+        _cut(assignment, rng.permutation(members), fractions)
     return assignment
 
 
-def _cut(assignment: np.ndarray, shuffled: np.ndarray, data) -> None:
-    n_test = max(1, round(len(shuffled) * data.test_fraction)) if len(shuffled) > 2 else 0
-    n_val = round(len(shuffled) * data.val_fraction)
+def _cut(assignment: np.ndarray, shuffled: np.ndarray, fractions: tuple[float, float]) -> None:
+    val_fraction, test_fraction = fractions
+    n_test = max(1, round(len(shuffled) * test_fraction)) if len(shuffled) > 2 and test_fraction else 0
+    n_val = round(len(shuffled) * val_fraction)
     assignment[shuffled[:n_test]] = 2
     assignment[shuffled[n_test : n_test + n_val]] = 1
     assignment[shuffled[n_test + n_val :]] = 0
 
 
-def _assign_groups(assignment: np.ndarray, members: np.ndarray, groups: np.ndarray, data, rng) -> None:
+def _assign_groups(assignment: np.ndarray, members: np.ndarray, groups: np.ndarray, data,
+                   fractions: tuple[float, float], rng) -> None:
+    if members.size == 0:
+        return
     if (groups[members] < 0).any():
         missing = int((groups[members] < 0).sum())
         raise DataError(f"{missing} row(s) have no {data.group_column!r} value to group by",
                         hint=f"give every row a {data.group_column!r} value, or use data.split_by random")
     ids, sizes = np.unique(groups[members], return_counts=True)
     order = rng.permutation(len(ids))
-    targets = {2: len(members) * data.test_fraction, 1: len(members) * data.val_fraction}
+    targets = {2: len(members) * fractions[1], 1: len(members) * fractions[0]}
     filled = {2: 0, 1: 0}
     split_of_group = {}
     for g in order.tolist():
@@ -272,23 +426,40 @@ def _assign_groups(assignment: np.ndarray, members: np.ndarray, groups: np.ndarr
     assignment[members] = lookup[groups[members]]
 
 
-def _remove_leakage(assignment: np.ndarray, keys: np.ndarray, signatures: np.ndarray | None, threshold: float,
-                    rows: Rows, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Val/test rows equal or near-equal to a training row are dropped from val/test and reported."""
+def _handle_leakage(assignment: np.ndarray, keys: np.ndarray, signatures: np.ndarray | None, options,
+                    fixed: set[int], rows: Rows, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Val/test rows equal or near-equal to a training row. A random split drops them from val/test; a fixed
+    split keeps them and drops the training rows they copy instead (dedupe.fixed_split_leakage decides)."""
     lines = np.frombuffer(rows.lines, dtype=np.int64)
-    train = np.flatnonzero(assignment == 0)
     report: dict[str, Any] = {}
     before = int((assignment >= 0).sum())
     for part, name in ((1, "val"), (2, "test")):
-        probe = np.flatnonzero(assignment == part)
-        leaked = probe[np.isin(keys[probe], keys[train])]
-        if signatures is not None:
-            leaked = np.union1d(leaked, leaking_rows(signatures, threshold, train, probe))
-        assignment[leaked] = -1
-        report[name] = {"rows": int(leaked.size), "lines": lines[leaked][:10].tolist()}
+        train, probe = np.flatnonzero(assignment == 0), np.flatnonzero(assignment == part)
+        leaked = _near_or_equal(keys, signatures, options.threshold, reference=train, probe=probe)
+        entry = {"rows": int(leaked.size), "lines": lines[leaked][:10].tolist(), "fixed": part in fixed}
+        if part not in fixed or options.fixed_split_leakage == "drop_from_fixed":
+            assignment[leaked] = -1
+            entry["action"] = f"removed from {name}"
+        elif options.fixed_split_leakage == "drop_from_train":
+            copies = _near_or_equal(keys, signatures, options.threshold, reference=leaked, probe=train)
+            assignment[copies] = -1
+            entry.update(action="training rows removed", train_rows=int(copies.size),
+                         train_lines=lines[copies][:10].tolist())
+        else:
+            entry["action"] = "kept (dedupe.fixed_split_leakage: keep)"
+        report[name] = entry
     steps.append({"step": "leakage (val/test rows near a train row)", "rows_in": before,
                   "rows_out": int((assignment >= 0).sum())})
     return report
+
+
+def _near_or_equal(keys: np.ndarray, signatures: np.ndarray | None, threshold: float, reference: np.ndarray,
+                   probe: np.ndarray) -> np.ndarray:
+    """The rows of `probe` that equal (exact key) or nearly equal (MinHash, when computed) a `reference` row."""
+    found = probe[np.isin(keys[probe], keys[reference])]
+    if signatures is not None:
+        found = np.union1d(found, leaking_rows(signatures, threshold, reference, probe))
+    return found
 
 
 def _shuffled_members(assignment: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -336,10 +507,15 @@ def _label_report(rows: Rows, labels: np.ndarray, alive: np.ndarray, balance, da
 
 
 def _refuse_empty_split(order: dict[str, np.ndarray], data) -> None:
-    if order["train"].size == 0 or order["test"].size == 0:
-        raise DataError(
-            f"after cleaning and dedupe {order['train'].size} train / {order['test'].size} test rows remain: too few "
-            "to split", hint="add examples, or lower data.val_fraction / data.test_fraction")
+    if order["train"].size and order["test"].size:
+        return
+    if order["test"].size == 0 and (data.test_path or data.split_column):
+        where = f"the test set {data.test_path}" if data.test_path else f"rows with {data.split_column} = test"
+        raise DataError(f"no test rows remain: {where} gave none after validation and dedupe",
+                        hint="give test rows, or see report.json for why they were dropped")
+    raise DataError(
+        f"after cleaning and dedupe {order['train'].size} train / {order['test'].size} test rows remain: too few "
+        "to split", hint="add examples, or lower data.val_fraction / data.test_fraction")
 
 
 def _write_outputs(spool_path: Path, rows: Rows, order: dict[str, np.ndarray], folder: Path) -> dict[str, Any]:
@@ -374,26 +550,61 @@ def _without_private(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def _describe_source(path: Path, fmt: str, shape: Shape | None) -> dict[str, Any]:
-    return {"path": str(path), "format": fmt, "shape": shape.name if shape else None,
-            "columns": shape.columns if shape else None, "sha256": sha256_of(path)}
+def _describe_source(read: SourceRead) -> dict[str, Any]:
+    shape = read.shape
+    described = {"path": str(read.source.path), "format": read.source.fmt, "shape": shape.name if shape else None,
+                 "columns": shape.columns if shape else None, "sha256": sha256_of(read.source.path)}
+    if shape is not None and shape.prompt_fields:
+        described["prompt_template_columns"] = list(shape.prompt_fields)
+    if read.lines != read.read:
+        described["lines_read"] = read.lines
+    return described
+
+
+def _describe_fixed_source(read: SourceRead) -> dict[str, Any]:
+    return {**_describe_source(read), "rows_read": read.read, "rows_kept": read.good,
+            "dropped": read.problems.as_report()}
+
+
+def _describe_split(data) -> dict[str, Any]:
+    """How the split was made, and which options it did not use (set or not)."""
+    if data.split_column:
+        return {"by": f"column {data.split_column!r}", "ignored": ["val_fraction", "test_fraction", "split_by"]}
+    fixed = [name for name in ("val", "test") if getattr(data, f"{name}_path") is not None]
+    return {"by": data.split_by, "fixed": fixed, "ignored": [f"{name}_fraction" for name in fixed]}
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest.json `prepare` wrote into `folder` (split files with rows and hashes, sources, options)."""
+    path = Path(folder) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DataError(f"{path} cannot be read ({exc.__class__.__name__}: {exc})",
+                        hint="point at a folder written by `specialist prepare/run/train`, or prepare it again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_MARK:
+        raise DataError(f"{path} is not a manifest written by `specialist prepare`",
+                        hint="prepare the data again into a new folder")
+    return manifest
 
 
 def _is_prepared_folder(path: Path) -> bool:
-    manifest = path / "manifest.json"
-    if not (path.is_dir() and manifest.is_file()):
-        return False
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == PREPARED_MARK
-    except (json.JSONDecodeError, OSError):
+        return path.is_dir() and (path / "manifest.json").is_file() and bool(read_manifest(path))
+    except (DataError, OSError):
         return False
 
 
-def _reuse_prepared(path: Path, out_dir: Path) -> Prepared:
+def _reuse_prepared(data, path: Path, out_dir: Path, protected: list[Path]) -> Prepared:
     """A folder `specialist prepare` wrote: use its split as it is (copied, so the run folder stays whole)."""
-    if out_dir.resolve() != path.resolve():
+    if data.test_path or data.val_path or data.split_column:
+        raise DataError(f"data.path {path} is a prepared folder, whose split is already fixed",
+                        hint="remove data.test_path / data.val_path / data.split_column, or point data.path at "
+                        "the raw data")
+    if _absolute(out_dir) != _absolute(path):
+        check_output_folder(out_dir, protected)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("train.jsonl", "val.jsonl", "test.jsonl", "manifest.json", "report.json"):
+        for name in sorted(PREPARED_FILES):
             if (path / name).is_file():
                 shutil.copy2(path / name, out_dir / name)
     report_path = out_dir / "report.json"
@@ -402,7 +613,10 @@ def _reuse_prepared(path: Path, out_dir: Path) -> Prepared:
 
 
 def _replace_folder(scratch: Path, target: Path) -> None:
-    """Move the finished scratch folder to `target` in one rename (the old folder, if any, goes after)."""
+    """Move the finished scratch folder to `target` in one rename; the old folder, if any, goes after.
+
+    `check_output_folder` has made sure that an existing `target` is empty or an earlier prepare output.
+    """
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -2,14 +2,20 @@
 
 Nothing here holds the whole file: JSONL and CSV are read line by line, Parquet batch by batch, a `datasets`
 folder through its memory-mapped Arrow files. A row that cannot be read becomes a problem string naming the fix,
-so the caller can count it, report it with its line, and go on.
+so the caller can count it, report it with its line, and go on. A hostile file (JSON nested past the recursion
+limit, a 5000-digit number, NaN, a symlink loop) is a bad row or a DataError naming the file, never a traceback.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
+import re
+import stat
 import sys
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +26,7 @@ from specialist.errors import DataError
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "arrow")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
              ".parquet": "parquet", ".pq": "parquet"}
+CSV_MAX_FIELD_LINES = 200
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,41 @@ class RawRow:
     row: dict[str, Any] | None
     problem: str = ""  # why `row` is None
     kind: str = ""  # short name of the problem, for counting
+    span: int = 1  # physical lines the row took (CSV quoted fields may span several); the bad-row share counts them
+
+
+def check_readable(path: Path) -> None:
+    """Raise a DataError naming `path` when it is missing, a symlink loop, unreadable, or not a file or folder."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    if stat.S_ISDIR(info.st_mode):
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{path} is not a regular file (a device, pipe or socket)",
+                        hint="point data.path at a data file or a `datasets` folder")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+
+
+def _os_error(path: Path, exc: OSError) -> DataError:
+    reasons = {errno.ENOENT: ("not found", "check the path in the config (relative to the config file)"),
+               errno.ELOOP: ("is a symlink loop", "point data.path at the real file"),
+               errno.EACCES: ("cannot be read (permission denied)", "make it readable (chmod) or copy it"),
+               errno.EISDIR: ("is a folder, not a file", "point data.path at a data file"),
+               errno.ENOTDIR: ("not found (a part of the path is not a folder)", "check data.path")}
+    reason, hint = reasons.get(exc.errno, (f"cannot be read ({exc.strerror or exc})", "check data.path"))
+    if exc.errno == errno.ENOENT:
+        return DataError(f"data file not found: {path}", hint=hint)
+    return DataError(f"{path} {reason}", hint=hint)
 
 
 def detect_format(path: Path) -> str:
+    check_readable(path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return "arrow"
@@ -45,12 +84,19 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-def iter_rows(path: Path, fmt: str = "auto") -> Iterator[RawRow]:
-    if not path.exists():
-        raise DataError(f"data file not found: {path}", hint="set data.path in the config (relative to the config)")
+def iter_rows(path: Path, fmt: str = "auto", *, csv_max_field_lines: int = CSV_MAX_FIELD_LINES) -> Iterator[RawRow]:
+    check_readable(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
-    readers = {"jsonl": _jsonl, "json": _json_array, "csv": _csv, "tsv": _csv, "parquet": _parquet, "arrow": _arrow}
-    yield from readers[fmt](path)
+    if fmt != "arrow" and path.is_dir():
+        raise _os_error(path, IsADirectoryError(errno.EISDIR, "is a directory"))
+    try:
+        if fmt in ("csv", "tsv"):
+            yield from _csv(path, csv_max_field_lines, "\t" if fmt == "tsv" else ",")
+        else:
+            readers = {"jsonl": _jsonl, "json": _json_array, "parquet": _parquet, "arrow": _arrow}
+            yield from readers[fmt](path)
+    except OSError as exc:  # the file vanished or the disk failed mid-read
+        raise _os_error(path, exc) from None
 
 
 def _first_non_space_byte(path: Path) -> bytes:
@@ -60,6 +106,33 @@ def _first_non_space_byte(path: Path) -> bytes:
             if stripped:
                 return stripped[:1]
     return b""
+
+
+# ---- JSON ----------------------------------------------------------------------------------------------------
+
+
+class _NotJson(ValueError):
+    """NaN or Infinity: Python's json accepts them, JSON (and every other reader of the file) does not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not valid JSON; write null or a string")
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity; raises ValueError (JSONDecodeError among them) or RecursionError."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _json_problem(exc: BaseException) -> tuple[str, str]:
+    """(kind, message) for why a JSON text could not be read."""
+    if isinstance(exc, json.JSONDecodeError):
+        return "malformed_json", f"malformed JSON ({exc.msg}, column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "too_deep", "JSON nested too deeply to read; flatten the row"
+    if isinstance(exc, _NotJson):
+        return "malformed_json", str(exc)
+    return "malformed_json", f"unreadable JSON value ({str(exc).split(';')[0]})"  # e.g. a 5000-digit integer
 
 
 def _jsonl(path: Path) -> Iterator[RawRow]:
@@ -93,23 +166,49 @@ def parse_jsonl_line(number: int, raw: bytes) -> RawRow | None:
     if not text.strip():
         return None
     try:
-        row = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return RawRow(number, None, f"malformed JSON ({exc.msg}, column {exc.colno}); each line must be one object",
-                      "malformed_json")
+        row = loads_strict(text)
+    except (ValueError, RecursionError) as exc:
+        kind, message = _json_problem(exc)
+        return RawRow(number, None, f"{message}; each line must be one object", kind)
     if isinstance(row, dict):
         return RawRow(number, row)
     return RawRow(number, None, "a line must be a JSON object, not a list or value", "not_an_object")
 
 
+_JSON_STRING = r'"(?:[^"\\]|\\.)*"'
+_JSON_BAD_VALUE = re.compile(rf"{_JSON_STRING}|(?<![\w.])(-?Infinity|NaN|-?\d{{{sys.get_int_max_str_digits() + 1},}})")
+_JSON_NESTING = re.compile(rf"{_JSON_STRING}|[\[\]{{}}]")
+_DEEP = 500  # the decoder gives up somewhat below the recursion limit (1000); the line it reports is a hint
+
+
+def _line_of_problem(text: str, exc: BaseException) -> int | None:
+    """The line of what json.loads refused without saying where: a NaN, a huge number, or deep nesting."""
+    if isinstance(exc, RecursionError):
+        depth = 0
+        for match in _JSON_NESTING.finditer(text):
+            token = match.group()
+            depth += 1 if token in "[{" else -1 if token in "]}" else 0
+            if depth > _DEEP:
+                return text.count("\n", 0, match.start()) + 1
+        return None
+    match = next((m for m in _JSON_BAD_VALUE.finditer(text) if m.group(1)), None)
+    return text.count("\n", 0, match.start()) + 1 if match else None
+
+
 def _json_array(path: Path) -> Iterator[RawRow]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start})", hint="re-save it as UTF-8") from exc
+        raise DataError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start})", hint="re-save it as UTF-8") from None
+    try:
+        data = loads_strict(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})",
-                        hint="a .json data file must be one array of objects (or use JSONL, one object a line)") from exc
+                        hint="a .json data file must be one array of objects (or use JSONL, one object a line)") from None
+    except (ValueError, RecursionError) as exc:
+        line = _line_of_problem(text, exc)
+        raise DataError(f"{path}{f':{line}' if line else ''}: {_json_problem(exc)[1]}",
+                        hint="fix the value, or write the rows as JSONL so one bad row costs one row") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}, as many exports wrap it
     if not isinstance(data, list):
@@ -122,21 +221,152 @@ def _json_array(path: Path) -> Iterator[RawRow]:
             yield RawRow(number, None, "an array item must be a JSON object", "not_an_object")
 
 
-def _csv(path: Path) -> Iterator[RawRow]:
+# ---- CSV -----------------------------------------------------------------------------------------------------
+
+# Quote states of the csv module's reader (default dialect, not strict), enough to find where a record ends.
+_START, _FIELD, _QUOTED, _CLOSED = range(4)
+
+
+def _scan_quotes(line: str, state: int, delimiter: str) -> tuple[int, int]:
+    """(state at the end of `line`, position where the last still-open quote opened or -1), as csv reads it.
+
+    A quote opens a field only at its start; `""` inside quotes is a literal quote; after a closing quote the
+    field goes on unquoted (the csv module's non-strict reading), so later quotes in it are literal.
+    """
+    if '"' not in line:  # the common line: no quote to open or close
+        return (_QUOTED if state == _QUOTED else _FIELD), -1
+    i, n, opened = 0, len(line), -1
+    while i < n:
+        if state == _QUOTED:
+            j = line.find('"', i)
+            if j < 0:
+                return _QUOTED, opened
+            if line.startswith('"', j + 1):
+                i = j + 2
+            else:
+                state, i = _CLOSED, j + 1
+        elif state == _START and line[i] == '"':
+            state, opened, i = _QUOTED, i, i + 1
+        elif state in (_START, _CLOSED) and line[i] == delimiter:
+            state, i = _START, i + 1
+        elif state == _START or state == _CLOSED:
+            state = _FIELD
+        else:  # unquoted field: quotes are literal up to the next delimiter
+            j = line.find(delimiter, i)
+            if j < 0:
+                return _FIELD, -1
+            state, i = _START, j + 1
+    return state, opened
+
+
+class _Lines:
+    """Numbered physical lines of a text file, with lines that must be read again pushed back in front."""
+
+    def __init__(self, handle) -> None:
+        self._handle, self._next, self._again = handle, 1, deque()
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        if self._again:
+            return self._again.popleft()
+        text = next(self._handle)
+        self._next += 1
+        return self._next - 1, text
+
+    def read_again(self, lines: list[tuple[int, str]]) -> None:
+        self._again.extendleft(reversed(lines))
+
+
+@dataclass
+class _Record:
+    first_line: int
+    lines: list[str]
+    open_at: int = 0  # line where a quote opened and never closed (0: the record is complete)
+    reason: str = ""
+
+
+def _csv_records(lines: _Lines, delimiter: str, max_field_lines: int) -> Iterator[_Record]:
+    """Complete records (their physical lines), or a bad one where a quote stays open past `max_field_lines`
+    lines or to the end of the file; reading then resumes on the line after the quote opened."""
+    for number, text in lines:
+        taken: list[tuple[int, str]] = [(number, text)]
+        state, opened = _scan_quotes(text, _START, delimiter)
+        open_line = number
+        while state == _QUOTED:
+            if len(taken) - (open_line - number) >= max_field_lines:
+                reason = f"more than {max_field_lines} lines (data.csv_max_field_lines)"
+                break
+            follow = next(lines, None)
+            if follow is None:
+                reason = "the end of the file"
+                break
+            taken.append(follow)
+            state, opened_here = _scan_quotes(follow[1], state, delimiter)
+            if opened_here >= 0:
+                open_line = follow[0]
+        if state != _QUOTED:
+            yield _Record(number, [t for _, t in taken])
+            continue
+        keep = open_line - number + 1
+        lines.read_again(taken[keep:])
+        yield _Record(number, [t for _, t in taken[:keep]], open_line, reason)
+
+
+def _csv(path: Path, max_field_lines: int, delimiter: str) -> Iterator[RawRow]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long completions are normal in fine-tuning data
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     # surrogateescape keeps reading past a bad byte, so one broken row is reported instead of the whole file
     with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        for row in reader:
-            line = reader.line_num
-            if None in row:
-                yield RawRow(line, None, f"{len(row[None]) + len(row) - 1} fields where the header has "
-                             f"{len(reader.fieldnames or [])}; quote fields that hold the delimiter", "malformed_row")
-            elif any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
-                yield RawRow(line, None, "not UTF-8; re-save the file as UTF-8", "not_utf8")
-            else:
-                yield RawRow(line, row)
+        records = _csv_records(_Lines(handle), delimiter, max_field_lines)
+        header = _csv_header(path, next(records, None), delimiter)
+        for record in records:
+            raw = _csv_row(record, header, delimiter)
+            if raw is not None:
+                yield raw
+
+
+def _csv_header(path: Path, record: _Record | None, delimiter: str) -> list[str]:
+    if record is None:
+        return []
+    fields = _parse_record(record, delimiter) if not record.open_at else None
+    if not fields or isinstance(fields, str):
+        raise DataError(f"{path}:1: the header line cannot be read"
+                        + (f" (a quote opened on line {record.open_at} is not closed)" if record.open_at else ""),
+                        hint="the first line of a CSV file must name the columns, e.g. prompt,completion")
+    fields[0] = fields[0].removeprefix("\ufeff")  # a byte-order mark that Excel writes
+    return fields
+
+
+def _parse_record(record: _Record, delimiter: str) -> list[str] | str:
+    """The fields of one complete record, or why the csv module could not read it."""
+    try:
+        parsed = list(csv.reader(record.lines, delimiter=delimiter))
+    except csv.Error as exc:
+        return f"unreadable CSV ({exc})"
+    if len(parsed) > 1:  # the quote scan and the csv module disagree: never guess which field went where
+        return "unreadable CSV (one record read as several)"
+    return parsed[0] if parsed else []
+
+
+def _csv_row(record: _Record, header: list[str], delimiter: str) -> RawRow | None:
+    line, span = record.first_line, len(record.lines)
+    if record.open_at:
+        return RawRow(record.open_at, None, f"a quote opened on this line is still open after {record.reason}; "
+                      'close it, or double a quote inside a quoted field ("")', "unclosed_quote", span)
+    fields = _parse_record(record, delimiter)
+    if isinstance(fields, str):
+        return RawRow(line, None, fields, "malformed_row", span)
+    if not fields:
+        return None  # a blank line, skipped as csv.DictReader skips it
+    if len(fields) > len(header):
+        return RawRow(line, None, f"{len(fields)} fields where the header has {len(header)}; quote fields that hold "
+                      "the delimiter", "malformed_row", span)
+    if any(_has_surrogates(value) for value in fields):
+        return RawRow(line, None, "not UTF-8; re-save the file as UTF-8", "not_utf8", span)
+    row: dict[str, Any] = dict.fromkeys(header)  # missing trailing fields read as None, as csv.DictReader does
+    row.update(zip(header, fields))
+    return RawRow(line, row, span=span)
 
 
 def _has_surrogates(text: str) -> bool:
@@ -145,6 +375,9 @@ def _has_surrogates(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+# ---- Parquet, Arrow ------------------------------------------------------------------------------------------
 
 
 def _parquet(path: Path) -> Iterator[RawRow]:

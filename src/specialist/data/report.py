@@ -16,9 +16,15 @@ def print_prepare_report(report: dict[str, Any]) -> None:
     source = report["source"]
     console.print(f"[bold]data[/] {source['path']} ({source['format']}, {source['shape']} rows), "
                   f"{report['rows_read']} rows read", soft_wrap=True)
+    for name, fixed in report.get("fixed_sources", {}).items():
+        console.print(f"[bold]fixed {name} set[/] {fixed['path']} ({fixed['format']}, {fixed['shape']} rows), "
+                      f"{fixed['rows_read']} rows read, {fixed['rows_kept']} kept", soft_wrap=True)
     console.print(_steps_table(report))
     if report["dropped"]:
         console.print(_dropped_table(report["dropped"], source["path"]))
+    for name, fixed in report.get("fixed_sources", {}).items():
+        if fixed["dropped"]:
+            console.print(_dropped_table(fixed["dropped"], fixed["path"], f"{name} rows dropped, and why"))
     if report.get("lengths"):
         console.print(_lengths_table(report["lengths"]))
     if report.get("labels"):
@@ -38,8 +44,8 @@ def _steps_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _dropped_table(dropped: dict[str, Any], path: str) -> Table:
-    table = Table(title="rows dropped, and why")
+def _dropped_table(dropped: dict[str, Any], path: str, title: str = "rows dropped, and why") -> Table:
+    table = Table(title=title)
     table.add_column("reason")
     table.add_column("rows", justify="right")
     table.add_column("first lines")
@@ -82,10 +88,24 @@ def _notes(report: dict[str, Any]) -> list[str]:
         biggest = duplicates["largest_clusters"][0] if duplicates["largest_clusters"] else None
         where = f"; largest cluster {biggest['size']} rows, kept line {biggest['kept_line']}" if biggest else ""
         notes.append(f"duplicates: {duplicates['exact']} exact, {duplicates['near']} near removed{where}")
-    leakage = report["leakage"]
-    if leakage["val"]["rows"] or leakage["test"]["rows"]:
-        notes.append(f"[yellow]leakage:[/] {leakage['test']['rows']} test and {leakage['val']['rows']} val rows "
-                     f"matched a training row and were removed (test lines {leakage['test']['lines']})")
+    for name, entry in report["leakage"].items():
+        if entry["rows"]:
+            extra = f" ({entry['train_rows']} training rows, lines {entry['train_lines']})" \
+                if "train_rows" in entry else ""
+            kind = "fixed " if entry.get("fixed") else ""
+            notes.append(f"[yellow]leakage:[/] {entry['rows']} {kind}{name} rows (lines {entry['lines']}) matched a "
+                         f"training row: {entry.get('action', 'removed')}{extra}")
+    lengths = report.get("lengths") or {}
+    if lengths.get("truncated"):
+        notes.append(f"truncated: {lengths['truncated']} rows had their input shortened ({lengths['truncate_side']}), "
+                     f"{lengths['tokens_cut']:,} prompt tokens cut; answers kept whole")
+    if lengths.get("fixed_over_max_length"):
+        notes.append(f"[yellow]{lengths['fixed_over_max_length']} fixed val/test rows exceed max_length[/] "
+                     "(kept as given)")
+    split = report.get("split") or {}
+    if split.get("ignored"):
+        fixed = f", fixed {' and '.join(split['fixed'])} set" if split.get("fixed") else ""
+        notes.append(f"split: by {split['by']}{fixed} ({', '.join(split['ignored'])} not used)")
     scrubbed = report["clean"]["scrubbed"]
     if scrubbed:
         notes.append("scrubbed: " + ", ".join(f"{n} {kind}" for kind, n in scrubbed.items()))

@@ -7,13 +7,18 @@
 - text: plain text for continued pretraining.
 - preference: prompt/chosen/rejected (DPO; supervised methods learn `chosen`).
 - labelled: text/label, turned into prompt/completion through `data.label_template`.
+
+`data.prompt_template` ("{title}\\n\\n{body}") builds the input of prompt_completion, labelled and preference rows
+from any columns of the row instead of one prompt (or text) column.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from specialist.data.load import Example
@@ -27,13 +32,68 @@ ROLES = ("system", "user", "assistant")
 Converter = Callable[[dict[str, Any], int], "tuple[Example | None, str, str]"]
 
 
+TEMPLATED_SHAPES = ("prompt_completion", "labelled", "preference")
+
+
 @dataclass(frozen=True)
 class Shape:
     name: str
     columns: dict[str, str]  # field -> column in the file
+    prompt_fields: tuple[str, ...] = ()  # the columns data.prompt_template reads, when it builds the input
 
     def describe(self) -> str:
-        return f"{self.name} ({', '.join(f'{f}={c}' for f, c in self.columns.items())})"
+        columns = [f"{f}={c}" for f, c in self.columns.items()]
+        if self.prompt_fields:
+            columns.insert(0, f"input=prompt_template({', '.join(self.prompt_fields)})")
+        return f"{self.name} ({', '.join(columns)})"
+
+
+@lru_cache(maxsize=8)
+def parse_prompt_template(template: str) -> tuple[tuple[str, str | None, str], ...]:
+    """(literal text, column or None, format spec) pieces of a prompt template; ValueError saying what is wrong.
+
+    Placeholders name columns only: `{}`/`{0}`, attribute or index access (`{a.b}`, `{a[0]}`) and conversions
+    (`!r`) are refused, so a template can read a row's values and nothing else.
+    """
+    pieces = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        if name is not None:
+            if not name.strip() or name.isdigit():
+                raise ValueError("positional placeholders ({} or {0}) are not allowed: name a column, e.g. {title}")
+            if "." in name or "[" in name:
+                raise ValueError(f"{{{name}}}: attribute or index access is not allowed; name a column")
+            if conversion or "{" in (spec or ""):
+                raise ValueError(f"{{{name}...}}: conversions (!r) and nested placeholders are not allowed")
+            format("", spec or "")  # an invalid spec fails here, at config time, not on every row
+        pieces.append((literal, name, spec or ""))
+    if not any(name for _, name, _ in pieces):
+        raise ValueError("prompt_template names no column; e.g. '{title}\\n\\n{body}'")
+    return tuple(pieces)
+
+
+def template_fields(template: str) -> list[str]:
+    """The columns a prompt template reads, in order of first use."""
+    return list(dict.fromkeys(name for _, name, _ in parse_prompt_template(template) if name))
+
+
+def render_prompt_template(template: str, row: dict[str, Any]) -> tuple[str | None, str]:
+    """(the input built from the row's columns, "") or (None, why not) when a column is missing or null."""
+    parts, missing, filled = [], [], False
+    for literal, name, spec in parse_prompt_template(template):
+        parts.append(literal)
+        if name is None:
+            continue
+        if row.get(name) is None:
+            missing.append(name)
+            continue
+        value = as_text(row[name])
+        filled = filled or bool(value.strip())
+        parts.append(format(value, spec))
+    if missing:
+        return None, f"missing column(s) {missing} used by data.prompt_template; the row has {sorted(row)}"
+    if not filled:
+        return None, f"every column of data.prompt_template ({template_fields(template)}) is empty"
+    return "".join(parts), ""
 
 
 def detect_shape(keys: list[str], data, method_kind: str) -> Shape:
@@ -41,7 +101,8 @@ def detect_shape(keys: list[str], data, method_kind: str) -> Shape:
     _refuse_named_columns_absent(keys, data)
     name = data.shape if data.shape != "auto" else _guess_shape_name(set(keys), data, method_kind)
     _check_method_accepts(name, method_kind)
-    shape = Shape(name, _columns_for(name, set(keys), data))
+    prompt_fields = _prompt_template_fields(keys, data, name)
+    shape = Shape(name, _columns_for(name, set(keys), data), prompt_fields)
     missing = [column for column in shape.columns.values() if column not in keys]
     if missing:
         raise DataError(
@@ -53,7 +114,21 @@ def detect_shape(keys: list[str], data, method_kind: str) -> Shape:
 
 
 _COLUMN_KEYS = ("prompt_column", "completion_column", "chosen_column", "rejected_column", "text_column",
-                "messages_column", "label_column")
+                "messages_column", "label_column", "split_column")
+
+
+def _prompt_template_fields(keys: list[str], data, shape_name: str) -> tuple[str, ...]:
+    if not data.prompt_template:
+        return ()
+    if shape_name not in TEMPLATED_SHAPES:
+        raise DataError(f"data.prompt_template builds the input of {', '.join(TEMPLATED_SHAPES)} rows, not of "
+                        f"{shape_name} rows", hint="remove data.prompt_template, or set data.shape")
+    fields = template_fields(data.prompt_template)
+    missing = [field for field in fields if field not in keys]
+    if missing:
+        raise DataError(f"unknown column(s) {missing} in data.prompt_template {data.prompt_template!r}; the data "
+                        f"has {sorted(keys)}", hint="name columns of the data in the template's {placeholders}")
+    return tuple(fields)
 
 
 def _refuse_named_columns_absent(keys: list[str], data) -> None:
@@ -74,6 +149,13 @@ def _guess_shape_name(keys: set[str], data, method_kind: str) -> str:
         return "preference"
     if method_kind == "continued_pretraining":
         return "text"
+    if data.prompt_template:  # the template is the input: the answer column tells the shape
+        if _pick(keys, data.completion_column, COMPLETION_ALIASES):
+            return "prompt_completion"
+        if data.label_column in keys:
+            return "labelled"
+        if data.chosen_column in keys:
+            return "preference"
     if data.messages_column in keys:
         return "messages"
     if _pick(keys, data.prompt_column, PROMPT_ALIASES) and _pick(keys, data.completion_column, COMPLETION_ALIASES):
@@ -112,6 +194,14 @@ def _pick(keys: set[str], configured: str, aliases: tuple[str, ...]) -> str | No
 
 
 def _columns_for(name: str, keys: set[str], data) -> dict[str, str]:
+    columns = _columns_of_shape(name, keys, data)
+    if data.prompt_template:  # the template replaces the prompt (or labelled text) column
+        columns.pop("prompt" if name != "labelled" else "text", None)
+        columns.pop("input", None)
+    return columns
+
+
+def _columns_of_shape(name: str, keys: set[str], data) -> dict[str, str]:
     prompt = _pick(keys, data.prompt_column, PROMPT_ALIASES) or data.prompt_column
     if name == "prompt_completion":
         columns = {"prompt": prompt,
@@ -142,6 +232,11 @@ def row_to_example(row: dict[str, Any], line: int, shape: Shape, data, keep_reje
     empty = [columns[f] for f in required if not values.get(f, "").strip()]
     if empty:
         return None, "empty_field", f"empty {empty}"
+    if shape.prompt_fields:
+        prompt, problem = render_prompt_template(data.prompt_template, row)
+        if prompt is None:
+            return None, "missing_field" if problem.startswith("missing") else "empty_field", problem
+        values["text" if shape.name == "labelled" else "prompt"] = prompt
     label = _label_of(row, data)
     group = _group_of(row, data)
     if shape.name == "text":
