@@ -1,24 +1,42 @@
 """Forgetting: did the fine-tune cost general ability? Perplexity on general text and a knowledge probe.
 
-The bundled references (see resources/NOTICE): 300 Wikipedia sentences (CC BY 3.0) and one MMLU dev question
-per subject (57, MIT). `evaluation.forgetting_corpus` replaces the text with a file of your own (one text a line).
+The bundled references (see resources/NOTICE): 300 Wikipedia sentences (CC BY 3.0) and the 1,827 MMLU dev and
+validation questions (MIT). `evaluation.forgetting_corpus` replaces the text with a file of your own (one text a
+line); `evaluation.knowledge_probe` replaces the questions (multiple-choice JSONL).
+
+Why the probe asks 300 questions by default: at 57 questions a 95% interval on accuracy is about +-12 points, so
+a 30% -> 28% drop means nothing; at 300 it is about +-5 points, and the paired (McNemar) test, which only counts
+the questions whose answer changed, sees smaller drops still. Every question is one forward pass per arm, so the
+size is what the demo's time allows; `knowledge_probe_size: 0` asks all 1,827.
+
+`measure` keeps what the report needs to put intervals on the change: each question's right/wrong and each
+text's (summed loss, token count), from the same forward passes that give the totals.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from specialist.train.fast_loss import completion_loss
+from specialist.errors import DataError
+from specialist.evaluate.stats import CONFIDENCE, paired_bootstrap_interval, paired_comparison, score_interval
+from specialist.train.fast_loss import capture_instead, head_can_be_chunked, label_positions, project_only
+
+if TYPE_CHECKING:
+    from specialist.generation import Engine
 
 LETTERS = ("A", "B", "C", "D")
+DEFAULT_PROBE_SIZE = 300
+_CHUNK_ROWS = 256  # positions projected onto the vocabulary at a time (memory: 256 x vocabulary floats)
 
 
 def general_text(path: Path | None = None, limit: int | None = None) -> list[str]:
@@ -27,24 +45,125 @@ def general_text(path: Path | None = None, limit: int | None = None) -> list[str
     return texts[:limit] if limit else texts
 
 
-def knowledge_probe() -> list[dict[str, Any]]:
-    text = files("specialist.resources").joinpath("knowledge_probe.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def knowledge_probe(path: Path | None = None, size: int | None = DEFAULT_PROBE_SIZE) -> list[dict[str, Any]]:
+    """The probe's questions: the bundled MMLU set or `path`, sampled round-robin over subjects to `size`
+    (None or 0: all of them)."""
+    return stratified_sample(read_probe(path), size)
+
+
+def read_probe(path: Path | None = None) -> list[dict[str, Any]]:
+    """Every question of a multiple-choice JSONL file (the bundled one when `path` is None), checked line by line."""
+    if path is None:
+        source, text = "knowledge_probe.jsonl", files("specialist.resources").joinpath(
+            "knowledge_probe.jsonl").read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot read the knowledge probe: {exc}", hint="evaluation.knowledge_probe "
+                            "must be a UTF-8 JSONL file; remove the key to use the bundled one") from None
+    # split("\n"), not splitlines(): a question may hold U+2028 or U+0085, which splitlines() takes for line ends.
+    questions = [_probe_question(line, f"{source}:{number}")
+                 for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not questions:
+        raise DataError(f"{source}: the knowledge probe has no questions",
+                        hint='one JSON object a line: {"question": ..., "choices": [4 strings], "answer": "A"}')
+    return questions
+
+
+def _probe_question(line: str, where: str) -> dict[str, Any]:
+    hint = ('each line: {"question": "...", "choices": ["...", "...", "...", "..."], "answer": "A".."D", '
+            '"subject": "..." (optional)}')
+    try:
+        question = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})", hint=hint) from None
+    if not isinstance(question, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(question).__name__}", hint=hint)
+    choices = question.get("choices")
+    problems = []
+    if not isinstance(question.get("question"), str) or not question["question"].strip():
+        problems.append("'question' must be a non-empty string")
+    if not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+        problems.append("'choices' must be a list of 4 strings")
+    if question.get("answer") not in LETTERS:
+        problems.append(f"'answer' must be one of A, B, C, D, got {question.get('answer')!r}")
+    if not isinstance(question.get("subject", ""), str):
+        problems.append("'subject' must be a string")
+    if problems:
+        raise DataError(f"{where}: " + "; ".join(problems), hint=hint)
+    return question
+
+
+def stratified_sample(questions: list[dict[str, Any]], size: int | None) -> list[dict[str, Any]]:
+    """`size` questions taken round-robin over subjects (alphabetical), each subject in file order: every subject
+    is represented, the draw is the same every run, and a subject that runs out drops out of the rotation."""
+    if not size or size >= len(questions):
+        return list(questions)
+    by_subject: dict[str, list[dict[str, Any]]] = {}
+    for question in questions:
+        by_subject.setdefault(str(question.get("subject", "")), []).append(question)
+    queues = [by_subject[name] for name in sorted(by_subject)]
+    sample: list[dict[str, Any]] = []
+    for depth in range(max(len(q) for q in queues)):
+        for queue in queues:
+            if depth < len(queue):
+                sample.append(queue[depth])
+                if len(sample) == size:
+                    return sample
+    return sample
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, texts: list[str], batch_size: int = 16) -> float:
-    """exp of the mean next-token loss over every token of `texts` (token-weighted across texts)."""
-    total, count = 0.0, 0
+def text_losses(model, tokenizer, texts: list[str], batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed next-token loss, token count) of each text, batched with right padding: one forward per batch."""
+    results: list[tuple[float, int]] = []
     with padding_side(tokenizer, "right"):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).to(model.device)
             inputs = {"input_ids": batch["input_ids"].to(model.device),
-                      "attention_mask": batch["attention_mask"].to(model.device), "labels": labels.to(model.device)}
-            total += float(completion_loss(model, inputs, num_items=1))
-            count += int((labels[:, 1:] != -100).sum())
+                      "attention_mask": batch["attention_mask"].to(model.device)}
+            sums = _row_loss_sums(model, inputs, labels)
+            counts = (labels[:, 1:] != -100).sum(dim=1)
+            results += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+    return results
+
+
+def _row_loss_sums(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Per-row summed cross-entropy over labelled positions, projecting only those positions onto the vocabulary
+    (as train.fast_loss.completion_loss does for the batch sum), `_CHUNK_ROWS` positions at a time."""
+    keep, targets = label_positions(labels)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    if targets.numel() == 0:
+        return torch.zeros(labels.shape[0], dtype=torch.float64)
+    if head_can_be_chunked(inner, head):
+        captured: list[torch.Tensor] = []
+        with capture_instead(head, keep, captured):
+            model(**inputs, use_cache=False)
+        per_token = torch.cat([
+            F.cross_entropy(F.linear(hidden, head.weight, head.bias).float(), target, reduction="none")
+            for hidden, target in zip(captured[0].split(_CHUNK_ROWS), targets.split(_CHUNK_ROWS))])
+    else:  # e.g. Gemma 2's soft-capped logits: let the model apply it
+        with project_only(head, keep):
+            logits = model(**inputs, use_cache=False).logits
+        per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = keep.nonzero()[:, 0].cpu()
+    return torch.zeros(labels.shape[0], dtype=torch.float64).index_add_(0, rows, per_token.double().cpu())
+
+
+def perplexity_of(losses: Sequence[tuple[float, int]]) -> float:
+    """exp of the mean next-token loss over every token (token-weighted across texts)."""
+    total = sum(loss for loss, _ in losses)
+    count = sum(tokens for _, tokens in losses)
     return math.exp(total / max(count, 1))
+
+
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 16) -> float:
+    """exp of the mean next-token loss over every token of `texts` (token-weighted across texts)."""
+    return perplexity_of(text_losses(model, tokenizer, texts, batch_size))
 
 
 @contextmanager
@@ -63,34 +182,161 @@ def probe_prompt(question: dict[str, Any]) -> str:
 
 
 @torch.inference_mode()
-def knowledge_accuracy(model, tokenizer, questions: list[dict[str, Any]], batch_size: int = 8) -> float:
-    """Share of questions whose answer letter gets the highest next-token logit among A-D."""
+def question_correctness(model, tokenizer, questions: list[dict[str, Any]], batch_size: int = 8) -> list[bool]:
+    """For each question (in the order given), whether its answer letter gets the highest next-token logit
+    among A-D. Batches are formed from prompts of similar length, so a short question is not padded to the
+    length of a long reading passage from another subject."""
     letter_ids = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][-1] for letter in LETTERS]
+    prompts = [probe_prompt(q) for q in questions]
+    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
+    correct = [False] * len(questions)
     # Left padding: the next token follows the last real one in every row.
     with padding_side(tokenizer, "left"):
-        correct = 0
-        for start in range(0, len(questions), batch_size):
-            chunk = questions[start : start + batch_size]
-            batch = tokenizer([probe_prompt(q) for q in chunk], return_tensors="pt", padding=True).to(model.device)
-            logits = model(**batch, logits_to_keep=1).logits[:, -1, letter_ids]
-            picked = logits.argmax(dim=-1).tolist()
-            correct += sum(LETTERS[p] == q["answer"] for p, q in zip(picked, chunk))
-    return correct / len(questions) if questions else 0.0
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(model.device)
+            picked = model(**batch, logits_to_keep=1).logits[:, -1, letter_ids].argmax(dim=-1).tolist()
+            for i, p in zip(chunk, picked):
+                correct[i] = LETTERS[p] == questions[i]["answer"]
+    return correct
 
 
-def measure(model, tokenizer, texts: list[str], questions: list[dict[str, Any]]) -> dict[str, float]:
+def knowledge_accuracy(model, tokenizer, questions: list[dict[str, Any]], batch_size: int = 8) -> float:
+    """Share of questions whose answer letter gets the highest next-token logit among A-D."""
+    correct = question_correctness(model, tokenizer, questions, batch_size)
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+def measure(model, tokenizer, texts: list[str], questions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Perplexity and knowledge accuracy, with the per-text losses and per-question right/wrong behind them."""
     model.eval()
-    return {"perplexity": perplexity(model, tokenizer, texts), "knowledge": knowledge_accuracy(model, tokenizer, questions)}
+    losses = text_losses(model, tokenizer, texts)
+    correct = question_correctness(model, tokenizer, questions)
+    return {"perplexity": perplexity_of(losses), "knowledge": sum(correct) / len(correct) if correct else 0.0,
+            "text_losses": losses, "correct": correct}
 
 
-def forgetting_report(before: dict[str, float], after: dict[str, float], n_texts: int, n_questions: int,
-                      corpus: str) -> dict[str, Any]:
-    return {
+def ppl_change_interval(before: Sequence[tuple[float, int]], after: Sequence[tuple[float, int]],
+                        samples: int = 1000, confidence: float = CONFIDENCE, seed: int = 0):
+    """Interval of perplexity after/before - 1 by a paired bootstrap over texts: resample texts (each keeps its
+    loss before and after), recompute both token-weighted perplexities, take the ratio."""
+    if len(before) != len(after):
+        raise ValueError(f"perplexity before and after must cover the same texts, got {len(before)} and {len(after)}")
+    loss_before = np.array([loss for loss, _ in before], dtype=float)
+    loss_after = np.array([loss for loss, _ in after], dtype=float)
+    tokens = np.array([count for _, count in before], dtype=float)
+    observed = perplexity_of(after) / perplexity_of(before) - 1
+
+    def change(lb: np.ndarray, la: np.ndarray, tok: np.ndarray, axis: int = -1) -> np.ndarray:
+        count = np.maximum(tok.sum(axis=axis), 1)
+        return np.exp((la.sum(axis=axis) - lb.sum(axis=axis)) / count) - 1
+
+    return paired_bootstrap_interval((loss_before, loss_after, tokens), change, observed, samples, confidence, seed)
+
+
+class ForgettingReport(dict):
+    """The forgetting section of eval.json (a plain dict of JSON values), with the views its readers need:
+    `figures()` for the gates, `table()` for the CLI and the reports, `as_dict()` for eval.json."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def figures(self) -> dict[str, Any]:
+        return forgetting_figures(self)
+
+    def table(self) -> list[tuple[str, str, str, str]]:
+        """(figure, before, after, change) rows: perplexity, then knowledge accuracy, with intervals."""
+        rows = [(f"perplexity on {self['corpus']} ({self['texts']} texts)", f"{self['before']['perplexity']:.2f}",
+                 f"{self['after']['perplexity']:.2f}",
+                 _percent_change(self["ppl_increase"], self.get("ppl_increase_interval")))]
+        if self["questions"]:
+            comparison = self.get("knowledge_comparison")
+            change = f"{100 * (self['after']['knowledge'] - self['before']['knowledge']):+.1f} pts"
+            if comparison:
+                change = f"{_points(comparison['difference'])}, McNemar p = {comparison['p_value']:.2g}"
+            rows.append((f"knowledge probe accuracy ({self['questions']} questions)",
+                         _share(self["before"]["knowledge"], self.get("knowledge_before")),
+                         _share(self["after"]["knowledge"], self.get("knowledge_after")), change))
+        return rows
+
+
+def _percent_change(value: float, interval: dict[str, Any] | None) -> str:
+    text = f"{100 * value:+.1f}%"
+    if interval and interval.get("low") is not None and interval.get("high") is not None:
+        text += f" [{100 * interval['low']:+.1f}%, {100 * interval['high']:+.1f}%]"
+    return text
+
+
+def _share(value: float, interval: dict[str, Any] | None) -> str:
+    if interval and interval.get("low") is not None and interval.get("high") is not None:
+        return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+    return f"{value:.3f}"
+
+
+def _points(difference: dict[str, Any]) -> str:
+    text = f"{100 * difference['mean']:+.1f} pts"
+    if difference.get("low") is not None and difference.get("high") is not None:
+        text += f" [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
+    return text
+
+
+def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingReport:
+    """Perplexity and the knowledge probe with the base weights, then with the tuned ones, as
+    evaluation.forgetting_corpus / forgetting_max_texts / knowledge_probe / knowledge_probe_size say.
+
+    Each engine's lock and context are held while it is measured: arms that share one model switch their
+    adapter there (off for the base)."""
+    texts = general_text(evaluation.forgetting_corpus, evaluation.forgetting_max_texts)
+    questions = knowledge_probe(evaluation.knowledge_probe, evaluation.knowledge_probe_size)
+    measured = []
+    for engine in (base, tuned):
+        with engine.lock, engine.context():
+            measured.append(measure(engine.model, engine.tokenizer, texts, questions))
+    corpus = str(evaluation.forgetting_corpus) if evaluation.forgetting_corpus else "bundled Wikipedia sentences"
+    return forgetting_report(measured[0], measured[1], len(texts), len(questions), corpus,
+                             samples=evaluation.bootstrap_samples)
+
+
+def forgetting_report(before: dict[str, Any], after: dict[str, Any], n_texts: int, n_questions: int,
+                      corpus: str, *, samples: int = 1000, confidence: float = CONFIDENCE,
+                      seed: int = 0) -> ForgettingReport:
+    """The forgetting section of eval.json from two `measure` results (base weights, tuned weights).
+
+    Keys: corpus, texts, questions, before/after ({perplexity, knowledge}), ppl_increase, knowledge_drop, and,
+    when `measure`'s per-row lists are there: ppl_increase_interval (paired bootstrap over texts),
+    knowledge_before / knowledge_after (Wilson), knowledge_drop_interval (Newcombe paired, before - after) and
+    knowledge_comparison (after vs before: difference after - before, exact McNemar p_value).
+    """
+    report = ForgettingReport({
         "corpus": corpus,
         "texts": n_texts,
         "questions": n_questions,
-        "before": before,
-        "after": after,
+        "before": {"perplexity": before["perplexity"], "knowledge": before["knowledge"]},
+        "after": {"perplexity": after["perplexity"], "knowledge": after["knowledge"]},
         "ppl_increase": after["perplexity"] / before["perplexity"] - 1,
         "knowledge_drop": before["knowledge"] - after["knowledge"],
-    }
+    })
+    if "text_losses" in before and "text_losses" in after:
+        report["ppl_increase_interval"] = ppl_change_interval(
+            before["text_losses"], after["text_losses"], samples, confidence, seed).as_dict()
+    if "correct" in before and "correct" in after:
+        was, now = [float(c) for c in before["correct"]], [float(c) for c in after["correct"]]
+        comparison = paired_comparison(was, now, samples, seed, confidence)
+        report["knowledge_before"] = score_interval(was, samples, confidence, seed).as_dict()
+        report["knowledge_after"] = score_interval(now, samples, confidence, seed).as_dict()
+        report["knowledge_drop_interval"] = comparison.difference.negated().as_dict()
+        report["knowledge_comparison"] = comparison.as_dict()
+    return report
+
+
+def forgetting_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Gate figures from a forgetting report: forgetting.ppl_increase and forgetting.knowledge_drop, each with
+    its interval when the report has one."""
+    from specialist.evaluate.gates import Figure
+
+    figures: dict[str, Any] = {}
+    for name in ("ppl_increase", "knowledge_drop"):
+        if name in report:
+            interval = report.get(f"{name}_interval")
+            figures[f"forgetting.{name}"] = Figure.of(interval) if interval else Figure(report[name])
+    return figures
