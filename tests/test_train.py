@@ -158,11 +158,11 @@ def test_evaluation_uses_the_format_stored_with_the_run(tiny_config, monkeypatch
     stored = PromptTemplate.load(run_dir / "template.json")
     seen = []
 
-    def capture(model, tokenizer, template, prompts, *args, **kwargs):
-        seen.append(template)
-        return ["{}"] * len(prompts)
+    def capture(engine, examples, *args, **kwargs):
+        seen.append(engine.template)
+        return ["{}"] * len(examples)
 
-    monkeypatch.setattr(runner, "generate_outputs", capture)
+    monkeypatch.setattr(runner, "generate", capture)
     tiny_config["data"]["instruction"] = "Something else entirely."
     tiny_config["evaluation"]["forgetting"] = False
     runner.evaluate_run(run_dir, validate_config(tiny_config))

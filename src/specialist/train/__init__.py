@@ -7,6 +7,7 @@ from pathlib import Path
 from specialist.config import MethodConfig, TrainingConfig
 from specialist.data import Example, PromptTemplate
 from specialist.errors import ConfigError
+from specialist.run_folder import RunFolder
 from specialist.train.common import TrainResult, latest_complete_checkpoint
 
 
@@ -30,16 +31,17 @@ def check_method_runs_here(method: MethodConfig) -> None:
 
 
 def train_model(model, tokenizer, template: PromptTemplate, train: list[Example], val: list[Example],
-                method: MethodConfig, training: TrainingConfig, run_dir: Path,
+                method: MethodConfig, training: TrainingConfig, run: RunFolder | Path,
                 resume_from: Path | None = None) -> TrainResult:
-    """Train with the method the config names; returns the trained model and its figures."""
+    """Train with the method the config names into the run folder `run`; returns the trained model and figures."""
+    run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
     if method.kind == "dpo":
         from specialist.train.dpo import train_dpo
 
-        return train_dpo(model, tokenizer, template, train, val, method, training, run_dir, resume_from)
+        return train_dpo(model, tokenizer, template, train, val, method, training, run, resume_from)
     from specialist.train.sft import train_sft
 
-    return train_sft(model, tokenizer, template, train, val, method, training, run_dir, resume_from)
+    return train_sft(model, tokenizer, template, train, val, method, training, run, resume_from)
 
 
 __all__ = ["TrainResult", "check_method_runs_here", "latest_complete_checkpoint", "train_model"]

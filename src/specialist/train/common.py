@@ -7,7 +7,6 @@ and resume are the Trainer's own, configured here once.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,12 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from specialist.config import TrainingConfig
+from specialist.console import console
+from specialist.ranks import is_main_process, world_size
+from specialist.train.checkpoints import CHECKPOINT_PREFIX, COMPLETE_MARK, latest_complete_checkpoint
+from specialist.train.schedule import eval_and_save_steps, planned_steps, resolve_epochs, warmup_steps
 
-COMPLETE_MARK = "specialist-complete.json"
-CHECKPOINT_PREFIX = "checkpoint-"
+__all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARK", "TrainResult", "latest_complete_checkpoint", "planned_steps"]
 
 
 @dataclass
@@ -30,6 +32,8 @@ class TrainResult:
     seconds: float = 0.0
     steps: int = 0
     best_checkpoint: str | None = None
+    epochs: float | None = None  # as trained (after `epochs: auto`)
+    time_budget: dict[str, Any] | None = None  # what `training.time_budget` chose, and from what rate
 
     @property
     def tokens_per_second(self) -> float:
@@ -48,20 +52,16 @@ class TrainResult:
             "final_val_loss": val_losses[-1] if val_losses else None,
             "best_val_loss": min(val_losses) if val_losses else None,
             "best_checkpoint": self.best_checkpoint,
+            "epochs": self.epochs,
             "output": str(self.output_dir),
         }
+        if self.time_budget is not None:
+            summary["time_budget"] = self.time_budget
         last_eval = next((e for e in reversed(self.log_history) if "eval_loss" in e), {})
         for key in ("eval_rewards/margins", "eval_rewards/accuracies"):  # DPO's preference figures
             if key in last_eval:
                 summary[key.removeprefix("eval_").replace("/", "_")] = last_eval[key]
         return summary
-
-
-def planned_steps(training: TrainingConfig, n_train: int, world_size: int = 1) -> int:
-    if training.max_steps > 0:
-        return training.max_steps
-    per_step = training.batch_size * training.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(math.ceil(n_train / per_step) * training.epochs))
 
 
 # Measured with bench/train_throughput.py on 2 CPU cores (Gemma 3 270M, LoRA, batch 8, 6 steps): one row per
@@ -91,32 +91,33 @@ def micro_batches(training: TrainingConfig, sequence_length: int) -> tuple[int, 
 
 def common_arguments(
     training: TrainingConfig, output_dir: Path, n_train: int, has_val: bool, bf16: bool,
-    sequence_length: int | None = None,
+    sequence_length: int | None = None, tensorboard_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """TrainingArguments fields shared by SFTConfig and DPOConfig."""
+    """TrainingArguments fields shared by SFTConfig and DPOConfig (checkpoints in `output_dir`)."""
     import os
 
     import torch
 
     # transformers 5 reads the TensorBoard folder from the environment when the Trainer is built.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir.parent / "tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir or output_dir)
 
+    epochs, why = resolve_epochs(training, n_train)
+    if why and training.max_steps <= 0 and is_main_process():
+        console.log(why)
     steps = planned_steps(training, n_train, world_size())
     rows, accumulation = micro_batches(training, sequence_length or training.max_length)
-    eval_steps = training.eval_steps or max(1, steps // 4)
-    save_steps = training.save_steps or eval_steps
+    eval_steps, save_steps = eval_and_save_steps(training, steps)
     keep_best = has_val and save_steps % eval_steps == 0
     return dict(
         output_dir=str(output_dir),
-        num_train_epochs=training.epochs,
+        num_train_epochs=epochs,
         max_steps=training.max_steps,
         per_device_train_batch_size=rows,
         per_device_eval_batch_size=rows,
         gradient_accumulation_steps=accumulation,
         learning_rate=training.learning_rate,
         lr_scheduler_type="cosine",
-        # floor, not ceil: a 6-step run gets no warmup rather than spending a sixth of its steps at lr 0
-        warmup_steps=int(training.warmup_ratio * steps),
+        warmup_steps=warmup_steps(training, steps),
         weight_decay=training.weight_decay,
         seed=training.seed,
         data_seed=training.seed,
@@ -141,11 +142,15 @@ def common_arguments(
     )
 
 
-def callbacks(training: TrainingConfig, run_dir: Path, args) -> list[TrainerCallback]:
+def callbacks(training: TrainingConfig, metrics_log: Path, args) -> list[TrainerCallback]:
     from specialist.train.progress import RichProgressCallback
 
-    found: list[TrainerCallback] = [RichProgressCallback(), MetricsJsonlCallback(run_dir / "metrics.jsonl"),
-                                    CheckpointCompleteCallback()]
+    metrics = MetricsJsonlCallback(metrics_log)
+    found: list[TrainerCallback] = [RichProgressCallback(), metrics]
+    if training.time_budget:
+        from specialist.train.budget import TimeBudgetCallback
+
+        found.append(TimeBudgetCallback(training, record=metrics.write))
     if training.early_stopping_patience:
         if not args.load_best_model_at_end:
             from specialist.errors import ConfigError
@@ -168,34 +173,14 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time() - self.started, 2),
-               **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+        self.write({"step": state.global_step, "epoch": state.epoch,
+                    **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}})
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row (with the wall time since training began); the caller is rank 0."""
+        row = {**row, "time": round(time.time() - self.started, 2)}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
-
-
-class CheckpointCompleteCallback(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it.
-
-    A run killed mid-save leaves a checkpoint folder without the mark, which `latest_complete_checkpoint` skips.
-    """
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        if folder.is_dir():
-            (folder / COMPLETE_MARK).write_text(json.dumps({"step": state.global_step, "time": time.time()}))
-
-
-def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The highest-step checkpoint folder that carries the completion mark, or None."""
-    if not checkpoints.is_dir():
-        return None
-    complete = [p for p in checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARK).is_file()]
-    steps = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p) for p in complete
-             if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
-    return max(steps)[1] if steps else None
 
 
 def run_trainer(trainer, resume_from: Path | None) -> tuple[float, int]:
@@ -207,15 +192,3 @@ def run_trainer(trainer, resume_from: Path | None) -> tuple[float, int]:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return time.perf_counter() - started, int(trainer.state.num_input_tokens_seen or 0)
-
-
-def is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))

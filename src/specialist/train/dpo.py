@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trl import DPOTrainer
+
 from specialist.config import MethodConfig, TrainingConfig
 from specialist.data import Example, PromptTemplate
-from specialist.errors import ConfigError
+from specialist.run_folder import RunFolder, merge_adapter
+from specialist.train.checkpoints import DurableCheckpoints
 from specialist.train.common import TrainResult, common_arguments
 from specialist.train.sft import fit, use_bf16_autocast
+
+
+class DurableDPOTrainer(DurableCheckpoints, DPOTrainer):
+    """TRL's DPOTrainer with checkpoints that survive a kill at any instant."""
 
 
 def preference_dataset(examples: list[Example], template: PromptTemplate, tokenizer):
@@ -25,15 +32,6 @@ def preference_dataset(examples: list[Example], template: PromptTemplate, tokeni
     ])
 
 
-def merge_sft_adapter(model, adapter: Path):
-    from peft import PeftModel
-
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"method.from_adapter: no PEFT adapter in {adapter}",
-                          hint="point it at the adapter/ folder of an SFT run")
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
-
-
 def train_dpo(
     model,
     tokenizer,
@@ -42,21 +40,21 @@ def train_dpo(
     val: list[Example],
     method: MethodConfig,
     training: TrainingConfig,
-    run_dir: Path,
+    run: RunFolder,
     resume_from: Path | None = None,
 ) -> TrainResult:
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     if method.from_adapter is not None:
-        model = merge_sft_adapter(model, method.from_adapter)
+        model = merge_adapter(model, method.from_adapter)
     train_ds = preference_dataset(train, template, tokenizer)
     val_ds = preference_dataset(val, template, tokenizer) if val else None
     args = DPOConfig(
-        **common_arguments(training, run_dir / "checkpoints", len(train_ds), val_ds is not None,
-                           use_bf16_autocast(model),
+        **common_arguments(training, run.checkpoints, len(train_ds), val_ds is not None,
+                           use_bf16_autocast(model), tensorboard_dir=run.tensorboard,
                            sequence_length=2 * training.max_length),  # chosen and rejected in one forward
         beta=method.beta,
         max_length=training.max_length,
     )
     args.prediction_loss_only = False  # DPO's eval reports reward margins and accuracy alongside the loss
-    return fit(DPOTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run_dir, resume_from)
+    return fit(DurableDPOTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run, resume_from)

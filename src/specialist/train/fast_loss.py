@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
+from specialist.train.checkpoints import DurableCheckpoints
+
 IGNORE_INDEX = -100
 
 
@@ -165,8 +167,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class CompletionOnlySFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss projects only labelled positions onto the vocabulary.
+class CompletionOnlySFTTrainer(DurableCheckpoints, SFTTrainer):
+    """SFTTrainer whose loss projects only labelled positions onto the vocabulary (and whose checkpoints survive
+    a kill at any instant: see `checkpoints.DurableCheckpoints`).
 
     Trade-off: TRL's per-token entropy and accuracy diagnostics (full-vocabulary work on every step) are not
     computed; loss, validation loss and everything else the Trainer does are unchanged.

@@ -1,4 +1,9 @@
-"""Live training progress in the terminal: step, epoch, loss, validation loss, lr, tokens/s, ETA."""
+"""Live training progress: step, epoch, loss, validation loss, lr, tokens/s, ETA.
+
+On a terminal, a Rich progress bar. Into a log file (not a terminal) a bar does not render, so lines are printed
+instead: one per logged loss, and one at least every `PLAIN_LINE_SECONDS` between them, since on a slow CPU the
+logging steps may be minutes apart and a silent log looks like a hung run.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,25 @@ from transformers import TrainerCallback
 
 from specialist.console import console, progress
 
+PLAIN_LINE_SECONDS = 30.0
+
+
+def now() -> float:
+    """The clock rates and ETAs are measured on (a test replaces it)."""
+    return time.perf_counter()
+
 
 class RichProgressCallback(TrainerCallback):
     """A Rich progress bar fed by the Trainer's events (replaces the tqdm bars, which we turn off)."""
 
-    def __init__(self) -> None:
+    def __init__(self, line_every: float = PLAIN_LINE_SECONDS) -> None:
+        self.line_every = line_every
         self._progress = None
         self._task = None
         self._started = 0.0
+        self._first_step = 0
+        self._first_tokens = 0
+        self._last_line = 0.0
         self._last: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -24,11 +40,17 @@ class RichProgressCallback(TrainerCallback):
         self._progress = progress()
         self._progress.start()
         self._task = self._progress.add_task("training", total=state.max_steps, info="")
-        self._started = time.perf_counter()
+        self._started = self._last_line = now()
+        # a resumed run's rates count this session's steps and tokens only
+        self._first_step, self._first_tokens = state.global_step, state.num_input_tokens_seen or 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._progress is not None:
-            self._progress.update(self._task, completed=state.global_step, info=self._info(state))
+        if self._progress is None:
+            return
+        # the total can drop mid-run (training.time_budget)
+        self._progress.update(self._task, completed=state.global_step, total=state.max_steps, info=self._info(state))
+        if not console.is_terminal and now() - self._last_line >= self.line_every:
+            self._print_line(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._progress is None or not logs:
@@ -39,7 +61,7 @@ class RichProgressCallback(TrainerCallback):
         self._progress.update(self._task, info=self._info(state))
         fresh = "loss" in logs or "eval_loss" in logs  # not the end-of-training summary, which repeats them
         if fresh and not console.is_terminal:  # a live bar does not render into a log file; leave a line instead
-            console.log(f"step {state.global_step}/{state.max_steps}  {self._info(state)}")
+            self._print_line(state)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._progress is not None:
@@ -48,8 +70,19 @@ class RichProgressCallback(TrainerCallback):
             self._progress = None
             console.log(f"training finished: {state.global_step} steps, {self._info(state)}")
 
+    def _print_line(self, state) -> None:
+        self._last_line = now()
+        console.log(f"step {state.global_step}/{state.max_steps}  {self._info(state)}  ETA {self._eta(state)}")
+
+    def _eta(self, state) -> str:
+        done = state.global_step - self._first_step
+        if done <= 0:
+            return "?"
+        left = (now() - self._started) / done * max(0, state.max_steps - state.global_step)
+        return format_seconds(left)
+
     def _info(self, state) -> str:
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        elapsed = max(now() - self._started, 1e-9)
         parts = [f"epoch {state.epoch or 0:.2f}"]
         if "loss" in self._last:
             parts.append(f"loss {self._last['loss']:.4f}")
@@ -57,6 +90,17 @@ class RichProgressCallback(TrainerCallback):
             parts.append(f"val {self._last['eval_loss']:.4f}")
         if "learning_rate" in self._last:
             parts.append(f"lr {self._last['learning_rate']:.2e}")
-        if state.num_input_tokens_seen:
-            parts.append(f"{state.num_input_tokens_seen / elapsed:.0f} tok/s")
+        tokens = (state.num_input_tokens_seen or 0) - self._first_tokens
+        if tokens > 0:
+            parts.append(f"{tokens / elapsed:.0f} tok/s")
         return "  ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    """e.g. 45s, 12m05s, 2h03m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

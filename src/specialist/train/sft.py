@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specialist.config import MethodConfig, TrainingConfig
+from specialist.console import console
 from specialist.data import Example, PromptTemplate, encode_for_training
 from specialist.errors import DataError
-from specialist.train.common import TrainResult, callbacks, common_arguments, is_main_process, run_trainer
+from specialist.run_folder import RunFolder
+from specialist.train.budget import TimeBudgetCallback
+from specialist.ranks import is_main_process
+from specialist.train.common import TrainResult, callbacks, common_arguments, run_trainer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,12 +59,13 @@ def lora_config(method: MethodConfig):
 
 
 def sft_config(training: TrainingConfig, output_dir: Path, n_train: int, bf16: bool, has_val: bool,
-               plain_text: bool = False):
+               plain_text: bool = False, tensorboard_dir: Path | None = None):
     from trl import SFTConfig
 
     return SFTConfig(
         **common_arguments(training, output_dir, n_train, has_val, bf16,
-                           sequence_length=training.block_size if plain_text else training.max_length),
+                           sequence_length=training.block_size if plain_text else training.max_length,
+                           tensorboard_dir=tensorboard_dir),
         max_length=training.block_size if plain_text else training.max_length,
         completion_only_loss=False if plain_text else training.completion_only_loss,
         # Plain text is concatenated and cut into full blocks, the classic pretraining layout.
@@ -77,7 +82,7 @@ def train_sft(
     val: list[Example],
     method: MethodConfig,
     training: TrainingConfig,
-    run_dir: Path,
+    run: RunFolder,
     resume_from: Path | None = None,
 ) -> TrainResult:
     """Fine-tune on `train`, validating on `val`; save the adapter (or the full model) into the run folder."""
@@ -89,14 +94,14 @@ def train_sft(
     val_ds = build_dataset(val, data_template, tokenizer) if val else None
     if not plain_text:
         refuse_examples_without_completion(train_ds, training.max_length)
-    args = sft_config(training, run_dir / "checkpoints", len(train_ds), bf16=use_bf16_autocast(model),
-                      has_val=val_ds is not None, plain_text=plain_text)
-    return fit(CompletionOnlySFTTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run_dir,
+    args = sft_config(training, run.checkpoints, len(train_ds), bf16=use_bf16_autocast(model),
+                      has_val=val_ds is not None, plain_text=plain_text, tensorboard_dir=run.tensorboard)
+    return fit(CompletionOnlySFTTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run,
                resume_from)
 
 
 def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodConfig, training: TrainingConfig,
-        run_dir: Path, resume_from: Path | None) -> TrainResult:
+        run: RunFolder, resume_from: Path | None) -> TrainResult:
     """Build the method's trainer, run it, and save what it trained: `adapter/` (LoRA) or `model/` (all weights)."""
     trainer = trainer_class(
         model=model,
@@ -105,14 +110,13 @@ def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodC
         eval_dataset=val_ds,
         processing_class=tokenizer,
         peft_config=lora_config(method) if method.uses_lora else None,
-        callbacks=callbacks(training, run_dir, args),
+        callbacks=callbacks(training, run.metrics_log, args),
     )
+    warn_if_fsdp_was_asked_for_but_is_off(trainer)
     seconds, tokens = run_trainer(trainer, resume_from)
-    output_dir = run_dir / ("adapter" if method.uses_lora else "model")
-    if is_main_process():
-        trainer.save_model(str(output_dir))
-        if not method.uses_lora:
-            tokenizer.save_pretrained(output_dir)
+    output_dir = run.trained_output(method.uses_lora)
+    save_trained(trainer, output_dir, None if method.uses_lora else tokenizer)
+    budget = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimeBudgetCallback)), None)
     return TrainResult(
         model=trainer.model,
         output_dir=output_dir,
@@ -121,7 +125,34 @@ def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodC
         seconds=seconds,
         steps=trainer.state.global_step,
         best_checkpoint=trainer.state.best_model_checkpoint,
+        epochs=args.num_train_epochs,
+        time_budget=budget.choice if budget is not None else None,
     )
+
+
+def save_trained(trainer, output_dir: Path, tokenizer=None) -> None:
+    """Save the trained adapter or model (and the tokenizer with a full model) into `output_dir`.
+
+    Called on every rank: under FSDP (or ZeRO-3) the weights are sharded and gathering them is a collective that
+    every process must join; the Trainer writes the files on the main process only. A sharded state-dict setting
+    (what a checkpoint wants) would make `save_model` write nothing, so the final save asks for the full one.
+    """
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(output_dir))
+    if tokenizer is not None and is_main_process():
+        tokenizer.save_pretrained(output_dir)
+
+
+def warn_if_fsdp_was_asked_for_but_is_off(trainer) -> None:
+    """accelerate 1.15 runs an FSDP launch on CPU as plain data parallel (it switches to FSDP only on GPUs and
+    other accelerators): say so rather than let a user believe the model is sharded."""
+    import os
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not trainer.is_fsdp_enabled and is_main_process():
+        console.print("[yellow]warning:[/] FSDP was asked for, but accelerate runs this launch as data parallel "
+                      "(no sharding): FSDP needs GPUs (or other accelerators) with accelerate 1.15")
 
 
 def refuse_examples_without_completion(dataset, max_length: int) -> None:

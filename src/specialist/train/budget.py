@@ -1,0 +1,145 @@
+"""`training.time_budget`: fit the run into a wall-clock budget by choosing its optimizer steps as it goes.
+
+The first step is slower (allocation, first-touch of the weights, lazy kernels), so it is left out: the rate is
+measured over the next `MEASURED_STEPS` steps, and the steps that fit in what is left of the budget are added to
+the steps already done. The choice only lowers the plan (epochs or max_steps stay the ceiling). Everything that
+depends on the total moves with it: the learning-rate schedule is rebuilt for the new total at the step it has
+reached, evaluations and checkpoints are spread over the new total (4 per run unless set), and the last step is
+evaluated and saved. The choice is stored in the checkpoints, so a resumed run keeps it.
+
+Trade-off: the budget covers the training loop from its first step; evaluations and checkpoint saves after the
+measurement are not in the measured rate, so a run with many of them ends somewhat after its budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from specialist.config import TrainingConfig, parse_duration
+from specialist.console import console
+from specialist.train.schedule import eval_and_save_steps, warmup_steps
+
+WARMUP_STEPS = 1
+MEASURED_STEPS = 2
+
+
+def now() -> float:
+    """The clock the budget is measured on (a test replaces it)."""
+    return time.perf_counter()
+
+
+class TimeBudgetCallback(ExportableState, TrainerCallback):
+    """Chooses the run's optimizer steps from the measured rate; `choice` says what it chose and why."""
+
+    def __init__(self, training: TrainingConfig, record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.training = training
+        self.budget = training.time_budget or ""
+        self.seconds = parse_duration(self.budget)
+        self.record = record  # where the choice is written down besides the console (metrics.jsonl)
+        self.choice: dict[str, Any] | None = None
+        self._started = 0.0
+        self._first_step = 0
+        self._warm_at: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"choice": self.choice}}
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        chosen_before = stored.get("attributes", {}).get("choice") if isinstance(stored, dict) else None
+        if self.choice is None and chosen_before and chosen_before.get("chosen_steps"):
+            self.choice = chosen_before  # resumed: keep the promise made when the run started
+            self._apply(state, lr_scheduler, chosen_before["chosen_steps"])
+            if state.is_world_process_zero:
+                console.log(f"time budget {self.budget}: keeping the {self.choice['chosen_steps']} steps chosen "
+                            "before the interruption")
+        self._started = now()
+        self._first_step = state.global_step
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if self.choice is not None:
+            return
+        done = state.global_step - self._first_step
+        if done == WARMUP_STEPS:
+            self._warm_at = now()
+        if done < WARMUP_STEPS + MEASURED_STEPS or self._warm_at is None:
+            return
+        clock = now()
+        per_step = (clock - self._warm_at) / MEASURED_STEPS
+        fits = math.floor(max(0.0, self.seconds - (clock - self._started)) / max(per_step, 1e-9))
+        chosen = same_on_every_rank(min(state.max_steps, state.global_step + fits))
+        first = state.global_step - MEASURED_STEPS + 1
+        self.choice = {"budget": self.budget, "budget_seconds": self.seconds, "seconds_per_step": round(per_step, 4),
+                       "measured_steps": f"{first}-{state.global_step}", "planned_steps": state.max_steps,
+                       "chosen_steps": chosen}
+        self._apply(state, lr_scheduler, chosen)
+        if chosen <= state.global_step:  # the budget is spent already: this step is the last one
+            control.should_training_stop = True
+            control.should_evaluate = args.eval_strategy == "steps"
+            control.should_save = True
+        self._announce(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.choice is None:  # too few steps to measure: the plan stood
+            self.choice = {"budget": self.budget, "budget_seconds": self.seconds, "seconds_per_step": None,
+                           "measured_steps": None, "planned_steps": state.max_steps, "chosen_steps": state.max_steps}
+            self._announce(state)
+
+    def _apply(self, state, lr_scheduler, chosen: int) -> None:
+        state.max_steps = chosen
+        state.eval_steps, state.save_steps = eval_and_save_steps(self.training, chosen)
+        if lr_scheduler is not None:
+            rebuild_schedule(lr_scheduler, chosen, warmup_steps(self.training, chosen))
+
+    def _announce(self, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        console.log(describe_choice(self.choice))
+        if self.record is not None:
+            self.record({"step": state.global_step, "time_budget": self.choice})
+
+
+def describe_choice(choice: dict[str, Any]) -> str:
+    """e.g. 'time budget 10m: 2.9 s/step measured over steps 2-3 -> 190 steps (planned 256)'."""
+    if choice["seconds_per_step"] is None:
+        return (f"time budget {choice['budget']}: the run ended after {choice['chosen_steps']} steps, before "
+                f"the rate could be measured (planned {choice['planned_steps']})")
+    return (f"time budget {choice['budget']}: {choice['seconds_per_step']:.3g} s/step measured over steps "
+            f"{choice['measured_steps']} -> {choice['chosen_steps']} steps (planned {choice['planned_steps']})")
+
+
+def rebuild_schedule(lr_scheduler, total_steps: int, warmup: int) -> None:
+    """Point the scheduler's step functions at a new total and set the learning rate for the step it has reached.
+
+    The Trainer's schedules (cosine, linear, ...) are LambdaLR over a `functools.partial` that holds the total, so
+    the same scheduler object (which the Trainer and the optimizer keep) gets new partials; its step count stays.
+    """
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it in some launches
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if not lambdas or not all(isinstance(f, functools.partial) and "num_training_steps" in f.keywords
+                              for f in lambdas):
+        raise RuntimeError(f"cannot change the total steps of a {type(inner).__name__} learning-rate schedule")
+    inner.lr_lambdas = [functools.partial(f.func, *f.args, **{**f.keywords, "num_training_steps": total_steps,
+                                                                "num_warmup_steps": warmup}) for f in lambdas]
+    rates = [base * schedule(inner.last_epoch) for base, schedule in zip(inner.base_lrs, inner.lr_lambdas, strict=True)]
+    for group, rate in zip(inner.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    inner._last_lr = rates
+
+
+def same_on_every_rank(value: int) -> int:
+    """Rank 0's value on every rank: each process measures its own clock, but all must stop at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])

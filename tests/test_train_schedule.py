@@ -1,0 +1,277 @@
+"""How long a run is: `epochs: auto`, `time_budget` (on a fake clock, so the chosen steps are exact), and the
+progress lines a log file gets."""
+
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerControl, TrainerState, get_scheduler
+
+import specialist.train.budget as budget
+import specialist.train.progress as progress
+from specialist.config import TrainingConfig, parse_duration, validate_config
+from specialist.console import console
+from specialist.errors import ConfigError
+from specialist.pipeline import train_only
+from specialist.train.checkpoints import is_complete
+from specialist.train.schedule import auto_epochs, planned_steps
+
+
+# -- epochs: auto ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("rows", "epochs"), [
+    (1, 25), (4, 25), (5, 20), (10, 10), (32, 3), (33, 3), (34, 3), (100, 3), (8333, 3), (8334, 2), (12_500, 2),
+    (25_001, 1), (10_000_000, 1), (0, 25),
+])
+def test_auto_epochs_follow_the_hosted_fine_tuning_rule(rows, epochs):
+    chosen, why = auto_epochs(rows)
+    assert chosen == epochs
+    assert f"-> {epochs}" in why and "OpenAI" in why
+
+
+def test_auto_epochs_set_the_planned_steps_and_an_explicit_count_is_kept():
+    auto = TrainingConfig(epochs="auto", batch_size=4)
+    assert planned_steps(auto, 10) == 3 * 10  # 10 rows: 10 epochs of 3 steps (4 + 4 + 2 rows)
+    assert planned_steps(TrainingConfig(epochs=2, batch_size=4), 10) == 6
+    assert planned_steps(TrainingConfig(epochs="auto", batch_size=4, max_steps=7), 10) == 7  # max_steps wins
+
+
+@pytest.mark.parametrize("value", [0, -1, "Auto", "three", None, [3]])
+def test_epochs_refuse_anything_but_a_positive_number_or_auto(value):
+    with pytest.raises(ConfigError, match="training.epochs"):
+        validate_config({"data": {"path": "d.jsonl"}, "training": {"epochs": value}})
+
+
+# -- time_budget: the config key --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("10m", 600), ("1h30m", 5400), ("1.5h", 5400),
+                                              (" 2m 5s ", 125), ("36000h", 129_600_000)])
+def test_durations_parse(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "   ", "10", "abc", "1d", "-5m", "0s", "0h0m", "5m5m", "1e3s", ".5m",
+                                   "١٠m", "10m; rm -rf /", 600, 1.5, True, ["10m"]])
+def test_time_budget_refuses_what_is_not_a_duration(value):
+    with pytest.raises(ConfigError, match="training.time_budget"):
+        validate_config({"data": {"path": "d.jsonl"}, "training": {"time_budget": value}})
+
+
+# -- time_budget: the callback, piece by piece ------------------------------------------------------------------
+def test_rebuilt_schedule_gives_the_learning_rates_of_a_schedule_made_for_the_new_total():
+    def scheduler(total, warmup):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    def step(schedule, times):
+        for _ in range(times):
+            schedule.optimizer.step()
+            schedule.step()
+
+    rebuilt, fresh = scheduler(40, 2), scheduler(12, 0)
+    step(rebuilt, 5)
+    step(fresh, 5)
+    budget.rebuild_schedule(rebuilt, 12, 0)
+    for _ in range(8):
+        assert rebuilt.get_last_lr() == pytest.approx(fresh.get_last_lr(), abs=1e-12)
+        assert rebuilt.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.get_last_lr()[0], abs=1e-12)
+        step(rebuilt, 1)
+        step(fresh, 1)
+    with pytest.raises(RuntimeError, match="StepLR"):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        budget.rebuild_schedule(torch.optim.lr_scheduler.StepLR(optimizer, 3), 12, 0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def drive(callback, clock, state, seconds_per_step, steps):
+    """The Trainer's calls around `steps` optimizer steps, each taking the next of `seconds_per_step`."""
+    args, control = SimpleNamespace(eval_strategy="steps"), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for _ in range(steps):
+        clock.t += seconds_per_step.pop(0) if seconds_per_step else 1.0
+        state.global_step += 1
+        callback.on_step_end(args, state, control)
+        if control.should_training_stop:
+            break
+    return control
+
+
+@pytest.mark.parametrize(("text", "planned", "expected"), [
+    ("60s", 24, 17),  # 16 s spent (10 warm-up + 2 x 3), 44 s left: 14 more steps of 3 s
+    ("1h", 24, 24),  # the budget never raises the plan
+    ("12s", 24, 3),  # spent during the measurement: the third step is the last
+])
+def test_budget_chooses_the_steps_that_fit(monkeypatch, text, planned, expected):
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget=text))
+    state = TrainerState(max_steps=planned)
+    control = drive(callback, clock, state, [10.0, 3.0, 3.0], 3)
+    assert callback.choice == {"budget": text, "budget_seconds": parse_duration(text), "seconds_per_step": 3.0,
+                               "measured_steps": "2-3", "planned_steps": planned, "chosen_steps": expected}
+    assert state.max_steps == expected
+    assert (state.eval_steps, state.save_steps) == (max(1, expected // 4), max(1, expected // 4))
+    stopped = expected == 3
+    assert (control.should_training_stop, control.should_evaluate, control.should_save) == (stopped,) * 3
+
+
+def test_a_resumed_run_keeps_the_steps_chosen_before_and_measures_nothing(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    chosen = {"budget": "60s", "budget_seconds": 60.0, "seconds_per_step": 3.0, "measured_steps": "2-3",
+              "planned_steps": 24, "chosen_steps": 17}
+    state = TrainerState(max_steps=24, global_step=8,
+                         stateful_callbacks={"TimeBudgetCallback": {"args": {}, "attributes": {"choice": chosen}}})
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="60s"))
+    drive(callback, clock, state, [500.0] * 5, 5)  # far slower now: a fresh measurement would stop at once
+    assert callback.choice == chosen and state.max_steps == 17 and state.global_step == 13
+    assert callback.state() == {"args": {}, "attributes": {"choice": chosen}}  # saved again with each checkpoint
+
+
+def test_a_run_too_short_to_measure_reports_the_plan_it_kept(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="10m"))
+    state = TrainerState(max_steps=2)
+    drive(callback, clock, state, [10.0, 3.0], 2)
+    callback.on_train_end(None, state, TrainerControl())
+    assert callback.choice["chosen_steps"] == 2 and callback.choice["seconds_per_step"] is None
+    assert "before the rate could be measured" in budget.describe_choice(callback.choice)
+
+
+# -- time_budget: a real run on the tiny model --------------------------------------------------------------------
+def budget_config(tiny_config, run_name, time_budget="60s"):
+    tiny_config["training"].update({"epochs": "auto", "max_steps": -1, "time_budget": time_budget,
+                                    "micro_batch_tokens": None, "save_total_limit": 50})
+    tiny_config["output"]["run_name"] = run_name
+    return validate_config(tiny_config)
+
+
+def clock_driven_by_steps(monkeypatch, seconds_for_step):
+    """The budget's clock advances only when a training step runs: `seconds_for_step(global_step)` each."""
+    from specialist.train.fast_loss import CompletionOnlySFTTrainer
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    original = CompletionOnlySFTTrainer.training_step
+
+    def timed_step(self, *args, **kwargs):
+        clock.t += seconds_for_step(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompletionOnlySFTTrainer, "training_step", timed_step)
+    return clock
+
+
+def cosine(step, total, warmup):
+    if step < warmup:
+        return step / max(1, warmup)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def test_time_budget_lowers_the_steps_and_moves_schedule_evaluations_and_checkpoints(tiny_config, monkeypatch,
+                                                                                   capsys):
+    """32 rows, batch 4, epochs auto (3): 24 steps planned. Steps take 10 s, then 3 s: 60 s fit 17 steps."""
+    clock_driven_by_steps(monkeypatch, lambda step: 10.0 if step == 0 else 3.0)
+    monkeypatch.setattr(console, "width", 300)  # one message, one line
+    summary = train_only(budget_config(tiny_config, "budget"), "tiny")
+    train = summary.metrics["train"]
+    choice = {"budget": "60s", "budget_seconds": 60.0, "seconds_per_step": 3.0, "measured_steps": "2-3",
+              "planned_steps": 24, "chosen_steps": 17}
+    assert train["steps"] == 17 and train["epochs"] == 3 and train["time_budget"] == choice
+    err = capsys.readouterr().err
+    assert "time budget 60s: 3 s/step measured over steps 2-3 -> 17 steps (planned 24)" in err
+    assert "epochs auto -> 3 (32 rows x 3 < 100 examples seen" in err
+
+    rows = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["time_budget"] for r in rows if "time_budget" in r] == [choice]
+    # Evaluations and checkpoints spread over the new total (4 per run), and the last step evaluated and saved.
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 12, 16, 17]
+    saved = sorted(int(p.name.split("-")[1]) for p in (summary.run_dir / "checkpoints").glob("checkpoint-*"))
+    assert saved == [4, 8, 12, 16, 17] and is_complete(summary.run_dir / "checkpoints" / "checkpoint-17")
+    # The learning rate of step k is the schedule's value after k-1 steps: the 24-step plan (warm-up 1) until the
+    # choice at step 3, then a cosine over 17 steps (warm-up int(0.05 x 17) = 0).
+    rates = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
+    assert sorted(rates) == list(range(1, 18))
+    for step, rate in rates.items():
+        expected = cosine(step - 1, 24, 1) if step <= 3 else cosine(step - 1, 17, 0)
+        assert rate == pytest.approx(0.01 * expected, rel=1e-6, abs=1e-12), step
+
+    # Interrupted after step 8 and resumed on a far slower machine: the promise made stands, and the weights
+    # equal the uninterrupted run's.
+    reference = load_file(summary.run_dir / "adapter" / "adapter_model.safetensors")
+    for later in (12, 16, 17):
+        shutil.rmtree(summary.run_dir / "checkpoints" / f"checkpoint-{later}")
+    shutil.rmtree(summary.run_dir / "adapter")
+    clock_driven_by_steps(monkeypatch, lambda step: 100.0)
+    resumed = train_only(budget_config(tiny_config, "budget"), "tiny", resume=True)
+    assert resumed.metrics["train"]["steps"] == 17 and resumed.metrics["train"]["time_budget"] == choice
+    got = load_file(resumed.run_dir / "adapter" / "adapter_model.safetensors")
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_budget_spent_in_the_measurement_stops_at_once_evaluated_and_saved(tiny_config, monkeypatch):
+    clock_driven_by_steps(monkeypatch, lambda step: 10.0)
+    summary = train_only(budget_config(tiny_config, "spent", "15s"), "tiny")
+    assert summary.metrics["train"]["steps"] == 3
+    assert summary.metrics["train"]["time_budget"]["chosen_steps"] == 3
+    rows = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3]
+    assert is_complete(summary.run_dir / "checkpoints" / "checkpoint-3")
+
+
+# -- progress lines in a log file -----------------------------------------------------------------------------------
+def test_a_log_file_gets_a_progress_line_at_least_every_30_seconds(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "now", clock)
+    monkeypatch.setattr(console, "_force_terminal", False)
+    monkeypatch.setattr(console, "width", 300)
+    callback = progress.RichProgressCallback()
+    args, control = None, TrainerControl()
+    state = TrainerState(max_steps=20, is_world_process_zero=True)
+    with console.capture() as captured:
+        callback.on_train_begin(args, state, control)
+        for step in range(1, 21):
+            clock.t += 7.0  # a step every 7 s, the loss logged only at step 1
+            state.global_step, state.epoch, state.num_input_tokens_seen = step, step / 20, 100 * step
+            callback.on_step_end(args, state, control)
+            if step == 1:
+                callback.on_log(args, state, control, logs={"loss": 1.5, "learning_rate": 1e-3})
+        callback.on_train_end(args, state, control)
+    lines = [line for line in captured.get().splitlines() if "ETA" in line]
+    # step 1 (its loss), then each step at which 30 s have passed since the last line: 6, 11, 16
+    assert [int(line.split("step ")[1].split("/")[0]) for line in lines] == [1, 6, 11, 16]
+    assert "step 6/20" in lines[1] and "loss 1.5000" in lines[1] and "14 tok/s" in lines[1]
+    assert "ETA 1m38s" in lines[1]  # 42 s for 6 steps, 14 steps to go
+
+
+def test_a_terminal_gets_the_bar_and_no_extra_lines(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "now", clock)
+    monkeypatch.setattr(console, "_force_terminal", True)
+    callback = progress.RichProgressCallback()
+    state = TrainerState(max_steps=5, is_world_process_zero=True)
+    with console.capture() as captured:
+        callback.on_train_begin(None, state, TrainerControl())
+        for step in range(1, 6):
+            clock.t += 60.0
+            state.global_step = step
+            callback.on_step_end(None, state, TrainerControl())
+        callback.on_train_end(None, state, TrainerControl())
+    assert "ETA" not in captured.get() and "training finished: 5 steps" in captured.get()
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.4, "59s"), (60, "1m00s"), (3599, "59m59s"),
+                                              (3600, "1h00m"), (90061, "25h01m")])
+def test_eta_is_written_for_people(seconds, text):
+    assert progress.format_seconds(seconds) == text
