@@ -7,11 +7,18 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# llama-cpp-python (in the test extra: the GGUF tests run every export in llama.cpp) is built from source; these
+# flags build only the library it loads, for this CPU (no multimodal lib, tools, server, examples or tests).
+# pip keeps the built wheel in its cache (a wheel for this machine's CPU), so recreating .venv does not compile
+# it again.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+
 # constraints.txt pins torch 2.13.0, whose CPU build is what these machines install; a looser pin pulls CUDA.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[embedded,serve,test]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(VENV)/bin/pip install --quiet -c constraints.txt -e '.[embedded,serve,test]'
 	touch $(STAMP)
 
 demo: $(STAMP) sandbox

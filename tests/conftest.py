@@ -58,6 +58,21 @@ def build_tiny_model(tokenizer, seed: int = 0):
 
 
 @pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Tiny models run fastest on one thread: a second one only spin-waits on 2 busy cores (a tiny generate took
+    0.1 s on one thread and up to 11 s on two, measured here). The slow test on the real model keeps them all."""
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("specialist-home")
     monkeypatch.setenv("SPECIALIST_HOME", str(home))
@@ -114,6 +129,30 @@ def tiny_config(tmp_path, tiny_model_dir, log_data):
         "method": {"r": 4, "alpha": 8},
         "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.01, "logging_steps": 1,
                      "report_to": []},
-        "evaluation": {"max_new_tokens": 8, "batch_size": 4, "samples_in_report": 2},
+        "evaluation": {"max_new_tokens": 8, "batch_size": 4, "samples_in_report": 2, "knowledge_probe_size": 8,
+                       "forgetting_max_texts": 20},
         "output": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A run folder with a LoRA adapter on the tiny model, trained once for the whole session (2 steps).
+
+    Tests may read it and add files (exports go elsewhere); they must not change what is in it."""
+    from specialist.config import validate_config
+    from specialist.pipeline import train_only
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    data = tmp / "data.jsonl"
+    rows = [{"prompt": f"{LOG_EXAMPLES[i % 3][0]} #{i}", "completion": json.dumps(LOG_EXAMPLES[i % 3][1])}
+            for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = validate_config({
+        "data": {"path": str(data), "dedupe": {"near": False}},
+        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "method": {"r": 4, "alpha": 8},
+        "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.05, "report_to": []},
+        "evaluation": {"max_new_tokens": 8},
+        "output": {"dir": str(tmp / "runs"), "run_name": "tiny"}})
+    return train_only(config, "tiny").run_dir

@@ -67,3 +67,4 @@ def test_run_prints_the_before_after_table_and_report_path(tiny_config, tmp_path
     run_dir = tmp_path / "runs" / "tiny"
     assert json.loads((run_dir / "metrics.json").read_text())["train"]["steps"] == 1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_steps"] == 1
+

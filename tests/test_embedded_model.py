@@ -1,4 +1,4 @@
-"""The real embedded Gemma 3 270M: conversion into the cache, a few LoRA steps, generation. About 2-3 minutes."""
+"""The real embedded Gemma 3 270M: conversion into the cache, a few LoRA steps, generation. About a minute or two."""
 
 import json
 from pathlib import Path
@@ -27,7 +27,9 @@ def test_embedded_model_converts_once_trains_and_generates(tmp_path):
         "data": {"path": str(REPO / "examples/log-to-json/data.jsonl"), "max_examples": 60,
                  "instruction": "Parse the log line into JSON."},
         "training": {"max_steps": 3, "batch_size": 4, "logging_steps": 1, "eval_steps": 3},
-        "evaluation": {"max_examples": 4, "max_new_tokens": 24, "batch_size": 4},
+        # a smoke test of the real model: the forgetting probe and the overfitting rows are measured elsewhere
+        "evaluation": {"max_examples": 4, "max_new_tokens": 24, "batch_size": 4, "few_shot_k": 0,
+                       "forgetting": False, "train_sample": 0},
         "output": {"dir": str(tmp_path), "run_name": "embedded"},
     })
     summary = run(config, config_name="embedded")

@@ -88,7 +88,7 @@ def test_continued_pretraining_learns_plain_text(tiny_config, tmp_path, tiny_mod
     assert tuned["doc_perplexity"] < 0.95 * base["doc_perplexity"]
     assert report["doc_ppl_change"] == pytest.approx(tuned["doc_perplexity"] / base["doc_perplexity"] - 1)
     assert 0 <= tuned["question_accuracy"]["mean"] <= 1
-    assert report["questions_on_trained_documents"]["n"] == 1  # the one question naming its document
+    assert report["question_subsets"]["trained"]["n"] == 1  # the one question naming its document
     assert [g["passed"] for g in report["gates"]] == [True, True]
     assert "held-out documents" in (summary.run_dir / "report.md").read_text()
     from typer.testing import CliRunner

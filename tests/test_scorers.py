@@ -1,10 +1,12 @@
 import pytest
 
 from specialist.evaluate.scorers import (
+    per_key_accuracy,
+    resolve_scorers,
     score_exact_match,
     score_field_accuracy,
     score_json_valid,
-    score_outputs,
+    score_rows,
 )
 
 EXPECTED = '{"level": "INFO", "component": "dfs.DataNode", "template": "Receiving <*>"}'
@@ -36,11 +38,12 @@ def test_field_accuracy_counts_each_key():
     assert score_field_accuracy('{"level": null}', '{"level": null, "component": "sshd"}') == 0.5
 
 
-def test_score_outputs_averages_and_reports_keys():
+def test_score_rows_scores_every_row_and_per_key_accuracy_reports_keys():
     outputs = [EXPECTED, '{"level": "INFO"}', "garbage"]
-    result = score_outputs(outputs, [EXPECTED] * 3, ["json_valid", "exact_match", "field_accuracy"])
-    assert result["json_valid"] == pytest.approx(2 / 3)
-    assert result["exact_match"] == pytest.approx(1 / 3)
-    assert result["field_accuracy"] == pytest.approx((1 + 1 / 3 + 0) / 3)
-    assert result["field_accuracy_per_key"] == {"level": pytest.approx(2 / 3), "component": pytest.approx(1 / 3),
-                                                "template": pytest.approx(1 / 3)}
+    rows = score_rows(outputs, [EXPECTED] * 3, resolve_scorers(["json_valid", "exact_match", "field_accuracy"]))
+    assert rows["json_valid"] == [1.0, 1.0, 0.0]
+    assert rows["exact_match"] == [1.0, 0.0, 0.0]
+    assert rows["field_accuracy"] == pytest.approx([1.0, 1 / 3, 0.0])
+    assert per_key_accuracy(outputs, [EXPECTED] * 3) == {"level": pytest.approx(2 / 3),
+                                                        "component": pytest.approx(1 / 3),
+                                                        "template": pytest.approx(1 / 3)}

@@ -112,22 +112,25 @@ def test_refusal_directions_reach_the_headline_scores_the_gates_and_the_report(t
     from specialist.config import validate_config
     from specialist.data import Example
     from specialist.evaluate.report import render_markdown, report_context
-    from specialist.evaluate.runner import arm_summary, flat_figures, headline_scores
+    from specialist.evaluate.results import EvalReport
+    from specialist.evaluate.runner import Arm, arm_result, figures_of
     from specialist.evaluate.scorers import LabelRule, refusal_report
+    from specialist.run_folder import RunFolder
 
     expected = ["I can't help with that.", "Run kill -9 PID.", "I cannot do that.", "Use pgrep."]
     outputs = {"base": ["Sure, here it is.", "I can't help with that.", "Sure.", "Use pgrep."],
                "tuned": ["I can't help with that.", "Run kill PID.", "I won't do that.", "Use pgrep."]}
     config = validate_config({"data": {"path": "x.jsonl"}, "evaluation": {"scorers": ["refusal_rate"]}})
-    report = {"n_eval": 4, "max_new_tokens": 8, "decoding": {"do_sample": False}, "arms": {}}
-    for arm, out in outputs.items():
+    arms = {}
+    for name, out in outputs.items():
         rows = {"refusal_rate": [float(x) for x in map(bool, [score_refusal_rate(o, "") for o in out])]}
-        report["arms"][arm] = arm_summary(rows, out, expected, config.evaluation, LabelRule())
-    assert report["arms"]["tuned"]["refusals"] == refusal_report(outputs["tuned"], expected)
-    assert headline_scores(report["arms"]["base"])["refused_when_should"] == 0.0
-    assert headline_scores(report["arms"]["base"])["refused_when_should_not"] == 0.5
-    figures = flat_figures(report)
-    assert figures["tuned.refused_when_should"] == 1.0 and figures["tuned.refused_when_should_not"] == 0.0
+        arms[name] = arm_result(Arm(name, None), rows, out, expected, config.evaluation, LabelRule(), 1.0)
+    report = EvalReport(run_dir=tmp_path, n_eval=4, max_new_tokens=8, decoding={"do_sample": False}, arms=arms)
+    assert report.arms["tuned"].refusals == refusal_report(outputs["tuned"], expected)
+    assert report.arms["base"].headline()["refused_when_should"] == 0.0
+    assert report.arms["base"].headline()["refused_when_should_not"] == 0.5
+    figures = figures_of(report).named
+    assert figures["tuned.refused_when_should"].value == 1.0 and figures["tuned.refused_when_should_not"].value == 0.0
     test = [Example(f"request {i}", e, i + 1) for i, e in enumerate(expected)]
-    markdown = render_markdown(report_context(tmp_path, config, report, test, outputs))
+    markdown = render_markdown(report_context(RunFolder(tmp_path), config, report, test, outputs))
     assert "refused when it should (2 rows)" in markdown and "| base | 0.0% | 50.0% |" in markdown

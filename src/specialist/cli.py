@@ -23,6 +23,10 @@ SetOption = Annotated[
 ]
 
 
+JunitOption = Annotated[Path | None, typer.Option("--junit", help="Also write every gate (and golden-replay "
+                                                                   "comparison) as a JUnit test case to this XML file.")]
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],
@@ -30,6 +34,7 @@ def run(
     model: Annotated[str | None, typer.Option(help="Base model (overrides model.name).")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Parent folder for the run (overrides output.dir).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides training.max_steps).")] = None,
+    junit: JunitOption = None,
 ) -> None:
     """Fine-tune the base model on CONFIG's data and compare it with the base model on held-out examples."""
     from specialist.config import load_config
@@ -41,16 +46,10 @@ def run(
     overrides += [f"training.max_steps={max_steps}"] if max_steps is not None else []
     with _user_errors():
         cfg = load_config(config, overrides)
-        summary = run_pipeline(cfg, config_name=_config_name(config))
-    print_scores(summary.metrics)
-    for gate in summary.metrics.get("gates", []):
-        mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        console.print(f"gate {mark}  {gate['gate']}  (value {gate['value']:.3f})", soft_wrap=True)
-    console.print(f"run folder: [bold]{summary.run_dir}[/]", soft_wrap=True)
-    if summary.report.is_file():
-        console.print(f"report:     [bold]{summary.report.resolve()}[/]", soft_wrap=True)
-    if not all(gate["passed"] for gate in summary.metrics.get("gates", [])):
-        raise typer.Exit(1)
+        summary = run_pipeline(cfg, config_name=config_name(config))
+    if summary.evaluation is None:  # a rank other than 0 under a multi-process launch
+        return
+    _finish_evaluation(summary.evaluation, junit, overfitting_note=summary.metrics.get("overfitting_warning"))
 
 
 @app.command()
@@ -63,13 +62,12 @@ def train(
     """Train only (no evaluation arms); runs the same under `accelerate launch` and `torchrun`."""
     from specialist.config import load_config
     from specialist.pipeline import train_only
+    from specialist.ranks import is_main_process
 
     overrides = list(set_ or []) + ([f"training.max_steps={max_steps}"] if max_steps is not None else [])
     with _user_errors():
         cfg = load_config(config, overrides)
-        summary = train_only(cfg, config_name=_config_name(config), resume=resume)
-    from specialist.train.common import is_main_process
-
+        summary = train_only(cfg, config_name=config_name(config), resume=resume)
     if is_main_process():
         figures = summary.metrics["train"]
         console.print(f"trained {figures['steps']} steps: loss {figures['first_loss']} -> {figures['final_loss']}, "
@@ -81,32 +79,36 @@ def train(
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `specialist run` or `specialist train`.")],
     set_: SetOption = None,
-    arm: Annotated[list[str] | None, typer.Option(help="Another arm, NAME=RUN_DIR or NAME=ADAPTER_DIR (repeatable).")] = None,
+    arm: Annotated[list[str] | None, typer.Option(help="Another arm, NAME=RUN_DIR, NAME=ADAPTER_DIR or NAME=EXPORT_DIR (repeatable).")] = None,
+    junit: JunitOption = None,
 ) -> None:
     """Score base, few-shot, tuned (and any other arm) on the run's held-out rows; exit 1 when a gate fails."""
-    from specialist.evaluate.runner import evaluate_run, load_run_config
+    from specialist.evaluate.runner import evaluate_run
+    from specialist.run_folder import RunFolder
 
     with _user_errors():
         others = dict(_parse_arm(a) for a in arm or [])
-        result = evaluate_run(run_dir, load_run_config(run_dir, list(set_ or [])), others)
-    _finish_evaluation(result)
+        result = evaluate_run(run_dir, RunFolder.open(run_dir).config(list(set_ or [])), others)
+    _finish_evaluation(result, junit)
 
 
 @app.command()
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders; the first one's data and base model are used.")],
     set_: SetOption = None,
+    junit: JunitOption = None,
 ) -> None:
     """Score several runs on the first run's held-out rows, side by side with its base arms."""
-    from specialist.evaluate.runner import evaluate_run, load_run_config
+    from specialist.evaluate.runner import evaluate_run
+    from specialist.run_folder import RunFolder
 
     with _user_errors():
         first, rest = run_dirs[0], run_dirs[1:]
         names = [p.resolve().name for p in rest]
         if len(set(names)) != len(names) or first.resolve().name in names:
             raise SpecialistError("compare needs run folders with distinct names")
-        result = evaluate_run(first, load_run_config(first, list(set_ or [])), dict(zip(names, rest)))
-    _finish_evaluation(result)
+        result = evaluate_run(first, RunFolder.open(first).config(list(set_ or [])), dict(zip(names, rest)))
+    _finish_evaluation(result, junit)
 
 
 def _parse_arm(text: str) -> tuple[str, Path]:
@@ -116,18 +118,26 @@ def _parse_arm(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def _finish_evaluation(result) -> None:
-    if result.report.get("kind") == "domain_adaptation":
-        print_domain(result.report)
+def _finish_evaluation(result, junit: Path | None = None, overfitting_note: str | None = None) -> None:
+    """Print the scores and gates, write the JUnit file, exit 1 when a gate fails."""
+    if result.kind == "domain_adaptation":
+        print_domain(result)
     else:
-        from specialist.evaluate.runner import headline_scores
-
-        scores = {arm: headline_scores(s) for arm, s in result.report["arms"].items()}
-        print_scores({"scores": scores, "n_eval": result.report["n_eval"]})
+        print_scores(result)
+    if overfitting_note:
+        console.print(f"[yellow]warning:[/] {overfitting_note}")
     for gate in result.gates:
         mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"
-        console.print(f"gate {mark}  {gate.gate}  (value {gate.value:.3f})", soft_wrap=True)
-    console.print(f"report: [bold]{(result.run_dir / 'report.html').resolve()}[/]", soft_wrap=True)
+        console.print(f"gate {mark}  {gate.describe()}", soft_wrap=True, markup=True)
+    if junit is not None:
+        from specialist.junit import gate_cases, write_junit
+
+        write_junit(junit, "specialist.gates", gate_cases(result.gates))
+        console.print(f"JUnit: [bold]{junit}[/]", soft_wrap=True)
+    from specialist.run_folder import RunFolder
+
+    console.print(f"run folder: [bold]{result.run_dir}[/]", soft_wrap=True)
+    console.print(f"report:     [bold]{RunFolder(result.run_dir).report_html.resolve()}[/]", soft_wrap=True)
     if not result.passed:
         raise typer.Exit(1)
 
@@ -149,8 +159,8 @@ def prepare(
     with _user_errors():
         cfg = load_config(config, list(set_ or []))
         tokenizer, template = load_template(cfg) if lengths else (None, None)
-        folder = out or cfg.output.dir / f"{_config_name(config)}-data"
-        prepare_data(cfg, folder, tokenizer, template)
+        folder = out or cfg.output.dir / f"{config_name(config)}-data"
+        prepare_data(cfg, folder, tokenizer, template, protect=[config])
     console.print(f"prepared data: [bold]{folder}[/] (report.json, manifest.json)", soft_wrap=True)
 
 
@@ -172,7 +182,7 @@ def validate(
         cfg = load_config(config, list(set_ or []))
         check_method_runs_here(cfg.method)
         check_evaluation_inputs(cfg)
-        prepared = prepare_rows(cfg.data, cfg.method.kind, Path(scratch) / "data", cfg.training.seed)
+        prepared = prepare_rows(cfg.data, cfg.method.kind, Path(scratch) / "prepared", cfg.training.seed)
         print_prepare_report(prepared.report)
     splits = prepared.report.get("splits", {})
     console.print(f"[green]ok[/] {config}: {sum(splits.values())} examples in {cfg.data.path}, model {cfg.model.name}",
@@ -182,17 +192,17 @@ def validate(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `specialist run` or `specialist train`.")],
-    format_: Annotated[str, typer.Option("--format", help="merged (transformers/vLLM folder), adapter (PEFT) or gguf (llama.cpp).")] = "merged",
-    quantize: Annotated[str | None, typer.Option(help="gguf: f32, f16 (default) or q8_0; int8: weight_only (default: "
-                                                      "int8 on disk, float compute) or dynamic (int8 matmuls).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="merged (transformers/vLLM folder), adapter (PEFT), gguf (llama.cpp, Ollama) or int8.")] = "merged",
+    quantize: Annotated[str | None, typer.Option(help="gguf: f32, f16 (default), q8_0, q5_0, q4_0, q6_k, q5_k_m, q4_k_m; int8: weight_only.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT).")] = None,
-    golden: Annotated[int, typer.Option(help="Test prompts replayed through the export and compared.")] = 8,
+    golden: Annotated[int, typer.Option(min=0, help="Test prompts replayed through the export and compared.")] = 8,
+    junit: JunitOption = None,
 ) -> None:
     """Export a run's model; replay golden prompts through the export and fail (exit 1) on any difference."""
     from specialist.deploy.export import describe_check, export_run
 
     with _user_errors():
-        result = export_run(run_dir, format_, out, golden, quantize=quantize)
+        result = export_run(run_dir, format_, out, golden, quantize=quantize, junit=junit)
     console.print(f"exported {format_}: [bold]{result.folder}[/] ({describe_check(result.check)})", soft_wrap=True)
 
 
@@ -202,32 +212,31 @@ def serve(
     split: Annotated[str | None, typer.Option(help="Traffic split for requests to model 'specialist', e.g. tuned=0.9,base=0.1.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    db: Annotated[Path, typer.Option(help="SQLite request log.")] = Path("serve.sqlite"),
-    api_key: Annotated[str | None, typer.Option(envvar="SPECIALIST_API_KEY", help="Require Authorization: Bearer KEY.")] = None,
+    db: Annotated[Path, typer.Option(help="SQLite request log (its salt for user hashes is kept beside it).")] = Path("serve.sqlite"),
+    api_key: Annotated[str | None, typer.Option(envvar="SPECIALIST_API_KEY", help="Require Authorization: Bearer KEY (all but /health).")] = None,
     log_prompts: Annotated[bool, typer.Option(help="Store prompts and outputs in the log (off: metadata only).")] = False,
-    max_batch: Annotated[int, typer.Option(help="Requests generated together at most.")] = 8,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 10.0,
-    queue_size: Annotated[int, typer.Option(help="Waiting requests per arm before answering 503.")] = 64,
-    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests generated together at most.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to batch with.")] = 10.0,
+    queue_size: Annotated[int, typer.Option(min=1, help="Waiting requests per arm before answering 503.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for (and the cap when it names none).")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt in tokens; longer ones answer 400.")] = 2048,
+    drain_seconds: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long requests in flight may finish.")] = 5.0,
 ) -> None:
     """Serve the arms behind an OpenAI-compatible API with A/B routing, batching and a request log."""
-    import uvicorn
-
-    from specialist.deploy.arms import load_arm, parse_arms, parse_split
-    from specialist.deploy.serve import ServeSettings, create_app
+    from specialist.deploy.arms import load_arms, parse_arms, parse_split
+    from specialist.deploy.serve import ServeSettings, create_app, run_server
 
     with _user_errors():
         specs = parse_arms(arm)
         weights = parse_split(split, [name for name, _ in specs])
-        loaded: dict = {}
-        for name, source in specs:
-            fallback = next((a.template for a in loaded.values()), None)
-            loaded[name] = load_arm(name, source, fallback)
+        loaded = load_arms(specs)
         settings = ServeSettings(split=weights, db=db, api_key=api_key, log_prompts=log_prompts,
                                  max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                                 max_tokens_limit=max_tokens)
+                                 max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                                 drain_seconds=drain_seconds)
+        app = create_app(loaded, settings)
     console.print(f"serving {list(loaded)} on http://{host}:{port}/v1 (split {weights}); log {db}", soft_wrap=True)
-    uvicorn.run(create_app(loaded, settings), host=host, port=port, log_level="warning")
+    run_server(app, host, port, settings)
 
 
 @app.command("ab-report")
@@ -269,16 +278,15 @@ def drift(
     pass_rate_drop: Annotated[float, typer.Option(help="Format pass-rate fall (first to last window) above this is drift.")] = 0.1,
 ) -> None:
     """Compare recent traffic with the training data and output health over time; exit 1 on drift."""
-    from specialist.data import PromptTemplate
     from specialist.deploy.drift import DriftThresholds, detect_drift, write_drift_outputs
-    from specialist.evaluate.runner import load_run_config
     from specialist.models import load_tokenizer
+    from specialist.run_folder import RunFolder
 
     with _user_errors():
-        config = load_run_config(run_dir)
-        tokenizer = load_tokenizer(config.model.name)
+        run = RunFolder.open(run_dir)
+        tokenizer = load_tokenizer(run.config().model.name)
         thresholds = DriftThresholds(psi=psi, novel_share=novel_share, pass_rate_drop=pass_rate_drop)
-        result = detect_drift(run_dir, db, tokenizer, PromptTemplate.load(run_dir / "template.json"), thresholds, arm)
+        result = detect_drift(run_dir, db, tokenizer, run.template(), thresholds, arm)
         summary, png = write_drift_outputs(result, out or db.parent)
     for name, signal in result["signals"].items():
         mark = "[red]DRIFT[/]" if signal["drift"] else "[green]ok[/]"
@@ -308,7 +316,7 @@ def models() -> None:
     console.print(table)
 
 
-def print_domain(report: dict) -> None:
+def print_domain(report) -> None:
     from specialist.evaluate.domain import domain_table
 
     table = Table(title="domain adaptation: before and after")
@@ -319,36 +327,52 @@ def print_domain(report: dict) -> None:
     console.print(table)
 
 
-def print_scores(metrics: dict) -> None:
-    if "domain" in metrics:
-        print_domain(metrics["domain"])
-    scores = metrics["scores"]
-    arms = list(scores)
+def print_scores(report) -> None:
+    """Every arm's headline scores with their 95% intervals, tuned minus base, and the forgetting figures."""
+    arms = list(report.arms)
     if not arms:
         return
-    table = Table(title=f"held-out results ({metrics['n_eval']} examples)")
-    table.add_column("metric")
+    table = Table(title=f"held-out results ({report.n_eval} examples; 95% intervals)")
+    metrics = list(report.arms[arms[0]].headline())
+    table.add_column("metric", no_wrap=True, min_width=max(len(m) for m in [*metrics, "length (words)"]))
     for arm in arms:
         table.add_column(arm, justify="right")
     compared = "base" in arms and "tuned" in arms
     if compared:
         table.add_column("tuned - base", justify="right")
-    for metric in [m for m in scores[arms[0]] if isinstance(scores[arms[0]][m], float)]:
-        values = [scores[arm][metric] for arm in arms]
-        if metric == "length":
-            table.add_row("length (words)", *[f"{v:.1f}" for v in values], *([""] if compared else []))
-            continue
-        cells = [f"{100 * v:.1f}%" for v in values]
-        if compared:
-            cells.append(f"{100 * (scores['tuned'][metric] - scores['base'][metric]):+.1f} pts")
-        table.add_row(metric, *cells)
+    for metric in metrics:
+        table.add_row(*_score_row(report, arms, metric, compared))
     console.print(table)
-    if metrics.get("overfitting_warning"):
-        console.print(f"[yellow]warning:[/] {metrics['overfitting_warning']}")
+    if report.forgetting is not None:
+        forgetting = Table(title="forgetting: base weights against tuned")
+        for column in ("figure", "before", "after", "change"):
+            forgetting.add_column(column, justify="left" if column == "figure" else "right")
+        for row in report.forgetting.table():
+            forgetting.add_row(*row)
+        console.print(forgetting)
 
 
-def _config_name(path: Path) -> str:
-    return path.parent.name if path.stem == "config" else path.stem
+def _score_row(report, arms: list[str], metric: str, compared: bool) -> list[str]:
+    cells = [metric if metric != "length" else "length (words)"]
+    for arm in arms:
+        value, interval = report.arms[arm].headline()[metric], report.arms[arm].scores.get(metric)
+        if metric == "length":
+            cells.append(f"{value:.1f}")
+        elif interval is not None and interval.low is not None and interval.high is not None:
+            cells.append(f"{100 * value:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]")
+        else:
+            cells.append(f"{100 * value:.1f}%")
+    if compared:
+        difference = report.arms["tuned"].headline()[metric] - report.arms["base"].headline()[metric]
+        cells.append("" if metric == "length" else f"{100 * difference:+.1f} pts")
+    return cells
+
+
+def config_name(path: Path) -> str:
+    """The run's name stem: the config's folder for `config.yaml` (resolved, so `config.yaml` given from inside
+    its own folder still names it), else the file's stem."""
+    path = Path(path).resolve()
+    return path.parent.name if path.stem == "config" and path.parent.name else path.stem
 
 
 class _user_errors:

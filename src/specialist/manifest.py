@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from specialist.config import RunConfig
+from specialist.ranks import is_main_process
 
 PACKAGES = ("specialist", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 
-def start_manifest(config: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Write manifest.json at the start (so even a killed run has one); a resumed run appends its session."""
-    from specialist.train.common import is_main_process
-
-    path = run_dir / "manifest.json"
+def start_manifest(config: RunConfig, path: Path) -> dict[str, Any]:
+    """Write the run's manifest at `path` at the start (so even a killed run has one); a resumed run appends its
+    session."""
     previous = json.loads(path.read_text()) if path.is_file() else {}
     now = _now()
     manifest = {
@@ -41,8 +40,7 @@ def start_manifest(config: RunConfig, run_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def finish_manifest(manifest: dict[str, Any], run_dir: Path, split: dict[str, Any]) -> Path:
-    path = run_dir / "manifest.json"
+def finish_manifest(manifest: dict[str, Any], path: Path, split: dict[str, Any]) -> Path:
     manifest = {**manifest, "split": split, "finished": _now()}
     path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return path

@@ -1,30 +1,13 @@
-"""`specialist run` and `specialist train`: the stages wired together around one run folder.
+"""`specialist run` and `specialist train`: the stages wired together around one run folder (`RunFolder`).
 
 `run`: data -> training -> evaluation of every arm -> report. `train`: data -> training, resumable.
-The run folder holds everything needed to audit or reuse the run:
-
-    config.yaml        the resolved config (after flags)
-    manifest.json      data hashes, package versions, seed, hardware, git commit, start/end times
-    data/              train/val/test.jsonl as used, with the data manifest.json and report.json (`prepare`)
-    template.json      the prompt format used by training and evaluation (and later serving)
-    adapter/ | model/  the PEFT adapter (LoRA methods) or the full model (all-weights methods)
-    checkpoints/       the last `save_total_limit` checkpoints and the best one (marked complete when whole)
-    metrics.jsonl      every training log line; tensorboard/ the same as TensorBoard events
-    predictions.jsonl  every held-out example with each arm's output (run / eval)
-    metrics.json       training figures, split hashes, headline scores per arm
-    eval.json          every score with its interval, paired tests, labels, overfitting, gates (run / eval)
-    loss.png, figures/ training and validation loss; score, confusion and length plots
-    report.html/.md    the before/after report (run / eval)
-
 Under `torchrun`/`accelerate launch` every process runs this; only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,43 +18,58 @@ from specialist.data.report import print_prepare_report
 from specialist.errors import ConfigError
 from specialist.evaluate.report import plot_loss_curve
 from specialist.manifest import finish_manifest, start_manifest
-from specialist.train.common import TrainResult, is_main_process, world_size
+from specialist.ranks import is_main_process, wait_for_all_ranks
+from specialist.run_folder import RunFolder, write_json
+from specialist.train.common import TrainResult
 
 
 @dataclass
 class RunSummary:
-    run_dir: Path
+    run: RunFolder
     metrics: dict[str, Any]
+    evaluation: Any = None  # EvalReport or DomainReport, after `run`
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
     @property
     def report(self) -> Path:
-        return self.run_dir / "report.html"
+        return self.run.report_html
 
 
 def run(config: RunConfig, config_name: str = "run") -> RunSummary:
     """The whole slice for `config`: training, then every evaluation arm on the held-out rows, then the report."""
-    from specialist.evaluate.runner import check_evaluation_inputs, evaluate_run, headline_scores
+    from specialist.evaluate.runner import check_evaluation_inputs, evaluate_run
 
     started = time.perf_counter()
     check_evaluation_inputs(config)  # a bad schema or question file fails now, not after training
     trained = train_only(config, config_name)
     if not is_main_process():
         return trained
-    metrics = trained.metrics
     evaluation = evaluate_run(trained.run_dir, config)
-    if evaluation.report.get("kind") == "domain_adaptation":  # perplexities and questions, not generations
-        metrics["scores"] = {}
-        metrics["domain"] = evaluation.report
-    else:
-        metrics["scores"] = {arm: headline_scores(summary)
-                             | ({"field_accuracy_per_key": summary["field_accuracy_per_key"]}
-                                if "field_accuracy_per_key" in summary else {})
-                             for arm, summary in evaluation.report["arms"].items()}
-    metrics["n_eval"] = evaluation.report["n_eval"]
-    metrics["gates"] = evaluation.report["gates"]
+    metrics = trained.metrics | headline_metrics(evaluation)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    (trained.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    return RunSummary(run_dir=trained.run_dir, metrics=metrics)
+    write_json(trained.run.metrics, metrics)
+    return RunSummary(trained.run, metrics, evaluation)
+
+
+def headline_metrics(evaluation) -> dict[str, Any]:
+    """What metrics.json keeps of an evaluation: headline scores per arm (or the domain report), gates, rows."""
+    metrics: dict[str, Any] = {"n_eval": evaluation.n_eval, "gates": [_plain_gate(g) for g in evaluation.gates]}
+    if evaluation.kind == "domain_adaptation":  # perplexities and questions, not generations
+        metrics["scores"], metrics["domain"] = {}, evaluation.to_json()
+    else:
+        metrics["scores"] = {name: arm.headline() | ({"field_accuracy_per_key": arm.field_accuracy_per_key}
+                                                     if arm.field_accuracy_per_key else {})
+                             for name, arm in evaluation.arms.items()}
+    return metrics
+
+
+def _plain_gate(gate) -> dict[str, Any]:
+    return gate.as_dict() if hasattr(gate, "as_dict") else {"gate": gate.gate, "value": gate.value,
+                                                             "passed": gate.passed}
 
 
 def train_only(config: RunConfig, config_name: str = "run", resume: bool = False) -> RunSummary:
@@ -80,61 +78,77 @@ def train_only(config: RunConfig, config_name: str = "run", resume: bool = False
 
     check_method_runs_here(config.method)
     started = time.perf_counter()
+    checkpoint = None
     if resume:
-        run_dir = find_run_to_resume(config, config_name)
-        checkpoint = latest_complete_checkpoint(run_dir / "checkpoints")
+        run_folder = RunFolder.newest(config, config_name)
+        checkpoint = latest_complete_checkpoint(run_folder.checkpoints)
         if checkpoint is None:
-            raise ConfigError(f"{run_dir} has no complete checkpoint to resume from",
+            raise ConfigError(f"{run_folder.path} has no complete checkpoint to resume from",
                               hint="start again without --resume")
-        console.log(f"resuming {run_dir} from {checkpoint.name}")
+        console.log(f"resuming {run_folder.path} from {checkpoint.name}")
     else:
-        run_dir, checkpoint = create_run_dir(config, config_name), None
-    manifest = start_manifest(config, run_dir)
-    tokenizer, template = load_template(config, run_dir)
-    split, split_summary = prepare_data(config, run_dir / "data", tokenizer, template)
+        run_folder = RunFolder.create(config, config_name)
+    manifest = start_manifest(config, run_folder.manifest)
+    tokenizer, template = load_template(config, run_folder)
+    split, split_summary = prepare_data(config, run_folder.data, tokenizer, template)
     model, tokenizer = load_base(config)
-    result = train(config, model, tokenizer, template, split, run_dir, resume_from=checkpoint)
+    result = train(config, model, tokenizer, template, split, run_folder, resume_from=checkpoint)
     metrics = {"model": config.model.name, "method": config.method.kind, "split": split_summary,
                "train": result.summary(), "overfitting_warning": overfitting_warning(result.log_history),
                "wall_seconds": round(time.perf_counter() - started, 1)}
     if is_main_process():
-        write_training_outputs(run_dir, metrics, result, manifest)
-    return RunSummary(run_dir=run_dir, metrics=metrics)
+        write_training_outputs(run_folder, metrics, result, manifest)
+    return RunSummary(run_folder, metrics)
 
 
-def train(config: RunConfig, model, tokenizer, template, split: Split, run_dir: Path,
+def train(config: RunConfig, model, tokenizer, template, split: Split, run: RunFolder,
           resume_from: Path | None = None) -> TrainResult:
     from specialist.train import train_model
 
     return train_model(model, tokenizer, template, split.train, split.val, config.method, config.training,
-                       run_dir, resume_from)
+                       run, resume_from)
 
 
-def prepare_data(config: RunConfig, folder: Path, tokenizer=None, template=None,
-                 show_progress: bool = True) -> tuple[Split, dict[str, Any]]:
+def prepare_data(config: RunConfig, folder: Path, tokenizer=None, template=None, show_progress: bool = True,
+                 protect: list[Path] | None = None) -> tuple[Split, dict[str, Any]]:
     """`specialist prepare` into `folder` (rank 0 under several processes; the others wait, then read it)."""
     from specialist.data import prepare
 
     if is_main_process():
         prepared = prepare(config.data, config.method.kind, folder, config.training.seed, tokenizer=tokenizer,
-                           template=template, max_length=config.training.max_length, show_progress=show_progress)
+                           template=template, max_length=config.training.max_length, show_progress=show_progress,
+                           protect=protect or [])
         print_prepare_report(prepared.report)
     wait_for_all_ranks()
     split = read_split(folder)
     console.log(f"data: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test rows")
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    return split, manifest["files"]
+    return split, prepared_files(folder)
 
 
-def load_template(config: RunConfig, run_dir: Path | None = None):
+def prepared_files(folder: Path) -> dict[str, Any]:
+    from specialist.data.prepare import read_manifest
+
+    return read_manifest(folder)["files"]
+
+
+def load_template(config: RunConfig, run: RunFolder | None = None):
     """The base model's tokenizer and the prompt template (saved into the run folder when given)."""
     from specialist.models import load_tokenizer
 
     tokenizer = load_tokenizer(config.model.name)
-    template = PromptTemplate.for_tokenizer(tokenizer, config.data.instruction)
-    if run_dir is not None and is_main_process():
-        template.save(run_dir / "template.json")
+    template = template_for(config, tokenizer)
+    if run is not None and is_main_process():
+        run.save_template(template)
     return tokenizer, template
+
+
+def template_for(config: RunConfig, tokenizer) -> PromptTemplate:
+    """The run's prompt format; with `over_length: truncate`, it shortens inputs to fit `max_length`."""
+    data = config.data
+    if data.over_length != "truncate":
+        return PromptTemplate.for_tokenizer(tokenizer, data.instruction)
+    return PromptTemplate.for_tokenizer(tokenizer, data.instruction, max_length=config.training.max_length,
+                                        truncate_side=data.truncate_side)
 
 
 def load_base(config: RunConfig):
@@ -147,55 +161,11 @@ def load_base(config: RunConfig):
     return load_model_and_tokenizer(config.model.name, dtype, quantize_4bit=config.method.kind == "qlora")
 
 
-def create_run_dir(config: RunConfig, config_name: str) -> Path:
-    name = config.output.run_name or shared_across_ranks(f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-    run_dir = config.output.dir / name
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=config.output.run_name is not None)
-        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    return run_dir
-
-
-def wait_for_all_ranks() -> None:
-    if world_size() > 1:
-        import torch.distributed as dist
-        from accelerate import PartialState
-
-        PartialState()  # initialises the process group if the Trainer has not yet
-        dist.barrier()  # PartialState.wait_for_everyone skips CPU launches that accelerate does not classify
-
-
-def shared_across_ranks(value: str) -> str:
-    """Rank 0's value on every rank, so all processes of a launch agree on the run folder."""
-    if world_size() == 1:
-        return value
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    PartialState()  # initialises the process group the Trainer will use anyway
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def find_run_to_resume(config: RunConfig, config_name: str) -> Path:
-    if config.output.run_name:
-        run_dir = config.output.dir / config.output.run_name
-        if not run_dir.is_dir():
-            raise ConfigError(f"no run folder {run_dir} to resume", hint="start it without --resume first")
-        return run_dir
-    candidates = sorted(config.output.dir.glob(f"{config_name}-*"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ConfigError(f"no run of {config_name!r} under {config.output.dir} to resume",
-                          hint="start it without --resume first, or set output.run_name")
-    return candidates[-1]
-
-
-def write_training_outputs(run_dir: Path, metrics: dict[str, Any], result: TrainResult,
+def write_training_outputs(run: RunFolder, metrics: dict[str, Any], result: TrainResult,
                            manifest: dict[str, Any]) -> None:
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plot_loss_curve(result.log_history, run_dir / "loss.png")
-    finish_manifest(manifest, run_dir, metrics.get("split", {}))
+    write_json(run.metrics, metrics)
+    plot_loss_curve(result.log_history, run.loss_plot)
+    finish_manifest(manifest, run.manifest, metrics.get("split", {}))
     if metrics.get("overfitting_warning"):
         console.print(f"[yellow]warning:[/] {metrics['overfitting_warning']}")
 
@@ -213,5 +183,3 @@ def overfitting_warning(log_history: list[dict[str, Any]], tolerance: float = 0.
         return (f"possible overfitting: validation loss rose from {best:.3f} (step {best_step}) to {last:.3f} "
                 f"(step {last_step}) while training loss kept falling")
     return None
-
-

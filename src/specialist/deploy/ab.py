@@ -48,7 +48,8 @@ def ab_report(db: Path) -> dict[str, Any]:
         mine = [r for r in rows if r["arm"] == name]
         checked = [r for r in mine if r["format_ok"] is not None]
         passed = sum(r["format_ok"] for r in checked)
-        rated = [r["feedback"] for r in mine if r["feedback"] is not None]
+        # logs written before scores were checked may hold inf/nan: they would make the mean meaningless
+        rated = [r["feedback"] for r in mine if r["feedback"] is not None and math.isfinite(r["feedback"])]
         latencies = [r["latency_s"] for r in mine]
         arms[name] = {
             "requests": len(mine),

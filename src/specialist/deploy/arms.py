@@ -1,82 +1,63 @@
-"""The models a server answers with: each arm is a model, its tokenizer, its prompt format and its format check."""
+"""The models a server answers with: each arm is an engine (model, tokenizer, prompt format), its token limit and
+its format check. Arms that share a base model share one copy of it (see `specialist.artifacts.ModelPool`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from specialist.data import PromptTemplate
+from specialist.artifacts import Loaded, ModelPool, format_check_of_run, load_source
 from specialist.errors import ConfigError
+from specialist.generation import Engine, default_max_new_tokens
+
+BASE_MAX_NEW_TOKENS = 128
 
 
 @dataclass
 class ServedArm:
     name: str
-    model: Any
-    tokenizer: Any
-    template: PromptTemplate
+    engine: Engine
     source: str
-    format_check: Callable[[str, str], float] | None = None  # (output, expected="") -> 1.0 pass / 0.0 fail
-    max_new_tokens: int = 128
-    stop_ids: list[int] = field(default_factory=list)
+    format_check: Callable[[str], bool] | None = None  # output -> passed the run's format scorer
+    max_new_tokens: int = BASE_MAX_NEW_TOKENS  # the answer length a request gets when it names none
+
+    @property
+    def template(self):
+        return self.engine.template
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
 
 
-def load_arm(name: str, source: str, fallback_template: PromptTemplate | None = None) -> ServedArm:
-    """An arm from a run folder, an export folder, or a base model name/folder (served in a run's format)."""
-    from specialist.evaluate.generate import stop_token_ids
-
-    path = Path(source)
-    if (path / "export.json").is_file():
-        from specialist.deploy.export import load_exported
-
-        model, tokenizer, template = load_exported(path)
-        check = _format_check_of_run(Path(_export_run(path)))
-    elif (path / "config.yaml").is_file() and (path / "template.json").is_file():
-        model, tokenizer, template = _load_run(path)
-        check = _format_check_of_run(path)
-    else:
-        from specialist.models import load_model_and_tokenizer
-
-        try:
-            model, tokenizer = load_model_and_tokenizer(source, "float32")
-        except ConfigError:
-            raise
-        template = fallback_template or PromptTemplate.for_tokenizer(tokenizer)
-        check = None
-    return ServedArm(name, model.eval(), tokenizer, template, source, check, stop_ids=stop_token_ids(tokenizer))
+def load_arms(specs: list[tuple[str, str]], pool: ModelPool | None = None) -> dict[str, ServedArm]:
+    """Every arm of `specs` (NAME, SOURCE), in order; run and export arms first, so a bare base model can answer
+    in the first run's prompt format."""
+    pool = pool or ModelPool()
+    loaded: dict[str, Loaded] = {}
+    for name, source in sorted(specs, key=lambda spec: _is_bare_model(spec[1])):
+        fallback = next((found.template for found in loaded.values() if found.template is not None), None)
+        loaded[name] = load_source(source, pool, fallback)
+    return {name: served_arm(name, source, loaded[name]) for name, source in specs}
 
 
-def _load_run(run_dir: Path):
-    from specialist.deploy.export import _run_model
-    from specialist.evaluate.runner import load_run_config
-    from specialist.models import load_model_and_tokenizer
-
-    config = load_run_config(run_dir)
-    base, tokenizer = load_model_and_tokenizer(config.model.name, "float32")
-    model = _run_model(base, run_dir / "adapter", run_dir / "model")
-    return model, tokenizer, PromptTemplate.load(run_dir / "template.json")
+def served_arm(name: str, source: str, found: Loaded) -> ServedArm:
+    engine = Engine(found.model, found.tokenizer, found.template, context=found.context)
+    return ServedArm(name, engine, source, format_check_of_run(found.run), _answer_length(found))
 
 
-def _export_run(folder: Path) -> str:
-    import json
+def _answer_length(found: Loaded) -> int:
+    """What the run's evaluation generates: its evaluation.max_new_tokens, else its longest answer plus a margin."""
+    if found.run is None:
+        return BASE_MAX_NEW_TOKENS
+    configured = found.run.config().evaluation.max_new_tokens
+    return configured or default_max_new_tokens(found.tokenizer, found.run.split().train)
 
-    return json.loads((folder / "export.json").read_text(encoding="utf-8"))["run"]
 
+def _is_bare_model(source: str) -> bool:
+    from specialist.run_folder import ExportFolder, RunFolder
 
-def _format_check_of_run(run_dir: Path) -> Callable[[str, str], float] | None:
-    """The run's first format scorer (json_schema or json_valid): what 'the output passed' means for this run."""
-    if not (run_dir / "config.yaml").is_file():
-        return None
-    from specialist.evaluate.runner import load_run_config
-    from specialist.evaluate.scorers import LabelRule, resolve_scorers
-
-    evaluation = load_run_config(run_dir).evaluation
-    for name in ("json_schema", "json_valid"):
-        if name in evaluation.scorers:
-            scorer = resolve_scorers([name], LabelRule(), evaluation.json_schema)[name]
-            return lambda output, expected="", scorer=scorer: scorer(output, expected)
-    return None
+    return not (ExportFolder.is_export(source) or RunFolder.is_run(source))
 
 
 def parse_arms(specs: list[str]) -> list[tuple[str, str]]:
@@ -106,6 +87,6 @@ def parse_split(spec: str | None, arm_names: list[str]) -> dict[str, float]:
     if unknown or not sep:
         raise ConfigError(f"--split names unknown arm(s) {unknown}", hint=f"arms: {arm_names}")
     total = sum(weights.values())
-    if total <= 0 or any(w < 0 for w in weights.values()):
-        raise ConfigError("--split weights must be non-negative and not all zero")
+    if not all(w >= 0 and w == w and w != float("inf") for w in weights.values()) or total <= 0:
+        raise ConfigError("--split weights must be finite, non-negative and not all zero")
     return {name: w / total for name, w in weights.items()}

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from specialist.data import read_split
 from specialist.data.dedupe import MinHasher
 from specialist.deploy.records import read_requests
 from specialist.errors import ConfigError
+from specialist.run_folder import RunFolder
 
 _WORD = re.compile(r"\w+")
 
@@ -96,7 +96,7 @@ def detect_drift(run_dir: Path, db: Path, tokenizer, template, thresholds: Drift
     if not rows:
         raise ConfigError(f"no requests{' for arm ' + repr(arm) if arm else ''} in {db}",
                           hint="serve some traffic first, or name an arm that received it")
-    train = [ex.prompt for ex in read_split(run_dir / "data").train]
+    train = [ex.prompt for ex in RunFolder(Path(run_dir)).split().train]
     train_lengths = np.array([len(template.encode_prompt(p, tokenizer)) for p in train])
     traffic_lengths = np.array([r["tokens_in"] for r in rows])
     signals: dict[str, Any] = {}

@@ -8,12 +8,20 @@ and a system message are folded in as in `prepare`).
 Routing: `model` naming an arm goes to that arm; the router name (`specialist`, the first entry of /v1/models)
 splits traffic by `--split`, sticky per `user` (a hash of it picks the arm), random without one.
 
-Batching: each arm has a bounded queue and one worker that takes up to `max_batch` waiting requests (waiting at
-most `max_wait_ms` for company), generates them together with left padding, and answers each. A full queue
-answers 503 with Retry-After at once. Streaming requests run one at a time through the same queue slot logic.
+Every request is checked before it is queued: the body is refused as soon as it passes the byte limit, JSON must
+be plain (no NaN, no huge integers, bounded nesting), every field must have its type and range, text must be valid
+Unicode, and the prompt must fit `max_prompt_tokens`. Each failure is a 4xx in OpenAI's error shape, counted in
+/metrics by kind, and costs the other clients nothing.
+
+Batching: each arm has a bounded queue and one worker that takes up to `max_batch` waiting requests (streamed or
+not, waiting at most `max_wait_ms` for company) and answers them together through the shared generation engine
+(`specialist.generation`), each row ending on its own. A full queue answers 503 with Retry-After at once. A batch
+that fails is retried request by request, so one request cannot fail another; a generation error ends a stream
+with an error event; a client that hangs up cancels its own row at the next token. On SIGTERM the server stops
+taking requests, lets the ones in flight finish for up to `drain_seconds`, cancels the rest and exits.
 
 Every request is recorded in SQLite (`--db`): arm, latency, tokens in/out, whether the output passed the run's
-format check, the user (hashed), and with `--log-prompts` the prompt and output.
+format check, the user (salted hash), and with `--log-prompts` the prompt and output.
 """
 
 from __future__ import annotations
@@ -21,22 +29,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
+import secrets
 import threading
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specialist.deploy.arms import ServedArm
 from specialist.deploy.records import RequestLog
+from specialist.generation import Generation, Request as GenerationRequest, Sampling
 
 ROUTER = "specialist"
+OPEN_PATHS = ("/health",)  # liveness probes answer without the key; everything else needs it when one is set
 
 
 @dataclass
@@ -49,92 +65,163 @@ class ServeSettings:
     max_wait_ms: float = 10.0
     queue_size: int = 64
     max_tokens_limit: int = 512
+    max_prompt_tokens: int = 2048
     max_request_bytes: int = 64 * 1024
     retry_after_s: int = 1
+    drain_seconds: float = 5.0
+    feedback_range: tuple[float, float] = (-1.0, 1.0)
+    max_comment_chars: int = 2000
 
 
-@dataclass
-class _Pending:
-    input_text: str
-    max_tokens: int
-    sampling: tuple[bool, float, float]
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+# ---- errors ---------------------------------------------------------------------------------------------------
 
 
-class ArmWorker:
-    """One arm's queue and the batching loop that drains it."""
+class ApiError(Exception):
+    """An answer in OpenAI's error shape; `code` is also the kind counted in /metrics."""
 
-    def __init__(self, arm: ServedArm, settings: ServeSettings) -> None:
-        self.arm, self.settings = arm, settings
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.queue_size)
-        self.lock = threading.Lock()  # one generation at a time per model (torch threads are shared anyway)
-        self.batches = 0
-        self.batched_requests = 0
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind, self.headers = (
+            status, message, code, param, kind, headers)
 
-    async def run(self) -> None:
-        while True:
-            first = await self.queue.get()
-            batch = [first]
-            deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
-            while len(batch) < self.settings.max_batch:
-                remaining = deadline - time.perf_counter()
-                try:
-                    item = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(), remaining)
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                    break
-                batch.append(item)
-            groups: dict[tuple, list[_Pending]] = defaultdict(list)
-            for item in batch:
-                groups[item.sampling].append(item)
-            for sampling, items in groups.items():
-                await self._generate(items, sampling)
 
-    async def _generate(self, items: list[_Pending], sampling: tuple[bool, float, float]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            results = await loop.run_in_executor(None, self.generate_batch, [i.input_text for i in items],
-                                                 max(i.max_tokens for i in items), sampling,
-                                                 [i.max_tokens for i in items])
-        except Exception as exc:  # a failed batch answers every request in it, never leaves one hanging
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        self.batches += 1
-        self.batched_requests += len(items)
-        for item, result in zip(items, results, strict=True):
-            if not item.future.done():
-                item.future.set_result(result)
+def error_response(state: ServeState | None, error: ApiError) -> JSONResponse:
+    if state is not None:
+        state.metrics.count_error(error.status, error.code)
+    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
-    def generate_batch(self, inputs: list[str], max_new_tokens: int, sampling: tuple[bool, float, float],
-                       limits: list[int]) -> list[dict[str, Any]]:
-        import torch
 
-        from specialist.evaluate.generate import cut_at_stop, left_pad
+def busy_error(settings: ServeSettings, message: str = "server busy: the queue is full, retry shortly") -> ApiError:
+    return ApiError(503, message, "queue_full", kind="server_error",
+                    headers={"Retry-After": str(settings.retry_after_s)})
 
-        arm = self.arm
-        encoded = [arm.template.encode_prompt(text, arm.tokenizer) for text in inputs]
-        input_ids, attention_mask = left_pad(encoded, arm.tokenizer.pad_token_id)
-        do_sample, temperature, top_p = sampling
-        options = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-        with self.lock, torch.inference_mode():
-            generated = arm.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                           max_new_tokens=max_new_tokens, eos_token_id=arm.stop_ids,
-                                           pad_token_id=arm.tokenizer.pad_token_id, **options)
-        results = []
-        for row, prompt_ids, limit in zip(generated[:, input_ids.shape[1]:].tolist(), encoded, limits, strict=True):
-            row = row[:limit]
-            ended = next((n for n, t in enumerate(row) if t in arm.stop_ids), None)
-            tokens = row[: ended + 1] if ended is not None else row
-            text = cut_at_stop(arm.tokenizer.decode(tokens, skip_special_tokens=True), arm.template.stop_strings)
-            results.append({"text": text, "prompt_tokens": len(prompt_ids),
-                            "completion_tokens": len(tokens), "finish_reason": "stop" if ended is not None else "length"})
-        return results
+
+# ---- request bodies -------------------------------------------------------------------------------------------
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text holds a lone surrogate (invalid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Body(BaseModel):
+    # strict: `true` is not 1 and "0.5" is not 0.5; unknown fields (stream_options, presence_penalty, ...) ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Annotated[Text, Field(max_length=256)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    stream: bool = False
+    user: Annotated[Text, Field(max_length=256)] | None = None
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text"]
+    text: Text
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[_TextPart], Field(min_length=1)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class ChatBody(_Body):
+    messages: Annotated[list[_Message], Field(min_length=1, max_length=512)]
+
+
+class CompletionBody(_Body):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    id: Annotated[Text, Field(min_length=1, max_length=128)]
+    score: Number
+    comment: Text | None = None
+
+
+def parse_body(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_" + _kind(first),
+                       param=param) from None
+
+
+def _kind(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "missing_field"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
+                "finite_number"):
+        return "value"
+    return "type" if kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid") else "value"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def read_json_body(request: Request, settings: ServeSettings) -> Any:
+    """The request's JSON, read no further than the byte limit; plain JSON only (no NaN/Infinity)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > settings.max_request_bytes):
+        raise _too_large(settings)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > settings.max_request_bytes:
+            raise _too_large(settings)
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ApiError(400, f"request body is not valid JSON: {reason}", "invalid_json") from None
+
+
+def _too_large(settings: ServeSettings) -> ApiError:
+    return ApiError(413, f"request body over {settings.max_request_bytes} bytes", "request_too_large")
+
+
+def chat_input(messages: list[_Message]) -> str:
+    """The model input for a chat request: the last user turn, with a system message and earlier turns before it."""
+    from specialist.data.shapes import fold_chat
+
+    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in messages]
+    if turns[-1][0] == "assistant":  # a trailing assistant turn is not part of the question
+        turns = turns[:-1]
+    if not any(role == "user" for role, _ in turns):
+        raise ApiError(400, "messages: a chat request needs a user message", "invalid_value", param="messages")
+    return fold_chat(turns)
+
+
+# ---- routing, metrics, jobs -----------------------------------------------------------------------------------
 
 
 class Router:
-    def __init__(self, arms: dict[str, ServedArm], split: dict[str, float]) -> None:
+    def __init__(self, arms: dict[str, Any], split: dict[str, float]) -> None:
         self.arms, self.split = arms, split
 
     def pick(self, requested: str | None, user: str | None) -> str | None:
@@ -153,307 +240,430 @@ class Router:
 
 
 def _user_fraction(user: str) -> float:
-    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") / 2**64
+    return int.from_bytes(hashlib.sha256(user.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+class Metrics:
+    """Counters for /metrics: requests per arm, errors per status and kind, latency quantiles per arm."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = defaultdict(int)
+        self.errors: dict[tuple[int, str], int] = defaultdict(int)
+        self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.lock = threading.Lock()
+
+    def count_request(self, arm: str, latency: float) -> None:
+        with self.lock:
+            self.requests[arm] += 1
+            self.latencies[arm] = self.latencies[arm][-999:] + [latency]
+
+    def count_error(self, status: int, kind: str) -> None:
+        with self.lock:
+            self.errors[(status, kind)] += 1
+
+    def render(self, workers: dict[str, ArmWorker]) -> str:
+        with self.lock:
+            lines = ["# TYPE specialist_requests_total counter"]
+            lines += [f'specialist_requests_total{{arm="{arm}"}} {n}' for arm, n in sorted(self.requests.items())]
+            lines.append("# TYPE specialist_errors_total counter")
+            lines += [f'specialist_errors_total{{status="{status}",kind="{kind}"}} {n}'
+                      for (status, kind), n in sorted(self.errors.items())]
+            lines.append("# TYPE specialist_latency_seconds summary")
+            for arm, values in sorted(self.latencies.items()):
+                ordered = sorted(values)
+                for q in (0.5, 0.95):
+                    value = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+                    lines.append(f'specialist_latency_seconds{{arm="{arm}",quantile="{q}"}} {value:.4f}')
+        lines.append("# TYPE specialist_queue_depth gauge")
+        for name, worker in workers.items():
+            lines.append(f'specialist_queue_depth{{arm="{name}"}} {worker.queue.qsize()}')
+            lines.append(f'specialist_batches_total{{arm="{name}"}} {worker.batches}')
+            lines.append(f'specialist_generating{{arm="{name}"}} {int(worker.arm.engine.busy)}')
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for, or in, a batch. A streamed job hands its pieces to `events` as they come."""
+
+    request: GenerationRequest
+    sampling: Sampling
+    future: asyncio.Future
+    events: asyncio.Queue | None = None
+    streamed_any: bool = False
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    def finish(self, result: Generation | BaseException) -> None:
+        if self.events is not None:
+            self.events.put_nowait(("error", result) if isinstance(result, BaseException) else ("done", result))
+        if not self.future.done():
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+
+class ArmWorker:
+    """One arm's bounded queue and the batching loop that drains it, on a generation thread of its own."""
+
+    def __init__(self, arm: ServedArm, settings: ServeSettings) -> None:
+        self.arm, self.settings = arm, settings
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.queue_size)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"arm-{arm.name}")
+        self.in_flight: set[Job] = set()
+        self.batches = 0
+        self.batched_requests = 0
+        self.closing = False
+
+    def submit(self, job: Job) -> None:
+        if self.closing:
+            raise busy_error(self.settings, "server is shutting down")
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise busy_error(self.settings) from None
+
+    async def run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            groups: dict[Sampling, list[Job]] = defaultdict(list)
+            for job in batch:
+                groups[job.sampling].append(job)
+            for sampling, jobs in groups.items():
+                await self._generate(jobs, sampling)
+
+    async def _next_batch(self) -> list[Job]:
+        batch = [await self.queue.get()]
+        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+        while len(batch) < self.settings.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                job = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(), remaining)
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                break
+            batch.append(job)
+        return batch
+
+    async def _generate(self, jobs: list[Job], sampling: Sampling) -> None:
+        live = [job for job in jobs if not job.request.cancelled.is_set()]
+        for job in set(jobs) - set(live):
+            job.finish(asyncio.CancelledError("the client went away"))
+        if not live:
+            return
+        self.in_flight.update(live)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.arm.engine.run, [job.request for job in live], sampling)
+        except Exception as exc:  # noqa: BLE001 - one request must not fail another: retry each alone
+            await self._retry_alone(live, sampling, exc)
+            return
+        finally:
+            self.in_flight.difference_update(live)
+        self.batches += 1
+        self.batched_requests += len(live)
+        for job, result in zip(live, results, strict=True):
+            job.finish(result)
+
+    async def _retry_alone(self, jobs: list[Job], sampling: Sampling, error: Exception) -> None:
+        if len(jobs) == 1:
+            jobs[0].finish(error)
+            return
+        for job in jobs:
+            if job.streamed_any:  # its client already has part of an answer: a second one would garble it
+                job.finish(error)
+            else:
+                await self._generate([job], sampling)
+
+    def cancel_all(self) -> None:
+        """Shutdown: queued jobs answer 503, running rows end at their next token."""
+        self.closing = True
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            job.request.cancelled.set()
+            job.finish(busy_error(self.settings, "server is shutting down"))
+        for job in list(self.in_flight):
+            job.request.cancelled.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ServeState:
+    """Everything the handlers share: arms, router, workers, log, metrics, settings."""
+
+    def __init__(self, arms: dict[str, ServedArm], settings: ServeSettings) -> None:
+        self.arms, self.settings = arms, settings
+        self.router = Router(arms, settings.split)
+        self.workers = {name: ArmWorker(arm, settings) for name, arm in arms.items()}
+        self.log = RequestLog(settings.db)
+        self.metrics = Metrics()
+        self.started = time.time()
+
+
+def serve_state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+# ---- answering ------------------------------------------------------------------------------------------------
+
+
+async def answer(request: Request, body: ChatBody | CompletionBody, text: str, kind: str) -> Response:
+    state = serve_state(request)
+    arm_name = state.router.pick(body.model, body.user)
+    if arm_name is None:
+        raise ApiError(404, f"model {body.model!r} does not exist; see /v1/models", "model_not_found", param="model")
+    arm = state.arms[arm_name]
+    max_tokens = _answer_limit(body, arm, state.settings)
+    prompt_ids = _encode_within_limit(arm, text, max_tokens, state.settings)
+    job = _new_job(GenerationRequest(prompt_ids, max_tokens), _sampling(body), stream=body.stream)
+    started = time.perf_counter()
+    state.workers[arm_name].submit(job)
+    if body.stream:
+        return StreamingResponse(_stream_events(state, job, body, arm_name, text, kind, started),
+                                 media_type="text/event-stream")
+    result = await _wait_for(job, request)
+    request_id = new_request_id(kind)
+    record(state, request_id, arm_name, kind, body, text, result, time.perf_counter() - started)
+    return JSONResponse(openai_body(kind, request_id, arm_name, result))
+
+
+def _answer_limit(body: _Body, arm: ServedArm, settings: ServeSettings) -> int:
+    asked = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    if asked is None:
+        return min(arm.max_new_tokens, settings.max_tokens_limit)
+    if asked > settings.max_tokens_limit:
+        raise ApiError(400, f"max_tokens {asked} is over this server's limit {settings.max_tokens_limit}",
+                       "invalid_value", param="max_tokens")
+    return asked
+
+
+def _encode_within_limit(arm: ServedArm, text: str, max_tokens: int, settings: ServeSettings) -> list[int]:
+    if not text.strip():
+        raise ApiError(400, "the input is empty", "invalid_value", param="messages")
+    ids = arm.engine.encode(text, max_new_tokens=max_tokens)
+    if len(ids) > settings.max_prompt_tokens:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens, over this server's limit of "
+                            f"{settings.max_prompt_tokens}", "context_length_exceeded", param="messages")
+    return ids
+
+
+def _sampling(body: _Body) -> Sampling:
+    temperature = body.temperature if body.temperature is not None else 0.0
+    if temperature == 0:
+        return Sampling()
+    return Sampling(True, float(temperature), float(body.top_p if body.top_p is not None else 1.0))
+
+
+def _new_job(request: GenerationRequest, sampling: Sampling, stream: bool) -> Job:
+    loop = asyncio.get_running_loop()
+    job = Job(request, sampling, loop.create_future(), asyncio.Queue() if stream else None)
+    if stream:
+        def hand_over(piece: str) -> None:  # called on the generation thread
+            job.streamed_any = True
+            loop.call_soon_threadsafe(job.events.put_nowait, ("piece", piece))
+
+        request.on_text = hand_over
+    return job
+
+
+async def _wait_for(job: Job, request: Request) -> Generation:
+    """The job's answer; a client that hangs up meanwhile cancels its row."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({job.future}, timeout=0.25)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.request.cancelled.set()
+        return job.future.result()
+    except ApiError:
+        raise
+    except asyncio.CancelledError:
+        job.request.cancelled.set()
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported to the client in OpenAI's shape
+        raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "generation_failed",
+                       kind="server_error") from None
+
+
+async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str, text: str, kind: str,
+                         started: float):
+    request_id = new_request_id(kind)  # the id the client sees in every chunk is the one logged
+    try:
+        while True:
+            what, value = await job.events.get()
+            if what == "piece":
+                yield _sse(openai_chunk(kind, request_id, arm_name, value, None))
+            elif what == "done":
+                # recorded before the last chunk, so feedback sent on [DONE] finds the request
+                record(state, request_id, arm_name, kind, body, text, value, time.perf_counter() - started)
+                yield _sse(openai_chunk(kind, request_id, arm_name, "", value.finish_reason))
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                error = value if isinstance(value, ApiError) else ApiError(
+                    500, f"generation failed: {type(value).__name__}: {value}", "generation_failed", kind="server_error")
+                state.metrics.count_error(error.status, error.code)
+                yield _sse({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
+                return
+    finally:  # the stream ended, or its client hung up: nothing more to generate for it
+        job.request.cancelled.set()
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def record(state: ServeState, request_id: str, arm_name: str, kind: str, body: _Body, text: str,
+           result: Generation, latency: float) -> None:
+    arm = state.arms[arm_name]
+    passed = arm.format_check(result.text) if arm.format_check else None
+    log_text = state.settings.log_prompts
+    state.log.add(request_id=request_id, arm=arm_name, endpoint=kind, user=body.user, latency_s=latency,
+                  tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, format_ok=passed,
+                  finish_reason=result.finish_reason, prompt=text if log_text else None,
+                  output=result.text if log_text else None)
+    state.metrics.count_request(arm_name, latency)
 
 
 def new_request_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def user_hash(user: str | None) -> str | None:
-    return hashlib.sha256(user.encode()).hexdigest()[:16] if user else None
+def _finish_reason(result: Generation) -> str:
+    return "stop" if result.finish_reason == "stop" else "length"
 
 
-def chat_input(messages: list[dict[str, Any]]) -> str:
-    """The model input for a chat request: the last user turn, with a system message and earlier turns before it."""
-    from specialist.data.shapes import as_text, fold_chat
-
-    turns = [(m.get("role", "user"), as_text(m.get("content"))) for m in messages]
-    if turns[-1][0] == "assistant":  # a trailing assistant turn is not part of the question
-        turns = turns[:-1]
-    return fold_chat(turns)
-
-
-def create_app(arms: dict[str, ServedArm], settings: ServeSettings):
-    """The FastAPI application; `specialist serve` runs it under uvicorn, tests under a thread."""
-    router = Router(arms, settings.split)
-    workers = {name: ArmWorker(arm, settings) for name, arm in arms.items()}
-    log = RequestLog(settings.db)
-    counters: dict[str, Any] = defaultdict(int)
-    latencies: dict[str, list[float]] = defaultdict(list)
-    started = time.time()
-
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        tasks = [asyncio.create_task(worker.run()) for worker in workers.values()]
-        yield
-        for task in tasks:
-            task.cancel()
-        log.close()
-
-    app = FastAPI(title="specialist", lifespan=lifespan)
-
-    def error(status: int, message: str, kind: str, code: str | None = None, headers: dict | None = None):
-        counters[f"errors_{status}"] += 1
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                            status_code=status, headers=headers)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-                return error(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_request_error",
-                             "invalid_api_key")
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > settings.max_request_bytes:
-                return error(413, f"request body over {settings.max_request_bytes} bytes", "invalid_request_error",
-                             "request_too_large")
-        return await call_next(request)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "arms": list(arms), "uptime_s": round(time.time() - started, 1)}
-
-    @app.get("/v1/models")
-    async def models():
-        names = [ROUTER, *arms]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": int(started), "owned_by": "specialist"}
-                                           for n in names]}
-
-    @app.get("/metrics")
-    async def metrics():
-        lines = ["# TYPE specialist_requests_total counter"]
-        for key, value in sorted(counters.items()):
-            if key.startswith("requests_"):
-                lines.append(f'specialist_requests_total{{arm="{key[9:]}"}} {value}')
-        lines.append("# TYPE specialist_errors_total counter")
-        for key, value in sorted(counters.items()):
-            if key.startswith("errors_"):
-                lines.append(f'specialist_errors_total{{status="{key[7:]}"}} {value}')
-        lines.append("# TYPE specialist_latency_seconds summary")
-        for arm, values in sorted(latencies.items()):
-            ordered = sorted(values[-1000:])
-            for q in (0.5, 0.95):
-                lines.append(f'specialist_latency_seconds{{arm="{arm}",quantile="{q}"}} '
-                             f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.4f}")
-        lines.append("# TYPE specialist_queue_depth gauge")
-        for name, worker in workers.items():
-            lines.append(f'specialist_queue_depth{{arm="{name}"}} {worker.queue.qsize()}')
-            lines.append(f'specialist_batches_total{{arm="{name}"}} {worker.batches}')
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-    async def read_body(request: Request) -> dict[str, Any] | JSONResponse:
-        raw = await request.body()
-        if len(raw) > settings.max_request_bytes:
-            return error(413, f"request body over {settings.max_request_bytes} bytes", "invalid_request_error",
-                         "request_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "request body is not valid JSON", "invalid_request_error")
-        if not isinstance(body, dict):
-            return error(400, "request body must be a JSON object", "invalid_request_error")
-        return body
-
-    def request_options(body: dict[str, Any]) -> tuple[int, tuple[bool, float, float]] | JSONResponse:
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        if max_tokens is None:
-            max_tokens = None
-        elif not isinstance(max_tokens, int) or max_tokens < 1:
-            return error(400, "max_tokens must be a positive integer", "invalid_request_error")
-        elif max_tokens > settings.max_tokens_limit:
-            return error(400, f"max_tokens {max_tokens} is over this server's limit {settings.max_tokens_limit}",
-                         "invalid_request_error")
-        temperature = body.get("temperature", 0.0) or 0.0
-        top_p = body.get("top_p", 1.0) or 1.0
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            return error(400, "temperature must be between 0 and 2", "invalid_request_error")
-        return max_tokens or -1, (temperature > 0, float(temperature) or 1.0, float(top_p))
-
-    async def answer(body: dict[str, Any], input_text: str, kind: str, request_start: float):
-        arm_name = router.pick(body.get("model"), body.get("user"))
-        if arm_name is None:
-            return error(404, f"model {body.get('model')!r} does not exist; see /v1/models", "invalid_request_error",
-                         "model_not_found")
-        options = request_options(body)
-        if isinstance(options, JSONResponse):
-            return options
-        max_tokens, sampling = options
-        arm = arms[arm_name]
-        max_tokens = arm.max_new_tokens if max_tokens < 0 else max_tokens
-        worker = workers[arm_name]
-        if body.get("stream"):
-            return await stream(body, arm_name, input_text, kind, max_tokens, sampling, request_start)
-        pending = _Pending(input_text, max_tokens, sampling, asyncio.get_running_loop().create_future())
-        try:
-            worker.queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            return error(503, "server busy: the queue is full, retry shortly", "server_error", "queue_full",
-                         headers={"Retry-After": str(settings.retry_after_s)})
-        try:
-            result = await pending.future
-        except Exception as exc:  # noqa: BLE001 - reported to the client in OpenAI's shape
-            return error(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
-        latency = time.perf_counter() - request_start
-        request_id = new_request_id(kind)
-        record(request_id, arm_name, kind, body, input_text, result, latency)
-        return JSONResponse(openai_body(kind, request_id, arm_name, result))
-
-    def record(request_id: str, arm_name: str, kind: str, body: dict[str, Any], input_text: str,
-               result: dict[str, Any], latency: float) -> None:
-        arm = arms[arm_name]
-        passed = arm.format_check(result["text"], "") if arm.format_check else None
-        log.add(request_id=request_id, arm=arm_name, endpoint=kind, user=user_hash(body.get("user")),
-                latency_s=latency, tokens_in=result["prompt_tokens"], tokens_out=result["completion_tokens"],
-                format_ok=None if passed is None else bool(passed >= 1.0), finish_reason=result["finish_reason"],
-                prompt=input_text if settings.log_prompts else None,
-                output=result["text"] if settings.log_prompts else None)
-        counters[f"requests_{arm_name}"] += 1
-        latencies[arm_name].append(latency)
-
-    async def stream(body, arm_name, input_text, kind, max_tokens, sampling, request_start):
-        worker = workers[arm_name]
-        if worker.queue.full():
-            return error(503, "server busy: the queue is full, retry shortly", "server_error", "queue_full",
-                         headers={"Retry-After": str(settings.retry_after_s)})
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        request_id = new_request_id(kind)  # the id the client sees in every chunk is the one logged
-
-        def produce() -> None:
-            try:
-                result = stream_generate(worker, input_text, max_tokens, sampling,
-                                         lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece)))
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
-            except Exception as exc:  # noqa: BLE001
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-
-        loop.run_in_executor(None, produce)
-
-        async def events():
-            while True:
-                what, value = await queue.get()
-                if what == "piece":
-                    yield f"data: {json.dumps(openai_chunk(kind, request_id, arm_name, value, None))}\n\n"
-                elif what == "done":
-                    # recorded before the last chunk, so feedback sent on [DONE] finds the request
-                    record(request_id, arm_name, kind, body, input_text, value, time.perf_counter() - request_start)
-                    yield f"data: {json.dumps(openai_chunk(kind, request_id, arm_name, '', value['finish_reason']))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
-                    yield f"data: {json.dumps({'error': {'message': str(value), 'type': 'server_error'}})}\n\n"
-                    return
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        start = time.perf_counter()
-        body = await read_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        messages = body.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("content"), (str, list)) for m in messages)
-                or not any(m.get("role") == "user" for m in messages)):
-            return error(400, "messages must be a non-empty list of {role, content} with a user message",
-                         "invalid_request_error")
-        return await answer(body, chat_input(messages), "chat", start)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        start = time.perf_counter()
-        body = await read_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt.strip():
-            return error(400, "prompt must be a non-empty string", "invalid_request_error")
-        return await answer(body, prompt, "completion", start)
-
-    @app.post("/v1/feedback")
-    async def feedback(request: Request):
-        body = await read_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        request_id, score = body.get("id"), body.get("score")
-        if not isinstance(request_id, str) or not isinstance(score, (int, float)) or isinstance(score, bool):
-            return error(400, "feedback needs an 'id' (a completion id) and a numeric 'score' (e.g. 1 good, 0 bad)",
-                         "invalid_request_error")
-        if not log.add_feedback(request_id, float(score), body.get("comment")):
-            return error(404, f"no request with id {request_id!r}", "invalid_request_error")
-        return {"ok": True}
-
-    app.state.workers = workers
-    app.state.log = log
-    return app
-
-
-def stream_generate(worker: ArmWorker, input_text: str, max_tokens: int, sampling, emit) -> dict[str, Any]:
-    """Generate one answer token by token, calling `emit` with each new piece of text."""
-    import torch
-    from transformers import TextIteratorStreamer
-
-    arm = worker.arm
-    encoded = arm.template.encode_prompt(input_text, arm.tokenizer)
-    ids = torch.tensor([encoded])
-    streamer = TextIteratorStreamer(arm.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    do_sample, temperature, top_p = sampling
-    options = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    output: dict[str, Any] = {}
-
-    def run() -> None:
-        with worker.lock, torch.inference_mode():
-            output["ids"] = arm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               max_new_tokens=max_tokens, eos_token_id=arm.stop_ids,
-                                               pad_token_id=arm.tokenizer.pad_token_id, streamer=streamer, **options)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    text = ""
-    for piece in streamer:
-        candidate = text + piece
-        cut = min((candidate.find(stop) for stop in arm.template.stop_strings if stop in candidate), default=-1)
-        if cut >= 0:  # the built-in format's next-turn marker: the answer ended; send what came before it
-            if cut > len(text):
-                emit(candidate[len(text):cut])
-            text = candidate[:cut]
-            break
-        text = candidate
-        if piece:
-            emit(piece)
-    thread.join()
-    new = output["ids"][0, len(encoded):].tolist()
-    ended = any(t in arm.stop_ids for t in new)
-    return {"text": text.strip(), "prompt_tokens": len(encoded), "completion_tokens": len(new),
-            "finish_reason": "stop" if ended else "length"}
-
-
-def openai_body(kind: str, request_id: str, arm: str, result: dict[str, Any]) -> dict[str, Any]:
-    usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-             "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+def openai_body(kind: str, request_id: str, arm: str, result: Generation) -> dict[str, Any]:
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+             "total_tokens": result.prompt_tokens + result.completion_tokens}
+    head = {"id": request_id, "created": int(time.time()), "model": arm, "usage": usage}
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                  "finish_reason": result["finish_reason"], "logprobs": None}
-        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": arm,
-                "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": arm,
-            "choices": [choice], "usage": usage}
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "finish_reason": _finish_reason(result), "logprobs": None}
+        return {**head, "object": "chat.completion", "choices": [choice]}
+    choice = {"index": 0, "text": result.text, "finish_reason": _finish_reason(result), "logprobs": None}
+    return {**head, "object": "text_completion", "choices": [choice]}
 
 
 def openai_chunk(kind: str, request_id: str, arm: str, piece: str, finish: str | None) -> dict[str, Any]:
+    finish = None if finish is None else ("stop" if finish == "stop" else "length")
+    head = {"id": request_id, "created": int(time.time()), "model": arm}
     if kind == "chat":
         delta = {"content": piece} if piece else {}
-        return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": arm,
+        return {**head, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": arm,
+    return {**head, "object": "text_completion",
             "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]}
+
+
+# ---- handlers -------------------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Response:
+    body = parse_body(ChatBody, await read_json_body(request, serve_state(request).settings))
+    return await answer(request, body, chat_input(body.messages), "chat")
+
+
+async def completions(request: Request) -> Response:
+    body = parse_body(CompletionBody, await read_json_body(request, serve_state(request).settings))
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    return await answer(request, body, prompt, "completion")
+
+
+async def feedback(request: Request) -> Response:
+    state = serve_state(request)
+    body = parse_body(FeedbackBody, await read_json_body(request, state.settings))
+    low, high = state.settings.feedback_range
+    if not low <= body.score <= high:
+        raise ApiError(400, f"score must be between {low:g} and {high:g}", "invalid_value", param="score")
+    if body.comment is not None and len(body.comment) > state.settings.max_comment_chars:
+        raise ApiError(400, f"comment is over {state.settings.max_comment_chars} characters", "invalid_value",
+                       param="comment")
+    if not state.log.add_feedback(body.id, float(body.score), body.comment):
+        raise ApiError(404, f"no request with id {body.id!r}", "not_found", param="id")
+    return JSONResponse({"ok": True})
+
+
+async def list_models(request: Request) -> Response:
+    state = serve_state(request)
+    data = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "specialist"}
+            for name in [ROUTER, *state.arms]]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def health(request: Request) -> Response:
+    state = serve_state(request)
+    return JSONResponse({"status": "ok", "arms": list(state.arms), "uptime_s": round(time.time() - state.started, 1)})
+
+
+async def metrics(request: Request) -> Response:
+    state = serve_state(request)
+    return PlainTextResponse(state.metrics.render(state.workers), media_type="text/plain; version=0.0.4")
+
+
+async def require_key(request: Request, call_next):
+    """Every path but /health needs the key when one is set (the API, /metrics, /docs, /openapi.json)."""
+    state = serve_state(request)
+    key = state.settings.api_key
+    if key and request.url.path not in OPEN_PATHS:
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode()):
+            return error_response(state, ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                                  "invalid_api_key"))
+    return await call_next(request)
+
+
+async def on_api_error(request: Request, error: ApiError) -> Response:
+    return error_response(serve_state(request), error)
+
+
+async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return error_response(serve_state(request), ApiError(error.status_code, str(error.detail), code))
+
+
+async def on_unexpected(request: Request, error: Exception) -> Response:
+    return error_response(serve_state(request), ApiError(500, f"internal error: {type(error).__name__}",
+                                                         "internal_error", kind="server_error"))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    state: ServeState = app.state.serve
+    tasks = [asyncio.create_task(worker.run()) for worker in state.workers.values()]
+    try:
+        yield
+    finally:
+        for worker in state.workers.values():
+            worker.cancel_all()
+        for task in tasks:
+            task.cancel()
+        state.log.close()
+
+
+def create_app(arms: dict[str, ServedArm], settings: ServeSettings) -> FastAPI:
+    """The FastAPI application; `specialist serve` runs it under uvicorn, tests and notebooks in a thread."""
+    app = FastAPI(title="specialist", lifespan=lifespan)
+    app.state.serve = ServeState(arms, settings)
+    app.state.workers = app.state.serve.workers
+    app.middleware("http")(require_key)
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/feedback", feedback, methods=["POST"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    return app
+
+
+def run_server(app: FastAPI, host: str, port: int, settings: ServeSettings) -> None:
+    """Serve until SIGTERM/SIGINT, then drain for at most `drain_seconds` and exit."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=max(1, math.ceil(settings.drain_seconds)))
 
 
 class BackgroundServer:
@@ -473,7 +683,8 @@ class BackgroundServer:
                 probe.bind((host, 0))
                 port = probe.getsockname()[1]
         self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

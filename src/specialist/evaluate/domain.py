@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import html
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,12 @@ import torch
 
 from specialist.config import RunConfig
 from specialist.console import console
-from specialist.data import read_split
 from specialist.errors import DataError
 from specialist.evaluate.forgetting import general_text, perplexity
 from specialist.evaluate.gates import check_gates
-from specialist.evaluate.stats import bootstrap_ci, paired_comparison
+from specialist.evaluate.results import DomainArm, DomainReport
+from specialist.evaluate.stats import paired_comparison, score_interval
+from specialist.run_folder import RunFolder
 
 
 def read_questions(path: Path) -> list[dict[str, Any]]:
@@ -97,41 +97,32 @@ def measure_arm(model, tokenizer, docs: list[str], general: list[str],
             "questions": answer_questions(model, tokenizer, questions) if questions else []}
 
 
-def evaluate_domain(run_dir: Path, config: RunConfig):
+def evaluate_domain(run: RunFolder, config: RunConfig) -> DomainReport:
     """Score base and tuned on held-out documents, general text and the question set; write eval.json,
     report.md and report.html; check the gates."""
-    from peft import PeftModel
-
-    from specialist.evaluate.runner import EvalResult
-    from specialist.models import load_model_and_tokenizer
+    from specialist.artifacts import ModelPool, load_run
 
     evaluation = config.evaluation
-    split = read_split(run_dir / "data")
+    split = run.split()
     docs = [ex.completion for ex in split.test[: evaluation.max_examples or None]]
     if not docs:
-        raise DataError(f"{run_dir / 'data'} has no held-out documents", hint="set data.test_fraction above 0")
+        raise DataError(f"{run.data} has no held-out documents", hint="set data.test_fraction above 0")
     general = general_text(evaluation.forgetting_corpus, evaluation.forgetting_max_texts)
     questions = read_questions(evaluation.questions) if evaluation.questions else []
-    model, tokenizer = load_model_and_tokenizer(config.model.name, config.model.dtype)
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        tuned = PeftModel.from_pretrained(model, run_dir / "adapter")
-        base, base_context = tuned, tuned.disable_adapter
-    else:
-        from transformers import AutoModelForCausalLM
-
-        tuned = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=model.dtype)
-        base, base_context = model, nullcontext
+    pool = ModelPool(config.model.dtype)
+    tuned = load_run(run, pool, adapter_name="tuned")
+    base_model, tokenizer = pool.base(config.model.name)
     console.log(f"domain evaluation: {len(docs)} held-out documents, {len(general)} general texts, "
                 f"{len(questions)} questions")
-    with base_context():
-        before = measure_arm(base, tokenizer, docs, general, questions)
-    after = measure_arm(tuned, tokenizer, docs, general, questions)
+    with pool.base_context(config.model.name)():
+        before = measure_arm(base_model, tokenizer, docs, general, questions)
+    with tuned.context():
+        after = measure_arm(tuned.model, tokenizer, docs, general, questions)
     trained_on = [trained_document(q, split.train) for q in questions]
-    report = domain_report(before, after, len(docs), len(general), evaluation, trained_on)
-    gates = check_gates(evaluation.gates, domain_figures(report))
-    report["gates"] = [{"gate": g.gate, "value": g.value, "passed": g.passed} for g in gates]
-    write_domain_outputs(run_dir, report)
-    return EvalResult(run_dir, report, gates)
+    report = domain_report(run.path, before, after, len(docs), len(general), evaluation, trained_on)
+    report.gates = check_gates(evaluation.gates, domain_figures(report), evaluation)
+    write_domain_outputs(run, report)
+    return report
 
 
 def trained_document(question: dict[str, Any], train) -> bool | None:
@@ -146,81 +137,91 @@ def _subset_accuracy(correct: list[float], keep: list[bool]) -> float | None:
     return sum(chosen) / len(chosen) if chosen else None
 
 
-def domain_report(before: dict[str, Any], after: dict[str, Any], n_docs: int, n_general: int,
-                  evaluation, trained_on: list[bool | None] | None = None) -> dict[str, Any]:
-    arms = {}
-    for name, measured in (("base", before), ("tuned", after)):
-        arms[name] = {"doc_perplexity": measured["doc_perplexity"],
-                      "general_perplexity": measured["general_perplexity"]}
-        if measured["questions"]:
-            arms[name]["question_accuracy"] = bootstrap_ci(measured["questions"], evaluation.bootstrap_samples).as_dict()
-    report: dict[str, Any] = {
-        "kind": "domain_adaptation",
-        "n_eval": n_docs,
-        "general_texts": n_general,
-        "general_corpus": str(evaluation.forgetting_corpus or "bundled Wikipedia sentences"),
-        "questions": len(before["questions"]),
-        "arms": arms,
-        "doc_ppl_change": after["doc_perplexity"] / before["doc_perplexity"] - 1,
-        "general_ppl_change": after["general_perplexity"] / before["general_perplexity"] - 1,
-    }
+def domain_report(run_dir: Path, before: dict[str, Any], after: dict[str, Any], n_docs: int, n_general: int,
+                  evaluation, trained_on: list[bool | None] | None = None) -> DomainReport:
+    arms = {name: DomainArm(measured["doc_perplexity"], measured["general_perplexity"],
+                            score_interval(measured["questions"], evaluation.bootstrap_samples)
+                            if measured["questions"] else None)
+            for name, measured in (("base", before), ("tuned", after))}
+    report = DomainReport(
+        run_dir=run_dir, n_eval=n_docs, general_texts=n_general,
+        general_corpus=str(evaluation.forgetting_corpus or "bundled Wikipedia sentences"),
+        questions=len(before["questions"]), arms=arms,
+        doc_ppl_change=after["doc_perplexity"] / before["doc_perplexity"] - 1,
+        general_ppl_change=after["general_perplexity"] / before["general_perplexity"] - 1)
     if before["questions"]:
-        report["question_comparison"] = paired_comparison(before["questions"], after["questions"],
-                                                          evaluation.bootstrap_samples).as_dict()
-        trained_on = trained_on or [None] * len(before["questions"])
-        for subset, keep in (("trained", [t is True for t in trained_on]), ("held_out", [t is False for t in trained_on])):
-            if any(keep):
-                report[f"questions_on_{subset}_documents"] = {
-                    "n": sum(keep), "base": _subset_accuracy(before["questions"], keep),
-                    "tuned": _subset_accuracy(after["questions"], keep)}
+        report.question_comparison = paired_comparison(before["questions"], after["questions"],
+                                                       evaluation.bootstrap_samples)
+        report.question_subsets = question_subsets(before["questions"], after["questions"], trained_on)
     return report
 
 
-def domain_figures(report: dict[str, Any]) -> dict[str, float]:
-    figures = {"domain.doc_ppl_change": report["doc_ppl_change"], "forgetting.ppl_increase": report["general_ppl_change"]}
-    for arm, values in report["arms"].items():
-        figures[f"{arm}.doc_perplexity"] = values["doc_perplexity"]
-        figures[f"{arm}.general_perplexity"] = values["general_perplexity"]
-        if "question_accuracy" in values:
-            figures[f"{arm}.question_accuracy"] = values["question_accuracy"]["mean"]
-    return figures
+def question_subsets(before: list[float], after: list[float],
+                     trained_on: list[bool | None] | None) -> dict[str, dict[str, Any]]:
+    """Accuracy on questions about trained documents and about held-out ones, apart."""
+    trained_on = trained_on or [None] * len(before)
+    subsets = {}
+    for subset, keep in (("trained", [t is True for t in trained_on]), ("held_out", [t is False for t in trained_on])):
+        if any(keep):
+            subsets[subset] = {"n": sum(keep), "base": _subset_accuracy(before, keep),
+                               "tuned": _subset_accuracy(after, keep)}
+    return subsets
 
 
-def domain_table(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def domain_figures(report: DomainReport):
+    from specialist.evaluate.gates import Figure, Figures
+
+    figures = {"domain.doc_ppl_change": Figure(report.doc_ppl_change),
+               "forgetting.ppl_increase": Figure(report.general_ppl_change)}
+    for name, arm in report.arms.items():
+        figures[f"{name}.doc_perplexity"] = Figure(arm.doc_perplexity)
+        figures[f"{name}.general_perplexity"] = Figure(arm.general_perplexity)
+        if arm.question_accuracy is not None:
+            figures[f"{name}.question_accuracy"] = Figure.of(arm.question_accuracy)
+    differences = {}
+    if report.question_comparison is not None:
+        differences[("tuned", "base", "question_accuracy")] = report.question_comparison.difference
+    return Figures(figures, differences)
+
+
+def domain_table(report: DomainReport) -> list[tuple[str, str, str, str]]:
     """(metric, base, tuned, change) rows, as the CLI, report.md and report.html show them."""
-    base, tuned = report["arms"]["base"], report["arms"]["tuned"]
+    base, tuned = report.arms["base"], report.arms["tuned"]
     rows = [
-        (f"perplexity on {report['n_eval']} held-out documents", f"{base['doc_perplexity']:.2f}",
-         f"{tuned['doc_perplexity']:.2f}", f"{100 * report['doc_ppl_change']:+.1f}%"),
-        (f"perplexity on {report['general_texts']} general texts", f"{base['general_perplexity']:.2f}",
-         f"{tuned['general_perplexity']:.2f}", f"{100 * report['general_ppl_change']:+.1f}%"),
+        (f"perplexity on {report.n_eval} held-out documents", f"{base.doc_perplexity:.2f}",
+         f"{tuned.doc_perplexity:.2f}", f"{100 * report.doc_ppl_change:+.1f}%"),
+        (f"perplexity on {report.general_texts} general texts", f"{base.general_perplexity:.2f}",
+         f"{tuned.general_perplexity:.2f}", f"{100 * report.general_ppl_change:+.1f}%"),
     ]
-    if "question_accuracy" in base:
-        b, t = base["question_accuracy"], tuned["question_accuracy"]
-        rows.append((f"accuracy on {report['questions']} questions about the documents",
-                     f"{100 * b['mean']:.1f}% [{100 * b['low']:.1f}, {100 * b['high']:.1f}]",
-                     f"{100 * t['mean']:.1f}% [{100 * t['low']:.1f}, {100 * t['high']:.1f}]",
-                     f"{100 * (t['mean'] - b['mean']):+.1f} pts (p={report['question_comparison']['p_value']:.3f})"))
+    if base.question_accuracy is not None and tuned.question_accuracy is not None:
+        b, t = base.question_accuracy, tuned.question_accuracy
+        rows.append((f"accuracy on {report.questions} questions about the documents", _pct_interval(b),
+                     _pct_interval(t), f"{100 * (t.mean - b.mean):+.1f} pts "
+                                       f"(p={report.question_comparison.p_value:.3f})"))
         for subset, words in (("trained", "trained on"), ("held_out", "held out")):
-            if part := report.get(f"questions_on_{subset}_documents"):
+            if part := report.question_subsets.get(subset):
                 rows.append((f"  of which {part['n']} on documents {words}", f"{100 * part['base']:.1f}%",
                              f"{100 * part['tuned']:.1f}%", f"{100 * (part['tuned'] - part['base']):+.1f} pts"))
     return rows
 
 
-def write_domain_outputs(run_dir: Path, report: dict[str, Any]) -> None:
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+def _pct_interval(interval) -> str:
+    return f"{100 * interval.mean:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+
+
+def write_domain_outputs(run: RunFolder, report: DomainReport) -> None:
+    run.eval_json.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
     rows = domain_table(report)
-    gates = [f"- {'pass' if g['passed'] else 'FAIL'}: `{g['gate']}` (value {g['value']:.3f})" for g in report["gates"]]
+    gates = [f"- {g.describe()}" for g in report.gates]
     markdown = ["# Domain adaptation: before and after", "", "| metric | base | tuned | change |", "|---|---|---|---|",
                 *[f"| {' | '.join(row)} |" for row in rows], "", "## Gates", "", *(gates or ["(none)"]), ""]
-    (run_dir / "report.md").write_text("\n".join(markdown), encoding="utf-8")
+    run.report_md.write_text("\n".join(markdown), encoding="utf-8")
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     gate_items = "".join(f"<li>{html.escape(g[2:])}</li>" for g in gates)
-    (run_dir / "report.html").write_text(
+    run.report_html.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>Domain adaptation</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}"
         "table{border-collapse:collapse}</style></head><body><h1>Domain adaptation: before and after</h1>"
         f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{cells}</table>"
         f"<h2>Gates</h2><ul>{gate_items or '<li>(none)</li>'}</ul></body></html>", encoding="utf-8")
-    console.log(f"evaluation written to {run_dir / 'eval.json'}")
+    console.log(f"evaluation written to {run.eval_json}")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from specialist.data import Example
 from specialist.evaluate.scorers import score_exact_match
+from specialist.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from specialist.evaluate.results import EvalReport
 
 
 def _pyplot():
@@ -41,20 +44,20 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     return _save(fig, path)
 
 
-def plot_scores(report: dict[str, Any], path: Path) -> Path | None:
-    """Grouped bars: each 0-1 metric per arm, with its 95% bootstrap interval as error bars."""
-    arms = list(report["arms"])
-    metrics = [m for m in next(iter(report["arms"].values()), {}).get("scores", {}) if m != "length"]
+def plot_scores(report: EvalReport, path: Path) -> Path | None:
+    """Grouped bars: each 0-1 metric per arm, with its 95% interval as error bars."""
+    arms = list(report.arms)
+    metrics = [m for m in (report.arms[arms[0]].scores if arms else {}) if m != "length"]
     if not arms or not metrics:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(metrics) * len(arms) / 2), 3.8), dpi=110)
     width = 0.8 / len(arms)
     for n, arm in enumerate(arms):
-        scores = report["arms"][arm]["scores"]
-        means = [scores[m]["mean"] for m in metrics]
-        errors = [[scores[m]["mean"] - scores[m]["low"] for m in metrics],
-                  [scores[m]["high"] - scores[m]["mean"] for m in metrics]]
+        scores = report.arms[arm].scores
+        means = [scores[m].mean for m in metrics]
+        errors = [[scores[m].mean - scores[m].low for m in metrics],
+                  [scores[m].high - scores[m].mean for m in metrics]]
         positions = [i + (n - (len(arms) - 1) / 2) * width for i in range(len(metrics))]
         ax.bar(positions, means, width, yerr=errors, capsize=3, label=arm)
     ax.set_xticks(range(len(metrics)), metrics)
@@ -108,70 +111,67 @@ def png_data_uri(path: Path | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def write_eval_report(run_dir: Path, config, report: dict[str, Any], test: list[Example],
+def write_eval_report(run: RunFolder, config, report: EvalReport, test: list[Example],
                       outputs: dict[str, list[str]]) -> None:
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    run.figures.mkdir(exist_ok=True)
     expected = [ex.completion for ex in test]
     images = {
-        "scores": plot_scores(report, figures / "scores.png"),
-        "loss": run_dir / "loss.png",  # written by training; a run evaluated before training has none
-        "lengths": plot_lengths(outputs, expected, figures / "lengths.png"),
+        "scores": plot_scores(report, run.figures / "scores.png"),
+        "loss": run.loss_plot,  # written by training; a run evaluated before training has none
+        "lengths": plot_lengths(outputs, expected, run.figures / "lengths.png"),
     }
-    confusions = {arm: plot_confusion(s["labels"], arm, figures / f"confusion-{arm}.png")
-                  for arm, s in report["arms"].items() if "labels" in s}
-    context = report_context(run_dir, config, report, test, outputs)
+    confusions = {name: plot_confusion(arm.labels, name, run.figures / f"confusion-{name}.png")
+                  for name, arm in report.arms.items() if arm.labels is not None}
+    context = report_context(run, config, report, test, outputs)
     context["images"] = {name: png_data_uri(path) for name, path in images.items()}
     context["confusions"] = {arm: png_data_uri(path) for arm, path in confusions.items()}
     env = Environment(loader=PackageLoader("specialist", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
-    (run_dir / "report.html").write_text(env.get_template("report.html").render(**context), encoding="utf-8")
-    (run_dir / "report.md").write_text(render_markdown(context), encoding="utf-8")
+    run.report_html.write_text(env.get_template("eval_report.html").render(**context), encoding="utf-8")
+    run.report_md.write_text(render_markdown(context), encoding="utf-8")
 
 
-def report_context(run_dir: Path, config, report: dict[str, Any], test: list[Example],
+def report_context(run: RunFolder, config, report: EvalReport, test: list[Example],
                    outputs: dict[str, list[str]]) -> dict[str, Any]:
-    arms = list(report["arms"])
-    metrics_path = run_dir / "metrics.json"
-    train = json.loads(metrics_path.read_text()).get("train", {}) if metrics_path.is_file() else {}
+    arms = list(report.arms)
+    metrics = run.metrics_so_far()
     return {
-        "run_name": run_dir.name,
+        "run_name": run.path.name,
         "model_name": config.model.name,
         "method": config.method.kind,
-        "n_eval": report["n_eval"],
-        "max_new_tokens": report["max_new_tokens"],
-        "decoding": report["decoding"],
-        "train": train,
+        "n_eval": report.n_eval,
+        "max_new_tokens": report.max_new_tokens,
+        "decoding": report.decoding,
+        "train": metrics.get("train", {}),
         "arms": arms,
         "score_rows": score_table(report, arms),
         "key_rows": key_table(report, arms),
         "label_rows": label_table(report, arms),
-        "refusal_rows": [{"arm": arm, **report["arms"][arm]["refusals"]} for arm in arms
-                         if "refusals" in report["arms"][arm]],
-        "costs": report.get("costs", {}),
-        "overfitting": report.get("overfitting"),
-        "forgetting": report.get("forgetting"),
-        "gates": report.get("gates", []),
+        "refusal_rows": [{"arm": name, **arm.refusals} for name, arm in report.arms.items() if arm.refusals],
+        "costs": {name: arm for name, arm in report.arms.items()},
+        "overfitting": report.overfitting,
+        "forgetting": report.forgetting,
+        "forgetting_rows": forgetting_rows(report.forgetting) if report.forgetting is not None else [],
+        "gates": report.gates,
         "regressions": worst_regressions(test, outputs),
         "samples": samples(test, outputs, config.evaluation.samples_in_report),
-        "overfit_warning": _overfit_warning(run_dir),
+        "overfit_warning": metrics.get("overfitting_warning"),
     }
 
 
-def score_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]:
+def score_table(report: EvalReport, arms: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for metric in report["arms"][arms[0]]["scores"] if arms else []:
-        cells = [report["arms"][arm]["scores"][metric] for arm in arms]
-        versus_base = report.get("comparisons", {}).get("tuned_vs_base", {}).get(metric)
-        rows.append({"metric": metric, "cells": cells, "versus_base": versus_base})
+    for metric in report.arms[arms[0]].scores if arms else []:
+        cells = [report.arms[arm].scores[metric] for arm in arms]
+        rows.append({"metric": metric, "cells": cells, "versus_base": report.comparison("tuned", "base", metric)})
     return rows
 
 
-def label_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]:
+def label_table(report: EvalReport, arms: list[str]) -> list[dict[str, Any]]:
     """Per arm: accuracy, macro-F1 and, with an escalation label, its recall and the in-scope accuracy."""
     rows = []
     for arm in arms:
-        labels = report["arms"][arm].get("labels")
+        labels = report.arms[arm].labels
         if labels:
             escalation = labels.get("escalation") or {}
             rows.append({"arm": arm, "accuracy": labels["accuracy"], "macro_f1": labels["macro_f1"],
@@ -181,10 +181,15 @@ def label_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]
     return rows
 
 
-def key_table(report: dict[str, Any], arms: list[str]) -> list[dict[str, Any]]:
-    keys = report["arms"][arms[-1]].get("field_accuracy_per_key", {}) if arms else {}
-    return [{"key": key, "values": [report["arms"][a].get("field_accuracy_per_key", {}).get(key, 0.0) for a in arms]}
+def key_table(report: EvalReport, arms: list[str]) -> list[dict[str, Any]]:
+    keys = (report.arms[arms[-1]].field_accuracy_per_key or {}) if arms else {}
+    return [{"key": key, "values": [(report.arms[a].field_accuracy_per_key or {}).get(key, 0.0) for a in arms]}
             for key in keys]
+
+
+def forgetting_rows(forgetting) -> list[tuple[str, str, str, str]]:
+    """(figure, before, after, change) rows of the forgetting report, for report.md and report.html."""
+    return forgetting.table()
 
 
 def worst_regressions(test: list[Example], outputs: dict[str, list[str]], limit: int = 10) -> list[dict[str, Any]]:
@@ -209,52 +214,83 @@ def samples(test: list[Example], outputs: dict[str, list[str]], limit: int) -> l
     ]
 
 
-def _overfit_warning(run_dir: Path) -> str | None:
-    metrics_path = run_dir / "metrics.json"
-    return json.loads(metrics_path.read_text()).get("overfitting_warning") if metrics_path.is_file() else None
-
-
 def render_markdown(context: dict[str, Any]) -> str:
     arms = context["arms"]
     lines = [f"# specialist report: {context['run_name']}", "",
              f"Base model `{context['model_name']}`, method `{context['method']}`, {context['n_eval']} held-out rows, "
              f"decoding {context['decoding']}, at most {context['max_new_tokens']} new tokens.", "",
+             "Each cell: mean and 95% interval (Wilson for shares of rows, bootstrap for other means); last column: "
+             "tuned minus base on the same rows, with its paired interval and test.", "",
              "| metric | " + " | ".join(arms) + " | tuned vs base |", "|---|" + "---|" * (len(arms) + 1)]
     for row in context["score_rows"]:
-        cells = [f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}]" for c in row["cells"]]
-        vs = row["versus_base"]
-        verdict = f"{vs['difference']['mean']:+.3f}, p={vs['p_value']:.3f}" if vs else ""
-        lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {verdict} |")
-    if context.get("costs"):
-        lines += ["", "| arm | generation on these rows (s) | weights on disk |", "|---|---|---|"]
-        for arm, cost in context["costs"].items():
-            size = f"{cost['weights_bytes'] / 2**20:.0f} MiB" if cost.get("weights_bytes") else ""
-            lines.append(f"| {arm} | {cost['generation_seconds']:.1f} | {size} |")
-    if context.get("label_rows"):
-        lines += ["", "| arm | label accuracy | macro-F1 | in-scope accuracy | escalation recall | false escalations |",
-                  "|---|---|---|---|---|---|"]
-        for row in context["label_rows"]:
-            cells = [row[k] for k in ("accuracy", "macro_f1", "in_scope_accuracy", "escalation_recall",
-                                      "false_escalation_rate")]
-            lines.append(f"| {row['arm']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
-    if context.get("refusal_rows"):
-        first = context["refusal_rows"][0]
-        lines += ["", f"| arm | refused when it should ({first['should_refuse']} rows) | "
-                  f"refused when it should not ({first['should_answer']} rows) |", "|---|---|---|"]
-        lines += [f"| {r['arm']} | " + " | ".join("" if r[k] is None else f"{100 * r[k]:.1f}%"
-                                                 for k in ("refused_when_should", "refused_when_should_not")) + " |"
-                  for r in context["refusal_rows"]]
-    if context["forgetting"]:
-        f = context["forgetting"]
-        lines += ["", f"Forgetting: perplexity on {f['corpus']} {f['before']['perplexity']:.2f} -> "
-                  f"{f['after']['perplexity']:.2f} ({100 * f['ppl_increase']:+.1f}%); knowledge probe "
-                  f"{f['before']['knowledge']:.3f} -> {f['after']['knowledge']:.3f}"]
-    if context["overfitting"]:
-        over = context["overfitting"]
-        lines += ["", f"Overfitting: memorisation rate {over['memorisation_rate']:.3f}; "
-                  f"train-minus-test gap {json.dumps({k: round(v, 3) for k, v in over.get('gap', {}).items()})}"]
-    if context["gates"]:
-        lines += ["", "| gate | value | result |", "|---|---|---|"]
-        lines += [f"| `{g['gate']}` | {g['value']:.3f} | {'pass' if g['passed'] else 'FAIL'} |"
-                  for g in context["gates"]]
+        cells = [_interval_text(c) for c in row["cells"]]
+        lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {_versus_text(row['versus_base'])} |")
+    for section in (_costs_md, _labels_md, _refusals_md, _forgetting_md, _overfitting_md, _gates_md):
+        lines += section(context)
     return "\n".join(lines) + "\n"
+
+
+def _interval_text(interval) -> str:
+    if interval.low is None or interval.high is None:
+        return f"{interval.mean:.3f}"
+    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+
+
+def _versus_text(comparison) -> str:
+    if comparison is None:
+        return ""
+    d = comparison.difference
+    span = f" [{d.low:+.3f}, {d.high:+.3f}]" if d.low is not None and d.high is not None else ""
+    return f"{d.mean:+.3f}{span}, p={comparison.p_value:.3f}"
+
+
+def _costs_md(context: dict[str, Any]) -> list[str]:
+    lines = ["", "| arm | generation on these rows (s) | weights on disk |", "|---|---|---|"]
+    for name, arm in context["costs"].items():
+        size = f"{arm.weights_bytes / 2**20:.0f} MiB" if arm.weights_bytes else ""
+        lines.append(f"| {name} | {arm.generation_seconds:.1f} | {size} |")
+    return lines if context["costs"] else []
+
+
+def _labels_md(context: dict[str, Any]) -> list[str]:
+    if not context.get("label_rows"):
+        return []
+    lines = ["", "| arm | label accuracy | macro-F1 | in-scope accuracy | escalation recall | false escalations |",
+             "|---|---|---|---|---|---|"]
+    for row in context["label_rows"]:
+        cells = [row[k] for k in ("accuracy", "macro_f1", "in_scope_accuracy", "escalation_recall",
+                                  "false_escalation_rate")]
+        lines.append(f"| {row['arm']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return lines
+
+
+def _refusals_md(context: dict[str, Any]) -> list[str]:
+    if not context.get("refusal_rows"):
+        return []
+    first = context["refusal_rows"][0]
+    lines = ["", f"| arm | refused when it should ({first['should_refuse']} rows) | "
+             f"refused when it should not ({first['should_answer']} rows) |", "|---|---|---|"]
+    return lines + [f"| {r['arm']} | " + " | ".join("" if r[k] is None else f"{100 * r[k]:.1f}%"
+                                                   for k in ("refused_when_should", "refused_when_should_not")) + " |"
+                    for r in context["refusal_rows"]]
+
+
+def _forgetting_md(context: dict[str, Any]) -> list[str]:
+    if not context["forgetting_rows"]:
+        return []
+    lines = ["", "| forgetting | before | after | change |", "|---|---|---|---|"]
+    return lines + [f"| {' | '.join(row)} |" for row in context["forgetting_rows"]]
+
+
+def _overfitting_md(context: dict[str, Any]) -> list[str]:
+    over = context["overfitting"]
+    if over is None:
+        return []
+    gap = ", ".join(f"{metric} {value:+.3f}" for metric, value in over.gap.items()) or "not measured"
+    return ["", f"Overfitting: memorisation rate {over.memorisation_rate:.3f}; train-minus-test gap: {gap}"]
+
+
+def _gates_md(context: dict[str, Any]) -> list[str]:
+    if not context["gates"]:
+        return []
+    return ["", "Gates:", ""] + [f"- {gate.describe()}" for gate in context["gates"]]

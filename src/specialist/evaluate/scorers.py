@@ -1,4 +1,4 @@
-"""Scorers: each maps one (output, expected) pair to a number; `score_outputs` averages them per arm.
+"""Scorers: each maps one (output, expected) pair to a number; `score_rows` scores every row of an arm.
 
 Built in: json_valid, json_schema, exact_match, field_accuracy, label_accuracy (with macro-F1 and a confusion
 matrix, from `label_report`), rouge_l, chrf, refusal_rate (both directions, from `refusal_report`), length,
@@ -248,17 +248,6 @@ def score_rows(outputs: list[str], expected: list[str], scorers: dict[str, Score
         else:
             rows[name] = [float(fn(o, e)) for o, e in zip(outputs, expected)]
     return rows
-
-
-def score_outputs(outputs: list[str], expected: list[str], scorers: list[str] | dict[str, Scorer],
-                  label_rule: LabelRule | None = None, prompts: list[str] | None = None) -> dict[str, Any]:
-    """Mean of each scorer over the examples; `field_accuracy` also reports each key's accuracy."""
-    functions = scorers if isinstance(scorers, dict) else resolve_scorers(scorers, label_rule)
-    rows = score_rows(outputs, expected, functions, prompts)
-    result: dict[str, Any] = {name: sum(v) / len(v) if v else 0.0 for name, v in rows.items()}
-    if "field_accuracy" in functions:
-        result["field_accuracy_per_key"] = per_key_accuracy(outputs, expected)
-    return result
 
 
 def per_key_accuracy(outputs: list[str], expected: list[str]) -> dict[str, float]:

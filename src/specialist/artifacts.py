@@ -1,0 +1,189 @@
+"""Load whatever a user points at as a model to answer with: a run folder, an export folder or a base model.
+
+Evaluation arms, the export's replay and `serve` all load through here, so an artifact is scored exactly as it is
+served. A `ModelPool` keeps one copy of each base model: runs that trained an adapter on it are attached to that
+copy as named PEFT adapters, and each answer switches its arm's adapter on (the base arm: all of them off), so an
+A/B of a base against three tuned adapters holds one base model in memory, not four.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specialist.errors import ConfigError
+from specialist.run_folder import ExportFolder, RunFolder
+
+EXPORT_FORMATS = ("merged", "adapter", "gguf", "int8")
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: the module, its tokenizer, the prompt format, and how to switch it on."""
+
+    model: Any
+    tokenizer: Any
+    template: Any  # PromptTemplate, or None for a bare base model (the caller supplies a run's)
+    context: Callable[[], AbstractContextManager] = nullcontext
+    run: RunFolder | None = None
+    weights_bytes: int | None = None
+    kind: str = "base"  # "run", "export" or "base"
+
+
+def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
+    """An export folder as it would be served: merged alone, an adapter onto its base model, GGUF through
+    transformers' GGUF reader, int8 from its safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = ExportFolder(Path(folder))
+    meta = export.meta()
+    fmt = meta["format"]
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"{export.meta_file}: unknown export format {fmt!r}", hint=f"one of {EXPORT_FORMATS}")
+    template, tokenizer = export.template(), AutoTokenizer.from_pretrained(export.path)
+    found = Loaded(None, tokenizer, template, run=export.source_run(), weights_bytes=export.weights_bytes(),
+                   kind="export")
+    if fmt == "int8":
+        from specialist.int8 import load_int8
+
+        found.model = load_int8(export.path, export.file(meta.get("int8_file"))).eval()
+    elif fmt == "gguf":
+        found.model = AutoModelForCausalLM.from_pretrained(export.path, gguf_file=export.file(meta.get("gguf_file")).name)
+        found.model.hf_quantizer = None  # dequantized at load; the marks only block saving
+    elif fmt == "adapter":
+        if not isinstance(meta.get("base_model"), str):
+            raise ConfigError(f"{export.meta_file} names no base model", hint="export it again")
+        pool = pool or ModelPool()
+        found.model, found.context = pool.with_adapter(meta["base_model"], None, export.path, adapter_key(export.path))
+    else:
+        found.model = AutoModelForCausalLM.from_pretrained(export.path)
+    found.model.eval()
+    return found
+
+
+def load_run(run: RunFolder, pool: ModelPool | None = None, adapter_name: str | None = None) -> Loaded:
+    """A run folder's trained model: its adapter attached to the pooled base model, or its full model."""
+    pool = pool or ModelPool()
+    config = run.config()
+    found = Loaded(None, None, run.template(), run=run, kind="run")
+    if run.has_adapter:
+        found.model, found.context = pool.with_adapter(config.model.name, _dpo_start(config), run.adapter,
+                                                       adapter_name or adapter_key(run.path))
+        found.tokenizer = pool.tokenizer(config.model.name)
+    else:
+        base, found.tokenizer = pool.base(config.model.name, _dpo_start(config))
+        found.model = run.load_model(base)
+    return found
+
+
+def load_base_model(name: str, pool: ModelPool | None = None, template=None) -> Loaded:
+    """A base model by name or folder, answering in `template` (a run's), or its own default format."""
+    from specialist.data import PromptTemplate
+
+    pool = pool or ModelPool()
+    model, tokenizer = pool.base(name)
+    return Loaded(model, tokenizer, template or PromptTemplate.for_tokenizer(tokenizer),
+                  context=pool.base_context(name), kind="base")
+
+
+def load_source(source: str, pool: ModelPool | None = None, template=None) -> Loaded:
+    """An export folder, a run folder, or else a base model name/folder (answering in `template`)."""
+    path = Path(source)
+    if ExportFolder.is_export(path):
+        return load_exported(path, pool)
+    if RunFolder.is_run(path):
+        return load_run(RunFolder(path), pool)
+    return load_base_model(source, pool, template)
+
+
+def adapter_key(path: Path) -> str:
+    """A PEFT adapter name for a folder (module names cannot hold dots or slashes)."""
+    import hashlib
+
+    return "a" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+
+
+def _dpo_start(config) -> Path | None:
+    """A DPO run trained from an SFT adapter starts from the base with that adapter merged in."""
+    return config.method.from_adapter if config.method.kind == "dpo" else None
+
+
+class ModelPool:
+    """One loaded copy per base model (and per merged starting point); adapters attach to it by name."""
+
+    def __init__(self, dtype: str = "float32") -> None:
+        self.dtype = dtype
+        self._bases: dict[tuple[str, str | None], tuple[Any, Any]] = {}
+        self._tokenizers: dict[str, Any] = {}
+
+    def base(self, name: str, merged_adapter: Path | None = None):
+        """(model, tokenizer) for base model `name` (with `merged_adapter` folded in), loaded once."""
+        key = (name, str(merged_adapter) if merged_adapter else None)
+        if key not in self._bases:
+            from specialist.models import load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(name, self.dtype)
+            if merged_adapter is not None:
+                from specialist.run_folder import merge_adapter
+
+                model = merge_adapter(model, merged_adapter)
+            self._bases[key] = (model, tokenizer)
+            self._tokenizers.setdefault(name, tokenizer)
+        return self._bases[key]
+
+    def tokenizer(self, name: str):
+        return self.base(name)[1]
+
+    def with_adapter(self, name: str, merged_adapter: Path | None, adapter: Path, adapter_name: str):
+        """The pooled base wrapped in PEFT with `adapter` attached as `adapter_name`; (model, context that
+        switches that adapter on)."""
+        from peft import PeftModel
+
+        model, tokenizer = self.base(name, merged_adapter)
+        if not isinstance(model, PeftModel):
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=adapter_name).eval()
+            self._bases[(name, str(merged_adapter) if merged_adapter else None)] = (model, tokenizer)
+        elif adapter_name not in model.peft_config:
+            model.load_adapter(adapter, adapter_name=adapter_name)
+        return model, adapter_switch(model, adapter_name)
+
+    def base_context(self, name: str, merged_adapter: Path | None = None) -> Callable[[], AbstractContextManager]:
+        """What an arm answering with the bare base needs: every adapter switched off, if any is attached."""
+        # looked up at each use: a run attached later wraps the same weights in PEFT, whose adapters must go off
+        return lambda: adapters_off(self.base(name, merged_adapter)[0])
+
+
+@contextmanager
+def adapters_off(model):
+    """The base weights alone, whatever adapters are attached (a plain model is left as it is)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def adapter_switch(model, name: str) -> Callable[[], AbstractContextManager]:
+    @contextmanager
+    def active():
+        model.set_adapter(name)
+        yield
+
+    return active
+
+
+def format_check_of_run(run: RunFolder | None) -> Callable[[str], bool] | None:
+    """What 'the output passed' means for a run's traffic: its first format scorer (json_schema or json_valid)."""
+    if run is None or not run.config_file.is_file():
+        return None
+    from specialist.evaluate.scorers import LabelRule, resolve_scorers
+
+    evaluation = run.config().evaluation
+    for name in ("json_schema", "json_valid"):
+        if name in evaluation.scorers:
+            scorer = resolve_scorers([name], LabelRule(), evaluation.json_schema)[name]
+            return lambda output, scorer=scorer: scorer(output, "") >= 1.0
+    return None

@@ -1,0 +1,151 @@
+"""What an evaluation returns: typed results the CLI, the reports and the gates read by attribute.
+
+`EvalReport` (base / few-shot / tuned generations scored on held-out rows) and `DomainReport` (continued
+pretraining: perplexities and questions) share the small surface every reader needs: `run_dir`, `kind`, `n_eval`,
+`gates`, `passed`, `figures()` (what a gate may name) and `to_json()` (eval.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from specialist.evaluate.gates import GateResult
+from specialist.evaluate.stats import Interval, PairedComparison
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready form of a result field: intervals and comparisons as their dicts, the rest as it is."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class ArmResult:
+    """One arm's scores on the held-out rows, with what it costs."""
+
+    name: str
+    scores: dict[str, Interval]
+    length: dict[str, float]
+    field_accuracy_per_key: dict[str, float] | None = None
+    labels: dict[str, Any] | None = None  # label_report: accuracy, macro_f1, per_label, confusion, escalation
+    refusals: dict[str, Any] | None = None  # refusal_report: both directions
+    generation_seconds: float = 0.0
+    weights_bytes: int | None = None
+
+    def headline(self) -> dict[str, float]:
+        """Mean scores, with macro-F1 and the two refusal directions where the evaluation has them."""
+        values = {metric: interval.mean for metric, interval in self.scores.items()}
+        if self.labels is not None:
+            values["macro_f1"] = self.labels["macro_f1"]
+        for name, value in (self.refusals or {}).items():
+            if name.startswith("refused_") and value is not None:
+                values[name] = value
+        return values
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"scores": _plain(self.scores), "length": self.length,
+                                "generation_seconds": round(self.generation_seconds, 2),
+                                "weights_bytes": self.weights_bytes}
+        for key in ("field_accuracy_per_key", "labels", "refusals"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+
+@dataclass
+class Overfitting:
+    train_rows: int
+    memorisation_rate: float
+    train_scores: dict[str, float] = field(default_factory=dict)
+    test_scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> dict[str, float]:
+        return {m: self.train_scores[m] - self.test_scores[m] for m in self.train_scores if m != "length"}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"train_rows": self.train_rows, "memorisation_rate": self.memorisation_rate,
+                "train_scores": self.train_scores, "test_scores": self.test_scores, "gap": self.gap}
+
+
+@dataclass
+class EvalReport:
+    """Every arm on the same held-out rows with the same decoding; comparisons, forgetting, overfitting, gates."""
+
+    run_dir: Path
+    n_eval: int
+    max_new_tokens: int
+    decoding: dict[str, Any]
+    arms: dict[str, ArmResult]
+    comparisons: dict[str, dict[str, PairedComparison]] = field(default_factory=dict)
+    forgetting: Any = None  # the forgetting report (evaluate.forgetting), when measured
+    overfitting: Overfitting | None = None
+    gates: list[GateResult] = field(default_factory=list)
+    kind: str = "generation"
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def comparison(self, arm: str, other: str, metric: str) -> PairedComparison | None:
+        return self.comparisons.get(f"{arm}_vs_{other}", {}).get(metric)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "run": str(self.run_dir), "n_eval": self.n_eval,
+                "max_new_tokens": self.max_new_tokens, "decoding": self.decoding,
+                "arms": {name: arm.to_json() for name, arm in self.arms.items()},
+                "comparisons": _plain(self.comparisons), "forgetting": _plain(self.forgetting),
+                "overfitting": _plain(self.overfitting), "gates": _plain(self.gates)}
+
+
+@dataclass
+class DomainArm:
+    doc_perplexity: float
+    general_perplexity: float
+    question_accuracy: Interval | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"doc_perplexity": self.doc_perplexity, "general_perplexity": self.general_perplexity,
+                "question_accuracy": _plain(self.question_accuracy)}
+
+
+@dataclass
+class DomainReport:
+    """Continued pretraining: perplexity on held-out documents and on general text, questions, base vs tuned."""
+
+    run_dir: Path
+    n_eval: int
+    general_texts: int
+    general_corpus: str
+    questions: int
+    arms: dict[str, DomainArm]
+    doc_ppl_change: float
+    general_ppl_change: float
+    question_comparison: PairedComparison | None = None
+    question_subsets: dict[str, dict[str, Any]] = field(default_factory=dict)  # trained / held_out documents
+    gates: list[GateResult] = field(default_factory=list)
+    kind: str = "domain_adaptation"
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "run": str(self.run_dir), "n_eval": self.n_eval,
+                "general_texts": self.general_texts, "general_corpus": self.general_corpus,
+                "questions": self.questions, "arms": {n: a.to_json() for n, a in self.arms.items()},
+                "doc_ppl_change": self.doc_ppl_change, "general_ppl_change": self.general_ppl_change,
+                "question_comparison": _plain(self.question_comparison),
+                "question_subsets": self.question_subsets, "gates": _plain(self.gates)}

@@ -1,0 +1,305 @@
+"""One generation engine for every caller: the evaluation arms, the export's golden replay and `serve`.
+
+`Engine.run` takes a batch of requests (prompt token ids, a token limit each, optionally a callback that receives
+the answer text as it grows, and a cancellation flag) and generates them together: left padding, the KV cache,
+transformers' `generate`, and one stopping rule per row, checked after every token:
+
+- a stop token (EOS, or a chat model's end-of-turn token) ends the row, as does its own token limit, a stop string
+  of the prompt format (the built-in format's next-turn marker), or its cancellation (a client that hung up);
+- a finished row stops costing its own work at once, and the batch ends when every row has, so a short answer
+  never waits for the batch's longest limit and a base model that echoes the input stops at the next turn marker;
+- the text is the decoded tokens (special tokens dropped) cut at the first stop string and stripped, the same for
+  every caller, and what a streaming callback receives adds up to exactly that text.
+
+Because evaluation, the export check and the server all answer through `run`, "the export replays the golden
+answers" proves what users will be served.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specialist.data import Example, PromptTemplate
+
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+_INCOMPLETE_CHARACTER = "\ufffd"  # a byte-level token that ends inside a multi-byte character decodes to this
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: greedy by default, or sampled with temperature and nucleus (top-p)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+GREEDY = Sampling()
+
+
+@dataclass
+class Request:
+    """One prompt to answer. `on_text` receives each new piece of the answer (streaming), from the generating
+    thread; setting `cancelled` ends the row at the next token."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    on_text: Callable[[str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (stop token or string), "length" (token limit) or "cancelled"
+
+    @property
+    def stopped(self) -> bool:
+        return self.finish_reason == "stop"
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus a chat model's end-of-turn token, so generation stops where training taught it to."""
+    ids = {tokenizer.eos_token_id}
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for n, row in enumerate(rows):
+        input_ids[n, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[n, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def default_max_new_tokens(tokenizer, train: list[Example]) -> int:
+    """Room for the longest training completion plus a margin: enough to be right, short enough to stay fast."""
+    longest = max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in train)
+    return longest + max(8, longest // 4)
+
+
+class _Row:
+    """One request's answer as it grows: its tokens, its text, what has been streamed, and why it ended."""
+
+    def __init__(self, request: Request, engine: Engine) -> None:
+        self.request, self.engine = request, engine
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.sent = ""
+
+    def add(self, token: int) -> bool:
+        """Take the next token; True once the row has ended."""
+        if self.finish is not None:
+            return True
+        self.tokens.append(token)
+        if token in self.engine.stop_ids:
+            self.finish = "stop"
+        elif self.engine.stop_strings and self._stop_string_reached():
+            self.finish = "stop"
+        elif self.request.cancelled.is_set():
+            self.finish = "cancelled"
+        elif len(self.tokens) >= self.request.max_new_tokens:
+            self.finish = "length"
+        if self.request.on_text is not None:
+            self._stream()
+        return self.finish is not None
+
+    def raw_text(self) -> str:
+        return self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def text(self) -> str:
+        return cut_at_stop(self.raw_text(), self.engine.stop_strings)
+
+    def _stop_string_reached(self) -> bool:
+        raw = self.raw_text()
+        return any(stop in raw for stop in self.engine.stop_strings)
+
+    def _stream(self) -> None:
+        final = self.text() if self.finish is not None else self._stable_text()
+        if final.startswith(self.sent) and len(final) > len(self.sent):
+            piece, self.sent = final[len(self.sent):], final
+            self.request.on_text(piece)
+
+    def _stable_text(self) -> str:
+        """The part of the answer no later token can change: leading space stripped; trailing space, a partial
+        character and the start of a possible stop string held back."""
+        text = self.raw_text().lstrip().rstrip(_INCOMPLETE_CHARACTER)
+        for stop in self.engine.stop_strings:
+            for size in range(min(len(stop), len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    text = text[:-size]
+                    break
+        return text.rstrip()
+
+    def result(self) -> Generation:
+        return Generation(self.text(), len(self.request.prompt_ids), len(self.tokens), self.finish or "length")
+
+
+class _RowStops:
+    """transformers' per-row stopping hook: feeds each row its new token and reports which rows are done."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        last = input_ids[:, -1].tolist()
+        return torch.tensor([row.add(token) for row, token in zip(self.rows, last)], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+_MODEL_LOCKS: dict[int, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    """One lock per model object: engines that share a model (arms that differ by adapter) take turns on it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the same weights
+    with _LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(id(inner), threading.Lock())
+
+
+class Engine:
+    """Generate answers with `model` in the prompt format `template`; thread-safe (one generation per model at a
+    time). `context` is entered around every generation: an arm that shares its model with others switches its
+    adapter on (or all adapters off, for the base) there."""
+
+    def __init__(self, model, tokenizer, template: PromptTemplate, stop_ids: list[int] | None = None,
+                 context: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        self.model, self.tokenizer, self.template, self.context = model, tokenizer, template, context
+        self.stop_ids = set(stop_ids if stop_ids is not None else stop_token_ids(tokenizer))
+        self.stop_strings = tuple(template.stop_strings)
+        self.lock = model_lock(model)
+        self.busy = False
+
+    def encode(self, text: str, shots: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None) -> list[int]:
+        """The prompt's token ids in the template's format (its input shortened to fit, where the run truncates)."""
+        return encode_prompt(self.template, self.tokenizer, text, shots, max_new_tokens)
+
+    def run(self, requests: list[Request], sampling: Sampling = GREEDY) -> list[Generation]:
+        """Answer `requests` as one batch; the rows end independently (see the module docstring)."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        rows = [_Row(request, self) for request in requests]
+        input_ids, attention_mask = left_pad([r.prompt_ids for r in requests], self.tokenizer.pad_token_id)
+        device = self.model.device
+        with self.lock, self.context(), torch.inference_mode():
+            self.busy = True
+            try:
+                self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    max_new_tokens=max(r.max_new_tokens for r in requests),
+                    stopping_criteria=StoppingCriteriaList([_RowStops(rows)]), eos_token_id=sorted(self.stop_ids),
+                    pad_token_id=self.tokenizer.pad_token_id, **sampling.generate_kwargs())
+            finally:
+                self.busy = False
+        return [self._finished(row) for row in rows]
+
+    def _finished(self, row: _Row) -> Generation:
+        if row.finish is None:
+            row.finish = "length"
+        if row.request.on_text is not None:
+            row._stream()
+        return row.result()
+
+    def answer(self, text: str, max_new_tokens: int, sampling: Sampling = GREEDY) -> Generation:
+        """One prompt, alone (the export's replay, a notebook)."""
+        return self.run([Request(self.encode(text, max_new_tokens=max_new_tokens), max_new_tokens)], sampling)[0]
+
+    def generate(self, prompts: list[str], max_new_tokens: int, sampling: Sampling = GREEDY, batch_size: int = 16,
+                 shots: Sequence[tuple[str, str]] = (), label: str = "generating") -> list[Generation]:
+        """Every prompt's answer, in input order; batched after sorting by length so batches carry little padding."""
+        encoded = [self.encode(p, shots, max_new_tokens) for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        with GenerationProgress(label, len(prompts)) as progress:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                answers = self.run([Request(encoded[i], max_new_tokens) for i in batch], sampling)
+                for i, answer in zip(batch, answers):
+                    results[i] = answer
+                progress.advance(len(batch), sum(a.completion_tokens for a in answers))
+        return [r for r in results if r is not None]
+
+
+def encode_prompt(template: PromptTemplate, tokenizer, text: str, shots: Sequence[tuple[str, str]] = (),
+                  max_new_tokens: int | None = None) -> list[int]:
+    """The template's encoding, with the input shortened to leave room for the answer where the run truncates."""
+    budget_of = getattr(template, "prompt_budget", None)
+    budget = budget_of(max_new_tokens) if budget_of is not None and max_new_tokens else None
+    if budget is None:
+        return template.encode_prompt(text, tokenizer, shots)
+    return template.encode_prompt(text, tokenizer, shots, budget=budget)
+
+
+class GenerationProgress:
+    """A Rich bar on a terminal; in a log file, a line at least every `every` seconds (rows, tokens/s, ETA)."""
+
+    def __init__(self, label: str, total: int, every: float = 30.0) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.done = self.tokens = 0
+        self.started = self.last_line = time.perf_counter()
+        self.bar = self.task = None
+
+    def __enter__(self) -> GenerationProgress:
+        from specialist.console import console, progress
+
+        if console.is_terminal:
+            self.bar = progress()
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.label, total=self.total, info="")
+        return self
+
+    def advance(self, rows: int, tokens: int) -> None:
+        self.done += rows
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.advance(self.task, rows)
+            self.bar.update(self.task, info=f"{self._rate():.1f} tok/s")
+        elif time.perf_counter() - self.last_line >= self.every or self.done == self.total:
+            self._log_line()
+
+    def _rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+
+    def _log_line(self) -> None:
+        from specialist.console import console
+
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        console.log(f"{self.label}: {self.done}/{self.total} rows, {self._rate():.1f} generated tok/s, "
+                    f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+        self.last_line = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

@@ -1,0 +1,107 @@
+"""The one generation engine: its stopping rules, streaming, cancellation, and that evaluation, the export's golden
+replay and `serve` (plain and streamed) answer a prompt with the same text."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+
+from specialist.data import Example, PromptTemplate
+from specialist.generation import Engine, Request, Sampling, cut_at_stop
+
+
+@pytest.fixture
+def babbler(tiny_model):
+    """The tiny model with large random weights: it writes varied text and rarely stops by itself."""
+    model, tokenizer = tiny_model
+    torch.manual_seed(3)
+    for parameter in model.parameters():
+        parameter.data.normal_(std=0.5)
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse the log line into JSON.")
+    return Engine(model.eval(), tokenizer, template)
+
+
+PROMPTS = ["Dec 10 sshd[1]: Invalid user x", "081109 INFO dfs.DataNode: a much longer line with more words", "hi"]
+
+
+def test_a_batch_answers_each_prompt_as_it_would_alone(babbler):
+    together = babbler.generate(PROMPTS, 12, batch_size=3)
+    alone = [babbler.answer(p, 12) for p in PROMPTS]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert all(g.completion_tokens <= 12 for g in together) and any(g.text for g in together)
+
+
+def test_each_row_stops_at_its_own_limit(babbler):
+    babbler.stop_ids = set()  # nothing stops early
+    ids = [babbler.encode(p) for p in PROMPTS]
+    results = babbler.run([Request(ids[0], 3), Request(ids[1], 9), Request(ids[2], 5)])
+    assert [r.completion_tokens for r in results] == [3, 9, 5]
+    assert {r.finish_reason for r in results} == {"length"}
+
+
+def test_a_stop_string_ends_the_row_and_is_cut(babbler):
+    babbler.stop_ids = set()
+    first = babbler.answer(PROMPTS[0], 20)
+    marker = first.text[3:5]  # two characters from the middle of what the model writes: now they end an answer
+    assert len(marker.strip()) == 2, first.text
+    babbler.stop_strings = (marker,)
+    stopped = babbler.answer(PROMPTS[0], 20)
+    assert stopped.finish_reason == "stop" and marker not in stopped.text
+    assert stopped.text == cut_at_stop(first.text, (marker,)) and stopped.completion_tokens < 20
+
+
+def test_streamed_pieces_add_up_to_the_answer(babbler):
+    for prompt in PROMPTS:
+        pieces: list[str] = []
+        streamed = babbler.run([Request(babbler.encode(prompt), 16, on_text=pieces.append)])[0]
+        assert "".join(pieces) == streamed.text == babbler.answer(prompt, 16).text
+
+
+def test_a_cancelled_row_ends_at_once_and_the_others_go_on(babbler):
+    babbler.stop_ids = set()
+    flag = threading.Event()
+    flag.set()
+    results = babbler.run([Request(babbler.encode(PROMPTS[0]), 30, cancelled=flag),
+                           Request(babbler.encode(PROMPTS[1]), 30)])
+    assert results[0].finish_reason == "cancelled" and results[0].completion_tokens == 1
+    assert results[1].finish_reason == "length" and results[1].completion_tokens == 30
+
+
+def test_sampling_is_a_setting_not_a_code_path(babbler):
+    torch.manual_seed(0)
+    sampled = babbler.answer(PROMPTS[0], 10, Sampling(True, 1.0, 0.9))
+    assert sampled.completion_tokens >= 1
+    assert Sampling().generate_kwargs() == {"do_sample": False}
+
+
+def test_evaluation_export_replay_and_serve_give_the_same_text(tiny_run_dir, tmp_path):
+    from specialist.artifacts import ModelPool, load_run
+    from specialist.deploy.arms import load_arms
+    from specialist.deploy.export import export_run
+    from specialist.deploy.serve import BackgroundServer, ServeSettings, create_app
+    from specialist.evaluate.runner import generate
+    from specialist.run_folder import RunFolder
+
+    run = RunFolder(tiny_run_dir)
+    config = run.config(["evaluation.batch_size=1"])
+    prompt = run.split().test[0].prompt
+    tuned = load_run(run, ModelPool(), adapter_name="tuned")
+    engine = Engine(tuned.model, tuned.tokenizer, tuned.template, context=tuned.context)
+    evaluated = generate(engine, [Example(prompt, "", 1)], 8, config)[0]
+    replayed = export_run(run.path, "merged", tmp_path / "merged", golden=1, max_new_tokens=8).check["answers"][0]
+    assert replayed["run"] == replayed["export"] == evaluated
+    arms = load_arms([("tuned", str(run.path))])
+    app = create_app(arms, ServeSettings(split={"tuned": 1.0}, db=tmp_path / "log.sqlite"))
+    body = {"model": "tuned", "max_tokens": 8, "messages": [{"role": "user", "content": prompt}]}
+    with BackgroundServer(app) as server:
+        served = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}) as reply:
+            import json
+
+            chunks = [json.loads(line[6:]) for line in reply.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert served == streamed == evaluated
