@@ -3,6 +3,7 @@ replay and `serve` (plain and streamed) answer a prompt with the same text."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -105,3 +106,40 @@ def test_evaluation_export_replay_and_serve_give_the_same_text(tiny_run_dir, tmp
                       if line.startswith("data: ") and line != "data: [DONE]"]
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert served == streamed == evaluated
+
+
+def test_a_constrained_arm_answers_inside_the_language_in_evaluation_and_serving(tiny_run_dir, tmp_path):
+    import re
+
+    pytest.importorskip("xgrammar")
+    from specialist.deploy.arms import load_arms
+    from specialist.deploy.serve import BackgroundServer, ServeSettings, create_app
+    from specialist.evaluate.runner import evaluate_run
+    from specialist.run_folder import RunFolder
+
+    pattern = r'\{"level": "(INFO|WARN|notice)"\}'
+    overrides = ["evaluation.constrained=true", "evaluation.constraint=regex",
+                 f"evaluation.constraint_regex='{pattern}'", "evaluation.max_new_tokens=30",
+                 "evaluation.forgetting=false", "evaluation.train_sample=0", "evaluation.few_shot_k=0"]
+    run = RunFolder(tiny_run_dir)
+    report = evaluate_run(run.path, run.config(overrides))
+    assert report.arms["tuned+constrained"].scores["json_valid"].mean == 1.0
+    predictions = [json.loads(line) for line in run.predictions.read_text().splitlines()]
+    assert all(re.fullmatch(pattern, p["tuned+constrained"]) for p in predictions)
+    assert any(not re.fullmatch(pattern, p["tuned"]) for p in predictions)  # unconstrained, it wanders off
+
+    import shutil
+
+    import yaml
+
+    served = RunFolder(tmp_path / "run")  # the same run, its config asking for the regex: what serve reads
+    shutil.copytree(run.path, served.path)
+    config = yaml.safe_load(served.config_file.read_text())
+    config["evaluation"].update({"constraint": "regex", "constraint_regex": pattern})
+    served.config_file.write_text(yaml.safe_dump(config))
+    arms = load_arms([("tuned", str(served.path))], constrain=True)
+    app = create_app(arms, ServeSettings(split={"tuned": 1.0}, db=tmp_path / "log.sqlite"))
+    with BackgroundServer(app) as server:
+        body = {"model": "tuned", "max_tokens": 30, "messages": [{"role": "user", "content": "a log line"}]}
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert re.fullmatch(pattern, answer)

@@ -98,6 +98,15 @@ def test_continued_pretraining_learns_plain_text(tiny_config, tmp_path, tiny_mod
     again = CliRunner().invoke(app, ["eval", str(summary.run_dir)], terminal_width=200)
     assert again.exit_code == 0, again.output
     assert "domain adaptation: before and after" in again.output and "2 questions" in again.output
+    tiny_config["output"]["run_name"] = "tiny-other"
+    other_config = configured(tiny_config, kind="continued_pretraining")
+    other_config.training.learning_rate = 0.05  # another run on the same data: another adapter
+    other = run(other_config, "tiny")
+    compared = CliRunner().invoke(app, ["compare", str(summary.run_dir), str(other.run_dir)], terminal_width=200)
+    assert compared.exit_code == 0, compared.output
+    arms = json.loads((summary.run_dir / "eval.json").read_text())["arms"]
+    assert list(arms) == ["base", "tuned", "tiny-other"]  # the other run is scored, not dropped
+    assert arms["tiny-other"]["doc_perplexity"] != arms["tuned"]["doc_perplexity"]
 
 
 def test_question_files_are_checked_with_file_and_line(tmp_path):

@@ -175,6 +175,32 @@ def adapter_switch(model, name: str) -> Callable[[], AbstractContextManager]:
     return active
 
 
+def constraint_of(config):
+    """The output language of a run (evaluation.constraint), as a specialist.constrain.Constraint."""
+    import json
+
+    from specialist.constrain import Constraint
+
+    evaluation, data = config.evaluation, config.data
+    kind = evaluation.constraint
+    if kind == "auto":
+        kind = next((k for k, given in (("json_schema", evaluation.json_schema), ("labels", data.labels),
+                                         ("regex", evaluation.constraint_regex)) if given), "json")
+    if kind == "json_schema":
+        if evaluation.json_schema is None:
+            raise ConfigError("evaluation.constraint json_schema needs evaluation.json_schema (a schema file)")
+        return Constraint.json_schema(json.loads(Path(evaluation.json_schema).read_text(encoding="utf-8")))
+    if kind == "labels":
+        if not data.labels:
+            raise ConfigError("evaluation.constraint labels needs data.labels (the label set)")
+        return Constraint.labels(list(data.labels), template=data.label_template)
+    if kind == "regex":
+        if not evaluation.constraint_regex:
+            raise ConfigError("evaluation.constraint regex needs evaluation.constraint_regex")
+        return Constraint.regex(evaluation.constraint_regex)
+    return Constraint.json_schema({})
+
+
 def format_check_of_run(run: RunFolder | None) -> Callable[[str], bool] | None:
     """What 'the output passed' means for a run's traffic: its first format scorer (json_schema or json_valid)."""
     if run is None or not run.config_file.is_file():

@@ -221,6 +221,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for (and the cap when it names none).")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt in tokens; longer ones answer 400.")] = 2048,
     drain_seconds: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long requests in flight may finish.")] = 5.0,
+    constrain: Annotated[bool, typer.Option(help="Arms from runs decode inside the run's output language (JSON "
+                                                 "schema, labels or regex: evaluation.constraint).")] = False,
 ) -> None:
     """Serve the arms behind an OpenAI-compatible API with A/B routing, batching and a request log."""
     from specialist.deploy.arms import load_arms, parse_arms, parse_split
@@ -229,7 +231,7 @@ def serve(
     with _user_errors():
         specs = parse_arms(arm)
         weights = parse_split(split, [name for name, _ in specs])
-        loaded = load_arms(specs)
+        loaded = load_arms(specs, constrain=constrain)
         settings = ServeSettings(split=weights, db=db, api_key=api_key, log_prompts=log_prompts,
                                  max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                                  max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens,
@@ -317,10 +319,10 @@ def models() -> None:
 
 
 def print_domain(report) -> None:
-    from specialist.evaluate.domain import domain_table
+    from specialist.evaluate.domain import domain_columns, domain_table
 
     table = Table(title="domain adaptation: before and after")
-    for column in ("metric", "base", "tuned", "change"):
+    for column in domain_columns(report):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for row in domain_table(report):
         table.add_row(*row)

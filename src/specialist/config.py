@@ -310,6 +310,16 @@ class EvaluationConfig(_Section):
         default=None, description="continued_pretraining: multiple-choice questions about the documents (JSONL "
         '{"question", "choices", "answer"}), scored by choice log-likelihood before and after.',
     )
+    constrained: bool = Field(
+        default=False, description="Add the arm tuned+constrained: the tuned model decoding inside the output's "
+        "language (evaluation.constraint), so the report shows what constrained decoding gains and costs.",
+    )
+    constraint: Literal["auto", "json_schema", "labels", "regex", "json"] = Field(
+        default="auto", description="The language: json_schema (evaluation.json_schema), labels (data.labels "
+        "through data.label_template), regex (evaluation.constraint_regex), json (any JSON value); auto picks the "
+        "first the config has, in that order, else json.",
+    )
+    constraint_regex: str | None = Field(default=None, description="constraint: regex: the pattern answers match.")
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)

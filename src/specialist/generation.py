@@ -193,8 +193,9 @@ class Engine:
     adapter on (or all adapters off, for the base) there."""
 
     def __init__(self, model, tokenizer, template: PromptTemplate, stop_ids: list[int] | None = None,
-                 context: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                 context: Callable[[], AbstractContextManager] = nullcontext, constraint=None) -> None:
         self.model, self.tokenizer, self.template, self.context = model, tokenizer, template, context
+        self.constraint = constraint  # a specialist.constrain.Constraint: every answer stays inside its language
         self.stop_ids = set(stop_ids if stop_ids is not None else stop_token_ids(tokenizer))
         self.stop_strings = tuple(template.stop_strings)
         self.lock = model_lock(model)
@@ -219,10 +220,23 @@ class Engine:
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     max_new_tokens=max(r.max_new_tokens for r in requests),
                     stopping_criteria=StoppingCriteriaList([_RowStops(rows)]), eos_token_id=sorted(self.stop_ids),
-                    pad_token_id=self.tokenizer.pad_token_id, **sampling.generate_kwargs())
+                    pad_token_id=self.tokenizer.pad_token_id, **self._constrained(requests),
+                    **sampling.generate_kwargs())
             finally:
                 self.busy = False
         return [self._finished(row) for row in rows]
+
+    def _constrained(self, requests: list[Request]) -> dict:
+        """generate's logits_processor keeping every row inside the engine's constraint (none without one)."""
+        if self.constraint is None:
+            return {}
+        from transformers import LogitsProcessorList
+
+        from specialist.constrain import logits_processor
+
+        processor = logits_processor(self.constraint, self.tokenizer, len(requests),
+                                     [len(r.prompt_ids) for r in requests], sorted(self.stop_ids))
+        return {"logits_processor": LogitsProcessorList([processor])}
 
     def _finished(self, row: _Row) -> Generation:
         if row.finish is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from specialist.artifacts import Loaded, ModelPool, format_check_of_run, load_source
+from specialist.artifacts import Loaded, ModelPool, constraint_of, format_check_of_run, load_source
 from specialist.errors import ConfigError
 from specialist.generation import Engine, default_max_new_tokens
 
@@ -30,19 +30,22 @@ class ServedArm:
         return self.engine.tokenizer
 
 
-def load_arms(specs: list[tuple[str, str]], pool: ModelPool | None = None) -> dict[str, ServedArm]:
+def load_arms(specs: list[tuple[str, str]], pool: ModelPool | None = None,
+              constrain: bool = False) -> dict[str, ServedArm]:
     """Every arm of `specs` (NAME, SOURCE), in order; run and export arms first, so a bare base model can answer
-    in the first run's prompt format."""
+    in the first run's prompt format. With `constrain`, every arm that comes from a run decodes inside the run's
+    output language (evaluation.constraint); a bare base model has no run to take one from."""
     pool = pool or ModelPool()
     loaded: dict[str, Loaded] = {}
     for name, source in sorted(specs, key=lambda spec: _is_bare_model(spec[1])):
         fallback = next((found.template for found in loaded.values() if found.template is not None), None)
         loaded[name] = load_source(source, pool, fallback)
-    return {name: served_arm(name, source, loaded[name]) for name, source in specs}
+    return {name: served_arm(name, source, loaded[name], constrain) for name, source in specs}
 
 
-def served_arm(name: str, source: str, found: Loaded) -> ServedArm:
-    engine = Engine(found.model, found.tokenizer, found.template, context=found.context)
+def served_arm(name: str, source: str, found: Loaded, constrain: bool = False) -> ServedArm:
+    constraint = constraint_of(found.run.config()) if constrain and found.run is not None else None
+    engine = Engine(found.model, found.tokenizer, found.template, context=found.context, constraint=constraint)
     return ServedArm(name, engine, source, format_check_of_run(found.run), _answer_length(found))
 
 

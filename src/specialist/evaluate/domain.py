@@ -97,9 +97,9 @@ def measure_arm(model, tokenizer, docs: list[str], general: list[str],
             "questions": answer_questions(model, tokenizer, questions) if questions else []}
 
 
-def evaluate_domain(run: RunFolder, config: RunConfig) -> DomainReport:
-    """Score base and tuned on held-out documents, general text and the question set; write eval.json,
-    report.md and report.html; check the gates."""
+def evaluate_domain(run: RunFolder, config: RunConfig, others: dict[str, Path] | None = None) -> DomainReport:
+    """Score base, tuned (and any other run: `specialist compare`) on held-out documents, general text and the
+    question set; write eval.json, report.md and report.html; check the gates."""
     from specialist.artifacts import ModelPool, load_run
 
     evaluation = config.evaluation
@@ -116,10 +116,13 @@ def evaluate_domain(run: RunFolder, config: RunConfig) -> DomainReport:
                 f"{len(questions)} questions")
     with pool.base_context(config.model.name)():
         before = measure_arm(base_model, tokenizer, docs, general, questions)
-    with tuned.context():
-        after = measure_arm(tuned.model, tokenizer, docs, general, questions)
+    measured = {"base": before}
+    for name, loaded in [("tuned", tuned)] + [(n, load_run(RunFolder.open(Path(p)), pool, adapter_name=n))
+                                              for n, p in (others or {}).items()]:
+        with loaded.context():
+            measured[name] = measure_arm(loaded.model, tokenizer, docs, general, questions)
     trained_on = [trained_document(q, split.train) for q in questions]
-    report = domain_report(run.path, before, after, len(docs), len(general), evaluation, trained_on)
+    report = domain_report(run.path, measured, len(docs), len(general), evaluation, trained_on)
     report.gates = check_gates(evaluation.gates, domain_figures(report), evaluation)
     write_domain_outputs(run, report)
     return report
@@ -137,12 +140,14 @@ def _subset_accuracy(correct: list[float], keep: list[bool]) -> float | None:
     return sum(chosen) / len(chosen) if chosen else None
 
 
-def domain_report(run_dir: Path, before: dict[str, Any], after: dict[str, Any], n_docs: int, n_general: int,
+def domain_report(run_dir: Path, measured: dict[str, dict[str, Any]], n_docs: int, n_general: int,
                   evaluation, trained_on: list[bool | None] | None = None) -> DomainReport:
-    arms = {name: DomainArm(measured["doc_perplexity"], measured["general_perplexity"],
-                            score_interval(measured["questions"], evaluation.bootstrap_samples)
-                            if measured["questions"] else None)
-            for name, measured in (("base", before), ("tuned", after))}
+    """`measured` holds each arm's figures: "base", "tuned", then any other run compared."""
+    before, after = measured["base"], measured["tuned"]
+    arms = {name: DomainArm(figures["doc_perplexity"], figures["general_perplexity"],
+                            score_interval(figures["questions"], evaluation.bootstrap_samples)
+                            if figures["questions"] else None)
+            for name, figures in measured.items()}
     report = DomainReport(
         run_dir=run_dir, n_eval=n_docs, general_texts=n_general,
         general_corpus=str(evaluation.forgetting_corpus or "bundled Wikipedia sentences"),
@@ -152,19 +157,18 @@ def domain_report(run_dir: Path, before: dict[str, Any], after: dict[str, Any], 
     if before["questions"]:
         report.question_comparison = paired_comparison(before["questions"], after["questions"],
                                                        evaluation.bootstrap_samples)
-        report.question_subsets = question_subsets(before["questions"], after["questions"], trained_on)
+        report.question_subsets = question_subsets({n: f["questions"] for n, f in measured.items()}, trained_on)
     return report
 
 
-def question_subsets(before: list[float], after: list[float],
+def question_subsets(correct: dict[str, list[float]],
                      trained_on: list[bool | None] | None) -> dict[str, dict[str, Any]]:
-    """Accuracy on questions about trained documents and about held-out ones, apart."""
-    trained_on = trained_on or [None] * len(before)
+    """Each arm's accuracy on questions about trained documents and about held-out ones, apart."""
+    trained_on = trained_on or [None] * len(correct["base"])
     subsets = {}
     for subset, keep in (("trained", [t is True for t in trained_on]), ("held_out", [t is False for t in trained_on])):
         if any(keep):
-            subsets[subset] = {"n": sum(keep), "base": _subset_accuracy(before, keep),
-                               "tuned": _subset_accuracy(after, keep)}
+            subsets[subset] = {"n": sum(keep), **{arm: _subset_accuracy(values, keep) for arm, values in correct.items()}}
     return subsets
 
 
@@ -184,25 +188,30 @@ def domain_figures(report: DomainReport):
     return Figures(figures, differences)
 
 
-def domain_table(report: DomainReport) -> list[tuple[str, str, str, str]]:
-    """(metric, base, tuned, change) rows, as the CLI, report.md and report.html show them."""
-    base, tuned = report.arms["base"], report.arms["tuned"]
+def domain_table(report: DomainReport) -> list[tuple[str, ...]]:
+    """(metric, one value per arm, tuned minus base) rows, as the CLI, report.md and report.html show them."""
+    arms = list(report.arms)
     rows = [
-        (f"perplexity on {report.n_eval} held-out documents", f"{base.doc_perplexity:.2f}",
-         f"{tuned.doc_perplexity:.2f}", f"{100 * report.doc_ppl_change:+.1f}%"),
-        (f"perplexity on {report.general_texts} general texts", f"{base.general_perplexity:.2f}",
-         f"{tuned.general_perplexity:.2f}", f"{100 * report.general_ppl_change:+.1f}%"),
+        (f"perplexity on {report.n_eval} held-out documents", *[f"{report.arms[a].doc_perplexity:.2f}" for a in arms],
+         f"{100 * report.doc_ppl_change:+.1f}%"),
+        (f"perplexity on {report.general_texts} general texts",
+         *[f"{report.arms[a].general_perplexity:.2f}" for a in arms], f"{100 * report.general_ppl_change:+.1f}%"),
     ]
-    if base.question_accuracy is not None and tuned.question_accuracy is not None:
-        b, t = base.question_accuracy, tuned.question_accuracy
-        rows.append((f"accuracy on {report.questions} questions about the documents", _pct_interval(b),
-                     _pct_interval(t), f"{100 * (t.mean - b.mean):+.1f} pts "
-                                       f"(p={report.question_comparison.p_value:.3f})"))
+    if report.question_comparison is not None:
+        b, t = report.arms["base"].question_accuracy, report.arms["tuned"].question_accuracy
+        rows.append((f"accuracy on {report.questions} questions about the documents",
+                     *[_pct_interval(report.arms[a].question_accuracy) for a in arms],
+                     f"{100 * (t.mean - b.mean):+.1f} pts (p={report.question_comparison.p_value:.3f})"))
         for subset, words in (("trained", "trained on"), ("held_out", "held out")):
             if part := report.question_subsets.get(subset):
-                rows.append((f"  of which {part['n']} on documents {words}", f"{100 * part['base']:.1f}%",
-                             f"{100 * part['tuned']:.1f}%", f"{100 * (part['tuned'] - part['base']):+.1f} pts"))
+                rows.append((f"  of which {part['n']} on documents {words}",
+                             *[f"{100 * part[a]:.1f}%" for a in arms],
+                             f"{100 * (part['tuned'] - part['base']):+.1f} pts"))
     return rows
+
+
+def domain_columns(report: DomainReport) -> list[str]:
+    return ["metric", *report.arms, "tuned - base"]
 
 
 def _pct_interval(interval) -> str:
@@ -213,7 +222,9 @@ def write_domain_outputs(run: RunFolder, report: DomainReport) -> None:
     run.eval_json.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
     rows = domain_table(report)
     gates = [f"- {g.describe()}" for g in report.gates]
-    markdown = ["# Domain adaptation: before and after", "", "| metric | base | tuned | change |", "|---|---|---|---|",
+    columns = domain_columns(report)
+    markdown = ["# Domain adaptation: before and after", "", f"| {' | '.join(columns)} |",
+                "|" + "---|" * len(columns),
                 *[f"| {' | '.join(row)} |" for row in rows], "", "## Gates", "", *(gates or ["(none)"]), ""]
     run.report_md.write_text("\n".join(markdown), encoding="utf-8")
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -222,6 +233,6 @@ def write_domain_outputs(run: RunFolder, report: DomainReport) -> None:
         "<!doctype html><html><head><meta charset='utf-8'><title>Domain adaptation</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}"
         "table{border-collapse:collapse}</style></head><body><h1>Domain adaptation: before and after</h1>"
-        f"<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{cells}</table>"
+        f"<table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in columns)}</tr>{cells}</table>"
         f"<h2>Gates</h2><ul>{gate_items or '<li>(none)</li>'}</ul></body></html>", encoding="utf-8")
     console.log(f"evaluation written to {run.eval_json}")

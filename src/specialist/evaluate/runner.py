@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specialist.artifacts import Loaded, ModelPool, load_exported, load_run
+from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
 from specialist.data import Example
@@ -70,7 +70,7 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
     if config.method.kind == "continued_pretraining":  # plain text: no prompts to answer, see evaluate.domain
         from specialist.evaluate.domain import evaluate_domain
 
-        return evaluate_domain(run, config)
+        return evaluate_domain(run, config, others)
     evaluation = config.evaluation
     split = run.split()
     test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
@@ -131,13 +131,16 @@ def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[E
     tuned_engine = _engine(tuned, template) if tuned is not None else None
     if tuned_engine is not None:
         arms.append(Arm("tuned", tuned_engine))
+        if config.evaluation.constrained:
+            arms.append(Arm("tuned+constrained", _engine(tuned, template, constraint_of(config))))
     for name, folder in others.items():
         arms.append(other_arm(name, Path(folder), config, pool, template))
     return Arms(arms, base, tuned_engine)
 
 
-def _engine(found: Loaded, template=None) -> Engine:
-    return Engine(found.model, found.tokenizer, found.template or template, context=found.context)
+def _engine(found: Loaded, template=None, constraint=None) -> Engine:
+    return Engine(found.model, found.tokenizer, found.template or template, context=found.context,
+                  constraint=constraint)
 
 
 def other_arm(name: str, folder: Path, config: RunConfig, pool: ModelPool, template) -> Arm:
