@@ -82,7 +82,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_method_keys_for_another_kind_are_refused_not_ignored():
-    with pytest.raises(ConfigError, match="from_adapter applies to kind 'dpo' only"):
+    with pytest.raises(ConfigError, match="from_adapter applies to kinds 'dpo' and 'grpo' only"):
         validate_config({"data": {"path": "d.jsonl"}, "method": {"kind": "lora", "from_adapter": "runs/x/adapter"}})
     with pytest.raises(ConfigError, match="adapter applies to kinds"):
         validate_config({"data": {"path": "d.jsonl"}, "method": {"kind": "lora", "adapter": False}})

@@ -31,6 +31,7 @@ class Loaded:
     run: RunFolder | None = None
     weights_bytes: int | None = None
     kind: str = "base"  # "run", "export" or "base"
+    engine: Any = None  # a ready engine callers use instead of building one (a classifier run's ClassifierEngine)
 
 
 def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
@@ -58,6 +59,7 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
             raise ConfigError(f"{export.meta_file} names no base model", hint="export it again")
         pool = pool or ModelPool()
         found.model, found.context = pool.with_adapter(meta["base_model"], None, export.path, adapter_key(export.path))
+        found.tokenizer = pool.tokenizer(meta["base_model"])  # an adapter export carries its base's tokenizer
     else:
         found.model = AutoModelForCausalLM.from_pretrained(export.path)
     found.model.eval()
@@ -66,15 +68,20 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
 
 def load_run(run: RunFolder, pool: ModelPool | None = None, adapter_name: str | None = None) -> Loaded:
     """A run folder's trained model: its adapter attached to the pooled base model, or its full model."""
+    if run.is_classifier:  # a head, not a language model: its own engine (its own copy of the base)
+        from specialist.train.classifier import classifier_engine
+
+        engine = classifier_engine(run, (pool or ModelPool()).dtype)
+        return Loaded(engine.model, engine.tokenizer, engine.template, run=run, kind="run", engine=engine)
     pool = pool or ModelPool()
     config = run.config()
     found = Loaded(None, None, run.template(), run=run, kind="run")
     if run.has_adapter:
-        found.model, found.context = pool.with_adapter(config.model.name, _dpo_start(config), run.adapter,
+        found.model, found.context = pool.with_adapter(config.model.name, _start_of(config), run.adapter,
                                                        adapter_name or adapter_key(run.path))
         found.tokenizer = pool.tokenizer(config.model.name)
     else:
-        base, found.tokenizer = pool.base(config.model.name, _dpo_start(config))
+        base, found.tokenizer = pool.base(config.model.name, _start_of(config))
         found.model = run.load_model(base)
     return found
 
@@ -106,9 +113,9 @@ def adapter_key(path: Path) -> str:
     return "a" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
 
 
-def _dpo_start(config) -> Path | None:
-    """A DPO run trained from an SFT adapter starts from the base with that adapter merged in."""
-    return config.method.from_adapter if config.method.kind == "dpo" else None
+def _start_of(config) -> Path | None:
+    """A DPO or GRPO run trained from an SFT adapter starts from the base with that adapter merged in."""
+    return config.method.start_adapter
 
 
 class ModelPool:

@@ -175,7 +175,44 @@ class ModelConfig(_Section):
     )
 
 
-MethodKind = Literal["lora", "full", "qlora", "dpo", "continued_pretraining"]
+MethodKind = Literal["lora", "full", "qlora", "dpo", "continued_pretraining", "classifier", "grpo"]
+DPO_BETA = 0.1  # TRL's DPOConfig default
+# The KL weight of the GRPO paper (Shao et al. 2024, DeepSeekMath) and TRL's default before 0.17. TRL now defaults
+# to 0 (no reference pass); we keep a small pull so a few hundred CPU steps on a small set stay near the starting
+# model, and so the KL is measured and shown. Under LoRA the reference is the same weights with the adapter switched
+# off: one extra no-grad forward per micro-batch, no second model copy.
+GRPO_BETA = 0.04
+GRPO_KEYS = ("rewards", "format_reward", "num_generations", "generations_per_step", "max_completion_length",
+             "temperature")
+
+
+class RewardConfig(_Section):
+    """One term of grpo's reward: a scorer (the evaluation's signature, prompt included) and its weight."""
+
+    scorer: str = Field(description="A built-in scorer name or a custom one as package.module:function.")
+    weight: float = Field(default=1.0, allow_inf_nan=False, description="Its weight in the summed reward; "
+                          "negative to penalise (e.g. length), never 0.")
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer_is_known_or_an_importable_path(cls, name: str) -> str:
+        from specialist.evaluate.scorers import KNOWN
+
+        if name not in KNOWN and not _is_import_path(name):
+            raise ValueError(f"unknown scorer {name!r}; built in: {sorted(KNOWN)}, or package.module:function")
+        return name
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_counts(cls, weight: float) -> float:
+        if weight == 0:
+            raise ValueError("a weight of 0 adds nothing; remove the reward instead")
+        return weight
+
+
+def _is_import_path(name: str) -> bool:
+    module, sep, function = name.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
 
 
 class MethodConfig(_Section):
@@ -186,6 +223,11 @@ class MethodConfig(_Section):
     - qlora: LoRA on a 4-bit base (bitsandbytes, CUDA only): the least memory, a little slower per step.
     - dpo: preference tuning on prompt/chosen/rejected, from the base or from an SFT run's adapter.
     - continued_pretraining: next-token loss on plain text packed into blocks, for domain adaptation.
+    - classifier: LoRA with a sequence-classification head on labelled rows and a class-weighted loss; it answers
+      a label (through data.label_template) with its probabilities instead of generating text.
+    - grpo: reward fine-tuning (TRL's GRPOTrainer): a group of sampled answers per prompt, scored by
+      method.rewards (evaluation scorers) and the format reward, each pushed by how it beat its group's mean;
+      LoRA by default, from the base or from an SFT run's adapter.
     """
 
     kind: MethodKind = "lora"
@@ -196,19 +238,91 @@ class MethodConfig(_Section):
     use_dora: bool = False
     use_rslora: bool = False
     adapter: bool | None = Field(
-        default=None, description="dpo/continued_pretraining: train a LoRA adapter (default) or all weights (false)."
+        default=None,
+        description="dpo/continued_pretraining/grpo: train a LoRA adapter (default) or all weights (false).",
     )
-    from_adapter: Path | None = Field(default=None, description="dpo: start from this SFT run's adapter folder.")
-    beta: float = Field(default=0.1, gt=0, description="dpo: strength of the pull towards the reference model.")
+    from_adapter: Path | None = Field(default=None, description="dpo/grpo: start from this SFT run's adapter "
+                                      "folder (merged into the base; a new adapter trains on top).")
+    beta: float = Field(default=DPO_BETA, ge=0, description="Strength of the pull towards the reference model. "
+                        f"dpo: above 0, default {DPO_BETA}; grpo: the KL weight, default {GRPO_BETA}; 0 turns the "
+                        "reference pass (and the KL figure) off.")
+    rewards: list[RewardConfig] | None = Field(
+        default=None, description="grpo: the scorers summed into the reward, [{scorer, weight}]; None: "
+        "evaluation.scorers at weight 1, less the statistics (length, refusal_rate) and, where the run has a "
+        "format reward, the format scorers it stands for (json_valid, json_schema).",
+    )
+    format_reward: bool = Field(
+        default=True, description="grpo: add a reward of 1 for an answer in the run's format: evaluation.json_schema, "
+        "else data.labels through data.label_template, else evaluation.constraint_regex, else JSON where every "
+        "training answer is JSON (an explicit evaluation.constraint decides instead); none for free text.",
+    )
+    num_generations: int = Field(
+        default=4, ge=2, le=256, description="grpo: answers sampled per prompt (the group whose spread is the "
+        "signal). 4: the smallest group whose spread is usable, and two prompts a step fit 2 CPU cores.",
+    )
+    generations_per_step: int | None = Field(
+        default=None, gt=0, description="grpo: answers per optimizer step, a multiple of num_generations (prompts "
+        "per step = this / num_generations); None: training.batch_size x training.gradient_accumulation_steps "
+        "(8 by default: 2 prompts x 4 answers).",
+    )
+    max_completion_length: int | None = Field(
+        default=None, gt=0, le=32768, description="grpo: token limit of a sampled answer; None: "
+        "evaluation.max_new_tokens, else the longest training answer plus a margin (the evaluation's own limit).",
+    )
+    temperature: float = Field(
+        default=1.0, gt=0, le=10, description="grpo: sampling temperature. 1.0 (TRL's default) samples the model "
+        "as it is; lower makes a group's answers alike, and a group without spread teaches nothing.",
+    )
+    class_weights: Literal["balanced", "none"] = Field(
+        default="balanced", description="classifier: balanced weighs each class by n / (classes x its rows) "
+        "(sklearn's 'balanced'), so a rare class counts as much as a common one; none: every row alike.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _beta_defaults_by_kind(cls, data: Any) -> Any:
+        """dpo's beta (a preference temperature) and grpo's (a KL weight) share the key, not the default."""
+        if isinstance(data, dict) and data.get("kind") == "grpo" and data.get("beta") is None:
+            data = {**data, "beta": GRPO_BETA}
+        return data
 
     @model_validator(mode="after")
     def _method_specific_keys_match_the_kind(self) -> MethodConfig:
-        if self.from_adapter is not None and self.kind != "dpo":
-            raise ValueError(f"from_adapter applies to kind 'dpo' only, not {self.kind!r}")
-        if self.adapter is not None and self.kind not in ("dpo", "continued_pretraining"):
-            raise ValueError(f"adapter applies to kinds 'dpo' and 'continued_pretraining' only, not {self.kind!r} "
-                             "(use kind 'full' to train all weights)")
+        if self.from_adapter is not None and self.kind not in ("dpo", "grpo"):
+            raise ValueError(f"from_adapter applies to kinds 'dpo' and 'grpo' only, not {self.kind!r}")
+        if self.adapter is not None and self.kind not in ("dpo", "continued_pretraining", "grpo"):
+            raise ValueError(f"adapter applies to kinds 'dpo', 'continued_pretraining' and 'grpo' only, not "
+                             f"{self.kind!r} (use kind 'full' to train all weights)")
+        if self.kind == "dpo" and self.beta <= 0:
+            raise ValueError("dpo needs beta above 0 (it divides the preference margin)")
+        if self.kind == "grpo":
+            return self._grpo_keys_agree()
+        changed = [key for key in GRPO_KEYS if getattr(self, key) != type(self).model_fields[key].default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: grpo keys, which kind {self.kind!r} does not use; remove them")
         return self
+
+    def _grpo_keys_agree(self) -> MethodConfig:
+        names = [reward.scorer for reward in self.rewards or []]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"rewards name {repeated} more than once; give each scorer once, with its weight")
+        if self.rewards == [] and not self.format_reward:
+            raise ValueError("grpo has nothing to reward: rewards is empty and format_reward is off")
+        per_step = self.generations_per_step
+        if per_step is not None and per_step % self.num_generations:
+            raise ValueError(f"generations_per_step ({per_step}) must be a multiple of num_generations "
+                             f"({self.num_generations}): every prompt's group is sampled whole in one step")
+        if self.adapter is False and self.from_adapter is not None and self.beta > 0:
+            raise ValueError("grpo with adapter: false, from_adapter and beta > 0 would measure the KL against the "
+                             "base model (TRL reloads the reference from the base weights), not the SFT model; "
+                             "set beta: 0, or keep the adapter")
+        return self
+
+    @property
+    def start_adapter(self) -> Path | None:
+        """The SFT adapter merged into the base before this method trains (dpo and grpo runs), else None."""
+        return self.from_adapter if self.kind in ("dpo", "grpo") else None
 
     @property
     def uses_lora(self) -> bool:
@@ -260,6 +374,21 @@ class TrainingConfig(_Section):
         default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl."
     )
     block_size: int = Field(default=256, gt=8, description="continued_pretraining: tokens per packed block.")
+    select_by: str | None = Field(
+        default=None, description="Keep the checkpoint with the best value of this scorer on the validation rows "
+        "(a built-in scorer, macro_f1, or package.module:function; higher is better), answered at every "
+        "evaluation, instead of the lowest validation loss. None: validation loss.",
+    )
+
+    @field_validator("select_by")
+    @classmethod
+    def _select_by_is_a_scorer(cls, value: str | None) -> str | None:
+        from specialist.evaluate.scorers import KNOWN
+
+        if value is not None and value not in KNOWN | {"macro_f1"} and ":" not in value:
+            raise ValueError(f"unknown scorer {value!r}; built in: {sorted(KNOWN | {'macro_f1'})}, "
+                             "or package.module:function")
+        return value
 
     @field_validator("epochs")
     @classmethod
@@ -320,6 +449,12 @@ class EvaluationConfig(_Section):
         "first the config has, in that order, else json.",
     )
     constraint_regex: str | None = Field(default=None, description="constraint: regex: the pattern answers match.")
+    label_scoring: Literal["generate", "likelihood"] = Field(
+        default="generate", description="Labelled data: generate reads the label from each arm's generated answer; "
+        "likelihood scores every label's completion after the prompt (summed token log-probabilities, softmax over "
+        "the labels) and answers the most probable, giving per-class probabilities: a reliability diagram, ECE and "
+        "an escalation threshold table in the report.",
+    )
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -383,6 +518,10 @@ class OutputConfig(_Section):
         return value
 
 
+# Methods whose checkpoints training.select_by can pick: they answer prompts (generated text or a label)
+SELECT_BY_METHODS = ("lora", "full", "qlora", "classifier")
+
+
 class RunConfig(_Section):
     """The single source of truth for a run: data, model, method, training, evaluation, output."""
 
@@ -392,6 +531,31 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _method_options_fit_the_run(self) -> RunConfig:
+        kind = self.method.kind
+        if kind == "classifier" and self.data.shape not in ("auto", "labelled"):
+            raise ValueError(f"method.kind classifier trains on labelled rows (text/label), not data.shape "
+                             f"{self.data.shape!r}; set data.shape: labelled")
+        if self.training.select_by and kind not in SELECT_BY_METHODS:
+            raise ValueError(f"training.select_by applies to method.kind {', '.join(SELECT_BY_METHODS)}, not "
+                             f"{kind!r}; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_fits_the_run(self) -> RunConfig:
+        method = self.method
+        if method.kind != "grpo":
+            return self
+        per_step = method.generations_per_step or self.training.batch_size * self.training.gradient_accumulation_steps
+        if per_step % method.num_generations:
+            raise ValueError(f"grpo samples {per_step} answers a step (training.batch_size x "
+                             f"gradient_accumulation_steps), not a multiple of method.num_generations "
+                             f"({method.num_generations}); set method.generations_per_step to a multiple of it")
+        if any(r.scorer == "json_schema" for r in method.rewards or []) and self.evaluation.json_schema is None:
+            raise ValueError("the json_schema reward needs evaluation.json_schema (a schema file)")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -461,7 +625,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: {exc.error_count()} problem(s) in the run config:"]
     for error in exc.errors():
-        key_path = ".".join(str(part) for part in error["loc"])
+        key_path = ".".join(str(part) for part in error["loc"]) or "run config"
         lines.append(f"  - {key_path}: {_describe(error)}")
     return "\n".join(lines)
 
@@ -473,6 +637,8 @@ def _describe(error: dict[str, Any]) -> str:
         return "required key is missing"
     if error["type"] == "literal_error":
         return f"{error['msg'].lower()} (got {error['input']!r})"
+    if not error["loc"]:  # a check across sections names its keys itself; its input is the whole config
+        return error["msg"]
     return f"{error['msg']} (got {error['input']!r})"
 
 

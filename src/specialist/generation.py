@@ -65,6 +65,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (stop token or string), "length" (token limit) or "cancelled"
+    probabilities: dict[str, float] | None = None  # a classifier's answer: every label's probability
 
     @property
     def stopped(self) -> bool:

@@ -172,6 +172,8 @@ def write_training_outputs(run: RunFolder, metrics: dict[str, Any], result: Trai
 
 def overfitting_warning(log_history: list[dict[str, Any]], tolerance: float = 0.02) -> str | None:
     """A sentence when validation loss ended above its best while training loss kept falling, else None."""
+    if any("reward" in e for e in log_history):  # grpo: its loss centres on 0 by construction, fit or not
+        return None
     val = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
     train_losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     if len(val) < 2 or len(train_losses) < 2:

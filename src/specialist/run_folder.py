@@ -8,6 +8,7 @@ layout is written down once, here, and can change in one place:
     data/              train/val/test.jsonl as used, with the data manifest.json and report.json (`prepare`)
     template.json      the prompt format used by training, evaluation and serving
     adapter/ | model/  the PEFT adapter (LoRA methods) or the full model (all-weights methods)
+    labels.json        a classifier run's classes in head order, and which head it trained
     checkpoints/       the last `save_total_limit` checkpoints and the best one (marked complete when whole)
     metrics.jsonl      every training log line; tensorboard/ the same as TensorBoard events
     metrics.json       training figures, split hashes, headline scores per arm
@@ -73,6 +74,10 @@ class RunFolder:
     @property
     def full_model(self) -> Path:
         return self.path / "model"
+
+    @property
+    def labels_file(self) -> Path:
+        return self.path / "labels.json"
 
     @property
     def checkpoints(self) -> Path:
@@ -216,15 +221,21 @@ class RunFolder:
     def is_trained(self) -> bool:
         return self.has_adapter or self.has_full_model
 
+    @property
+    def is_classifier(self) -> bool:
+        """A `method.kind: classifier` run: its model answers a label and probabilities, it does not generate."""
+        return self.labels_file.is_file()
+
     def load_base(self, config: RunConfig | None = None, dtype: str | None = None):
-        """(base model, tokenizer) as this run starts from: the base model, with a DPO run's SFT adapter merged."""
+        """(base model, tokenizer) as this run starts from: the base model, with a DPO or GRPO run's SFT adapter
+        merged."""
         from specialist.models import load_model_and_tokenizer
 
         config = config or self.config()
         model, tokenizer = load_model_and_tokenizer(config.model.name, dtype or config.model.dtype)
-        if config.method.kind == "dpo" and config.method.from_adapter is not None:
-            # the DPO adapter was trained on top of the merged SFT model, which is this run's starting point
-            model = merge_adapter(model, config.method.from_adapter)
+        if config.method.start_adapter is not None:
+            # the adapter was trained on top of the merged SFT model, which is this run's starting point
+            model = merge_adapter(model, config.method.start_adapter)
         return model, tokenizer
 
     def load_model(self, base, adapter_name: str = "default"):

@@ -44,6 +44,9 @@ def load_arms(specs: list[tuple[str, str]], pool: ModelPool | None = None,
 
 
 def served_arm(name: str, source: str, found: Loaded, constrain: bool = False) -> ServedArm:
+    """`found` as an arm; a classifier run brings its own engine (it answers labels, so needs no constraint)."""
+    if found.engine is not None:
+        return ServedArm(name, found.engine, source, format_check_of_run(found.run), _answer_length(found))
     constraint = constraint_of(found.run.config()) if constrain and found.run is not None else None
     engine = Engine(found.model, found.tokenizer, found.template, context=found.context, constraint=constraint)
     return ServedArm(name, engine, source, format_check_of_run(found.run), _answer_length(found))

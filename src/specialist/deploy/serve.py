@@ -495,7 +495,10 @@ async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str
             elif what == "done":
                 # recorded before the last chunk, so feedback sent on [DONE] finds the request
                 record(state, request_id, arm_name, kind, body, text, value, time.perf_counter() - started)
-                yield _sse(openai_chunk(kind, request_id, arm_name, "", value.finish_reason))
+                last = openai_chunk(kind, request_id, arm_name, "", value.finish_reason)
+                if value.probabilities is not None:  # a classifier arm: its probabilities ride on the last chunk
+                    last["choices"][0]["probabilities"] = value.probabilities
+                yield _sse(last)
                 yield "data: [DONE]\n\n"
                 return
             else:
@@ -533,14 +536,16 @@ def _finish_reason(result: Generation) -> str:
 
 
 def openai_body(kind: str, request_id: str, arm: str, result: Generation) -> dict[str, Any]:
+    """OpenAI's response shape; a classifier arm's choice also carries `probabilities` ({label: probability})."""
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
              "total_tokens": result.prompt_tokens + result.completion_tokens}
     head = {"id": request_id, "created": int(time.time()), "model": arm, "usage": usage}
+    extra = {"probabilities": result.probabilities} if result.probabilities is not None else {}
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": _finish_reason(result), "logprobs": None}
+                  "finish_reason": _finish_reason(result), "logprobs": None, **extra}
         return {**head, "object": "chat.completion", "choices": [choice]}
-    choice = {"index": 0, "text": result.text, "finish_reason": _finish_reason(result), "logprobs": None}
+    choice = {"index": 0, "text": result.text, "finish_reason": _finish_reason(result), "logprobs": None, **extra}
     return {**head, "object": "text_completion", "choices": [choice]}
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from specialist.data import Example
+from specialist.evaluate.likelihood import plot_reliability
 from specialist.evaluate.scorers import score_exact_match
 from specialist.run_folder import RunFolder
 
@@ -26,7 +27,8 @@ def _pyplot():
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training and validation loss against step, saved as PNG; None when nothing was logged."""
+    """Training and validation loss against step, saved as PNG; None when nothing was logged. With
+    training.select_by, its validation score on a second axis (the figure the best checkpoint was picked by)."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     val = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not train and not val:
@@ -40,8 +42,28 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, names = ax.get_legend_handles_labels()
+    selection = selection_points(log_history)
+    if selection is not None:
+        name, points = selection
+        right = ax.twinx()
+        right.plot(*zip(*points), label=f"validation {name} (select_by)", color="#2ca02c", marker="s")
+        right.set_ylabel(name)
+        if all(0.0 <= value <= 1.0 for _, value in points):
+            right.set_ylim(-0.02, 1.02)  # a share of rows: its whole range, so a flat line reads as flat
+        more_handles, more_names = right.get_legend_handles_labels()
+        handles, names = handles + more_handles, names + more_names
+    ax.legend(handles, names)
     return _save(fig, path)
+
+
+def selection_points(log_history: list[dict[str, Any]]) -> tuple[str, list[tuple[int, float]]] | None:
+    """(scorer, [(step, value)]) of the training.select_by scores in a log history, or None without any."""
+    rows = [e for e in log_history if isinstance(e.get("select_by"), str) and "step" in e]
+    if not rows:
+        return None
+    name = rows[-1]["select_by"]
+    return name, [(e["step"], e[f"eval_{name}"]) for e in rows if f"eval_{name}" in e]
 
 
 def plot_scores(report: EvalReport, path: Path) -> Path | None:
@@ -122,6 +144,8 @@ def write_eval_report(run: RunFolder, config, report: EvalReport, test: list[Exa
     }
     confusions = {name: plot_confusion(arm.labels, name, run.figures / f"confusion-{name}.png")
                   for name, arm in report.arms.items() if arm.labels is not None}
+    calibrations = {name: arm.calibration for name, arm in report.arms.items() if arm.calibration is not None}
+    images["reliability"] = plot_reliability(calibrations, run.figures / "reliability.png")
     context = report_context(run, config, report, test, outputs)
     context["images"] = {name: png_data_uri(path) for name, path in images.items()}
     context["confusions"] = {arm: png_data_uri(path) for arm, path in confusions.items()}
@@ -147,6 +171,8 @@ def report_context(run: RunFolder, config, report: EvalReport, test: list[Exampl
         "score_rows": score_table(report, arms),
         "key_rows": key_table(report, arms),
         "label_rows": label_table(report, arms),
+        "calibration_rows": calibration_table(report, arms),
+        "threshold_rows": threshold_rows(report, arms),
         "refusal_rows": [{"arm": name, **arm.refusals} for name, arm in report.arms.items() if arm.refusals],
         "costs": {name: arm for name, arm in report.arms.items()},
         "overfitting": report.overfitting,
@@ -179,6 +205,24 @@ def label_table(report: EvalReport, arms: list[str]) -> list[dict[str, Any]]:
                          "escalation_recall": escalation.get("recall"),
                          "false_escalation_rate": escalation.get("false_escalation_rate")})
     return rows
+
+
+def calibration_table(report: EvalReport, arms: list[str]) -> list[dict[str, Any]]:
+    """Per arm with class probabilities: ECE, mean confidence and accuracy of the top label, rows."""
+    return [{"arm": arm, **{k: report.arms[arm].calibration[k] for k in ("ece", "mean_confidence", "accuracy", "rows")}}
+            for arm in arms if report.arms[arm].calibration is not None]
+
+
+def threshold_rows(report: EvalReport, arms: list[str]) -> list[dict[str, Any]]:
+    """Per escalation threshold: each arm's escalation recall and false escalation rate at it."""
+    tables = {arm: report.arms[arm].calibration["escalation"]["thresholds"] for arm in arms
+              if (report.arms[arm].calibration or {}).get("escalation")}
+    if not tables:
+        return []
+    first = next(iter(tables.values()))
+    return [{"threshold": row["threshold"], "cells": [(arm, table[n]["recall"], table[n]["false_escalation_rate"])
+                                                      for arm, table in tables.items()]}
+            for n, row in enumerate(first)]
 
 
 def key_table(report: EvalReport, arms: list[str]) -> list[dict[str, Any]]:
@@ -225,7 +269,7 @@ def render_markdown(context: dict[str, Any]) -> str:
     for row in context["score_rows"]:
         cells = [_interval_text(c) for c in row["cells"]]
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {_versus_text(row['versus_base'])} |")
-    for section in (_costs_md, _labels_md, _refusals_md, _forgetting_md, _overfitting_md, _gates_md):
+    for section in (_costs_md, _labels_md, _calibration_md, _refusals_md, _forgetting_md, _overfitting_md, _gates_md):
         lines += section(context)
     return "\n".join(lines) + "\n"
 
@@ -262,6 +306,26 @@ def _labels_md(context: dict[str, Any]) -> list[str]:
                                   "false_escalation_rate")]
         lines.append(f"| {row['arm']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
     return lines
+
+
+def _calibration_md(context: dict[str, Any]) -> list[str]:
+    if not context.get("calibration_rows"):
+        return []
+    lines = ["", "Calibration of the class probabilities (ECE over 15 confidence bins; lower is better):", "",
+             "| arm | ECE | mean confidence | accuracy | rows |", "|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['ece']:.3f} | {r['mean_confidence']:.3f} | {r['accuracy']:.3f} | {r['rows']} |"
+              for r in context["calibration_rows"]]
+    if context.get("threshold_rows"):
+        arms = [cell[0] for cell in context["threshold_rows"][0]["cells"]]
+        lines += ["", "Escalate when P(escalation) >= threshold: recall / false escalations per arm", "",
+                  "| threshold | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        lines += [f"| {row['threshold']:.1f} | " + " | ".join(f"{_share(r)} / {_share(f)}" for _, r, f in row["cells"])
+                  + " |" for row in context["threshold_rows"]]
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _refusals_md(context: dict[str, Any]) -> list[str]:

@@ -43,12 +43,17 @@ class ArmResult:
     refusals: dict[str, Any] | None = None  # refusal_report: both directions
     generation_seconds: float = 0.0
     weights_bytes: int | None = None
+    # evaluate.likelihood.calibration_report, for an arm with class probabilities (a classifier, likelihood scoring)
+    calibration: dict[str, Any] | None = None
 
     def headline(self) -> dict[str, float]:
-        """Mean scores, with macro-F1 and the two refusal directions where the evaluation has them."""
+        """Mean scores, with macro-F1, the two refusal directions and the calibration error (ece) where the
+        evaluation has them."""
         values = {metric: interval.mean for metric, interval in self.scores.items()}
         if self.labels is not None:
             values["macro_f1"] = self.labels["macro_f1"]
+        if self.calibration is not None:
+            values["ece"] = self.calibration["ece"]
         for name, value in (self.refusals or {}).items():
             if name.startswith("refused_") and value is not None:
                 values[name] = value
@@ -58,7 +63,7 @@ class ArmResult:
         data: dict[str, Any] = {"scores": _plain(self.scores), "length": self.length,
                                 "generation_seconds": round(self.generation_seconds, 2),
                                 "weights_bytes": self.weights_bytes}
-        for key in ("field_accuracy_per_key", "labels", "refusals"):
+        for key in ("field_accuracy_per_key", "labels", "refusals", "calibration"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return data

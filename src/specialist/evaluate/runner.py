@@ -2,15 +2,18 @@
 
 Arms: `base` (zero-shot), `few_shot` (the base with k train examples in the prompt), `tuned` (the run's adapter
 or model), and any other run, adapter or export folder given by name. They all answer through the generation
-engine `serve` uses. Results go to eval.json, predictions.jsonl, report.md and report.html in the run folder;
-gates decide the exit code.
+engine `serve` uses; a classifier run's tuned arm answers through its head instead (the most probable label,
+written through data.label_template), and with `evaluation.label_scoring: likelihood` every generative arm answers
+the label whose completion it finds most probable (evaluate.likelihood). Arms with class probabilities also get
+a calibration report (ECE, reliability diagram, escalation thresholds). Results go to eval.json, predictions.jsonl,
+report.md and report.html in the run folder; gates decide the exit code.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,48 @@ from specialist.run_folder import ExportFolder, RunFolder
 @dataclass
 class Arm:
     name: str
-    engine: Engine
+    engine: Engine | None  # None for a classifier arm
     shots: list[tuple[str, str]] = field(default_factory=list)
     weights_bytes: int | None = None  # known for export folders: what serving it costs on disk
+    classifier: Any = None  # a train.classifier.LabelClassifier: answers a label and probabilities, no text
+
+
+@dataclass
+class Answers:
+    """One arm's answers to a list of rows: the texts, how long they took, and class probabilities where the arm
+    has them ([rows, labels], in the order of `labels`)."""
+
+    texts: list[str]
+    seconds: float
+    probabilities: Any = None
+    labels: list[str] | None = None
+
+
+@dataclass
+class LabelScoring:
+    """The classes of labelled rows (None where they are not labelled), and whether generative arms answer them by
+    likelihood instead of by generation."""
+
+    labels: list[str] | None
+    label_template: str
+    likelihood: bool = False
+
+    def indices(self, examples: list[Example], labels: list[str]) -> list[int]:
+        """Each row's expected index in `labels`: its label, else its completion matched against the rendered
+        labels; -1 when it is none of them (a probability-weighted answer can never be right there)."""
+        from specialist.train.classifier import render_label
+
+        rendered = {render_label(label, self.label_template).strip(): i for i, label in enumerate(labels)}
+        return [labels.index(ex.label) if ex.label in labels else rendered.get(ex.completion.strip(), -1)
+                for ex in examples]
+
+    def calibration(self, answers: Answers, examples: list[Example], escalation_label: str | None):
+        if answers.probabilities is None or not answers.labels:
+            return None
+        from specialist.evaluate.likelihood import calibration_report
+
+        return calibration_report(answers.probabilities, self.indices(examples, answers.labels), answers.labels,
+                                  escalation_label)
 
 
 @dataclass
@@ -75,31 +117,68 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
     split = run.split()
     test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
     pool = ModelPool(config.model.dtype)
+    scoring = label_scoring(run, config, split.train)
     arms = build_arms(run, config, pool, split.train, others or {})
     max_new_tokens = evaluation.max_new_tokens or default_max_new_tokens(arms.base.tokenizer, split.train)
     rule = label_rule(evaluation)
     scorers = resolve_scorers(evaluation.scorers, rule, evaluation.json_schema)
-    outputs, seconds = generate_arms(arms.arms, test, max_new_tokens, config)
+    answers = {arm.name: answer(arm, test, max_new_tokens, config, scoring, f"evaluating {arm.name}")
+               for arm in arms.arms}
+    outputs = {name: found.texts for name, found in answers.items()}
     expected, prompts = [ex.completion for ex in test], [ex.prompt for ex in test]
     rows = {name: score_rows(out, expected, scorers, prompts) for name, out in outputs.items()}
     report = EvalReport(
         run_dir=run.path, n_eval=len(test), max_new_tokens=max_new_tokens,
-        decoding=sampling_of(evaluation).generate_kwargs(),
+        decoding=sampling_of(evaluation).generate_kwargs() | scoring_of(scoring),
         arms={arm.name: arm_result(arm, rows[arm.name], outputs[arm.name], expected, evaluation, rule,
-                                   seconds[arm.name]) for arm in arms.arms},
+                                   answers[arm.name].seconds,
+                                   scoring.calibration(answers[arm.name], test, evaluation.escalation_label))
+              for arm in arms.arms},
         comparisons=compare_arms(rows, evaluation.bootstrap_samples))
     if arms.tuned is not None and evaluation.forgetting:
         report.forgetting = forgetting(arms, evaluation)
-    if arms.tuned is not None:
-        report.overfitting = overfitting(arms.tuned, split, rows["tuned"], outputs["tuned"], scorers,
-                                         max_new_tokens, config)
+    tuned = next((arm for arm in arms.arms if arm.name == "tuned"), None)
+    if tuned is not None:
+        def answer_train(examples: list[Example]) -> list[str]:
+            return answer(tuned, examples, max_new_tokens, config, scoring, "evaluating tuned on train rows").texts
+
+        report.overfitting = overfitting(answer_train, split, rows["tuned"], outputs["tuned"], scorers, config)
     report.gates = check_gates(evaluation.gates, figures_of(report), evaluation)
-    write_eval_outputs(run, config, report, test, outputs)
+    write_eval_outputs(run, config, report, test, outputs, probabilities_of(answers))
     return report
 
 
+def label_scoring(run: RunFolder, config: RunConfig, train: list[Example]) -> LabelScoring:
+    """The classes: a classifier run's own (labels.json), else data.labels or the training rows' labels; under
+    `label_scoring: likelihood` they must exist."""
+    data, likelihood = config.data, config.evaluation.label_scoring == "likelihood"
+    if run.is_classifier:
+        from specialist.train.classifier import read_labels
+
+        return LabelScoring(read_labels(run)[0], data.label_template, likelihood)
+    labels = list(data.labels) if data.labels else sorted({ex.label for ex in train if ex.label is not None})
+    if likelihood and len(labels) < 2:
+        raise ConfigError("evaluation.label_scoring likelihood scores each row against the label set, and this run "
+                          f"has {len(labels)} label(s)", hint="use labelled data (data.shape: labelled) or list the "
+                          "labels in data.labels; or set evaluation.label_scoring: generate")
+    return LabelScoring(labels or None, data.label_template, likelihood)
+
+
+def scoring_of(scoring: LabelScoring) -> dict[str, Any]:
+    """What eval.json's decoding notes of label scoring (nothing when arms generate)."""
+    return {"label_scoring": "likelihood", "labels": len(scoring.labels or [])} if scoring.likelihood else {}
+
+
+def probabilities_of(answers: dict[str, Answers]) -> dict[str, list[dict[str, float]]]:
+    """Per arm with probabilities, each row's {label: probability} (predictions.jsonl keeps them)."""
+    return {name: [{label: round(float(p), 6) for label, p in zip(found.labels or [], row)}
+                   for row in found.probabilities]
+            for name, found in answers.items() if found.probabilities is not None}
+
+
 def check_evaluation_inputs(config: RunConfig) -> None:
-    """Fail early, before any training, on an unreadable schema, question set or scorer."""
+    """Fail early, before any training, on an unreadable schema, question set or scorer (training.select_by's
+    too)."""
     evaluation = config.evaluation
     if evaluation.questions is not None:
         from specialist.evaluate.domain import read_questions
@@ -107,6 +186,8 @@ def check_evaluation_inputs(config: RunConfig) -> None:
         read_questions(evaluation.questions)
     if config.method.kind != "continued_pretraining":
         resolve_scorers(evaluation.scorers, label_rule(evaluation), evaluation.json_schema)
+    if config.training.select_by not in (None, "macro_f1"):
+        resolve_scorers([config.training.select_by], label_rule(evaluation), evaluation.json_schema)
 
 
 def label_rule(evaluation) -> LabelRule:
@@ -116,12 +197,14 @@ def label_rule(evaluation) -> LabelRule:
 
 def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[Example],
                others: dict[str, Path]) -> Arms:
-    """base and few_shot (the base weights: every adapter off), tuned, and any other arm; one base copy."""
+    """base and few_shot (the base weights: every adapter off), tuned, and any other arm; one base copy.
+
+    `base` is the base model itself also for a run that started from an SFT adapter (dpo, grpo with
+    from_adapter): give the SFT run as an arm (`--arm sft=RUN`) to see base / SFT / tuned side by side."""
     template = run.template()
-    tuned = load_run(run, pool, adapter_name="tuned") if run.is_trained else None
-    start = config.method.from_adapter if config.method.kind == "dpo" else None
-    base_model, tokenizer = pool.base(config.model.name, start)
-    base = Engine(base_model, tokenizer, template, context=pool.base_context(config.model.name, start))
+    tuned = load_run(run, pool, adapter_name="tuned") if run.is_trained and not run.is_classifier else None
+    base_model, tokenizer = pool.base(config.model.name)
+    base = Engine(base_model, tokenizer, template, context=pool.base_context(config.model.name))
     arms: list[Arm] = []
     if not config.evaluation.skip_base:
         arms.append(Arm("base", base))
@@ -133,6 +216,8 @@ def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[E
         arms.append(Arm("tuned", tuned_engine))
         if config.evaluation.constrained:
             arms.append(Arm("tuned+constrained", _engine(tuned, template, constraint_of(config))))
+    if run.is_classifier and run.is_trained:  # its answers are labels already: no constrained arm to add
+        arms.append(classifier_arm("tuned", run, config))
     for name, folder in others.items():
         arms.append(other_arm(name, Path(folder), config, pool, template))
     return Arms(arms, base, tuned_engine)
@@ -148,26 +233,54 @@ def other_arm(name: str, folder: Path, config: RunConfig, pool: ModelPool, templ
     if ExportFolder.is_export(folder):  # merged, int8, gguf or adapter export: loaded as it would be served
         found = load_exported(folder, pool)
         return Arm(name, _engine(found), weights_bytes=found.weights_bytes)
+    if RunFolder.is_run(folder) and RunFolder(folder).is_classifier:
+        return classifier_arm(name, RunFolder(folder), config)
     if RunFolder.is_run(folder):
         return Arm(name, _engine(load_run(RunFolder(folder), pool, adapter_name=name), template))
     if not (folder / "adapter_config.json").is_file():
         raise ConfigError(f"arm {name!r}: {folder} is not a run, export or adapter folder",
                           hint="give a run folder, a folder written by `specialist export`, or an adapter folder")
-    start = config.method.from_adapter if config.method.kind == "dpo" else None
-    model, context = pool.with_adapter(config.model.name, start, folder, name)
+    model, context = pool.with_adapter(config.model.name, None, folder, name)
     return Arm(name, Engine(model, pool.tokenizer(config.model.name), template, context=context))
 
 
-def generate_arms(arms: list[Arm], test: list[Example], max_new_tokens: int,
-                  config: RunConfig) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """Every arm's answers on the test rows, and how long each arm took."""
-    outputs: dict[str, list[str]] = {}
-    seconds: dict[str, float] = {}
-    for arm in arms:
-        started = time.perf_counter()
-        outputs[arm.name] = generate(arm.engine, test, max_new_tokens, config, arm.shots, f"evaluating {arm.name}")
-        seconds[arm.name] = time.perf_counter() - started
-    return outputs, seconds
+def classifier_arm(name: str, run: RunFolder, config: RunConfig) -> Arm:
+    """A classifier run as an arm: its head's most probable label (its own copy of the base model)."""
+    from specialist.train.classifier import load_classifier
+
+    return Arm(name, None, classifier=load_classifier(run, config.model.dtype))
+
+
+def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunConfig, scoring: LabelScoring,
+           label: str) -> Answers:
+    """An arm's answers: a classifier's head, the likelihood of each label (label_scoring: likelihood; a
+    constrained arm keeps decoding, which is what it measures), or generation."""
+    from specialist.train.classifier import render_label
+
+    started = time.perf_counter()
+    prompts, batch_size = [ex.prompt for ex in examples], config.evaluation.batch_size
+    if arm.classifier is not None:
+        probabilities = arm.classifier.probabilities(prompts, batch_size, label)
+    elif scoring.likelihood and scoring.labels and arm.engine.constraint is None:
+        probabilities = likelihood_probabilities(arm.engine, prompts, scoring, batch_size, arm.shots)
+    else:
+        texts = generate(arm.engine, examples, max_new_tokens, config, arm.shots, label)
+        return Answers(texts, time.perf_counter() - started)
+    labels = arm.classifier.labels if arm.classifier is not None else scoring.labels
+    texts = [render_label(labels[i], scoring.label_template) for i in probabilities.argmax(axis=1)]
+    return Answers(texts, time.perf_counter() - started, probabilities, labels)
+
+
+def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelScoring, batch_size: int,
+                             shots: Sequence[tuple[str, str]] = ()):
+    """[rows, labels] probabilities: softmax over the labels of each label completion's summed log-probability."""
+    from specialist.evaluate.likelihood import label_logprobs, softmax
+    from specialist.train.classifier import render_label
+
+    completions = [render_label(label, scoring.label_template) for label in scoring.labels or []]
+    with engine.lock, engine.context():
+        return softmax(label_logprobs(engine.model, engine.tokenizer, engine.template, prompts, completions,
+                                      batch_size, shots))
 
 
 def generate(engine: Engine, examples: list[Example], max_new_tokens: int, config: RunConfig,
@@ -178,10 +291,11 @@ def generate(engine: Engine, examples: list[Example], max_new_tokens: int, confi
 
 
 def arm_result(arm: Arm, rows: dict[str, list[float]], outputs: list[str], expected: list[str], evaluation,
-               rule: LabelRule, seconds: float) -> ArmResult:
+               rule: LabelRule, seconds: float, calibration: dict[str, Any] | None = None) -> ArmResult:
     result = ArmResult(arm.name, {name: score_interval(values, evaluation.bootstrap_samples)
                                   for name, values in rows.items()},
-                       length_report(outputs), generation_seconds=seconds, weights_bytes=arm.weights_bytes)
+                       length_report(outputs), generation_seconds=seconds, weights_bytes=arm.weights_bytes,
+                       calibration=calibration)
     if "field_accuracy" in rows:
         result.field_accuracy_per_key = per_key_accuracy(outputs, expected)
     if "label_accuracy" in rows:
@@ -207,16 +321,17 @@ def forgetting(arms: Arms, evaluation):
     return measure_forgetting(arms.base, arms.tuned, evaluation)
 
 
-def overfitting(tuned: Engine, split, test_rows: dict[str, list[float]], test_outputs: list[str], scorers,
-                max_new_tokens: int, config: RunConfig) -> Overfitting:
-    """Tuned scores on train rows beside test rows, and how often it recites a training answer that is wrong."""
+def overfitting(answer_train: Callable[[list[Example]], list[str]], split, test_rows: dict[str, list[float]],
+                test_outputs: list[str], scorers, config: RunConfig) -> Overfitting:
+    """Tuned scores on train rows beside test rows, and how often it recites a training answer that is wrong;
+    `answer_train` answers rows as the tuned arm does."""
     sample = split.train[: config.evaluation.train_sample]
     train_answers = {ex.completion.strip() for ex in split.train}
     recited = [out.strip() in train_answers and out.strip() != ex.completion.strip()
                for out, ex in zip(test_outputs, split.test)]
     result = Overfitting(train_rows=len(sample), memorisation_rate=_mean([float(r) for r in recited]))
     if sample:
-        outputs = generate(tuned, sample, max_new_tokens, config, label="evaluating tuned on train rows")
+        outputs = answer_train(sample)
         train_rows = score_rows(outputs, [ex.completion for ex in sample], scorers, [ex.prompt for ex in sample])
         result.train_scores = {m: _mean(v) for m, v in train_rows.items()}
         result.test_scores = {m: _mean(v) for m, v in test_rows.items()}
@@ -246,13 +361,18 @@ def figures_of(report: EvalReport):
 
 
 def write_eval_outputs(run: RunFolder, config: RunConfig, report: EvalReport, test: list[Example],
-                       outputs: dict[str, list[str]]) -> None:
+                       outputs: dict[str, list[str]], probabilities: dict[str, list[dict[str, float]]] | None = None,
+                       ) -> None:
+    """eval.json, predictions.jsonl (each row with every arm's answer and, where arms have them, their class
+    probabilities under "probabilities"), report.md and report.html."""
     from specialist.evaluate.report import write_eval_report
 
     run.eval_json.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
     with run.predictions.open("w", encoding="utf-8") as handle:
         for i, ex in enumerate(test):
             row = {"input": ex.prompt, "expected": ex.completion, **{arm: out[i] for arm, out in outputs.items()}}
+            if probabilities:
+                row["probabilities"] = {arm: rows[i] for arm, rows in probabilities.items()}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_eval_report(run, config, report, test, outputs)
     console.log(f"evaluation written to {run.eval_json}")

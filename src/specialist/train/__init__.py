@@ -13,6 +13,10 @@ from specialist.train.common import TrainResult, latest_complete_checkpoint
 
 def check_method_runs_here(method: MethodConfig) -> None:
     """Refuse, before anything is loaded, a method this machine cannot run (never a silent fallback)."""
+    if method.kind == "grpo":
+        from specialist.train.grpo import check_rewards
+
+        check_rewards(method)  # a reward that cannot be imported fails now, not after the data stage
     if method.kind != "qlora":
         return
     import torch
@@ -39,6 +43,14 @@ def train_model(model, tokenizer, template: PromptTemplate, train: list[Example]
         from specialist.train.dpo import train_dpo
 
         return train_dpo(model, tokenizer, template, train, val, method, training, run, resume_from)
+    if method.kind == "grpo":
+        from specialist.train.grpo import train_grpo
+
+        return train_grpo(model, tokenizer, template, train, val, method, training, run, resume_from)
+    if method.kind == "classifier":
+        from specialist.train.classifier import train_classifier
+
+        return train_classifier(model, tokenizer, template, train, val, method, training, run, resume_from)
     from specialist.train.sft import train_sft
 
     return train_sft(model, tokenizer, template, train, val, method, training, run, resume_from)

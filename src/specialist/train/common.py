@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ class TrainResult:
         }
         if self.time_budget is not None:
             summary["time_budget"] = self.time_budget
+        rewards = [e["reward"] for e in self.log_history if isinstance(e.get("reward"), (int, float))]
+        val_rewards = [e["eval_reward"] for e in self.log_history if isinstance(e.get("eval_reward"), (int, float))]
+        if rewards:  # reward fine-tuning (grpo): the mean reward of the first and the last logged steps
+            summary.update(first_reward=rewards[0], final_reward=rewards[-1])
+        if val_rewards:
+            summary.update(final_val_reward=val_rewards[-1], best_val_reward=max(val_rewards))
         last_eval = next((e for e in reversed(self.log_history) if "eval_loss" in e), {})
         for key in ("eval_rewards/margins", "eval_rewards/accuracies"):  # DPO's preference figures
             if key in last_eval:
@@ -129,10 +136,12 @@ def common_arguments(
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=training.save_total_limit,
-        # The best checkpoint is kept out of the rotation and, at the end, is the model that is saved.
+        # The best checkpoint is kept out of the rotation and, at the end, is the model that is saved: the lowest
+        # validation loss, or the highest training.select_by score (SelectByCallback puts it in the metrics).
         load_best_model_at_end=keep_best,
-        metric_for_best_model="eval_loss" if keep_best else None,
-        greater_is_better=False if keep_best else None,
+        metric_for_best_model=(f"eval_{training.select_by}" if training.select_by else "eval_loss") if keep_best
+        else None,
+        greater_is_better=bool(training.select_by) if keep_best else None,
         prediction_loss_only=True,
         report_to=list(training.report_to),
         disable_tqdm=True,
@@ -142,7 +151,8 @@ def common_arguments(
     )
 
 
-def callbacks(training: TrainingConfig, metrics_log: Path, args) -> list[TrainerCallback]:
+def callbacks(training: TrainingConfig, metrics_log: Path, args,
+              selection: SelectionRows | None = None) -> list[TrainerCallback]:
     from specialist.train.progress import RichProgressCallback
 
     metrics = MetricsJsonlCallback(metrics_log)
@@ -151,6 +161,14 @@ def callbacks(training: TrainingConfig, metrics_log: Path, args) -> list[Trainer
         from specialist.train.budget import TimeBudgetCallback
 
         found.append(TimeBudgetCallback(training, record=metrics.write))
+    if selection is not None:  # before early stopping, which reads the score it adds
+        if not args.load_best_model_at_end:
+            from specialist.errors import ConfigError
+
+            raise ConfigError("training.select_by needs checkpoints at evaluation steps",
+                              hint="set training.save_steps to a multiple of training.eval_steps (or leave both "
+                              "unset)")
+        found.append(SelectByCallback(selection, record=metrics.write))
     if training.early_stopping_patience:
         if not args.load_best_model_at_end:
             from specialist.errors import ConfigError
@@ -161,6 +179,88 @@ def callbacks(training: TrainingConfig, metrics_log: Path, args) -> list[Trainer
             )
         found.append(EarlyStoppingCallback(training.early_stopping_patience, training.early_stopping_min_delta))
     return found
+
+
+@dataclass
+class SelectionRows:
+    """What `training.select_by` scores at each evaluation: the validation rows, how the model in training answers
+    them (`answer(model, prompts) -> texts`), and the scorer's value over all of them (higher is better)."""
+
+    name: str
+    prompts: list[str]
+    expected: list[str]
+    answer: Callable[[Any, list[str]], list[str]]
+    score: Callable[[list[str], list[str], list[str]], float]
+
+    @classmethod
+    def of(cls, name: str, run, val: list, answer: Callable[[Any, list[str]], list[str]]) -> SelectionRows:
+        if not val:
+            from specialist.errors import ConfigError
+
+            raise ConfigError("training.select_by scores the validation rows, and this run has none",
+                              hint="set data.val_fraction above 0 (or data.val_path), or remove training.select_by")
+        return cls(name, [ex.prompt for ex in val], [ex.completion for ex in val], answer,
+                   selection_score(name, run.config().evaluation))
+
+
+def selection_score(name: str, evaluation) -> Callable[[list[str], list[str], list[str]], float]:
+    """The select_by figure over a set of rows: a scorer's mean, or macro_f1 (labels read as label_accuracy does)."""
+    from specialist.evaluate.scorers import LabelRule, label_report, resolve_scorers, score_rows
+
+    rule = LabelRule(json_key=evaluation.label_json_key, pattern=evaluation.label_pattern)
+    if name == "macro_f1":
+        return lambda outputs, expected, prompts: float(label_report(outputs, expected, rule)["macro_f1"])
+    scorer = resolve_scorers([name], rule, evaluation.json_schema)
+
+    def mean_score(outputs: list[str], expected: list[str], prompts: list[str]) -> float:
+        values = score_rows(outputs, expected, scorer, prompts)[name]
+        return sum(values) / len(values) if values else 0.0
+
+    return mean_score
+
+
+def generated_answers(template, tokenizer, train: list, evaluation) -> Callable[[Any, list[str]], list[str]]:
+    """select_by's answers for generative methods: greedy generation through the engine evaluation uses."""
+    from specialist.generation import GREEDY, Engine, default_max_new_tokens
+
+    max_new_tokens = evaluation.max_new_tokens or default_max_new_tokens(tokenizer, train)
+
+    def answer(model, prompts: list[str]) -> list[str]:
+        engine = Engine(model, tokenizer, template)
+        found = engine.generate(prompts, max_new_tokens, GREEDY, evaluation.batch_size, label="select_by")
+        return [g.text for g in found]
+
+    return answer
+
+
+class SelectByCallback(TrainerCallback):
+    """At each evaluation: the model in training answers the validation rows, and their score goes into the
+    metrics as `eval_<scorer>`, where the Trainer's best-checkpoint choice (and early stopping) read it.
+
+    The Trainer logs its evaluation metrics before callbacks see them, so the score is logged here: into the
+    training log history (the loss plot draws it) and metrics.jsonl.
+    """
+
+    def __init__(self, rows: SelectionRows, record: Callable[[dict[str, Any]], None]) -> None:
+        self.rows, self.record = rows, record
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if metrics is None or model is None:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            outputs = self.rows.answer(model, self.rows.prompts)
+        finally:
+            model.train(was_training)
+        value = self.rows.score(outputs, self.rows.expected, self.rows.prompts)
+        key = f"eval_{self.rows.name}"
+        metrics[key] = value
+        entry = {"step": state.global_step, "epoch": state.epoch, key: value, "select_by": self.rows.name}
+        state.log_history.append(entry)
+        if state.is_world_process_zero:
+            self.record(entry)
+            console.log(f"step {state.global_step}: validation {self.rows.name} {value:.4f}")
 
 
 class MetricsJsonlCallback(TrainerCallback):

@@ -14,6 +14,10 @@ from transformers import TrainerCallback
 from specialist.console import console, progress
 
 PLAIN_LINE_SECONDS = 30.0
+SHOWN = ("loss", "eval_loss", "learning_rate")
+# Reward fine-tuning's figures (method.kind grpo), shown when a run logs them, and each scorer's mean reward
+# (`rewards/<scorer>/mean`)
+REWARD_FIGURES = {"reward_group_std": "spread", "kl": "kl", "completions/mean_length": "len"}
 
 
 def now() -> float:
@@ -55,9 +59,10 @@ class RichProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._progress is None or not logs:
             return
-        for key in ("loss", "eval_loss", "learning_rate"):
-            if key in logs:
-                self._last[key] = float(logs[key])
+        for key, value in logs.items():
+            shown = key in SHOWN or key in ("reward", "eval_reward") or key in REWARD_FIGURES or _is_scorer_mean(key)
+            if shown and isinstance(value, (int, float)):
+                self._last[key] = float(value)
         self._progress.update(self._task, info=self._info(state))
         fresh = "loss" in logs or "eval_loss" in logs  # not the end-of-training summary, which repeats them
         if fresh and not console.is_terminal:  # a live bar does not render into a log file; leave a line instead
@@ -90,10 +95,31 @@ class RichProgressCallback(TrainerCallback):
             parts.append(f"val {self._last['eval_loss']:.4f}")
         if "learning_rate" in self._last:
             parts.append(f"lr {self._last['learning_rate']:.2e}")
+        parts.extend(reward_parts(self._last))
         tokens = (state.num_input_tokens_seen or 0) - self._first_tokens
         if tokens > 0:
             parts.append(f"{tokens / elapsed:.0f} tok/s")
         return "  ".join(parts)
+
+
+def _is_scorer_mean(key: str) -> bool:
+    return key.startswith("rewards/") and key.endswith("/mean")
+
+
+def reward_parts(last: dict[str, float]) -> list[str]:
+    """e.g. ['reward 0.750 (exact_match 0.50 format 1.00)', 'spread 0.31', 'kl 0.0021', 'len 14.00',
+    'val reward 0.625']; [] for methods that log no reward."""
+    if "reward" not in last:
+        return []
+    scorers = " ".join(f"{key[len('rewards/'):-len('/mean')]} {value:.2f}" for key, value in last.items()
+                       if _is_scorer_mean(key))
+    parts = [f"reward {last['reward']:.3f}" + (f" ({scorers})" if scorers else "")]
+    for key, label in REWARD_FIGURES.items():
+        if key in last:
+            parts.append(f"{label} {last[key]:.4f}" if key == "kl" else f"{label} {last[key]:.2f}")
+    if "eval_reward" in last:
+        parts.append(f"val reward {last['eval_reward']:.3f}")
+    return parts
 
 
 def format_seconds(seconds: float) -> str:

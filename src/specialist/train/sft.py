@@ -18,7 +18,14 @@ from specialist.errors import DataError
 from specialist.run_folder import RunFolder
 from specialist.train.budget import TimeBudgetCallback
 from specialist.ranks import is_main_process
-from specialist.train.common import TrainResult, callbacks, common_arguments, run_trainer
+from specialist.train.common import (
+    SelectionRows,
+    TrainResult,
+    callbacks,
+    common_arguments,
+    generated_answers,
+    run_trainer,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -96,13 +103,21 @@ def train_sft(
         refuse_examples_without_completion(train_ds, training.max_length)
     args = sft_config(training, run.checkpoints, len(train_ds), bf16=use_bf16_autocast(model),
                       has_val=val_ds is not None, plain_text=plain_text, tensorboard_dir=run.tensorboard)
+    selection = None
+    if training.select_by:  # the best checkpoint by a scorer on generated validation answers (config refuses CPT)
+        evaluation = run.config().evaluation
+        selection = SelectionRows.of(training.select_by, run, val,
+                                     generated_answers(template, tokenizer, train, evaluation))
     return fit(CompletionOnlySFTTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run,
-               resume_from)
+               resume_from, selection)
 
 
 def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodConfig, training: TrainingConfig,
-        run: RunFolder, resume_from: Path | None) -> TrainResult:
-    """Build the method's trainer, run it, and save what it trained: `adapter/` (LoRA) or `model/` (all weights)."""
+        run: RunFolder, resume_from: Path | None, selection: SelectionRows | None = None) -> TrainResult:
+    """Build the method's trainer, run it, and save what it trained: `adapter/` (LoRA) or `model/` (all weights).
+
+    `selection` (training.select_by): the validation rows scored at each evaluation to pick the best checkpoint.
+    """
     trainer = trainer_class(
         model=model,
         args=args,
@@ -110,7 +125,7 @@ def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodC
         eval_dataset=val_ds,
         processing_class=tokenizer,
         peft_config=lora_config(method) if method.uses_lora else None,
-        callbacks=callbacks(training, run.metrics_log, args),
+        callbacks=callbacks(training, run.metrics_log, args, selection),
     )
     warn_if_fsdp_was_asked_for_but_is_off(trainer)
     seconds, tokens = run_trainer(trainer, resume_from)
