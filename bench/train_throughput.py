@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpuinfo import cpu_description, flags_line  # noqa: E402
 DATA = REPO / "examples" / "log-to-json" / "data.jsonl"
 INSTRUCTION = ('Parse the log line into JSON with the keys "level", "component" and "template" (the event template '
                "with every variable part replaced by <*>; null for a field the line lacks).")
@@ -207,7 +209,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k in
                                                   ("steps", "batch_size", "train_rows", "val_rows", "model")},
-                                    "matmul_flops": rates, "results": results, "ratios": ratios}, indent=2))
+                                    "matmul_flops": rates, "results": results, "ratios": ratios,
+                                    "cpu": cpu_description()}, indent=2))
     print(f"figures written to {args.out}")
 
 
@@ -231,6 +234,7 @@ def print_table(results: dict, ratios: dict, rates: dict, args) -> None:
     ]
     for name, x, y, r in lines:
         print(f"{name:28}{x:>18}{y:>18}{r:>10}")
+    print(flags_line(cpu_description()))
 
 
 if __name__ == "__main__":

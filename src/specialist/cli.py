@@ -207,6 +207,22 @@ def export(
 
 
 @app.command()
+def push(
+    source: Annotated[Path, typer.Argument(help="An export folder, or a run folder (its export named by --format).")],
+    repo: Annotated[str, typer.Option(help="The Hub repository ORG/NAME (created when missing).")],
+    format_: Annotated[str | None, typer.Option("--format", help="Which export of a run folder: merged, adapter, gguf or int8 (default: its only one).")] = None,
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    token: Annotated[str | None, typer.Option(help="Hugging Face token with write access (default: HF_TOKEN, or the one `hf auth login` stored).")] = None,
+) -> None:
+    """Upload an export folder and its model card to the Hugging Face Hub; needs a network and a token."""
+    from specialist.deploy.push import push_export
+
+    with _user_errors():
+        url = push_export(source, repo, format_, private=private, token=token)
+    console.print(f"pushed to [bold]{url}[/]", soft_wrap=True)
+
+
+@app.command()
 def serve(
     arm: Annotated[list[str], typer.Option(help="NAME=SOURCE: a run folder, an export folder or a base model (repeatable).")],
     split: Annotated[str | None, typer.Option(help="Traffic split for requests to model 'specialist', e.g. tuned=0.9,base=0.1.")] = None,

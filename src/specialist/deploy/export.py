@@ -7,7 +7,8 @@
   against the run's model after loading it back through transformers' GGUF reader;
 - int8: every weight matrix as int8 with a scale per row, in safetensors (`specialist.int8`).
 
-Every export carries the run's prompt format and export.json (source run, base model, format, files).
+Every export carries the run's prompt format, export.json (source run, base model, format, files) and a
+model card, README.md (`specialist.deploy.model_card`).
 
 Golden-set replay: the first `golden` test prompts of the run are answered greedily, one at a time, by the run's
 own model and by the exported artifact loaded back from disk, both through the generation engine `serve` answers
@@ -25,6 +26,7 @@ from typing import Any
 
 from specialist.artifacts import EXPORT_FORMATS as FORMATS, ModelPool, load_exported, load_run
 from specialist.console import console
+from specialist.deploy.model_card import write_model_card
 from specialist.errors import ConfigError, SpecialistError
 from specialist.generation import Engine, cut_at_stop, default_max_new_tokens, stop_token_ids
 from specialist.run_folder import ExportFolder, RunFolder, write_json
@@ -64,6 +66,7 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     limit = max_new_tokens or default_max_new_tokens(tuned.tokenizer, split.train)
     check = replay_check(tuned, export, prompts, limit, fmt, quantize)
     write_json(export.check_file, check)
+    write_model_card(export, run)
     if junit is not None:
         from specialist.junit import write_junit
 
@@ -82,6 +85,11 @@ def _check_exportable(run: RunFolder, fmt: str):
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     config = run.config()
+    if run.is_classifier:
+        raise ConfigError(f"{run.path} is a classifier run (method.kind classifier): its classification head has "
+                          "no place in the merged, GGUF or int8 formats, which hold language models",
+                          hint=f"serve the run folder itself (`specialist serve --arm tuned={run.path}`): it answers the label "
+                          "and its probabilities; or score it with `specialist eval`")
     if fmt == "adapter" and not run.has_adapter:
         raise ConfigError(f"{run.path} has no adapter to export (method {config.method.kind})",
                           hint="export it with --format merged")

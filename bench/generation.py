@@ -1,0 +1,129 @@
+"""Generation speed: our evaluation generation against llama.cpp on the same model, the same prompts, one run.
+
+    .venv/bin/python bench/generation.py RUN [--rows 60] [--batch 16] [--max-new-tokens 32] [--threads 2]
+
+RUN is a trained run folder (the demo's: runs/log-to-json-*). Its tuned model answers its held-out prompts
+greedily, every answer exactly --max-new-tokens long (stop tokens ignored, so every arm does the same work and
+"tokens/s" means the same thing), prefill included:
+
+  ours, batched      specialist.generation.Engine (what `specialist eval` and `serve` run), --batch rows at a time,
+                     the adapter on the base (as evaluation runs it) and the merged model (as an export serves it)
+  ours, one at a time   the same engine, batch 1
+  llama.cpp          the run exported to GGUF f16 (`specialist export --format gguf --quantize f16`), through
+                     llama-cpp-python, one prompt at a time and --batch sequences in one batch
+
+Prints tokens/s side by side with the ratios, the CPU and its flags (and
+the AVX2-only emulation, when the env vars ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2 are set); writes bench/results/generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def ours(engine, prompts: list[str], max_new_tokens: int, batch: int) -> dict:
+    """Tokens/s of the engine with every row generating exactly `max_new_tokens`."""
+    engine.stop_ids, engine.stop_strings = set(), ()
+    engine.generate(prompts[:2], 4, batch_size=2, label="warm-up")
+    started = time.perf_counter()
+    answers = engine.generate(prompts, max_new_tokens, batch_size=batch, label=f"ours, batch {batch}")
+    seconds = time.perf_counter() - started
+    tokens = sum(a.completion_tokens for a in answers)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "answers": [a.text for a in answers]}
+
+
+def llama_cpp(gguf: Path, prompt_ids: list[list[int]], max_new_tokens: int, batch: int, threads: int) -> dict:
+    from specialist.deploy.llamacpp import measure_throughput
+
+    return measure_throughput(gguf, prompt_ids, max_new_tokens, parallel=batch, threads=threads)
+
+
+def export_f16(run_dir: Path, work: Path) -> Path:
+    from specialist.deploy.export import export_run
+    from specialist.run_folder import ExportFolder
+
+    folder = export_run(run_dir, "gguf", work / "gguf-f16", golden=2, max_new_tokens=8, quantize="f16").folder
+    return ExportFolder(folder).file(ExportFolder(folder).meta()["gguf_file"])
+
+
+def measure(args) -> dict:
+    import torch
+
+    from specialist.artifacts import ModelPool, load_run
+    from specialist.deploy.export import merged_copy
+    from specialist.generation import Engine
+    from specialist.run_folder import RunFolder
+
+    torch.set_num_threads(args.threads)
+    run = RunFolder.open(args.run)
+    prompts = [ex.prompt for ex in run.split().test[: args.rows]]
+    tuned = load_run(run, ModelPool(), adapter_name="tuned")
+    adapter = Engine(tuned.model, tuned.tokenizer, tuned.template, context=tuned.context)
+    merged = Engine(merged_copy(tuned).eval(), tuned.tokenizer, tuned.template)
+    prompt_ids = [merged.encode(p, max_new_tokens=args.max_new_tokens) for p in prompts]
+    results = {"ours_batched_adapter": ours(adapter, prompts, args.max_new_tokens, args.batch),
+               "ours_batched_merged": ours(merged, prompts, args.max_new_tokens, args.batch),
+               "ours_one_at_a_time_merged": ours(merged, prompts, args.max_new_tokens, 1)}
+    with tempfile.TemporaryDirectory() as work:
+        gguf = export_f16(run.path, Path(work))
+        results["llama_cpp"] = llama_cpp(gguf, prompt_ids, args.max_new_tokens, args.batch, args.threads)
+    return results
+
+
+def print_table(results: dict, args, cpu_line: str) -> dict:
+    ours_batched = results["ours_batched_merged"]["tokens_per_s"]
+    llama = results["llama_cpp"]
+    rows = [("ours, batched, adapter on base (evaluation)", results["ours_batched_adapter"]["tokens_per_s"]),
+            ("ours, batched, merged (export)", ours_batched),
+            ("ours, one at a time, merged", results["ours_one_at_a_time_merged"]["tokens_per_s"]),
+            (f"llama.cpp f16, batched ({args.batch} sequences)", llama["batched"]["tokens_per_s"]),
+            ("llama.cpp f16, one at a time", llama["one_at_a_time"]["tokens_per_s"])]
+    print(f"\n{args.rows} held-out prompts of {args.run}, greedy, exactly {args.max_new_tokens} new tokens each")
+    print(f"{'':<48}{'tokens/s':>10}")
+    for name, rate in rows:
+        print(f"{name:<48}{rate:>10.1f}")
+    ratios = {"ours_batched_vs_llama_batched": ours_batched / llama["batched"]["tokens_per_s"],
+              "ours_batched_adapter_vs_llama_batched":
+                  results["ours_batched_adapter"]["tokens_per_s"] / llama["batched"]["tokens_per_s"],
+              "ours_one_vs_llama_one": results["ours_one_at_a_time_merged"]["tokens_per_s"]
+                  / llama["one_at_a_time"]["tokens_per_s"]}
+    for name, value in ratios.items():
+        print(f"{name:<48}{value:>9.2f}x")
+    print(f"llama.cpp batched answers equal to its one-at-a-time answers: {100 * llama['batched_equal_share']:.0f}%")
+    print(cpu_line)
+    return ratios
+
+
+def main() -> None:
+    from cpuinfo import cpu_description, flags_line
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--rows", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generation.json")
+    args = parser.parse_args()
+    results = measure(args)
+    cpu = cpu_description()
+    ratios = print_table(results, args, flags_line(cpu))
+    for entry in results.values():
+        entry.pop("answers", None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu,
+                                    "results": results, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
