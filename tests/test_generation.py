@@ -143,3 +143,22 @@ def test_a_constrained_arm_answers_inside_the_language_in_evaluation_and_serving
         body = {"model": "tuned", "max_tokens": 30, "messages": [{"role": "user", "content": "a log line"}]}
         answer = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
     assert re.fullmatch(pattern, answer)
+
+
+def test_rows_sharing_a_prefix_answer_as_they_would_alone(babbler):
+    """Few-shot prompts share the instruction and the shots: that prefix is computed once for the batch."""
+    from specialist.generation import PREFIX_CACHE_MIN_TOKENS, shared_prefix_length
+
+    shots = [("081109 INFO dfs.DataNode: Receiving block", '{"level": "INFO"}'),
+             ("Dec 10 sshd[1]: Invalid user admin", '{"level": null}')]
+    encoded = [babbler.encode(p, shots) for p in PROMPTS]
+    assert shared_prefix_length(encoded) >= PREFIX_CACHE_MIN_TOKENS  # the cached path is the one taken
+    calls = []
+    hook = babbler.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    together = babbler.generate(PROMPTS, 12, batch_size=3, shots=shots)
+    hook.remove()
+    assert calls[0] == (1, shared_prefix_length(encoded))  # the prefix once, for one row
+    alone = [babbler.run([Request(ids, 12)])[0] for ids in encoded]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2 and shared_prefix_length([[1, 2], [1, 2, 3]]) == 1

@@ -88,6 +88,23 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+# Below this, computing the shared prefix apart costs more than it saves (a forward call of its own).
+PREFIX_CACHE_MIN_TOKENS = 16
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (the next token is
+    predicted from a row's last token, which must go through the batch)."""
+    if not rows:
+        return 0
+    shortest = min(len(r) for r in rows) - 1
+    first = rows[0]
+    length = 0
+    while length < shortest and all(r[length] == first[length] for r in rows):
+        length += 1
+    return length
+
+
 def left_pad(rows: list[list[int]], pad_id: int):
     import torch
 
@@ -212,13 +229,11 @@ class Engine:
         from transformers import StoppingCriteriaList
 
         rows = [_Row(request, self) for request in requests]
-        input_ids, attention_mask = left_pad([r.prompt_ids for r in requests], self.tokenizer.pad_token_id)
-        device = self.model.device
         with self.lock, self.context(), torch.inference_mode():
             self.busy = True
             try:
                 self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    **self._inputs([r.prompt_ids for r in requests]),
                     max_new_tokens=max(r.max_new_tokens for r in requests),
                     stopping_criteria=StoppingCriteriaList([_RowStops(rows)]), eos_token_id=sorted(self.stop_ids),
                     pad_token_id=self.tokenizer.pad_token_id, **self._constrained(requests),
@@ -226,6 +241,27 @@ class Engine:
             finally:
                 self.busy = False
         return [self._finished(row) for row in rows]
+
+    def _inputs(self, prompts: list[list[int]]) -> dict:
+        """generate's inputs for a batch: left-padded rows; when the rows share a prefix (the instruction, the
+        few-shot examples), laid out as [prefix][padding][rest of the row] with the prefix's KV cache computed
+        once and shared, instead of once per row. Positions come from the attention mask, so every token sits
+        where it would without the padding."""
+        import torch
+
+        pad, device = self.tokenizer.pad_token_id, self.model.device
+        shared = shared_prefix_length(prompts)
+        if len(prompts) < 2 or shared < PREFIX_CACHE_MIN_TOKENS:
+            input_ids, attention_mask = left_pad(prompts, pad)
+            return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        prefix = torch.tensor([prompts[0][:shared]], device=device)
+        rest_ids, rest_mask = left_pad([p[shared:] for p in prompts], pad)
+        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(prompts))
+        return {"input_ids": torch.cat([prefix.expand(len(prompts), -1), rest_ids.to(device)], dim=1),
+                "attention_mask": torch.cat([torch.ones_like(prefix).expand(len(prompts), -1),
+                                             rest_mask.to(device)], dim=1),
+                "cache": cache}
 
     def _constrained(self, requests: list[Request]) -> dict:
         """generate's logits_processor keeping every row inside the engine's constraint (none without one)."""
