@@ -124,6 +124,31 @@ def test_budget_chooses_the_steps_that_fit(monkeypatch, text, planned, expected)
     assert (control.should_training_stop, control.should_evaluate, control.should_save) == (stopped,) * 3
 
 
+def test_evaluations_that_cost_time_lower_the_plan_so_the_loop_ends_within_its_budget(monkeypatch):
+    """60 s, steps of 3 s: 17 steps chosen at step 3. Then each evaluation (at 4, 8, ...) costs 6 s more: the
+    plan is revised down, and the time spent when the loop stops is within the budget."""
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="60s"))
+    state = TrainerState(max_steps=24)
+    args, control = SimpleNamespace(eval_strategy="steps"), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    started = clock.t
+    for step in range(1, 25):
+        clock.t += 10.0 if step == 1 else 3.0
+        state.global_step = step
+        callback.on_step_end(args, state, control)
+        if control.should_training_stop or step >= state.max_steps:
+            break
+        if step % 4 == 0:  # the Trainer evaluates and saves: time the first measurement did not see
+            clock.t += 6.0
+            callback.on_evaluate(args, state, control)
+    assert callback.choice["chosen_steps"] < 17 and callback.choice["revised_at_step"] >= 4
+    assert state.global_step == state.max_steps == callback.choice["chosen_steps"]
+    assert clock.t - started <= 60.0 + 3.0  # at most the step under way when the budget ran out
+    assert "with evaluations and saves" in budget.describe_choice(callback.choice)
+
+
 def test_a_resumed_run_keeps_the_steps_chosen_before_and_measures_nothing(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(budget, "now", clock)

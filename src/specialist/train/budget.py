@@ -7,8 +7,9 @@ depends on the total moves with it: the learning-rate schedule is rebuilt for th
 reached, evaluations and checkpoints are spread over the new total (4 per run unless set), and the last step is
 evaluated and saved. The choice is stored in the checkpoints, so a resumed run keeps it.
 
-Trade-off: the budget covers the training loop from its first step; evaluations and checkpoint saves after the
-measurement are not in the measured rate, so a run with many of them ends somewhat after its budget.
+Evaluations and checkpoint saves are not in the first measured rate; once one has happened, the plan is
+revised at every step from the rate measured so far with them included (only ever lowered, the schedule
+following), so the loop ends within its budget rather than a few evaluations after it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if self.choice is not None:
+            self._revise(args, state, control, lr_scheduler)
             return
         done = state.global_step - self._first_step
         if done == WARMUP_STEPS:
@@ -81,6 +83,31 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
                        "chosen_steps": chosen}
         self._apply(state, lr_scheduler, chosen)
         if chosen <= state.global_step:  # the budget is spent already: this step is the last one
+            control.should_training_stop = True
+            control.should_evaluate = args.eval_strategy == "steps"
+            control.should_save = True
+        self._announce(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._evaluated = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._evaluated = True  # a save costs time the first rate did not see, like an evaluation
+
+    def _revise(self, args, state, control, lr_scheduler) -> None:
+        """Lower the plan when the rate with evaluations and saves included says it would overrun."""
+        if not getattr(self, "_evaluated", False) or self._warm_at is None or state.global_step >= state.max_steps:
+            return
+        clock = now()
+        per_step = (clock - self._warm_at) / max(1, state.global_step - self._first_step - WARMUP_STEPS)
+        fits = math.floor(max(0.0, self.seconds - (clock - self._started)) / max(per_step, 1e-9))
+        revised = same_on_every_rank(min(state.max_steps, state.global_step + fits))
+        if revised >= state.max_steps - 1:  # within a step of the plan: not worth moving the schedule
+            return
+        self.choice = {**self.choice, "chosen_steps": revised, "revised_at_step": state.global_step,
+                       "seconds_per_step_with_evaluations": round(per_step, 4)}
+        self._apply(state, lr_scheduler, max(revised, state.global_step))
+        if revised <= state.global_step:
             control.should_training_stop = True
             control.should_evaluate = args.eval_strategy == "steps"
             control.should_save = True
@@ -108,6 +135,9 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
 
 def describe_choice(choice: dict[str, Any]) -> str:
     """e.g. 'time budget 10m: 2.9 s/step measured over steps 2-3 -> 190 steps (planned 256)'."""
+    if "revised_at_step" in choice:
+        return (f"time budget {choice['budget']}: {choice['seconds_per_step_with_evaluations']:.3g} s/step with "
+                f"evaluations and saves, at step {choice['revised_at_step']} -> {choice['chosen_steps']} steps")
     if choice["seconds_per_step"] is None:
         return (f"time budget {choice['budget']}: the run ended after {choice['chosen_steps']} steps, before "
                 f"the rate could be measured (planned {choice['planned_steps']})")
