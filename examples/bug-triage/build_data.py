@@ -2,9 +2,11 @@
 
 Run from the repository root:  python examples/bug-triage/build_data.py [--source ../shared/datasets/gitbugs-hadoop]
 
-Each row is labelled data for `prepare`: `text` is the report's summary and the start of its description
-(cut at --chars characters, on a word boundary, so a row fits the model's 256-token window), `label` its
-priority (Blocker, Critical, Major, Minor, Trivial). The classes are very unbalanced (Major is 69% of the 2,503
+Each row is labelled data for `prepare`: the report's `summary` and `description` as their own columns (spaces
+folded; the description kept whole up to --chars characters, a bound on the file's size, not the model's
+window: the config joins the two with `data.prompt_template` and `over_length: truncate` shortens a long report's
+input to fit, keeping the instruction and the answer), `label` its priority (Blocker, Critical, Major, Minor,
+Trivial). The classes are very unbalanced (Major is 69% of the 2,503
 reports); the config caps and upsamples the training split and the report shows macro-F1 and the confusion
 matrix. A fixed-seed sample of --rows reports keeps every Blocker, Critical and Trivial report first.
 """
@@ -35,7 +37,7 @@ def build(source: Path, rows: int, chars: int, seed: int = 0) -> list[dict[str, 
     rng.shuffle(common)
     picked = rare + common[: max(0, rows - len(rare))]
     rng.shuffle(picked)
-    return [{"text": f"Summary: {r['Summary'].strip()}\nDescription: {clip(r['Description'], chars)}",
+    return [{"summary": " ".join(r["Summary"].split()), "description": clip(r["Description"], chars),
              "label": r["Priority"], "issue": r["Issue id"]} for r in picked]
 
 
@@ -43,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=HERE.parents[1].parent / "shared" / "datasets" / "gitbugs-hadoop")
     parser.add_argument("--rows", type=int, default=700)
-    parser.add_argument("--chars", type=int, default=500)
+    parser.add_argument("--chars", type=int, default=8000)
     parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
     args = parser.parse_args()
     rows = build(args.source, args.rows, args.chars)
