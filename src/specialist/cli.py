@@ -127,8 +127,8 @@ def _finish_evaluation(result, junit: Path | None = None, overfitting_note: str 
     if overfitting_note:
         console.print(f"[yellow]warning:[/] {overfitting_note}")
     for gate in result.gates:
-        mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"
-        console.print(f"gate {mark}  {gate.describe()}", soft_wrap=True, markup=True)
+        # describe() already opens with pass/FAIL; the colour carries it at a glance
+        console.print(f"gate {gate.describe()}", soft_wrap=True, markup=False, style="green" if gate.passed else "red")
     if junit is not None:
         from specialist.junit import gate_cases, write_junit
 
