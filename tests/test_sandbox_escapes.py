@@ -315,3 +315,14 @@ def test_a_missing_huge_linked_or_piped_report_counts_as_missing(tmp_path):
     assert junit_counts(tmp_path / "link.xml") is None  # a link could point at /dev/zero or a host file
     os.mkfifo(tmp_path / "pipe.xml")
     assert junit_counts(tmp_path / "pipe.xml") is None  # and a pipe must not block the reader
+
+
+def test_a_virtualenv_under_tmp_stays_visible_inside_bubblewrap(monkeypatch):
+    """A CI clone under /tmp put the virtualenv under the sandbox's own /tmp, which hid it: bubblewrap could not
+    start pytest and every run fell back to the weaker isolation. Python's folders are bound after that /tmp."""
+    monkeypatch.setattr(code_tests, "_readonly_roots", lambda: ["/tmp/ci-clone/.venv", "/opt/python"])
+    argv = code_tests._bwrap_argv("bwrap", ("root", True, True), "/tmp/specialist-sandbox-x", {})
+    tmpfs = argv.index("/tmp", argv.index("--tmpfs", argv.index("--proc")))
+    for root in ("/tmp/ci-clone/.venv", "/opt/python"):
+        bound = [i for i, arg in enumerate(argv) if arg == root and argv[i - 1] == "--ro-bind"]
+        assert bound and min(bound) > tmpfs, root

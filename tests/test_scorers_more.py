@@ -6,6 +6,7 @@ import pytest
 
 from specialist.errors import ConfigError
 from specialist.evaluate.scorers import (
+    BUILTIN,
     LabelRule,
     label_report,
     length_report,
@@ -62,6 +63,8 @@ def test_refusals_are_reported_in_both_directions():
                       "refused_when_should_not": 0.5}
     assert score_refusal_rate("I'm unable to do this", "") == 1.0
     assert score_refusal_rate("how to kill a Python process: os.kill", "") == 0.0
+    # refusal_match: the right call in each direction, as a 0-1 score a reward or gate can use
+    assert [BUILTIN["refusal_match"](o, e) for o, e in zip(outputs, expected)] == [1.0, 0.0, 0.0, 1.0]
 
 
 def test_json_schema_checks_structure(tmp_path):

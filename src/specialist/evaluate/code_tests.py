@@ -161,6 +161,13 @@ def _bwrap_binds(layout: str) -> list[str]:
     for name in ETC_FILES:
         if os.path.exists(f"/etc/{name}"):
             binds += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    return binds
+
+
+def _python_binds() -> list[str]:
+    """Python, the virtualenv and pytest, read-only. Bound after the sandbox's own /tmp: a checkout or virtualenv
+    under /tmp (a CI clone, say) would otherwise be hidden by it, and bubblewrap would not run pytest at all."""
+    binds: list[str] = []
     for root in _readonly_roots():
         binds += ["--ro-bind", root, root]
     return binds
@@ -178,7 +185,7 @@ def _bwrap_argv(bwrap: str, setup: tuple[str, bool, bool], folder: str, env: dic
     argv += ["--dev", "/dev", "--proc", "/proc"]
     for part in PROC_COVERED:  # run by root, the sandbox's uid is the host's root: kernel settings obey it
         argv += ["--ro-bind-try", f"/proc/{part}", f"/proc/{part}"]
-    argv += [*(["--size", str(TMPFS_BYTES)] if sized_tmpfs else []), "--tmpfs", "/tmp",
+    argv += [*(["--size", str(TMPFS_BYTES)] if sized_tmpfs else []), "--tmpfs", "/tmp", *_python_binds(),
              "--bind", folder, INNER_FOLDER, "--remount-ro", "/", "--chdir", INNER_FOLDER]
     return argv
 

@@ -1,7 +1,8 @@
 """Scorers: each maps one (output, expected) pair to a number; `score_rows` scores every row of an arm.
 
 Built in: json_valid, json_schema, exact_match, field_accuracy, label_accuracy (with macro-F1 and a confusion
-matrix, from `label_report`), rouge_l, chrf, refusal_rate (both directions, from `refusal_report`), length,
+matrix, from `label_report`), rouge_l, chrf, refusal_rate (both directions, from `refusal_report`), refusal_match (the right call:
+refuses where the expected answer refuses, answers where it answers), length,
 tests_pass and mutation_kill (generated test code run in a sandbox: `code_tests`).
 A custom scorer is a `package.module:function` path to a function `(output: str, expected: str) -> float`, or
 `(output, expected, prompt) -> float` when it needs the input too (as the code scorers do).
@@ -121,6 +122,12 @@ def score_refusal_rate(output: str, expected: str) -> float:
     return float(is_refusal(output))
 
 
+def score_refusal_match(output: str, expected: str) -> float:
+    """1 when the output makes the expected call: refuses where the expected answer refuses, answers where it
+    answers. The 0-1 score to reward or gate on for a refusal task (refusal_rate only counts refusals)."""
+    return float(is_refusal(output) == is_refusal(expected))
+
+
 def score_length(output: str, expected: str) -> float:
     """Words in the output (a statistic, not a 0-1 score)."""
     return float(len(output.split()))
@@ -178,6 +185,7 @@ BUILTIN: dict[str, Scorer] = {
     "rouge_l": score_rouge_l,
     "chrf": score_chrf,
     "refusal_rate": score_refusal_rate,
+    "refusal_match": score_refusal_match,
     "length": score_length,
 }
 NEEDS_SETTINGS = {"label_accuracy", "json_schema"}
