@@ -63,6 +63,23 @@ def test_data_path_resolves_relative_to_the_config_file(tmp_path):
     assert load_config(path).data.path == (tmp_path / "d.jsonl").resolve()
 
 
+def test_a_path_typed_in_an_override_resolves_from_the_working_directory(tmp_path, monkeypatch):
+    """`--set method.from_adapter=runs/sft/adapter` means the runs/ where the command was typed, not one beside
+    the config; the same key written in the file stays relative to the file."""
+    configs, workdir = tmp_path / "examples" / "job", tmp_path / "work"
+    configs.mkdir(parents=True)
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    path = write(configs, {"data": {"path": "d.jsonl"}, "method": {"kind": "grpo", "from_adapter": "in-file"},
+                           "evaluation": {"json_schema": "schema.json"}})
+    typed = load_config(path, ["method.from_adapter=runs/sft/adapter", "data.test_path=held-out.jsonl"])
+    assert typed.method.from_adapter == (workdir / "runs/sft/adapter").resolve()
+    assert typed.data.test_path == (workdir / "held-out.jsonl").resolve()
+    assert typed.data.path == (configs / "d.jsonl").resolve()  # not overridden: still beside the config
+    assert typed.evaluation.json_schema == (configs / "schema.json").resolve()
+    assert load_config(path).method.from_adapter == (configs / "in-file").resolve()
+
+
 def test_malformed_override_names_the_expected_form(tmp_path):
     path = write(tmp_path, {"data": {"path": "d.jsonl"}})
     with pytest.raises(ConfigError, match="key.path=value"):

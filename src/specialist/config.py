@@ -562,7 +562,8 @@ class RunConfig(_Section):
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML at `path`, apply `key.path=value` overrides, validate; relative data paths resolve from the file.
+    """Read YAML at `path`, apply `key.path=value` overrides, validate; relative paths resolve from the file's
+    folder, or from the working directory when an override gave them.
 
     Raises ConfigError listing every problem at once, each with its key path and a hint.
     """
@@ -578,17 +579,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     for override in overrides or []:
         apply_override(raw, override)
     config = validate_config(raw, source=str(path))
+    # a path in the file is relative to the file; one typed in a --set flag, to where it was typed
+    typed = {o.partition("=")[0].strip() for o in overrides or []}
+
+    def folder_of(key: str) -> Path:
+        return Path.cwd() if key in typed else path.parent
+
     for key in ("path", "test_path", "val_path"):
         value = getattr(config.data, key)
         if value is not None and not value.is_absolute():
-            setattr(config.data, key, _resolve(path.parent / value))
+            setattr(config.data, key, _resolve(folder_of(f"data.{key}") / value))
     adapter = config.method.from_adapter
     if adapter is not None and not adapter.is_absolute():
-        config.method.from_adapter = (path.parent / adapter).resolve()
+        config.method.from_adapter = (folder_of("method.from_adapter") / adapter).resolve()
     for key in ("json_schema", "forgetting_corpus", "questions", "knowledge_probe"):
         value = getattr(config.evaluation, key)
         if value is not None and not value.is_absolute():
-            setattr(config.evaluation, key, (path.parent / value).resolve())
+            setattr(config.evaluation, key, (folder_of(f"evaluation.{key}") / value).resolve())
     return config
 
 
