@@ -315,8 +315,8 @@ def encode_prompt(template: PromptTemplate, tokenizer, text: str, shots: Sequenc
 class GenerationProgress:
     """A Rich bar on a terminal; in a log file, a line at least every `every` seconds (rows, tokens/s, ETA)."""
 
-    def __init__(self, label: str, total: int, every: float = 30.0) -> None:
-        self.label, self.total, self.every = label, total, every
+    def __init__(self, label: str, total: int, every: float = 30.0, counted: str = "generated") -> None:
+        self.label, self.total, self.every, self.counted = label, total, every, counted
         self.done = self.tokens = 0
         self.started = self.last_line = time.perf_counter()
         self.bar = self.task = None
@@ -347,7 +347,7 @@ class GenerationProgress:
 
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        console.log(f"{self.label}: {self.done}/{self.total} rows, {self._rate():.1f} generated tok/s, "
+        console.log(f"{self.label}: {self.done}/{self.total} rows, {self._rate():.1f} {self.counted} tok/s, "
                     f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s")
         self.last_line = time.perf_counter()
 

@@ -34,7 +34,8 @@ THRESHOLDS = tuple(round(0.1 * t, 1) for t in range(1, 10))
 
 
 def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completions: Sequence[str],
-                   batch_size: int = 16, shots: Sequence[tuple[str, str]] = ()) -> np.ndarray:
+                   batch_size: int = 16, shots: Sequence[tuple[str, str]] = (),
+                   label: str = "scoring labels") -> np.ndarray:
     """[rows, labels]: log P(completion + end of sequence | prompt), summed over the completion's tokens.
 
     `completions` are the labels as written (data.label_template applied); `batch_size` is the sequences per
@@ -42,7 +43,7 @@ def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completio
     """
     import torch
 
-    from specialist.generation import encode_prompt
+    from specialist.generation import GenerationProgress, encode_prompt
 
     if not completions:
         raise ValueError("label_logprobs needs at least one completion")
@@ -50,13 +51,14 @@ def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completio
     budget = max(len(e) for e in endings)  # a truncating template leaves the longest label room
     per_pass = max(1, batch_size // len(endings))
     scores = np.zeros((len(prompts), len(endings)), dtype=np.float64)
-    with torch.inference_mode():
+    with torch.inference_mode(), GenerationProgress(label, len(prompts), counted="scored") as progress:
         for start in range(0, len(prompts), per_pass):
             chunk = [encode_prompt(template, tokenizer, p, shots, budget) for p in prompts[start:start + per_pass]]
             rows = [prompt + ending for prompt in chunk for ending in endings]
             summed = summed_completion_logprobs(model, rows, [len(e) for e in endings] * len(chunk),
                                                 tokenizer.pad_token_id)
             scores[start:start + len(chunk)] = summed.reshape(len(chunk), len(endings))
+            progress.advance(len(chunk), sum(map(len, rows)))
     return scores
 
 

@@ -262,7 +262,7 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
     if arm.classifier is not None:
         probabilities = arm.classifier.probabilities(prompts, batch_size, label)
     elif scoring.likelihood and scoring.labels and arm.engine.constraint is None:
-        probabilities = likelihood_probabilities(arm.engine, prompts, scoring, batch_size, arm.shots)
+        probabilities = likelihood_probabilities(arm.engine, prompts, scoring, batch_size, arm.shots, label)
     else:
         texts = generate(arm.engine, examples, max_new_tokens, config, arm.shots, label)
         return Answers(texts, time.perf_counter() - started)
@@ -272,7 +272,7 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
 
 
 def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelScoring, batch_size: int,
-                             shots: Sequence[tuple[str, str]] = ()):
+                             shots: Sequence[tuple[str, str]] = (), label: str = "scoring labels"):
     """[rows, labels] probabilities: softmax over the labels of each label completion's summed log-probability."""
     from specialist.evaluate.likelihood import label_logprobs, softmax
     from specialist.train.classifier import render_label
@@ -280,7 +280,7 @@ def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelS
     completions = [render_label(label, scoring.label_template) for label in scoring.labels or []]
     with engine.lock, engine.context():
         return softmax(label_logprobs(engine.model, engine.tokenizer, engine.template, prompts, completions,
-                                      batch_size, shots))
+                                      batch_size, shots, label))
 
 
 def generate(engine: Engine, examples: list[Example], max_new_tokens: int, config: RunConfig,

@@ -352,7 +352,7 @@ class LabelClassifier:
 
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         found = np.zeros((len(encoded), len(self.labels)), dtype=np.float64)
-        progress = GenerationProgress(label, len(encoded)) if label else nullcontext()
+        progress = GenerationProgress(label, len(encoded), counted="read") if label else nullcontext()
         with progress, self.context(), torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
