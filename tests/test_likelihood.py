@@ -183,3 +183,28 @@ def test_label_scoring_accepts_only_its_two_modes(tiny_config):
     tiny_config["evaluation"]["label_scoring"] = "mean_per_token"
     with pytest.raises(ConfigError, match="label_scoring"):
         validate_config(tiny_config)
+
+
+def test_a_shared_prefix_is_computed_once_and_scores_as_without_it(tiny_model, monkeypatch):
+    """Few-shot prompts share their instruction and examples: that prefix goes through the model once per pass
+    (its cache repeated for the rows), and every score equals the plain computation."""
+    import specialist.generation as generation
+
+    model, tokenizer = tiny_model
+    model.eval()
+    template = PromptTemplate.for_tokenizer(tokenizer, "Parse the log line into JSON with its level and component.")
+    prompts = ["Invalid user webmaster from 173.234.31.186", "INFO dfs.DataNode block blk_38865 terminating now"]
+    shots = [("Dec 10 sshd: Invalid user admin", "null"), ("081109 INFO dfs.FSNamesystem: allocateBlock", "true false")]
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        shared = label_logprobs(model, tokenizer, template, prompts, LABELS, 64, shots)
+    finally:
+        hook.remove()
+    prompt_length = len(template.encode_prompt(prompts[1], tokenizer, shots))
+    assert len(lengths) == 2 and lengths[1] < prompt_length - 16  # the prefix pass, then the rows' own tokens
+    monkeypatch.setattr(generation, "PREFIX_CACHE_MIN_TOKENS", 10**9)
+    plain = label_logprobs(model, tokenizer, template, prompts, LABELS, 64, shots)
+    np.testing.assert_allclose(shared, plain, atol=1e-4)
+    np.testing.assert_allclose(shared, by_hand(model, tokenizer, template, prompts, LABELS, shots), atol=1e-4)

@@ -10,7 +10,8 @@ nearly certain once the first is written, and has no probability meaning, so it 
 Every label of a prompt is scored in the same forward pass. Rows are prompt + completion, left-padded with explicit
 position ids (each row computes as it would alone), so every completion ends at the last position and the model
 projects only the last (longest completion + 1) positions onto the vocabulary (`logits_to_keep`): at a 262k
-vocabulary those logits are the biggest tensor by far.
+vocabulary those logits are the biggest tensor by far. The prefix the rows of a pass share (instruction and
+few-shot examples) is computed once per pass and its KV cache shared.
 
 Calibration (any arm with probabilities: a classifier, or likelihood scoring): expected calibration error over
 15 equal-width confidence bins (the binning of Guo et al. 2017, "On Calibration of Modern Neural Networks"):
@@ -64,17 +65,33 @@ def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completio
 
 def summed_completion_logprobs(model, rows: list[list[int]], completion_lengths: list[int], pad_id: int) -> np.ndarray:
     """For each row (prompt ids + completion ids), the summed log-probability of its last `completion_lengths`
-    tokens given everything before them; one forward pass."""
+    tokens given everything before them; one forward pass over the rows, after one over the prefix they share.
+
+    The prefix every row starts with (the instruction, and the few-shot examples, which are most of a few-shot
+    prompt) goes through the model once; its KV cache is repeated for the rows, which follow it as
+    [prefix][padding][rest of the row] with positions from the attention mask, as `generation.Engine` lays them
+    out. Without it, a few-shot prompt was computed once per row and label."""
     import torch
 
-    from specialist.generation import left_pad
+    from specialist.generation import PREFIX_CACHE_MIN_TOKENS, left_pad, shared_prefix_length
 
-    input_ids, attention_mask = left_pad(rows, pad_id)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(completion_lengths) + 1
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                   position_ids=position_ids.to(device), logits_to_keep=keep).logits[:, -keep:].float()
+    # each row keeps its last prompt token (whose logit predicts the completion's first) and its completion
+    shared = min(shared_prefix_length(rows), *(len(r) - n - 1 for r, n in zip(rows, completion_lengths)))
+    past = None
+    if len(rows) < 2 or shared < PREFIX_CACHE_MIN_TOKENS:
+        shared = 0
+    else:
+        past = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True,
+                     logits_to_keep=1).past_key_values
+        past.batch_repeat_interleave(len(rows))
+    input_ids, attention_mask = left_pad([row[shared:] for row in rows], pad_id)
+    full_mask = torch.cat([torch.ones((len(rows), shared), dtype=attention_mask.dtype), attention_mask], dim=1)
+    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    keep = max(completion_lengths) + 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=full_mask.to(device),
+                   position_ids=position_ids.to(device), cache=past, use_cache=past is not None,
+                   logits_to_keep=keep).logits[:, -keep:].float()
     # the kept logit at window position t predicts the token at window position t + 1
     targets = input_ids[:, -(keep - 1):].to(device)
     chosen = logits[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
