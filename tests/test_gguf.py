@@ -214,6 +214,12 @@ QUANTIZED = {"q8_0": ("Q8_0", 0.99), "q6_k": ("Q6_K", 0.98), "q5_k_m": ("Q5_K", 
              "q4_k_m": ("Q4_K", 0.9), "q4_0": ("Q4_0", 0.9)}  # measured: .999 .994 .978 .974 .937 .925
 
 
+def _tensor_types(path, names) -> set[str]:
+    import gguf
+
+    return {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if t.name in names}
+
+
 @pytest.mark.parametrize("qtype", list(QUANTIZED))
 def test_quantized_exports_load_answer_and_stay_correlated(qtype, wide_model, tokenizer, tmp_path):
     f16 = write_gguf(wide_model, tokenizer, tmp_path / "f16.gguf", "f16")
@@ -221,6 +227,8 @@ def test_quantized_exports_load_answer_and_stay_correlated(qtype, wide_model, to
     dominant, least_correlation = QUANTIZED[qtype]
     matrices = {kind: n for kind, n in written["tensor_types"].items() if kind != "F32"}  # norms, biases stay f32
     assert max(matrices, key=matrices.get) == dominant
+    if qtype in ("q4_0", "q5_0"):  # the embedding (and a tied head) in q8_0, as llama.cpp gives its head 6+ bits
+        assert _tensor_types(tmp_path / f"{qtype}.gguf", ("token_embd.weight", "output.weight")) <= {"Q8_0"}
     assert written["bytes"] < 0.6 * f16["bytes"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f16.gguf", f"{qtype}.gguf"]  # no intermediate left
 

@@ -186,8 +186,8 @@ def test_label_scoring_accepts_only_its_two_modes(tiny_config):
 
 
 def test_a_shared_prefix_is_computed_once_and_scores_as_without_it(tiny_model, monkeypatch):
-    """Few-shot prompts share their instruction and examples: that prefix goes through the model once per pass
-    (its cache repeated for the rows), and every score equals the plain computation."""
+    """Few-shot prompts share their instruction and examples: that prefix goes through the model once per pass,
+    each prompt once for all its labels, and every score equals the plain computation."""
     import specialist.generation as generation
 
     model, tokenizer = tiny_model
@@ -203,7 +203,10 @@ def test_a_shared_prefix_is_computed_once_and_scores_as_without_it(tiny_model, m
     finally:
         hook.remove()
     prompt_length = len(template.encode_prompt(prompts[1], tokenizer, shots))
-    assert len(lengths) == 2 and lengths[1] < prompt_length - 16  # the prefix pass, then the rows' own tokens
+    longest_label = max(len(tokenizer(template.render_completion(c), add_special_tokens=False)["input_ids"])
+                        for c in LABELS)
+    # the shared prefix, then each prompt's own tokens (once), then every label's tokens on the prompts' cache
+    assert len(lengths) == 3 and lengths[1] < prompt_length - 16 and lengths[2] == longest_label
     monkeypatch.setattr(generation, "PREFIX_CACHE_MIN_TOKENS", 10**9)
     plain = label_logprobs(model, tokenizer, template, prompts, LABELS, 64, shots)
     np.testing.assert_allclose(shared, plain, atol=1e-4)

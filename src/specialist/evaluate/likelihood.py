@@ -7,11 +7,11 @@ tokens' log-probabilities: that is log P(completion | prompt), so a softmax over
 distribution restricted to the label set. (The mean per token would favour long labels whose later tokens are
 nearly certain once the first is written, and has no probability meaning, so it is not offered.)
 
-Every label of a prompt is scored in the same forward pass. Rows are prompt + completion, left-padded with explicit
-position ids (each row computes as it would alone), so every completion ends at the last position and the model
-projects only the last (longest completion + 1) positions onto the vocabulary (`logits_to_keep`): at a 262k
-vocabulary those logits are the biggest tensor by far. The prefix the rows of a pass share (instruction and
-few-shot examples) is computed once per pass and its KV cache shared.
+A prompt goes through the model once: its last position's logits score each label's first token, and the labels'
+other tokens are computed together on the prompt's KV cache repeated per label. Prompts and labels are left-padded
+with positions from the attention mask (each row computes as it would alone), and only the positions that are
+scored are projected onto the vocabulary (`logits_to_keep`: at a 262k vocabulary those logits are the biggest
+tensor by far). The prefix the prompts of a pass share (instruction, few-shot examples) is computed once.
 
 Calibration (any arm with probabilities: a classifier, or likelihood scoring): expected calibration error over
 15 equal-width confidence bins (the binning of Guo et al. 2017, "On Calibration of Modern Neural Networks"):
@@ -55,51 +55,72 @@ def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completio
     with torch.inference_mode(), GenerationProgress(label, len(prompts), counted="scored") as progress:
         for start in range(0, len(prompts), per_pass):
             chunk = [encode_prompt(template, tokenizer, p, shots, budget) for p in prompts[start:start + per_pass]]
-            rows = [prompt + ending for prompt in chunk for ending in endings]
-            summed = summed_completion_logprobs(model, rows, [len(e) for e in endings] * len(chunk),
-                                                tokenizer.pad_token_id)
-            scores[start:start + len(chunk)] = summed.reshape(len(chunk), len(endings))
-            progress.advance(len(chunk), sum(map(len, rows)))
+            scores[start:start + len(chunk)] = summed_completion_logprobs(model, chunk, endings, tokenizer.pad_token_id)
+            progress.advance(len(chunk), sum(map(len, chunk)) + len(chunk) * sum(map(len, endings)))
     return scores
 
 
-def summed_completion_logprobs(model, rows: list[list[int]], completion_lengths: list[int], pad_id: int) -> np.ndarray:
-    """For each row (prompt ids + completion ids), the summed log-probability of its last `completion_lengths`
-    tokens given everything before them; one forward pass over the rows, after one over the prefix they share.
+def summed_completion_logprobs(model, prompts: list[list[int]], endings: list[list[int]], pad_id: int) -> np.ndarray:
+    """[prompts, endings]: log P(ending | prompt), summed over the ending's tokens.
 
-    The prefix every row starts with (the instruction, and the few-shot examples, which are most of a few-shot
-    prompt) goes through the model once; its KV cache is repeated for the rows, which follow it as
-    [prefix][padding][rest of the row] with positions from the attention mask, as `generation.Engine` lays them
-    out. Without it, a few-shot prompt was computed once per row and label."""
+    Two passes: the prompts (their shared prefix once, see `_prompt_pass`), whose last logits score each ending's
+    first token; then every ending of every prompt at once on the prompts' KV cache repeated per ending. A prompt
+    goes through the model once, however many labels it has."""
+    import torch
+
+    device = next(model.parameters()).device
+    cache, prompt_mask, last_logits = _prompt_pass(model, prompts, pad_id, device)
+    first = torch.log_softmax(last_logits.float(), dim=-1)
+    scores = first[:, torch.tensor([e[0] for e in endings], device=device)]  # [prompts, endings]
+    if max(len(e) for e in endings) > 1:
+        rest = _ending_pass(model, cache, prompt_mask, endings, pad_id, device)
+        scores = scores + rest.view(len(prompts), len(endings))
+    return scores.double().cpu().numpy()
+
+
+def _prompt_pass(model, prompts: list[list[int]], pad_id: int, device):
+    """The prompts, left-padded, through the model: (KV cache, attention mask, last position's logits).
+
+    The prefix every prompt starts with (instruction, few-shot examples) is computed once and its cache repeated;
+    the prompts follow as [prefix][padding][rest] with positions from the mask, as `generation.Engine` does."""
     import torch
 
     from specialist.generation import PREFIX_CACHE_MIN_TOKENS, left_pad, shared_prefix_length
 
-    device = next(model.parameters()).device
-    # each row keeps its last prompt token (whose logit predicts the completion's first) and its completion
-    shared = min(shared_prefix_length(rows), *(len(r) - n - 1 for r, n in zip(rows, completion_lengths)))
-    past = None
-    if len(rows) < 2 or shared < PREFIX_CACHE_MIN_TOKENS:
+    shared, past = shared_prefix_length(prompts), None
+    if len(prompts) < 2 or shared < PREFIX_CACHE_MIN_TOKENS:
         shared = 0
     else:
-        past = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True,
+        past = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True,
                      logits_to_keep=1).past_key_values
-        past.batch_repeat_interleave(len(rows))
-    input_ids, attention_mask = left_pad([row[shared:] for row in rows], pad_id)
-    full_mask = torch.cat([torch.ones((len(rows), shared), dtype=attention_mask.dtype), attention_mask], dim=1)
-    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    keep = max(completion_lengths) + 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=full_mask.to(device),
-                   position_ids=position_ids.to(device), cache=past, use_cache=past is not None,
-                   logits_to_keep=keep).logits[:, -keep:].float()
-    # the kept logit at window position t predicts the token at window position t + 1
-    targets = input_ids[:, -(keep - 1):].to(device)
-    chosen = logits[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    token_logprobs = chosen - torch.logsumexp(logits[:, :-1], dim=-1)
-    window = torch.arange(keep - 1, device=device)
-    lengths = torch.tensor(completion_lengths, device=device).unsqueeze(1)
-    in_completion = window >= (keep - 1) - lengths  # each row's completion is the end of the window
-    return (token_logprobs * in_completion).sum(-1).double().cpu().numpy()
+        past.batch_repeat_interleave(len(prompts))
+    input_ids, rest_mask = left_pad([p[shared:] for p in prompts], pad_id)
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=rest_mask.dtype), rest_mask], dim=1).to(device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids, cache=past,
+                use_cache=True, logits_to_keep=1)
+    return out.past_key_values, mask, out.logits[:, -1]
+
+
+def _ending_pass(model, cache, prompt_mask, endings: list[list[int]], pad_id: int, device):
+    """[prompts x endings]: the summed log-probability of each ending's tokens after its first, every ending
+    left-padded after every prompt (row p * endings + e), on the prompts' cache."""
+    import torch
+
+    from specialist.generation import left_pad
+
+    n_prompts, n_endings = prompt_mask.shape[0], len(endings)
+    cache.batch_repeat_interleave(n_endings)
+    ids, ending_mask = (t.repeat(n_prompts, 1).to(device) for t in left_pad(endings, pad_id))
+    mask = torch.cat([prompt_mask.repeat_interleave(n_endings, dim=0), ending_mask], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, prompt_mask.shape[1]:]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+                   logits_to_keep=ids.shape[1]).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts the token at t + 1
+    chosen = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # a target counts when it and the token before it are the ending's own (its first is scored by the prompt)
+    counted = (ending_mask[:, 1:] * ending_mask[:, :-1]).bool()
+    return (chosen * counted).sum(-1)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
