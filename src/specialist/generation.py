@@ -117,6 +117,27 @@ def left_pad(rows: list[list[int]], pad_id: int):
     return input_ids, attention_mask
 
 
+def prefix_cached_batch(model, prompts: list[list[int]], pad_id: int):
+    """(shared, cache, rest ids, attention mask) for a batch of prompts. When they share a prefix of at least
+    PREFIX_CACHE_MIN_TOKENS (the instruction, the few-shot examples), its KV cache is computed once and repeated
+    per row, and the rows are laid out as [prefix][padding][rest]: `rest ids` are the left-padded rests, the mask
+    covers prefix and rest, and positions come from the mask, so every token sits where it would without the
+    padding. Otherwise shared is 0, cache None and the rest ids are the whole rows, left-padded."""
+    import torch
+
+    device = model.device
+    shared, cache = shared_prefix_length(prompts), None
+    if len(prompts) < 2 or shared < PREFIX_CACHE_MIN_TOKENS:
+        shared = 0
+    else:
+        cache = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True,
+                      logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(prompts))
+    rest_ids, rest_mask = left_pad([p[shared:] for p in prompts], pad_id)
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=rest_mask.dtype), rest_mask], dim=1)
+    return shared, cache, rest_ids.to(device), mask.to(device)
+
+
 def default_max_new_tokens(tokenizer, train: list[Example]) -> int:
     """Room for the longest training completion plus a margin: enough to be right, short enough to stay fast."""
     longest = max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in train)
@@ -243,25 +264,15 @@ class Engine:
         return [self._finished(row) for row in rows]
 
     def _inputs(self, prompts: list[list[int]]) -> dict:
-        """generate's inputs for a batch: left-padded rows; when the rows share a prefix (the instruction, the
-        few-shot examples), laid out as [prefix][padding][rest of the row] with the prefix's KV cache computed
-        once and shared, instead of once per row. Positions come from the attention mask, so every token sits
-        where it would without the padding."""
+        """generate's inputs for a batch: left-padded rows, a shared prefix's KV cache computed once
+        (`prefix_cached_batch`)."""
         import torch
 
-        pad, device = self.tokenizer.pad_token_id, self.model.device
-        shared = shared_prefix_length(prompts)
-        if len(prompts) < 2 or shared < PREFIX_CACHE_MIN_TOKENS:
-            input_ids, attention_mask = left_pad(prompts, pad)
-            return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        prefix = torch.tensor([prompts[0][:shared]], device=device)
-        rest_ids, rest_mask = left_pad([p[shared:] for p in prompts], pad)
-        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
-        cache.batch_repeat_interleave(len(prompts))
-        return {"input_ids": torch.cat([prefix.expand(len(prompts), -1), rest_ids.to(device)], dim=1),
-                "attention_mask": torch.cat([torch.ones_like(prefix).expand(len(prompts), -1),
-                                             rest_mask.to(device)], dim=1),
-                "cache": cache}
+        shared, cache, rest_ids, mask = prefix_cached_batch(self.model, prompts, self.tokenizer.pad_token_id)
+        if cache is None:
+            return {"input_ids": rest_ids, "attention_mask": mask}
+        prefix = torch.tensor([prompts[0][:shared]], device=rest_ids.device).expand(len(prompts), -1)
+        return {"input_ids": torch.cat([prefix, rest_ids], dim=1), "attention_mask": mask, "cache": cache}
 
     def _constrained(self, requests: list[Request]) -> dict:
         """generate's logits_processor keeping every row inside the engine's constraint (none without one)."""

@@ -69,7 +69,7 @@ def summed_completion_logprobs(model, prompts: list[list[int]], endings: list[li
     import torch
 
     device = next(model.parameters()).device
-    cache, prompt_mask, last_logits = _prompt_pass(model, prompts, pad_id, device)
+    cache, prompt_mask, last_logits = _prompt_pass(model, prompts, pad_id)
     first = torch.log_softmax(last_logits.float(), dim=-1)
     scores = first[:, torch.tensor([e[0] for e in endings], device=device)]  # [prompts, endings]
     if max(len(e) for e in endings) > 1:
@@ -78,26 +78,17 @@ def summed_completion_logprobs(model, prompts: list[list[int]], endings: list[li
     return scores.double().cpu().numpy()
 
 
-def _prompt_pass(model, prompts: list[list[int]], pad_id: int, device):
+def _prompt_pass(model, prompts: list[list[int]], pad_id: int):
     """The prompts, left-padded, through the model: (KV cache, attention mask, last position's logits).
 
     The prefix every prompt starts with (instruction, few-shot examples) is computed once and its cache repeated;
-    the prompts follow as [prefix][padding][rest] with positions from the mask, as `generation.Engine` does."""
-    import torch
+    the prompts follow as [prefix][padding][rest] with positions from the mask (`generation.prefix_cached_batch`,
+    as the generation engine lays them out)."""
+    from specialist.generation import prefix_cached_batch
 
-    from specialist.generation import PREFIX_CACHE_MIN_TOKENS, left_pad, shared_prefix_length
-
-    shared, past = shared_prefix_length(prompts), None
-    if len(prompts) < 2 or shared < PREFIX_CACHE_MIN_TOKENS:
-        shared = 0
-    else:
-        past = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True,
-                     logits_to_keep=1).past_key_values
-        past.batch_repeat_interleave(len(prompts))
-    input_ids, rest_mask = left_pad([p[shared:] for p in prompts], pad_id)
-    mask = torch.cat([torch.ones((len(prompts), shared), dtype=rest_mask.dtype), rest_mask], dim=1).to(device)
+    shared, past, input_ids, mask = prefix_cached_batch(model, prompts, pad_id)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids, cache=past,
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=past,
                 use_cache=True, logits_to_keep=1)
     return out.past_key_values, mask, out.logits[:, -1]
 
