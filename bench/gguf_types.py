@@ -1,11 +1,13 @@
 """GGUF at the sizes people ship: each type's size, speed in llama.cpp and answers on the held-out rows.
 
-    .venv/bin/python bench/gguf_types.py RUN [--types f16,q8_0,q4_0,q4_k_m] [--threads 2] [--speed-rows 16]
+    .venv/bin/python bench/gguf_types.py RUN [--types f16,q8_0,q4_0,q4_k_m,q4_k_m/merged] [--threads 2]
 
-RUN is a trained run folder with an evaluation (the demo's: runs/log-to-json-*). For each type:
-`specialist export RUN --format gguf --quantize TYPE` (which replays its 8 golden prompts in llama.cpp), then
+RUN is a trained run folder with an evaluation (the demo's: runs/log-to-json-*). For each type (TYPE, or
+TYPE/merged or TYPE/separate to choose how a LoRA run's update is held; the default is export's own choice):
+`specialist export RUN --format gguf --quantize TYPE --lora LAYOUT` (which replays its 8 golden prompts in
+llama.cpp), then
 
-  size          the .gguf file
+  size          the .gguf file (base + adapter where the LoRA is kept separate)
   golden        golden prompts answered exactly as the run answers them (the export's own check)
   tokens/s      llama.cpp greedy, exactly 32 new tokens per prompt, one prompt at a time and --batch sequences
                 per batch (`deploy.llamacpp.measure_throughput`, prefill included)
@@ -35,7 +37,8 @@ def held_out(run) -> tuple[list[str], list[str], list[str]]:
     return [r["input"] for r in rows], [r["expected"] for r in rows], [r["tuned"] for r in rows]
 
 
-def llama_cpp_answers(reference, gguf: Path, prompts: list[str], max_new_tokens: int, threads: int) -> list[str]:
+def llama_cpp_answers(reference, gguf: Path, prompts: list[str], max_new_tokens: int, threads: int,
+                      lora: Path | None = None) -> list[str]:
     """llama.cpp's greedy answers, tokenized by llama.cpp from the rendered prompt, cut as the engine cuts."""
     from specialist.deploy import llamacpp
     from specialist.generation import cut_at_stop
@@ -43,7 +46,7 @@ def llama_cpp_answers(reference, gguf: Path, prompts: list[str], max_new_tokens:
     template, tokenizer = reference.template, reference.tokenizer
     texts = [template.render_prompt(p, tokenizer) for p in prompts]
     answers = llamacpp.greedy_answers(gguf, texts, max_new_tokens, stop_ids=sorted(reference.stop_ids),
-                                      threads=threads, add_special=not template.prompt_has_special_tokens)
+                                      threads=threads, add_special=not template.prompt_has_special_tokens, lora=lora)
     return [cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), template.stop_strings).strip()
             for tokens, _ in answers]
 
@@ -55,25 +58,29 @@ def mean_scores(outputs: list[str], expected: list[str], scorers: dict, prompts:
     return {name: sum(values) / len(values) for name, values in rows.items()}
 
 
-def measure_type(run, reference, qtype: str, work: Path, data: dict, args) -> dict:
+def measure_type(run, reference, spec: str, work: Path, data: dict, args) -> dict:
     from specialist.deploy import llamacpp
     from specialist.deploy.export import ExportMismatch, export_run
     from specialist.run_folder import ExportFolder, read_json
 
-    out = work / qtype
+    qtype, _, layout = spec.partition("/")
+    out = work / spec.replace("/", "-")
     started = time.perf_counter()
     try:
-        export_run(run.path, "gguf", out, quantize=qtype)
+        export_run(run.path, "gguf", out, quantize=qtype, lora=layout or "auto")
     except ExportMismatch:  # strict types (f32/f16) raise on a golden difference; the check is written first
         pass
     export_seconds = time.perf_counter() - started
     folder = ExportFolder(out)
-    gguf = folder.file(folder.meta()["gguf_file"])
+    meta = folder.meta()
+    gguf = folder.file(meta["gguf_file"])
+    lora = folder.file(meta["gguf_lora_file"]) if meta.get("gguf_lora_file") else None
     check = read_json(folder.check_file)
     speed_ids = data["prompt_ids"][: args.speed_rows]
-    speed = llamacpp.measure_throughput(gguf, speed_ids, 32, parallel=args.batch, threads=args.threads)
-    answers = llama_cpp_answers(reference, gguf, data["prompts"], data["max_new_tokens"], args.threads)
-    return {"size_mib": gguf.stat().st_size / 2**20, "export_seconds": round(export_seconds, 1),
+    speed = llamacpp.measure_throughput(gguf, speed_ids, 32, parallel=args.batch, threads=args.threads, lora=lora)
+    answers = llama_cpp_answers(reference, gguf, data["prompts"], data["max_new_tokens"], args.threads, lora)
+    return {"size_mib": meta["gguf_bytes"] / 2**20, "layout": meta.get("gguf_layout", "merged"),
+            "export_seconds": round(export_seconds, 1),
             "golden_equal": check["prompts"] - len(check["mismatches"]), "golden": check["prompts"],
             "tokens_per_s_one": speed["one_at_a_time"]["tokens_per_s"],
             "tokens_per_s_batched": speed["batched"]["tokens_per_s"],
@@ -102,16 +109,16 @@ def prepare(run) -> tuple[object, dict]:
 
 def print_table(results: dict, data: dict, args, cpu_line: str) -> None:
     names = list(data["tuned_scores"])
-    header = f"{'type':<8}{'MiB':>8}{'golden':>8}{'tok/s 1':>9}{'tok/s b':>9}" + "".join(f"{n:>16}" for n in names)
+    header = f"{'type':<16}{'MiB':>8}{'golden':>8}{'tok/s 1':>9}{'tok/s b':>9}" + "".join(f"{n:>16}" for n in names)
     print(f"\n{len(data['prompts'])} held-out rows of {args.run}; tokens/s: llama.cpp, 32 new tokens, "
           f"{args.speed_rows} prompts, one at a time / {args.batch} sequences per batch, {args.threads} threads")
     print(header + f"{'same answers':>14}")
-    print(f"{'tuned':<8}{'':>8}{'':>8}{'':>9}{'':>9}" + "".join(f"{100 * data['tuned_scores'][n]:>15.1f}%"
+    print(f"{'tuned':<16}{'':>8}{'':>8}{'':>9}{'':>9}" + "".join(f"{100 * data['tuned_scores'][n]:>15.1f}%"
                                                                for n in names))
     for qtype, r in results.items():
         cells = "".join(f"{100 * r['scores'][n]:>9.1f}% ({100 * (r['scores'][n] - data['tuned_scores'][n]):+.1f})"
                         for n in names)
-        print(f"{qtype:<8}{r['size_mib']:>8.0f}{r['golden_equal']:>5}/{r['golden']:<2}{r['tokens_per_s_one']:>9.1f}"
+        print(f"{qtype + ('' if '/' in qtype else '/' + r['layout']):<16}{r['size_mib']:>8.0f}{r['golden_equal']:>5}/{r['golden']:<2}{r['tokens_per_s_one']:>9.1f}"
               f"{r['tokens_per_s_batched']:>9.1f}{cells}{100 * r['same_as_tuned']:>13.0f}%")
     print(cpu_line)
 

@@ -5,6 +5,7 @@ import json
 import pickle
 
 import pytest
+import torch
 import yaml
 
 from specialist.artifacts import load_exported
@@ -132,7 +133,31 @@ def test_gguf_export_replays_in_llama_cpp_with_its_own_tokenizer(run_dir, tmp_pa
     if qtype == "f16":
         assert check["mismatches"] == [] and check["logits"]["top1_agreement"] == 1.0
     modelfile = (result.folder / "Modelfile").read_text()
-    assert modelfile.startswith("FROM ./model-") and "TEMPLATE" in modelfile and "PARAMETER stop" in modelfile
+    assert "TEMPLATE" in modelfile and "PARAMETER stop" in modelfile
+    meta = json.loads((result.folder / "export.json").read_text())
+    if qtype in ("q4_0", "q4_k_m"):  # a LoRA run at 4 bits: the base file and the adapter beside it
+        assert meta["gguf_layout"] == "separate" and meta["gguf_file"] == f"base-{qtype}.gguf"
+        assert modelfile.startswith(f"FROM ./base-{qtype}.gguf\nADAPTER ./adapter.gguf\n")
+    else:
+        assert meta["gguf_layout"] == "merged" and modelfile.startswith(f"FROM ./model-{qtype}.gguf\n")
+
+
+def test_a_separate_lora_gguf_answers_like_the_run_in_llama_cpp_and_through_transformers(run_dir, tmp_path):
+    """Base + adapter files: llama.cpp applies the adapter; without llama.cpp the loader adds it to the weights."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the test extra")
+    result = export_run(run_dir, "gguf", tmp_path / "sep", golden=4, max_new_tokens=8, quantize="f16", lora="separate")
+    assert result.check["runtime"] == "llama.cpp" and result.check["mismatches"] == []
+    assert sorted(p.name for p in result.folder.glob("*.gguf")) == ["adapter.gguf", "base-f16.gguf"]
+    loaded = load_exported(result.folder)  # transformers' GGUF reader + the adapter merged in
+    merged = load_exported(export_run(run_dir, "merged", tmp_path / "m", golden=1, max_new_tokens=4).folder)
+    for name, weight in merged.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], weight, rtol=2e-3, atol=2e-3, msg=name)
+
+
+def test_lora_layouts_are_checked_before_anything_is_written(run_dir, tmp_path):
+    with pytest.raises(ConfigError, match="unknown LoRA layout 'both'"):
+        export_run(run_dir, "gguf", tmp_path / "x", quantize="q4_0", lora="both")
+    assert not (tmp_path / "x").exists()
 
 
 # ---- A/B report -------------------------------------------------------------------------------------------

@@ -196,13 +196,14 @@ def export(
     quantize: Annotated[str | None, typer.Option(help="gguf: f32, f16 (default), q8_0, q5_0, q4_0, q6_k, q5_k_m, q4_k_m; int8: weight_only.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT).")] = None,
     golden: Annotated[int, typer.Option(min=0, help="Test prompts replayed through the export and compared.")] = 8,
+    lora: Annotated[str, typer.Option(help="gguf of a LoRA run: separate (base GGUF + LoRA GGUF: llama.cpp --lora, Ollama ADAPTER), merged (one file) or auto (separate at 4 and 5 bits, where merging rounds the update away).")] = "auto",
     junit: JunitOption = None,
 ) -> None:
     """Export a run's model; replay golden prompts through the export and fail (exit 1) on any difference."""
     from specialist.deploy.export import describe_check, export_run
 
     with _user_errors():
-        result = export_run(run_dir, format_, out, golden, quantize=quantize, junit=junit)
+        result = export_run(run_dir, format_, out, golden, quantize=quantize, junit=junit, lora=lora)
     console.print(f"exported {format_}: [bold]{result.folder}[/] ({describe_check(result.check)})", soft_wrap=True)
 
 

@@ -3,8 +3,10 @@
 - merged: the LoRA folded into the base weights (or a full fine-tune's weights), a plain transformers folder
   (safetensors, config, tokenizer, a generation config listing every stop token) for vLLM and transformers;
 - adapter: the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for PEFT and vLLM's LoRA;
-- gguf: one GGUF file for llama.cpp and Ollama (`specialist.deploy.gguf_export`), also checked by next-token logits
-  against the run's model after loading it back through transformers' GGUF reader;
+- gguf: a GGUF file for llama.cpp and Ollama (`specialist.deploy.gguf_export`), also checked by next-token logits
+  against the run's model. A LoRA run at 4 or 5 bits is written as the base GGUF plus a GGUF LoRA adapter
+  (llama.cpp's `--lora`, Ollama's ADAPTER; `--lora separate`), because merging then quantizing rounds the update
+  away there; `--lora merged` writes the one merged file;
 - int8: every weight matrix as int8 with a scale per row, in safetensors (`specialist.int8`).
 
 Every export carries the run's prompt format, export.json (source run, base model, format, files) and a
@@ -49,15 +51,18 @@ class ExportResult:
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8,
                max_new_tokens: int | None = None, quantize: str | None = None,
-               junit: Path | None = None) -> ExportResult:
-    """Write the run's model as `fmt` into `out`, load it back, replay the golden prompts and compare."""
+               junit: Path | None = None, lora: str = "auto") -> ExportResult:
+    """Write the run's model as `fmt` into `out`, load it back, replay the golden prompts and compare.
+
+    `lora` (gguf of a LoRA run): "separate" base + adapter files, "merged" one file, "auto" separate at 4/5 bits."""
     run = RunFolder.open(Path(run_dir))
     config = _check_exportable(run, fmt)
+    layout = gguf_lora_layout(run, fmt, quantize or "f16", lora)
     pool = ModelPool()
     tuned = load_run(run, pool, adapter_name="tuned")
     export = ExportFolder(Path(out) if out else run.export_dir(fmt))
     export.path.mkdir(parents=True, exist_ok=True)
-    quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize)
+    quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize, layout)
     tuned.template.save(export.template_file)
     export.write_meta({"format": fmt, "run": str(run.path.resolve()), "base_model": config.model.name,
                        "method": config.method.kind, "template": export.template_file.name, **extra})
@@ -98,7 +103,31 @@ def _check_exportable(run: RunFolder, fmt: str):
     return config
 
 
-def write_artifact(fmt: str, run: RunFolder, tuned, out: Path, quantize: str | None) -> tuple[str | None, dict]:
+GGUF_LORA_LAYOUTS = ("auto", "separate", "merged")
+# measured on the demo run (bench/gguf_types.py): merged q4_0 0% valid JSON, q5_0 78%, q4_k_m 90% with 0% exact
+# match, where the tuned model has 100% and 95%; f16 and q8_0 merged keep every answer
+SEPARATE_LORA_TYPES = ("q4_0", "q5_0", "q4_k_m", "q5_k_m")
+
+
+def gguf_lora_layout(run: RunFolder, fmt: str, quantize: str, requested: str) -> str | None:
+    """How a GGUF export holds the run's LoRA: "separate" (base GGUF + adapter GGUF) or "merged"; None for other
+    formats and runs without an adapter."""
+    if requested not in GGUF_LORA_LAYOUTS:
+        raise ConfigError(f"unknown LoRA layout {requested!r}", hint=f"use one of {', '.join(GGUF_LORA_LAYOUTS)}")
+    if fmt != "gguf":
+        return None
+    if not run.has_adapter:
+        if requested == "separate":
+            raise ConfigError(f"{run.path} has no LoRA adapter to keep separate (method {run.config().method.kind})",
+                              hint="export it with --lora merged")
+        return None
+    if requested == "auto":
+        return "separate" if quantize in SEPARATE_LORA_TYPES else "merged"
+    return requested
+
+
+def write_artifact(fmt: str, run: RunFolder, tuned, out: Path, quantize: str | None,
+                   layout: str | None = None) -> tuple[str | None, dict]:
     """Write the export's files; (the quantization used, what export.json records about them)."""
     if fmt == "merged":
         _write_merged(tuned, out)
@@ -111,7 +140,10 @@ def write_artifact(fmt: str, run: RunFolder, tuned, out: Path, quantize: str | N
             raise ConfigError(f"unknown int8 mode {quantize!r}", hint="int8 exports are weight_only")
         return "weight_only", _write_int8(tuned, out)
     quantize = quantize or "f16"
-    return quantize, _write_gguf(tuned, out, quantize, run.config().model.name)
+    if layout == "separate":
+        return quantize, _write_gguf_separate(tuned, out, quantize, run.config().model.name)
+    return quantize, {**_write_gguf(tuned, out, quantize, run.config().model.name),
+                      **({"gguf_layout": "merged"} if layout else {})}
 
 
 def merged_copy(tuned):
@@ -167,6 +199,40 @@ def _write_gguf(tuned, out: Path, quantize: str, base_name: str) -> dict[str, An
             "modelfile": modelfile.name}
 
 
+def _write_gguf_separate(tuned, out: Path, quantize: str, base_name: str) -> dict[str, Any]:
+    """The base model as `base-QUANT.gguf` and the run's LoRA as `adapter.gguf` (f32), with a Modelfile naming both.
+
+    Where the base came from a GGUF of that very type (the embedded Q4_K_M model exported as q4_k_m), the base
+    file is that GGUF, byte for byte: the weights the adapter was trained on."""
+    import copy
+    import tempfile
+
+    from specialist.deploy.gguf_export import file_type_for, file_type_of, write_gguf, write_gguf_lora
+    from specialist.deploy.ollama import write_modelfile
+    from specialist.models import source_gguf
+
+    name, lora_name = f"base-{quantize}.gguf", "adapter.gguf"
+    with tuned.context():
+        adapter_name = tuned.model.active_adapter
+        lora = write_gguf_lora(tuned.model, adapter_name, out / lora_name)
+    with tempfile.TemporaryDirectory() as work:
+        source = source_gguf(base_name, Path(work))
+        if source is not None and file_type_of(source) == file_type_for(quantize):
+            shutil.copyfile(source, out / name)
+            base_from = "the base model's own GGUF file"
+        else:
+            plain = copy.deepcopy(tuned.model).unload()  # the base weights, every adapter taken off
+            write_gguf(plain, tuned.tokenizer, out / name, quantize, source_gguf=source)
+            del plain
+            base_from = f"the base model quantized to {quantize}"
+    tuned.tokenizer.save_pretrained(out)
+    modelfile = write_modelfile(out, name, tuned.template, tokenizer=tuned.tokenizer, adapter=lora_name)
+    console.log(f"gguf: {name} ({base_from}) + {lora_name} (the LoRA, f32, {lora['bytes'] / 2**20:.1f} MiB)")
+    return {"gguf_file": name, "gguf_lora_file": lora_name, "gguf_layout": "separate",
+            "gguf_bytes": (out / name).stat().st_size + lora["bytes"], "gguf_base_from": base_from,
+            "metadata_from": "source GGUF" if source else "config", "modelfile": modelfile.name}
+
+
 def replay_check(tuned, export: ExportFolder, prompts: list[str], max_new_tokens: int, fmt: str,
                  quantize: str | None) -> dict[str, Any]:
     """The golden replay (and, for quantized formats, the next-token logit distance) as export_check.json.
@@ -177,7 +243,9 @@ def replay_check(tuned, export: ExportFolder, prompts: list[str], max_new_tokens
 
     reference = Engine(tuned.model, tuned.tokenizer, tuned.template, context=tuned.context)
     if fmt == "gguf" and llama_cpp_available():
-        check = llama_cpp_replay(reference, export.file(export.meta()["gguf_file"]), prompts, max_new_tokens)
+        meta = export.meta()
+        lora = export.file(meta["gguf_lora_file"]) if meta.get("gguf_lora_file") else None
+        check = llama_cpp_replay(reference, export.file(meta["gguf_file"]), prompts, max_new_tokens, lora=lora)
     else:
         exported = load_exported(export.path, ModelPool())
         candidate = Engine(exported.model, exported.tokenizer, exported.template, context=exported.context)
@@ -191,7 +259,8 @@ def replay_check(tuned, export: ExportFolder, prompts: list[str], max_new_tokens
     return check
 
 
-def llama_cpp_replay(reference: Engine, gguf: Path, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
+def llama_cpp_replay(reference: Engine, gguf: Path, prompts: list[str], max_new_tokens: int,
+                     lora: Path | None = None) -> dict[str, Any]:
     """The golden prompts through llama.cpp: its own tokenization against ours, its greedy answers against the
     run's, and its next-token logits against the run's."""
     from specialist.deploy import llamacpp
@@ -202,7 +271,7 @@ def llama_cpp_replay(reference: Engine, gguf: Path, prompts: list[str], max_new_
     ours = [reference.encode(p) for p in prompts]
     theirs = [llamacpp.tokenize(gguf, text, add_special=add_special) for text in texts]
     answers = llamacpp.greedy_answers(gguf, texts, max_new_tokens, stop_ids=sorted(reference.stop_ids),
-                                      add_special=add_special)
+                                      add_special=add_special, lora=lora)
     mismatches, pairs, stopped = [], [], 0
     for n, (prompt, (tokens, ended)) in enumerate(zip(prompts, answers)):
         want = reference.answer(prompt, max_new_tokens)
@@ -217,7 +286,7 @@ def llama_cpp_replay(reference: Engine, gguf: Path, prompts: list[str], max_new_
     return {"prompts": len(prompts), "mismatches": mismatches, "stopped_at_end_token": stopped,
             "max_new_tokens": max_new_tokens, "answers": pairs, "runtime": "llama.cpp",
             "prompt_token_mismatches": [n for n, (a, b) in enumerate(zip(ours, theirs)) if a != b],
-            "logits": _logit_distance(reference, ours, llamacpp.next_token_logits(gguf, ours))}
+            "logits": _logit_distance(reference, ours, llamacpp.next_token_logits(gguf, ours, lora=lora))}
 
 
 def _logit_distance(reference: Engine, prompt_ids: list[list[int]], candidate_logits) -> dict[str, float]:

@@ -484,3 +484,166 @@ def _bpe_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             tokens.append(f"[PAD{index}]")
             types.append(gguf.TokenType.UNUSED)
     return tokens, types
+
+
+# ---- LoRA adapters as llama.cpp loads them (`--lora FILE`, Ollama's ADAPTER) ------------------------------------
+#
+# A 4- or 5-bit GGUF of a merged LoRA run loses the fine-tune when the base was itself 4-bit (the embedded
+# default is Q4_K_M): the merged weights sit within half a quantization step of the base's grid, so requantizing
+# rounds most of the update away (measured on the demo run: q4_k_m 0% exact match, q4_0 0% valid JSON, where
+# f16 and q8_0 keep every answer). Shipping the base at 4 bits and the update beside it, unquantized, keeps it.
+
+LORA_SUFFIXES = (".lora_a", ".lora_b")
+
+
+def write_gguf_lora(model, adapter_name: str, path: Path | str) -> dict[str, Any]:
+    """The LoRA `adapter_name` of PEFT `model` as a GGUF LoRA adapter (what llama.cpp's convert_lora_to_gguf.py
+    writes): for each adapted weight W, `W.lora_a` (rank x in) and `W.lora_b` (out x rank) in f32 and one
+    `adapter.lora.alpha`. llama.cpp scales by alpha / rank per tensor, so a module whose PEFT scaling differs
+    (rank_pattern, alpha_pattern, rslora) has the difference folded into its lora_b."""
+    import gguf
+
+    path = Path(path)
+    modules = lora_modules(model, adapter_name)
+    plain = model.get_base_model()
+    spec = _architecture(plain)
+    to_gguf = {hf: name for name, hf in gguf_weight_names(plain, spec).items()}
+    first = modules[0]
+    alpha = first[3] * first[2].shape[0]  # scaling * rank of the first module: its lora_b is written as is
+    writer = gguf.GGUFWriter(str(path), spec.gguf_name)
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    count = 0
+    for hf_weight, lora_a, lora_b, scaling in modules:
+        name = to_gguf.get(hf_weight)
+        if name is None:
+            raise ConfigError(f"the LoRA on {hf_weight} has no llama.cpp tensor to apply to",
+                              hint="export --format gguf --lora merged, or train without that target module")
+        rank = lora_b.shape[1]
+        lora_b = lora_b * (scaling * rank / alpha)
+        if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
+            heads = plain.config.num_attention_heads if ".attn_q." in name else plain.config.num_key_value_heads
+            lora_b = _permute(lora_b, heads)  # the output rows move as the base weight's rows do
+        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))
+        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
+        count += 2
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"tensors": count, "bytes": path.stat().st_size, "alpha": float(alpha)}
+
+
+def lora_modules(model, adapter_name: str) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+    """(HF weight name, A, B, scaling) for each linear LoRA of `adapter_name`; what llama.cpp cannot apply
+    (DoRA, embedding LoRA, fully trained modules_to_save, LoRA biases) is refused with the way out."""
+    from peft.tuners.lora import LoraLayer
+
+    way_out = "export --format gguf --lora merged (one file, merged weights) or --format merged"
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ConfigError(f"the model holds no LoRA named {adapter_name!r}", hint=way_out)
+    config = model.peft_config[adapter_name]
+    if getattr(config, "use_dora", False):
+        raise ConfigError("a DoRA adapter has no llama.cpp LoRA form (its magnitude vector rescales W)", hint=way_out)
+    if getattr(config, "modules_to_save", None):
+        raise ConfigError(f"modules_to_save {config.modules_to_save} are trained in full, not as a LoRA",
+                          hint=way_out)
+    prefix = "base_model.model."
+    found = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "lora_A", {}):
+            continue
+        if getattr(module, "lora_bias", {}).get(adapter_name, False):
+            raise ConfigError(f"{module_name}: a LoRA with a bias has no llama.cpp LoRA form", hint=way_out)
+        a = module.lora_A[adapter_name].weight.detach().float().cpu().numpy()
+        b = module.lora_B[adapter_name].weight.detach().float().cpu().numpy()
+        if a.ndim != 2 or b.ndim != 2:
+            raise ConfigError(f"{module_name}: only LoRA on linear layers has a llama.cpp form", hint=way_out)
+        hf_name = module_name[len(prefix):] if module_name.startswith(prefix) else module_name
+        found.append((f"{hf_name}.weight", a, b, float(module.scaling[adapter_name])))
+    for module_name, module in model.named_modules():
+        if adapter_name in getattr(module, "lora_embedding_A", {}):
+            raise ConfigError(f"{module_name}: a LoRA on the embeddings has no llama.cpp LoRA form", hint=way_out)
+    if not found:
+        raise ConfigError(f"the model holds no LoRA named {adapter_name!r}", hint=way_out)
+    return found
+
+
+def gguf_weight_names(model, spec: Architecture) -> dict[str, str]:
+    """GGUF tensor name -> HF parameter name for a plain model or one PEFT has injected LoRA layers into."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    processor = TENSOR_PROCESSORS.get(spec.gguf_name, TensorProcessor)(config=model.config.to_dict())
+    # PEFT wraps an adapted linear as `<name>.base_layer`: map the names the plain model would have
+    plain_names = [name.replace(".base_layer.", ".") for name in model.state_dict()
+                   if ".lora_" not in name]
+    return get_gguf_hf_weights_map(_NamesOnly(plain_names, model.config), processor)
+
+
+class _NamesOnly:
+    """What transformers' name mapper reads of a model (its state dict keys and config), without the model."""
+
+    def __init__(self, names: list[str], config) -> None:
+        self.config, self._names = config, names
+
+    def state_dict(self) -> dict[str, None]:
+        return dict.fromkeys(self._names)
+
+    def named_children(self) -> list:
+        return []
+
+
+def merge_gguf_lora(model, lora_path: Path) -> int:
+    """Add a GGUF LoRA adapter's update to `model`'s weights in place (the reader side of `write_gguf_lora`, for
+    loaders without llama.cpp); returns how many weights changed."""
+    import gguf
+    import torch
+
+    spec = _architecture(model)
+    reader = gguf.GGUFReader(str(lora_path))
+    fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    if fields.get(gguf.Keys.General.TYPE) != gguf.GGUFType.ADAPTER or fields.get(gguf.Keys.Adapter.TYPE) != "lora":
+        raise ConfigError(f"{lora_path}: not a GGUF LoRA adapter (general.type / adapter.type)",
+                          hint="export one with `specialist export --format gguf --lora separate`")
+    alpha = float(fields.get(gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    to_hf = gguf_weight_names(model, spec)
+    state = dict(model.named_parameters())
+    changed = 0
+    for name in sorted(n[: -len(".lora_a")] for n in tensors if n.endswith(".lora_a")):
+        a, b = tensors[f"{name}.lora_a"], tensors.get(f"{name}.lora_b")
+        if b is None or name not in to_hf or to_hf[name] not in state:
+            raise ConfigError(f"{lora_path}: tensor {name}.lora_a has no matching lora_b or model weight",
+                              hint="the adapter must come from an export of a run on this base model")
+        delta = (b @ a) * (alpha / b.shape[1] if alpha else 1.0)
+        if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
+            heads = model.config.num_attention_heads if ".attn_q." in name else model.config.num_key_value_heads
+            delta = _unpermute(delta, heads)
+        weight = state[to_hf[name]]
+        with torch.no_grad():
+            weight += torch.from_numpy(delta).to(weight.dtype)
+        changed += 1
+    return changed
+
+
+def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `_permute`: llama.cpp's rotary row order back to transformers'."""
+    return (weights.reshape(heads, weights.shape[0] // heads // 2, 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def file_type_of(path: Path) -> int | None:
+    """`general.file_type` of a GGUF file (a gguf.LlamaFileType value), or None where it is not written."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    return int(field.contents()) if field is not None else None
+
+
+def file_type_for(qtype: str) -> int:
+    import gguf
+
+    extra = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
+    return int(extra[qtype] if qtype in extra else _FILE_TYPES[qtype](gguf))

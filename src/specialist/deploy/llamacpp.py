@@ -56,9 +56,9 @@ class LlamaRunner:
     """
 
     def __init__(self, path: Path | str, n_ctx: int = 2048, n_seq: int = 1, threads: int | None = None,
-                 vocab_only: bool = False) -> None:
+                 vocab_only: bool = False, lora: Path | str | None = None) -> None:
         lib = self.lib = require_llama_cpp()
-        path = Path(path)
+        path = self.path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: no such GGUF file", hint="export one with `specialist export --format gguf`")
         model_params = lib.llama_model_default_params()
@@ -76,6 +76,8 @@ class LlamaRunner:
             self.model = None
             raise ModelError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens: {_tail(log)}",
                              hint="use a smaller context")
+        if lora is not None and not vocab_only:
+            self._attach_lora(Path(lora))
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
 
@@ -90,6 +92,21 @@ class LlamaRunner:
         if self.ctx:
             self.n_ctx, self.n_seq = n_ctx, n_seq
             self._batch = lib.llama_batch_init(n_ctx, 0, 1)
+
+    def _attach_lora(self, path: Path) -> None:
+        """Apply a GGUF LoRA adapter (llama.cpp's `--lora FILE`) at scale 1 to every decode of this context."""
+        lib = self.lib
+        if not path.is_file():
+            self.close()
+            raise ModelError(f"{path}: no such GGUF LoRA adapter", hint="export one with `specialist export --format gguf`")
+        with _llama_log() as log:
+            adapter = lib.llama_adapter_lora_init(self.model, str(path).encode())
+            status = lib.llama_set_adapters_lora(self.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
+                                                 (ctypes.c_float * 1)(1.0)) if adapter else -1
+        if status != 0:
+            self.close()  # the adapter, if any, is freed with the model
+            raise ModelError(f"{path}: llama.cpp could not apply this LoRA adapter to {self.path}: {_tail(log)}",
+                             hint="the adapter must come from an export of a run on this base model")
 
     def close(self) -> None:
         with _llama_log():  # freeing logs buffer sizes
@@ -174,12 +191,13 @@ def _prompt_ids(runner: LlamaRunner, prompts: Sequence[Sequence[int] | str], add
 
 def greedy_answers(gguf_path: Path | str, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
                    stop_ids: Sequence[int] | None = None, threads: int | None = None,
-                   add_special: bool = True) -> list[tuple[list[int], bool]]:
+                   add_special: bool = True, lora: Path | str | None = None) -> list[tuple[list[int], bool]]:
     """Greedy answers of llama.cpp for each prompt (token ids, or text llama.cpp tokenizes itself), one at a time.
 
     Each answer is (new token ids, whether a stop token ended it); a stop token is kept as the last id.
     `stop_ids` default to llama.cpp's end-of-generation tokens of the file. `add_special` applies to text
-    prompts only: whether llama.cpp adds BOS as the file says (False when the text already holds it).
+    prompts only: whether llama.cpp adds BOS as the file says (False when the text already holds it). `lora`: a
+    GGUF LoRA adapter applied on top of the file.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
@@ -188,7 +206,7 @@ def greedy_answers(gguf_path: Path | str, prompts: Sequence[Sequence[int] | str]
     with LlamaRunner(gguf_path, vocab_only=True) as vocabulary:
         ids = _prompt_ids(vocabulary, prompts, add_special)
     n_ctx = max(64, max((len(p) for p in ids), default=1) + max_new_tokens)
-    with LlamaRunner(gguf_path, n_ctx=n_ctx, threads=threads) as runner:
+    with LlamaRunner(gguf_path, n_ctx=n_ctx, threads=threads, lora=lora) as runner:
         stops = set(stop_ids) if stop_ids is not None else None
         return [_generate(runner, [prompt], max_new_tokens, stops)[0] for prompt in ids]
 
@@ -222,13 +240,13 @@ def _generate(runner: LlamaRunner, prompts: list[list[int]], max_new_tokens: int
 
 
 def next_token_logits(gguf_path: Path | str, prompts: Sequence[Sequence[int]],
-                      threads: int | None = None) -> list[np.ndarray]:
+                      threads: int | None = None, lora: Path | str | None = None) -> list[np.ndarray]:
     """llama.cpp's logits for the token after each prompt (token ids), to compare with the HF model's."""
     if not prompts:
         return []
     with LlamaRunner(gguf_path, vocab_only=True) as vocabulary:
         ids = _prompt_ids(vocabulary, prompts, True)
-    with LlamaRunner(gguf_path, n_ctx=max(64, max(len(p) for p in ids)), threads=threads) as runner:
+    with LlamaRunner(gguf_path, n_ctx=max(64, max(len(p) for p in ids)), threads=threads, lora=lora) as runner:
         out = []
         for prompt in ids:
             runner.clear()
@@ -286,7 +304,8 @@ def _llama_log() -> Iterator[list[str]]:
 
 
 def measure_throughput(gguf_path: Path | str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                       parallel: int = 4, threads: int | None = None) -> dict[str, Any]:
+                       parallel: int = 4, threads: int | None = None,
+                       lora: Path | str | None = None) -> dict[str, Any]:
     """Greedy tokens/s of llama.cpp on `prompts`, one prompt at a time and `parallel` sequences per batch.
 
     Every prompt generates exactly `max_new_tokens` (end-of-generation does not stop it) so both modes do the
@@ -299,9 +318,9 @@ def measure_throughput(gguf_path: Path | str, prompts: Sequence[Sequence[int]], 
     with LlamaRunner(gguf_path, vocab_only=True) as vocabulary:
         ids = _prompt_ids(vocabulary, prompts, True)
     per_sequence = -(-(max(len(p) for p in ids) + max_new_tokens) // 256) * 256  # llama.cpp pads to 256
-    with LlamaRunner(gguf_path, n_ctx=per_sequence, threads=threads) as runner:
+    with LlamaRunner(gguf_path, n_ctx=per_sequence, threads=threads, lora=lora) as runner:
         single, single_s = _timed(lambda: [_generate(runner, [p], max_new_tokens, None, False)[0] for p in ids])
-    with LlamaRunner(gguf_path, n_ctx=per_sequence * parallel, n_seq=parallel, threads=threads) as runner:
+    with LlamaRunner(gguf_path, n_ctx=per_sequence * parallel, n_seq=parallel, threads=threads, lora=lora) as runner:
         groups = [ids[i:i + parallel] for i in range(0, len(ids), parallel)]
         batched, batched_s = _timed(
             lambda: [a for group in groups for a in _generate(runner, group, max_new_tokens, None, False)])

@@ -334,11 +334,15 @@ def use_section() -> str:
             "- Quantized formats (gguf, int8) can answer a little differently from the run: see the export check.")
 
 
+def _plain_gguf_name(name: Any) -> bool:
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}\.gguf", name) is not None
+
+
 def loading_section(meta: dict[str, Any], base: str | None, repo: str, export: ExportFolder) -> str:
     fmt = meta["format"]
     base_id = hub_id_of(base) or "BASE_MODEL"
     name = meta.get("gguf_file")
-    plain = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}\.gguf", name)
+    plain = _plain_gguf_name(name)
     gguf_file = f" --hf-file {name}" if plain else ""
     snippets = {
         "merged": f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -348,8 +352,11 @@ def loading_section(meta: dict[str, Any], base: str | None, repo: str, export: E
                    f"base = AutoModelForCausalLM.from_pretrained(\"{base_id}\")\n"
                    f"model = PeftModel.from_pretrained(base, \"{repo}\")\n"
                    f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")",
-        "gguf": f"# llama.cpp\nllama-cli -hf {repo}{gguf_file} -p \"...\"\n"
-                f"# Ollama (the Modelfile carries the prompt format)\n"
+        "gguf": (f"# llama.cpp: the base file and the LoRA beside it\nhuggingface-cli download {repo} --local-dir model\n"
+                 f"llama-cli -m model/{name} --lora model/{meta['gguf_lora_file']} -p \"...\"\n"
+                 if plain and _plain_gguf_name(meta.get("gguf_lora_file")) else
+                 f"# llama.cpp\nllama-cli -hf {repo}{gguf_file} -p \"...\"\n")
+                + f"# Ollama (the Modelfile carries the prompt format)\n"
                 f"huggingface-cli download {repo} --local-dir model && cd model\n"
                 f"ollama create my-specialist -f Modelfile && ollama run my-specialist",
         "int8": f"# int8 weights with a scale per row, read by specialist (kept int8 in memory)\n"

@@ -34,11 +34,12 @@ _PLAIN_VALUE = re.compile(r'[^\s"]+')
 
 
 def write_modelfile(folder: Path, gguf_name: str, template: PromptTemplate, stop_strings: Sequence[str] = (),
-                    params: Mapping[str, Any] | None = None, tokenizer=None) -> Path:
+                    params: Mapping[str, Any] | None = None, tokenizer=None, adapter: str | None = None) -> Path:
     """Write `folder/Modelfile` for `folder/gguf_name`; returns its path.
 
     `stop_strings` are added to the template's EOS token and its own stop strings (each one a `PARAMETER
     stop`); `params` are more `PARAMETER`s (default temperature 0). A chat template needs `tokenizer`.
+    `adapter`: a GGUF LoRA file in the folder, applied on top (Ollama's ADAPTER).
     """
     folder = Path(folder)
     gguf_path = folder / gguf_name
@@ -49,7 +50,13 @@ def write_modelfile(folder: Path, gguf_name: str, template: PromptTemplate, stop
     go_template = ollama_template(template, tokenizer, bos)
     stops = _unique([template.eos_token, *template.stop_strings, *stop_strings])
     source = f"./{gguf_name}"
-    lines = [f"FROM {_value(source)}", f"TEMPLATE {_quote(go_template)}"]
+    lines = [f"FROM {_value(source)}"]
+    if adapter is not None:
+        if Path(adapter).name != adapter or not (folder / adapter).is_file():
+            raise ConfigError(f"{folder / adapter}: no GGUF adapter of that name in the export folder",
+                              hint="pass the file name (not a path) of a GGUF LoRA written into the folder")
+        lines.append(f"ADAPTER {_value(f'./{adapter}')}")
+    lines.append(f"TEMPLATE {_quote(go_template)}")
     if template.instruction:
         lines.append(f"SYSTEM {_quote(template.instruction)}")
     lines += [f"PARAMETER stop {_value(stop)}" for stop in stops]
