@@ -211,3 +211,41 @@ def test_a_shared_prefix_is_computed_once_and_scores_as_without_it(tiny_model, m
     plain = label_logprobs(model, tokenizer, template, prompts, LABELS, 64, shots)
     np.testing.assert_allclose(shared, plain, atol=1e-4)
     np.testing.assert_allclose(shared, by_hand(model, tokenizer, template, prompts, LABELS, shots), atol=1e-4)
+
+
+def test_batch_calibration_divides_out_each_labels_mean_and_keeps_rows_normalised():
+    from specialist.evaluate.likelihood import batch_calibrate
+
+    # a model that learnt the prior: the first label wins every row although the evidence ranks the rows apart
+    raw = np.array([[0.7, 0.2, 0.1], [0.6, 0.1, 0.3], [0.8, 0.15, 0.05], [0.5, 0.1, 0.4]])
+    calibrated = batch_calibrate(raw)
+    by_hand = raw / raw.mean(axis=0)
+    np.testing.assert_allclose(calibrated, by_hand / by_hand.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(calibrated.sum(axis=1), 1.0)
+    assert list(raw.argmax(axis=1)) == [0, 0, 0, 0] and list(calibrated.argmax(axis=1)) == [1, 2, 0, 2]
+    np.testing.assert_allclose(batch_calibrate(raw[:2]), raw[:2])  # fewer rows than labels: no bias to estimate
+    np.testing.assert_allclose(batch_calibrate(np.array([[1.0, 0.0, 0.0]] * 3)).sum(axis=1), 1.0)  # zero means
+
+
+def test_an_evaluation_with_batch_calibration_answers_by_the_calibrated_probabilities(labelled_config,
+                                                                                     tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specialist.evaluate.likelihood import batch_calibrate
+    from specialist.pipeline import run
+    from specialist.run_folder import RunFolder
+
+    labelled_config["evaluation"]["label_calibration"] = "batch"
+    labelled_config["output"]["run_name"] = "calibrated"
+    folder = RunFolder(run(validate_config(labelled_config), "calibrated").run_dir)
+    labels = ["ESCALATE", "INFO", "WARN"]
+    rendered = [f'{{"level": "{label}"}}' for label in labels]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [ex.prompt for ex in folder.split().test]
+    want = batch_calibrate(softmax(by_hand(base, tokenizer, folder.template(), prompts, rendered, ())))
+    predictions = [json.loads(line) for line in folder.predictions.read_text().splitlines()]
+    got = np.array([[row["probabilities"]["base"][label] for label in labels] for row in predictions])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [row["base"] for row in predictions] == [rendered[i] for i in want.argmax(axis=1)]
+    assert json.loads(folder.eval_json.read_text())["decoding"]["label_calibration"] == "batch"

@@ -455,6 +455,12 @@ class EvaluationConfig(_Section):
         "the labels) and answers the most probable, giving per-class probabilities: a reliability diagram, ECE and "
         "an escalation threshold table in the report.",
     )
+    label_calibration: Literal["none", "batch"] = Field(
+        default="none", description="Per-class probabilities (label_scoring: likelihood, a classifier run): batch "
+        "divides each label's probability by its mean over the rows scored together and renormalises (Batch "
+        "Calibration, Zhou et al., ICLR 2024): no labels are used, and a model that learnt the class prior answers "
+        "by the evidence instead of the majority class.",
+    )
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)

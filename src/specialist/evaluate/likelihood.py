@@ -121,6 +121,17 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+def batch_calibrate(probabilities: np.ndarray) -> np.ndarray:
+    """Each label's probability divided by its mean over the rows, renormalised per row (Batch Calibration, Zhou
+    et al., ICLR 2024: the mean is the model's bias toward the label whatever the input). Fewer rows than labels
+    estimate no bias and are returned as they are."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.ndim != 2 or probabilities.shape[0] < probabilities.shape[1]:
+        return probabilities
+    adjusted = probabilities / np.maximum(probabilities.mean(axis=0, keepdims=True), 1e-12)
+    return adjusted / adjusted.sum(axis=1, keepdims=True)
+
+
 def calibration_bins(probabilities: np.ndarray, expected: Sequence[int], bins: int = ECE_BINS) -> list[dict[str, Any]]:
     """Rows grouped by confidence (top probability) into `bins` equal-width bins of [0, 1], each bin holding
     (low, high]; the first also 0. Per bin: its rows, mean confidence and accuracy (None when empty)."""

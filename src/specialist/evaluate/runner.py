@@ -129,7 +129,8 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
     rows = {name: score_rows(out, expected, scorers, prompts) for name, out in outputs.items()}
     report = EvalReport(
         run_dir=run.path, n_eval=len(test), max_new_tokens=max_new_tokens,
-        decoding=sampling_of(evaluation).generate_kwargs() | scoring_of(scoring),
+        decoding=sampling_of(evaluation).generate_kwargs() | scoring_of(scoring)
+        | ({"label_calibration": "batch"} if evaluation.label_calibration == "batch" else {}),
         arms={arm.name: arm_result(arm, rows[arm.name], outputs[arm.name], expected, evaluation, rule,
                                    answers[arm.name].seconds,
                                    scoring.calibration(answers[arm.name], test, evaluation.escalation_label))
@@ -266,6 +267,10 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
     else:
         texts = generate(arm.engine, examples, max_new_tokens, config, arm.shots, label)
         return Answers(texts, time.perf_counter() - started)
+    if config.evaluation.label_calibration == "batch":
+        from specialist.evaluate.likelihood import batch_calibrate
+
+        probabilities = batch_calibrate(probabilities)
     labels = arm.classifier.labels if arm.classifier is not None else scoring.labels
     texts = [render_label(labels[i], scoring.label_template) for i in probabilities.argmax(axis=1)]
     return Answers(texts, time.perf_counter() - started, probabilities, labels)
