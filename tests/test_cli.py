@@ -68,3 +68,14 @@ def test_run_prints_the_before_after_table_and_report_path(tiny_config, tmp_path
     assert json.loads((run_dir / "metrics.json").read_text())["train"]["steps"] == 1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_steps"] == 1
 
+
+
+def test_run_names_come_from_the_recipe_folder_and_the_config_variant(tmp_path):
+    from specialist.cli import config_name
+
+    recipe = tmp_path / "safety-refusals"
+    recipe.mkdir()
+    assert config_name(recipe / "config.yaml") == "safety-refusals"
+    assert config_name(recipe / "config-grpo.yaml") == "safety-refusals-grpo"
+    assert config_name(recipe / "config-.yaml") == "config-"
+    assert config_name(recipe / "my-run.yaml") == "my-run"

@@ -389,9 +389,14 @@ def _score_row(report, arms: list[str], metric: str, compared: bool) -> list[str
 
 def config_name(path: Path) -> str:
     """The run's name stem: the config's folder for `config.yaml` (resolved, so `config.yaml` given from inside
-    its own folder still names it), else the file's stem."""
+    its own folder still names it), the folder and the variant for `config-VARIANT.yaml` (a recipe's
+    `config-grpo.yaml` runs as `safety-refusals-grpo-...`), else the file's stem."""
     path = Path(path).resolve()
-    return path.parent.name if path.stem == "config" and path.parent.name else path.stem
+    if path.parent.name and path.stem == "config":
+        return path.parent.name
+    if path.parent.name and path.stem.startswith("config-") and len(path.stem) > len("config-"):
+        return f"{path.parent.name}-{path.stem[len('config-'):]}"
+    return path.stem
 
 
 class _user_errors:
