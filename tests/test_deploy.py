@@ -138,6 +138,8 @@ def test_gguf_export_replays_in_llama_cpp_with_its_own_tokenizer(run_dir, tmp_pa
     if qtype in ("q4_0", "q4_k_m"):  # a LoRA run at 4 bits: the base file and the adapter beside it
         assert meta["gguf_layout"] == "separate" and meta["gguf_file"] == f"base-{qtype}.gguf"
         assert modelfile.startswith(f"FROM ./base-{qtype}.gguf\nADAPTER ./adapter.gguf\n")
+        # the tiny base is quantized here, so its error is corrected inside the adapter
+        assert meta["gguf_compensation"]["rank"] == 32 and meta["gguf_compensation"]["layers"] > 0
     else:
         assert meta["gguf_layout"] == "merged" and modelfile.startswith(f"FROM ./model-{qtype}.gguf\n")
 

@@ -197,13 +197,15 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT).")] = None,
     golden: Annotated[int, typer.Option(min=0, help="Test prompts replayed through the export and compared.")] = 8,
     lora: Annotated[str, typer.Option(help="gguf of a LoRA run: separate (base GGUF + LoRA GGUF: llama.cpp --lora, Ollama ADAPTER), merged (one file) or auto (separate at 4 and 5 bits, where merging rounds the update away).")] = "auto",
+    compensation_rank: Annotated[int | None, typer.Option(min=0, max=1024, help="gguf --lora separate with a base quantized here: rank of the base's quantization error correction added to the adapter (default 32; 0: none).")] = None,
     junit: JunitOption = None,
 ) -> None:
     """Export a run's model; replay golden prompts through the export and fail (exit 1) on any difference."""
     from specialist.deploy.export import describe_check, export_run
 
     with _user_errors():
-        result = export_run(run_dir, format_, out, golden, quantize=quantize, junit=junit, lora=lora)
+        result = export_run(run_dir, format_, out, golden, quantize=quantize, junit=junit, lora=lora,
+                            compensation_rank=compensation_rank)
     console.print(f"exported {format_}: [bold]{result.folder}[/] ({describe_check(result.check)})", soft_wrap=True)
 
 

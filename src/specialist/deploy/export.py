@@ -51,10 +51,13 @@ class ExportResult:
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8,
                max_new_tokens: int | None = None, quantize: str | None = None,
-               junit: Path | None = None, lora: str = "auto") -> ExportResult:
+               junit: Path | None = None, lora: str = "auto", compensation_rank: int | None = None) -> ExportResult:
     """Write the run's model as `fmt` into `out`, load it back, replay the golden prompts and compare.
 
-    `lora` (gguf of a LoRA run): "separate" base + adapter files, "merged" one file, "auto" separate at 4/5 bits."""
+    `lora` (gguf of a LoRA run): "separate" base + adapter files, "merged" one file, "auto" separate at 4/5 bits;
+    `compensation_rank`: the rank of the requantized base's error correction added to a separate adapter."""
+    if compensation_rank is not None and not 0 <= compensation_rank <= 1024:
+        raise ConfigError(f"compensation rank must be 0 (none) to 1024, not {compensation_rank}")
     run = RunFolder.open(Path(run_dir))
     config = _check_exportable(run, fmt)
     layout = gguf_lora_layout(run, fmt, quantize or "f16", lora)
@@ -62,7 +65,7 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     tuned = load_run(run, pool, adapter_name="tuned")
     export = ExportFolder(Path(out) if out else run.export_dir(fmt))
     export.path.mkdir(parents=True, exist_ok=True)
-    quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize, layout)
+    quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize, layout, compensation_rank)
     tuned.template.save(export.template_file)
     export.write_meta({"format": fmt, "run": str(run.path.resolve()), "base_model": config.model.name,
                        "method": config.method.kind, "template": export.template_file.name, **extra})
@@ -107,6 +110,7 @@ GGUF_LORA_LAYOUTS = ("auto", "separate", "merged")
 # measured on the demo run (bench/gguf_types.py): merged q4_0 0% valid JSON, q5_0 78%, q4_k_m 90% with 0% exact
 # match, where the tuned model has 100% and 95%; f16 and q8_0 merged keep every answer
 SEPARATE_LORA_TYPES = ("q4_0", "q5_0", "q4_k_m", "q5_k_m")
+DEFAULT_COMPENSATION_RANK = 32
 
 
 def gguf_lora_layout(run: RunFolder, fmt: str, quantize: str, requested: str) -> str | None:
@@ -127,7 +131,7 @@ def gguf_lora_layout(run: RunFolder, fmt: str, quantize: str, requested: str) ->
 
 
 def write_artifact(fmt: str, run: RunFolder, tuned, out: Path, quantize: str | None,
-                   layout: str | None = None) -> tuple[str | None, dict]:
+                   layout: str | None = None, compensation_rank: int | None = None) -> tuple[str | None, dict]:
     """Write the export's files; (the quantization used, what export.json records about them)."""
     if fmt == "merged":
         _write_merged(tuned, out)
@@ -141,7 +145,8 @@ def write_artifact(fmt: str, run: RunFolder, tuned, out: Path, quantize: str | N
         return "weight_only", _write_int8(tuned, out)
     quantize = quantize or "f16"
     if layout == "separate":
-        return quantize, _write_gguf_separate(tuned, out, quantize, run.config().model.name)
+        return quantize, _write_gguf_separate(tuned, out, quantize, run.config().model.name, run.split().train,
+                                              compensation_rank)
     return quantize, {**_write_gguf(tuned, out, quantize, run.config().model.name),
                       **({"gguf_layout": "merged"} if layout else {})}
 
@@ -199,11 +204,14 @@ def _write_gguf(tuned, out: Path, quantize: str, base_name: str) -> dict[str, An
             "modelfile": modelfile.name}
 
 
-def _write_gguf_separate(tuned, out: Path, quantize: str, base_name: str) -> dict[str, Any]:
+def _write_gguf_separate(tuned, out: Path, quantize: str, base_name: str, calibration: list,
+                         compensation_rank: int | None = None) -> dict[str, Any]:
     """The base model as `base-QUANT.gguf` and the run's LoRA as `adapter.gguf` (f32), with a Modelfile naming both.
 
     Where the base came from a GGUF of that very type (the embedded Q4_K_M model exported as q4_k_m), the base
-    file is that GGUF, byte for byte: the weights the adapter was trained on."""
+    file is that GGUF, byte for byte: the weights the adapter was trained on. Where it is quantized here, its
+    error is corrected at `compensation_rank` (default 32) inside the adapter (`lora_compensation`), calibrated on
+    the `calibration` rows (the run's training rows)."""
     import copy
     import tempfile
 
@@ -214,10 +222,10 @@ def _write_gguf_separate(tuned, out: Path, quantize: str, base_name: str) -> dic
     name, lora_name = f"base-{quantize}.gguf", "adapter.gguf"
     with tuned.context():
         adapter_name = tuned.model.active_adapter
-        lora = write_gguf_lora(tuned.model, adapter_name, out / lora_name)
     with tempfile.TemporaryDirectory() as work:
         source = source_gguf(base_name, Path(work))
-        if source is not None and file_type_of(source) == file_type_for(quantize):
+        requantized = source is None or file_type_of(source) != file_type_for(quantize)
+        if not requantized:
             shutil.copyfile(source, out / name)
             base_from = "the base model's own GGUF file"
         else:
@@ -225,11 +233,24 @@ def _write_gguf_separate(tuned, out: Path, quantize: str, base_name: str) -> dic
             write_gguf(plain, tuned.tokenizer, out / name, quantize, source_gguf=source)
             del plain
             base_from = f"the base model quantized to {quantize}"
+    modules, compensation = None, None
+    rank = compensation_rank if compensation_rank is not None else DEFAULT_COMPENSATION_RANK
+    if requantized and quantize not in ("f32", "f16") and rank > 0:
+        from specialist.deploy.lora_compensation import compensated_modules
+
+        texts = [tuned.template.render_prompt(ex.prompt, tuned.tokenizer) + ex.completion for ex in calibration]
+        modules, compensation = compensated_modules(tuned.model, adapter_name, out / name, texts, tuned.tokenizer,
+                                                    rank, tuned.context)
+        console.log(f"gguf: the {quantize} base's error compensated at rank {rank} in the adapter "
+                    f"({compensation['layers']} layers; {100 * compensation['error_left']:.0f}% of the error, "
+                    f"weighted by the layers' inputs on {compensation['calibration_rows']} training rows, left)")
+    lora = write_gguf_lora(tuned.model, adapter_name, out / lora_name, modules)
     tuned.tokenizer.save_pretrained(out)
     modelfile = write_modelfile(out, name, tuned.template, tokenizer=tuned.tokenizer, adapter=lora_name)
     console.log(f"gguf: {name} ({base_from}) + {lora_name} (the LoRA, f32, {lora['bytes'] / 2**20:.1f} MiB)")
     return {"gguf_file": name, "gguf_lora_file": lora_name, "gguf_layout": "separate",
             "gguf_bytes": (out / name).stat().st_size + lora["bytes"], "gguf_base_from": base_from,
+            "gguf_compensation": compensation,
             "metadata_from": "source GGUF" if source else "config", "modelfile": modelfile.name}
 
 

@@ -496,15 +496,17 @@ def _bpe_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 LORA_SUFFIXES = (".lora_a", ".lora_b")
 
 
-def write_gguf_lora(model, adapter_name: str, path: Path | str) -> dict[str, Any]:
+def write_gguf_lora(model, adapter_name: str, path: Path | str,
+                    modules: list[tuple[str, np.ndarray, np.ndarray, float]] | None = None) -> dict[str, Any]:
     """The LoRA `adapter_name` of PEFT `model` as a GGUF LoRA adapter (what llama.cpp's convert_lora_to_gguf.py
     writes): for each adapted weight W, `W.lora_a` (rank x in) and `W.lora_b` (out x rank) in f32 and one
     `adapter.lora.alpha`. llama.cpp scales by alpha / rank per tensor, so a module whose PEFT scaling differs
-    (rank_pattern, alpha_pattern, rslora) has the difference folded into its lora_b."""
+    (rank_pattern, alpha_pattern, rslora) has the difference folded into its lora_b. `modules`: the
+    (weight, A, B, scaling) to write instead of the adapter's own (`lora_compensation` extends them)."""
     import gguf
 
     path = Path(path)
-    modules = lora_modules(model, adapter_name)
+    modules = modules or lora_modules(model, adapter_name)
     plain = model.get_base_model()
     spec = _architecture(plain)
     to_gguf = {hf: name for name, hf in gguf_weight_names(plain, spec).items()}
