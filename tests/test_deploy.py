@@ -159,6 +159,9 @@ def test_a_separate_lora_gguf_answers_like_the_run_in_llama_cpp_and_through_tran
 def test_lora_layouts_are_checked_before_anything_is_written(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown LoRA layout 'both'"):
         export_run(run_dir, "gguf", tmp_path / "x", quantize="q4_0", lora="both")
+    for rank in (-1, 10**9):
+        with pytest.raises(ConfigError, match="compensation rank"):
+            export_run(run_dir, "gguf", tmp_path / "x", quantize="q4_0", compensation_rank=rank)
     assert not (tmp_path / "x").exists()
 
 

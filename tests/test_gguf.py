@@ -426,6 +426,28 @@ def test_reading_a_gguf_lora_back_adds_the_peft_update(arch, arch_models, tokeni
         gguf_export.merge_gguf_lora(plain, tmp_path / "model.gguf")
 
 
+def test_broken_or_foreign_adapter_files_are_refused_and_change_no_weight(arch_models, tokenizer, tmp_path):
+    import copy
+
+    model = copy.deepcopy(arch_models("llama"))
+    before = {name: weight.clone() for name, weight in model.state_dict().items()}
+    gguf_export.write_gguf_lora(with_lora(arch_models("llama")), "default", tmp_path / "good.gguf")
+    good = (tmp_path / "good.gguf").read_bytes()
+    (tmp_path / "truncated.gguf").write_bytes(good[: len(good) // 2])
+    (tmp_path / "random.gguf").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    gguf_export.write_gguf_lora(with_lora(arch_models("qwen2")), "default", tmp_path / "foreign.gguf")
+    for name in ("truncated", "random", "empty", "foreign"):
+        with pytest.raises(ConfigError):
+            gguf_export.merge_gguf_lora(model, tmp_path / f"{name}.gguf")
+        for key, weight in model.state_dict().items():
+            assert torch.equal(weight, before[key]), f"{name}: {key} changed"
+    write_gguf(arch_models("llama"), tokenizer, tmp_path / "base.gguf", "f32")
+    for name in ("truncated", "random", "empty"):
+        with pytest.raises(ModelError, match="could not apply this LoRA adapter"):
+            llamacpp.next_token_logits(tmp_path / "base.gguf", [[1, 2, 3]], threads=THREADS, lora=tmp_path / f"{name}.gguf")
+
+
 def test_adapters_llama_cpp_cannot_apply_are_refused_with_the_way_out(arch_models, tokenizer, tmp_path):
     model = arch_models("llama")
     for options, message in [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save")]:

@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from specialist.deploy.llamacpp import K_QUANT_FILE_TYPES, k_quant_file_type
 from specialist.errors import ConfigError
 
 PYTHON_QUANT_TYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0")
-LLAMA_CPP_QUANT_TYPES = ("q6_k", "q5_k_m", "q4_k_m")
+LLAMA_CPP_QUANT_TYPES = tuple(K_QUANT_FILE_TYPES)
 QUANT_TYPES = PYTHON_QUANT_TYPES + LLAMA_CPP_QUANT_TYPES
 
 
@@ -177,11 +178,8 @@ def _rope_parameters(config, layer_kind: str = "full_attention") -> dict[str, An
 
 
 def _add_tensors(writer, spec: Architecture, model, qtype: str) -> int:
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
     config = model.config
-    processor = TENSOR_PROCESSORS.get(spec.gguf_name, TensorProcessor)(config=config.to_dict())
-    names = get_gguf_hf_weights_map(model, processor)  # gguf name -> hf name
+    names = gguf_weight_names(model, spec)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     state = model.state_dict()
     count = 0
@@ -207,10 +205,19 @@ def _tensor_order(name: str) -> tuple[int, int, str]:
 def _to_gguf_layout(spec: Architecture, name: str, data: np.ndarray, config) -> np.ndarray:
     if spec.norm_offset and name.endswith("norm.weight"):
         return data + spec.norm_offset
-    if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
-        heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
-        return _permute(data, heads)
-    return data
+    heads = rotary_heads(spec, name, config)
+    return _permute(data, heads) if heads else data
+
+
+def rotary_heads(spec: Architecture, name: str, config) -> int | None:
+    """The heads of a q or k weight whose rows llama.cpp keeps in its own rotary order (llama), else None."""
+    if not spec.permute_qk:
+        return None
+    if ".attn_q." in name:
+        return config.num_attention_heads
+    if ".attn_k." in name:
+        return config.num_key_value_heads
+    return None
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -493,9 +500,6 @@ def _bpe_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 # rounds most of the update away (measured on the demo run: q4_k_m 0% exact match, q4_0 0% valid JSON, where
 # f16 and q8_0 keep every answer). Shipping the base at 4 bits and the update beside it, unquantized, keeps it.
 
-LORA_SUFFIXES = (".lora_a", ".lora_b")
-
-
 def write_gguf_lora(model, adapter_name: str, path: Path | str,
                     modules: list[tuple[str, np.ndarray, np.ndarray, float]] | None = None) -> dict[str, Any]:
     """The LoRA `adapter_name` of PEFT `model` as a GGUF LoRA adapter (what llama.cpp's convert_lora_to_gguf.py
@@ -524,8 +528,8 @@ def write_gguf_lora(model, adapter_name: str, path: Path | str,
                               hint="export --format gguf --lora merged, or train without that target module")
         rank = lora_b.shape[1]
         lora_b = lora_b * (scaling * rank / alpha)
-        if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
-            heads = plain.config.num_attention_heads if ".attn_q." in name else plain.config.num_key_value_heads
+        heads = rotary_heads(spec, name, plain.config)
+        if heads:
             lora_b = _permute(lora_b, heads)  # the output rows move as the base weight's rows do
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
@@ -554,6 +558,8 @@ def lora_modules(model, adapter_name: str) -> list[tuple[str, np.ndarray, np.nda
     prefix = "base_model.model."
     found = []
     for module_name, module in model.named_modules():
+        if adapter_name in getattr(module, "lora_embedding_A", {}):
+            raise ConfigError(f"{module_name}: a LoRA on the embeddings has no llama.cpp LoRA form", hint=way_out)
         if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "lora_A", {}):
             continue
         if getattr(module, "lora_bias", {}).get(adapter_name, False):
@@ -564,9 +570,6 @@ def lora_modules(model, adapter_name: str) -> list[tuple[str, np.ndarray, np.nda
             raise ConfigError(f"{module_name}: only LoRA on linear layers has a llama.cpp form", hint=way_out)
         hf_name = module_name[len(prefix):] if module_name.startswith(prefix) else module_name
         found.append((f"{hf_name}.weight", a, b, float(module.scaling[adapter_name])))
-    for module_name, module in model.named_modules():
-        if adapter_name in getattr(module, "lora_embedding_A", {}):
-            raise ConfigError(f"{module_name}: a LoRA on the embeddings has no llama.cpp LoRA form", hint=way_out)
     if not found:
         raise ConfigError(f"the model holds no LoRA named {adapter_name!r}", hint=way_out)
     return found
@@ -603,30 +606,39 @@ def merge_gguf_lora(model, lora_path: Path) -> int:
     import torch
 
     spec = _architecture(model)
-    reader = gguf.GGUFReader(str(lora_path))
+    wrong_base = "the adapter must come from an export of a run on this base model"
+    try:
+        reader = gguf.GGUFReader(str(lora_path))
+    except (ValueError, OSError, IndexError, KeyError) as error:
+        raise ConfigError(f"{lora_path}: not a readable GGUF file ({error})",
+                          hint="export it again with `specialist export --format gguf --lora separate`") from None
     fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
     if fields.get(gguf.Keys.General.TYPE) != gguf.GGUFType.ADAPTER or fields.get(gguf.Keys.Adapter.TYPE) != "lora":
         raise ConfigError(f"{lora_path}: not a GGUF LoRA adapter (general.type / adapter.type)",
                           hint="export one with `specialist export --format gguf --lora separate`")
     alpha = float(fields.get(gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors if t.tensor_type in float_types}
     to_hf = gguf_weight_names(model, spec)
     state = dict(model.named_parameters())
-    changed = 0
+    updates = []  # every tensor checked before any weight changes
     for name in sorted(n[: -len(".lora_a")] for n in tensors if n.endswith(".lora_a")):
         a, b = tensors[f"{name}.lora_a"], tensors.get(f"{name}.lora_b")
-        if b is None or name not in to_hf or to_hf[name] not in state:
-            raise ConfigError(f"{lora_path}: tensor {name}.lora_a has no matching lora_b or model weight",
-                              hint="the adapter must come from an export of a run on this base model")
+        weight = state.get(to_hf.get(name, ""))
+        if b is None or weight is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] \
+                or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise ConfigError(f"{lora_path}: tensor {name}.lora_a has no lora_b or model weight of a matching shape",
+                              hint=wrong_base)
         delta = (b @ a) * (alpha / b.shape[1] if alpha else 1.0)
-        if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
-            heads = model.config.num_attention_heads if ".attn_q." in name else model.config.num_key_value_heads
-            delta = _unpermute(delta, heads)
-        weight = state[to_hf[name]]
-        with torch.no_grad():
+        heads = rotary_heads(spec, name, model.config)
+        updates.append((weight, _unpermute(delta, heads) if heads else delta))
+    if len(updates) * 2 != len(reader.tensors):
+        raise ConfigError(f"{lora_path}: {len(reader.tensors)} tensors, of which {2 * len(updates)} are f32/f16 LoRA "
+                          "pairs this model has", hint=wrong_base)
+    with torch.no_grad():
+        for weight, delta in updates:
             weight += torch.from_numpy(delta).to(weight.dtype)
-        changed += 1
-    return changed
+    return len(updates)
 
 
 def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -644,8 +656,7 @@ def file_type_of(path: Path) -> int | None:
 
 
 def file_type_for(qtype: str) -> int:
+    """The `general.file_type` (gguf.LlamaFileType) a file of `qtype` carries."""
     import gguf
 
-    extra = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
-             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
-    return int(extra[qtype] if qtype in extra else _FILE_TYPES[qtype](gguf))
+    return k_quant_file_type(qtype) if qtype in LLAMA_CPP_QUANT_TYPES else int(_FILE_TYPES[qtype](gguf))

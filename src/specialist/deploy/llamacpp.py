@@ -255,18 +255,24 @@ def next_token_logits(gguf_path: Path | str, prompts: Sequence[Sequence[int]],
         return out
 
 
-def quantize_gguf(source: Path, target: Path, qtype: str, threads: int | None = None) -> None:
-    """llama.cpp's quantizer (what `llama-quantize` runs) from an f16/f32 GGUF to q4_k_m, q5_k_m or q6_k."""
+K_QUANT_FILE_TYPES = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M"}
+
+
+def k_quant_file_type(qtype: str) -> int:
+    """The `general.file_type` (gguf.LlamaFileType) of a k-quant llama.cpp's quantizer writes."""
     import gguf
 
-    lib = require_llama_cpp(f"GGUF type {qtype}")
-    file_types = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
-                  "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
-    if qtype not in file_types:
+    if qtype not in K_QUANT_FILE_TYPES:
         raise ConfigError(f"llama.cpp quantization to {qtype!r} is not offered here",
-                          hint=f"use one of {', '.join(file_types)}")
+                          hint=f"use one of {', '.join(K_QUANT_FILE_TYPES)}")
+    return int(gguf.LlamaFileType[K_QUANT_FILE_TYPES[qtype]])
+
+
+def quantize_gguf(source: Path, target: Path, qtype: str, threads: int | None = None) -> None:
+    """llama.cpp's quantizer (what `llama-quantize` runs) from an f16/f32 GGUF to q4_k_m, q5_k_m or q6_k."""
+    lib = require_llama_cpp(f"GGUF type {qtype}")
     params = lib.llama_model_quantize_default_params()
-    params.ftype = int(file_types[qtype])
+    params.ftype = k_quant_file_type(qtype)
     params.nthread = threads or 0  # 0: all cores
     with _llama_log() as log:
         status = lib.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))

@@ -67,7 +67,7 @@ def quantization_errors(model, base_gguf: Path, weights: list[str]) -> dict[str,
     """For each HF weight name: (the base GGUF's dequantized tensor - the model's base weight), in HF layout."""
     import gguf
 
-    from specialist.deploy.gguf_export import _architecture, _to_gguf_layout, _unpermute, gguf_weight_names
+    from specialist.deploy.gguf_export import _architecture, _unpermute, gguf_weight_names, rotary_heads
 
     plain = model.get_base_model()
     spec = _architecture(plain)
@@ -82,12 +82,9 @@ def quantization_errors(model, base_gguf: Path, weights: list[str]) -> dict[str,
         if tensor is None or base is None:
             continue
         weight = base.detach().float().cpu().numpy()
-        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(weight.shape)
-        error = stored.astype(np.float64) - _to_gguf_layout(spec, name, weight, plain.config)
-        if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
-            heads = plain.config.num_attention_heads if ".attn_q." in name else plain.config.num_key_value_heads
-            error = _unpermute(error, heads)
-        errors[hf_name] = error
+        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(weight.shape).astype(np.float64)
+        heads = rotary_heads(spec, name, plain.config)
+        errors[hf_name] = (_unpermute(stored, heads) if heads else stored) - weight
     return errors
 
 
