@@ -249,3 +249,16 @@ def test_an_evaluation_with_batch_calibration_answers_by_the_calibrated_probabil
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert [row["base"] for row in predictions] == [rendered[i] for i in want.argmax(axis=1)]
     assert json.loads(folder.eval_json.read_text())["decoding"]["label_calibration"] == "batch"
+
+
+def test_batch_calibration_without_probabilities_to_calibrate_is_refused(tiny_run_dir):
+    from specialist.evaluate.runner import label_scoring
+    from specialist.run_folder import RunFolder
+
+    folder = RunFolder(tiny_run_dir)
+    config = folder.config(["evaluation.label_calibration=batch"])  # generated answers: nothing to calibrate
+    with pytest.raises(ConfigError, match="label_calibration") as error:
+        label_scoring(folder, config, folder.split().train)
+    assert "label_scoring: likelihood" in error.value.hint
+    with pytest.raises(ConfigError, match="label_calibration"):
+        folder.config(["evaluation.label_calibration=platt"])

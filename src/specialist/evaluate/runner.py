@@ -157,6 +157,10 @@ def label_scoring(run: RunFolder, config: RunConfig, train: list[Example]) -> La
         from specialist.train.classifier import read_labels
 
         return LabelScoring(read_labels(run)[0], data.label_template, likelihood)
+    if config.evaluation.label_calibration != "none" and not likelihood:
+        raise ConfigError("evaluation.label_calibration calibrates per-class probabilities, and this run's arms "
+                          "generate their answers", hint="set evaluation.label_scoring: likelihood (labelled data), "
+                          "or evaluate a classifier run; or leave label_calibration: none")
     labels = list(data.labels) if data.labels else sorted({ex.label for ex in train if ex.label is not None})
     if likelihood and len(labels) < 2:
         raise ConfigError("evaluation.label_scoring likelihood scores each row against the label set, and this run "
