@@ -149,6 +149,58 @@ def test_evaluations_that_cost_time_lower_the_plan_so_the_loop_ends_within_its_b
     assert "with evaluations and saves" in budget.describe_choice(callback.choice)
 
 
+def test_the_plan_keeps_time_for_the_final_evaluation_estimated_then_measured(monkeypatch):
+    """60 s, steps of 3 s, one evaluation estimated at 5 steps: 16 s spent at step 3, 15 s kept, 29 s left: 9 more
+    steps. The first evaluation (every 4 steps) then takes 12 s: the plan is revised to keep 12 s (the measure, not
+    the guess), and the loop and the final evaluation together end within the budget."""
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="60s", eval_steps=4), evaluation_steps=5.0)
+    state = TrainerState(max_steps=24)
+    args, control = SimpleNamespace(eval_strategy="steps"), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    started = clock.t
+    for step in range(1, 25):
+        clock.t += 10.0 if step == 1 else 3.0
+        state.global_step = step
+        callback.on_step_end(args, state, control)
+        if step == 3:
+            assert callback.choice["chosen_steps"] == 12 and callback.choice["final_evaluation_seconds"] == 15.0
+            assert "15 s kept for the final evaluation" in budget.describe_choice(callback.choice)
+        if control.should_training_stop or step >= state.max_steps:
+            break
+        if step % 4 == 0:
+            clock.t += 12.0
+            callback.on_evaluate(args, state, control)
+    clock.t += 12.0  # the evaluation of the last step
+    assert callback.choice["final_evaluation_seconds"] == 12.0 and "revised_at_step" in callback.choice
+    assert clock.t - started <= 60.0 + 3.0
+
+
+def test_without_validation_nothing_is_kept_for_an_evaluation(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="60s"), evaluation_steps=5.0)
+    state = TrainerState(max_steps=24)
+    callback.on_train_begin(SimpleNamespace(eval_strategy="no"), state, TrainerControl())
+    for step in range(1, 4):
+        clock.t += 10.0 if step == 1 else 3.0
+        state.global_step = step
+        callback.on_step_end(SimpleNamespace(eval_strategy="no"), state, TrainerControl())
+    assert callback.choice["chosen_steps"] == 17 and "final_evaluation_seconds" not in callback.choice
+
+
+def test_a_grpo_evaluation_costs_its_sampled_answers_in_steps():
+    from specialist.config import MethodConfig
+    from specialist.train.common import forward_evaluation_steps
+    from specialist.train.grpo import sampled_evaluation_steps
+
+    method = MethodConfig(kind="grpo", num_generations=4, generations_per_step=4)
+    # test-generation's GRPO: 8 validation functions x 4 answers = 32 answers, 4 a step: 8 steps of sampling
+    assert sampled_evaluation_steps(method, TrainingConfig(batch_size=4), 8) == 8.0
+    assert forward_evaluation_steps(TrainingConfig(batch_size=8, gradient_accumulation_steps=2), 48) == 1.0
+
+
 def test_a_resumed_run_keeps_the_steps_chosen_before_and_measures_nothing(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(budget, "now", clock)
@@ -210,11 +262,13 @@ def test_time_budget_lowers_the_steps_and_moves_schedule_evaluations_and_checkpo
     monkeypatch.setattr(console, "width", 300)  # one message, one line
     summary = train_only(budget_config(tiny_config, "budget"), "tiny")
     train = summary.metrics["train"]
+    # 1 s kept for the final evaluation: 4 validation rows, a forward pass of a third of a 4-row step
     choice = {"budget": "60s", "budget_seconds": 60.0, "seconds_per_step": 3.0, "measured_steps": "2-3",
-              "planned_steps": 24, "chosen_steps": 17}
+              "planned_steps": 24, "chosen_steps": 17, "final_evaluation_seconds": 1.0}
     assert train["steps"] == 17 and train["epochs"] == 3 and train["time_budget"] == choice
     err = capsys.readouterr().err
-    assert "time budget 60s: 3 s/step measured over steps 2-3 -> 17 steps (planned 24)" in err
+    assert ("time budget 60s: 3 s/step measured over steps 2-3 -> 17 steps (planned 24), 1 s kept for the final "
+            "evaluation") in err
     assert "epochs auto -> 3 (32 rows x 3 < 100 examples seen" in err
 
     rows = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]

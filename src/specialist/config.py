@@ -341,7 +341,7 @@ class TrainingConfig(_Section):
     time_budget: str | None = Field(
         default=None, description="Fit training into this long, e.g. '90s', '10m', '1h30m': the optimizer steps "
         "are set from the rate measured over the first steps (never more than epochs/max_steps ask for); "
-        "evaluations and checkpoints move with them. None: off.",
+        "evaluations and checkpoints move with them, and time is kept for the last step's evaluation. None: off.",
     )
     max_steps: int = Field(default=-1, description="Stop after this many optimizer steps; -1 means run all epochs.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1)

@@ -10,6 +10,12 @@ evaluated and saved. The choice is stored in the checkpoints, so a resumed run k
 Evaluations and checkpoint saves are not in the first measured rate; once one has happened, the plan is
 revised at every step from the rate measured so far with them included (only ever lowered, the schedule
 following), so the loop ends within its budget rather than a few evaluations after it.
+
+The evaluation of the last step is inside the budget too: the plan keeps time for it, estimated before any
+evaluation from `evaluation_steps` (what one evaluation costs in optimizer steps, which the method knows: a
+forward pass over the validation rows, or for GRPO sampled answers to every validation prompt), then the longest
+evaluation measured. A GRPO run whose validation alone would take most of the budget trains few steps and says so,
+rather than ending its 12 minutes with a 10-minute validation after them.
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ def now() -> float:
 class TimeBudgetCallback(ExportableState, TrainerCallback):
     """Chooses the run's optimizer steps from the measured rate; `choice` says what it chose and why."""
 
-    def __init__(self, training: TrainingConfig, record: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, training: TrainingConfig, record: Callable[[dict[str, Any]], None] | None = None,
+                 evaluation_steps: float = 0.0) -> None:
         self.training = training
+        self.evaluation_steps = evaluation_steps  # one evaluation's estimated cost, in optimizer steps
         self.budget = training.time_budget or ""
         self.seconds = parse_duration(self.budget)
         self.record = record  # where the choice is written down besides the console (metrics.jsonl)
@@ -48,6 +56,8 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
         self._started = 0.0
         self._first_step = 0
         self._warm_at: float | None = None
+        self._step_ended: float | None = None
+        self._evaluation_seconds: float | None = None  # the longest evaluation measured
 
     def state(self) -> dict[str, Any]:
         return {"args": {}, "attributes": {"choice": self.choice}}
@@ -65,6 +75,12 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
         self._first_step = state.global_step
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        try:
+            self._on_step_end(args, state, control, lr_scheduler)
+        finally:
+            self._step_ended = now()  # an evaluation after this step is timed from here
+
+    def _on_step_end(self, args, state, control, lr_scheduler) -> None:
         if self.choice is not None:
             self._revise(args, state, control, lr_scheduler)
             return
@@ -75,12 +91,15 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
             return
         clock = now()
         per_step = (clock - self._warm_at) / MEASURED_STEPS
-        fits = math.floor(max(0.0, self.seconds - (clock - self._started)) / max(per_step, 1e-9))
+        reserve = self._final_evaluation_seconds(args, per_step)
+        fits = self._steps_that_fit(clock, per_step, reserve)
         chosen = same_on_every_rank(min(state.max_steps, state.global_step + fits))
         first = state.global_step - MEASURED_STEPS + 1
         self.choice = {"budget": self.budget, "budget_seconds": self.seconds, "seconds_per_step": round(per_step, 4),
                        "measured_steps": f"{first}-{state.global_step}", "planned_steps": state.max_steps,
                        "chosen_steps": chosen}
+        if reserve:
+            self.choice["final_evaluation_seconds"] = round(reserve, 1)
         self._apply(state, lr_scheduler, chosen)
         if chosen <= state.global_step:  # the budget is spent already: this step is the last one
             control.should_training_stop = True
@@ -90,6 +109,21 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._evaluated = True
+        if self._step_ended is not None:  # callbacks before this one (select_by's scoring) are part of the evaluation
+            took = now() - self._step_ended
+            self._evaluation_seconds = max(self._evaluation_seconds or 0.0, took)
+
+    def _final_evaluation_seconds(self, args, per_step: float) -> float:
+        """Time to keep for the evaluation of the last step: the longest measured, else the method's estimate."""
+        if getattr(args, "eval_strategy", "no") == "no":
+            return 0.0
+        if self._evaluation_seconds is not None:
+            return self._evaluation_seconds
+        return self.evaluation_steps * per_step
+
+    def _steps_that_fit(self, clock: float, per_step: float, reserve: float) -> int:
+        left = self.seconds - (clock - self._started) - reserve
+        return math.floor(max(0.0, left) / max(per_step, 1e-9))
 
     def on_save(self, args, state, control, **kwargs):
         self._evaluated = True  # a save costs time the first rate did not see, like an evaluation
@@ -100,12 +134,15 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
             return
         clock = now()
         per_step = (clock - self._warm_at) / max(1, state.global_step - self._first_step - WARMUP_STEPS)
-        fits = math.floor(max(0.0, self.seconds - (clock - self._started)) / max(per_step, 1e-9))
+        reserve = self._final_evaluation_seconds(args, per_step)
+        fits = self._steps_that_fit(clock, per_step, reserve)
         revised = same_on_every_rank(min(state.max_steps, state.global_step + fits))
         if revised >= state.max_steps - 1:  # within a step of the plan: not worth moving the schedule
             return
         self.choice = {**self.choice, "chosen_steps": revised, "revised_at_step": state.global_step,
                        "seconds_per_step_with_evaluations": round(per_step, 4)}
+        if reserve:
+            self.choice["final_evaluation_seconds"] = round(reserve, 1)
         self._apply(state, lr_scheduler, max(revised, state.global_step))
         if revised <= state.global_step:
             control.should_training_stop = True
@@ -135,14 +172,16 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
 
 def describe_choice(choice: dict[str, Any]) -> str:
     """e.g. 'time budget 10m: 2.9 s/step measured over steps 2-3 -> 190 steps (planned 256)'."""
+    kept = (f", {choice['final_evaluation_seconds']:.0f} s kept for the final evaluation"
+            if choice.get("final_evaluation_seconds") else "")
     if "revised_at_step" in choice:
         return (f"time budget {choice['budget']}: {choice['seconds_per_step_with_evaluations']:.3g} s/step with "
-                f"evaluations and saves, at step {choice['revised_at_step']} -> {choice['chosen_steps']} steps")
+                f"evaluations and saves, at step {choice['revised_at_step']} -> {choice['chosen_steps']} steps{kept}")
     if choice["seconds_per_step"] is None:
         return (f"time budget {choice['budget']}: the run ended after {choice['chosen_steps']} steps, before "
                 f"the rate could be measured (planned {choice['planned_steps']})")
     return (f"time budget {choice['budget']}: {choice['seconds_per_step']:.3g} s/step measured over steps "
-            f"{choice['measured_steps']} -> {choice['chosen_steps']} steps (planned {choice['planned_steps']})")
+            f"{choice['measured_steps']} -> {choice['chosen_steps']} steps (planned {choice['planned_steps']}){kept}")
 
 
 def rebuild_schedule(lr_scheduler, total_steps: int, warmup: int) -> None:

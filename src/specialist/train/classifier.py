@@ -39,7 +39,14 @@ from specialist.errors import ConfigError, DataError
 from specialist.ranks import is_main_process
 from specialist.run_folder import RunFolder, read_json, write_json
 from specialist.train.checkpoints import DurableCheckpoints
-from specialist.train.common import TrainResult, callbacks, common_arguments, run_trainer
+from specialist.train.common import (
+    TrainResult,
+    budget_choice,
+    callbacks,
+    common_arguments,
+    forward_evaluation_steps,
+    run_trainer,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -264,15 +271,17 @@ def train_classifier(model, tokenizer, template: PromptTemplate, train: list[Exa
         model=classifier, args=args, train_dataset=train_rows, eval_dataset=val_rows,
         data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
         compute_loss_func=weighted_loss(weights),
-        callbacks=callbacks(training, run.metrics_log, args, selection_answers(template, tokenizer, labels, val,
-                                                                                training, run)))
+        callbacks=callbacks(training, run.metrics_log, args,
+                            selection_answers(template, tokenizer, labels, val, training, run),
+                            forward_evaluation_steps(training, len(val_rows)) if val_rows else 0.0))
     seconds, tokens = run_trainer(trainer, resume_from)
     save_trained(trainer, run.adapter)  # on every rank: under FSDP the gather is collective
     if is_main_process():
         save_labels(run, labels, head, weights)
     return TrainResult(model=trainer.model, output_dir=run.adapter, log_history=list(trainer.state.log_history),
                        train_tokens=tokens, seconds=seconds, steps=trainer.state.global_step,
-                       best_checkpoint=trainer.state.best_model_checkpoint, epochs=args.num_train_epochs)
+                       best_checkpoint=trainer.state.best_model_checkpoint, epochs=args.num_train_epochs,
+                       time_budget=budget_choice(trainer))
 
 
 def _bf16(model) -> bool:

@@ -151,16 +151,14 @@ def common_arguments(
     )
 
 
-def callbacks(training: TrainingConfig, metrics_log: Path, args,
-              selection: SelectionRows | None = None) -> list[TrainerCallback]:
+def callbacks(training: TrainingConfig, metrics_log: Path, args, selection: SelectionRows | None = None,
+              evaluation_steps: float = 0.0) -> list[TrainerCallback]:
+    """`evaluation_steps`: what one evaluation costs in optimizer steps (estimated), which the time budget keeps
+    for the evaluation of the last step."""
     from specialist.train.progress import RichProgressCallback
 
     metrics = MetricsJsonlCallback(metrics_log)
     found: list[TrainerCallback] = [RichProgressCallback(), metrics]
-    if training.time_budget:
-        from specialist.train.budget import TimeBudgetCallback
-
-        found.append(TimeBudgetCallback(training, record=metrics.write))
     if selection is not None:  # before early stopping, which reads the score it adds
         if not args.load_best_model_at_end:
             from specialist.errors import ConfigError
@@ -178,7 +176,25 @@ def callbacks(training: TrainingConfig, metrics_log: Path, args,
                 hint="set data.val_fraction > 0 and training.save_steps to a multiple of training.eval_steps",
             )
         found.append(EarlyStoppingCallback(training.early_stopping_patience, training.early_stopping_min_delta))
+    if training.time_budget:  # last: an evaluation it times includes select_by's scoring, which runs before it
+        from specialist.train.budget import TimeBudgetCallback
+
+        found.append(TimeBudgetCallback(training, record=metrics.write, evaluation_steps=evaluation_steps))
     return found
+
+
+def budget_choice(trainer) -> dict | None:
+    """What training.time_budget chose for this trainer's run (None without a budget)."""
+    from specialist.train.budget import TimeBudgetCallback
+
+    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimeBudgetCallback)]
+    return found[0].choice if found else None
+
+
+def forward_evaluation_steps(training: TrainingConfig, val_rows: int) -> float:
+    """One loss-only evaluation in optimizer steps: a forward pass (about a third of a training step's forward and
+    backward) over the validation rows, `batch_size x gradient_accumulation_steps` rows a step."""
+    return val_rows / (training.batch_size * training.gradient_accumulation_steps) / 3
 
 
 @dataclass

@@ -218,6 +218,12 @@ def answers_per_step(method: MethodConfig, training: TrainingConfig) -> int:
     return method.generations_per_step or training.batch_size * training.gradient_accumulation_steps
 
 
+def sampled_evaluation_steps(method: MethodConfig, training: TrainingConfig, val_prompts: int) -> float:
+    """One GRPO evaluation in optimizer steps: it samples `num_generations` answers to every validation prompt and
+    scores them, as a step does for `answers_per_step` answers (sampling and rewards are most of a step)."""
+    return val_prompts * method.num_generations / answers_per_step(method, training)
+
+
 def grpo_arguments(method: MethodConfig, training: TrainingConfig, run: RunFolder, n_train: int, has_val: bool,
                    bf16: bool, max_new_tokens: int, weights: list[float]):
     """GRPOConfig: the shared Trainer arguments, counted in answers (a step is `generations_per_step` answers, an
@@ -273,4 +279,5 @@ def train_grpo(
     with warnings.catch_warnings():
         # TRL switches activation checkpointing off for every generation through names transformers 5 deprecates
         warnings.filterwarnings("ignore", r".*gradient_checkpointing\w*` is deprecated", FutureWarning)
-        return fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method, training, run, resume_from)
+        return fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method, training, run, resume_from,
+                   evaluation_steps=sampled_evaluation_steps(method, training, len(val_ds) if val_ds else 0))

@@ -16,13 +16,14 @@ from specialist.console import console
 from specialist.data import Example, PromptTemplate, encode_for_training
 from specialist.errors import DataError
 from specialist.run_folder import RunFolder
-from specialist.train.budget import TimeBudgetCallback
 from specialist.ranks import is_main_process
 from specialist.train.common import (
     SelectionRows,
     TrainResult,
+    budget_choice,
     callbacks,
     common_arguments,
+    forward_evaluation_steps,
     generated_answers,
     run_trainer,
 )
@@ -113,11 +114,16 @@ def train_sft(
 
 
 def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodConfig, training: TrainingConfig,
-        run: RunFolder, resume_from: Path | None, selection: SelectionRows | None = None) -> TrainResult:
+        run: RunFolder, resume_from: Path | None, selection: SelectionRows | None = None,
+        evaluation_steps: float | None = None) -> TrainResult:
     """Build the method's trainer, run it, and save what it trained: `adapter/` (LoRA) or `model/` (all weights).
 
     `selection` (training.select_by): the validation rows scored at each evaluation to pick the best checkpoint.
+    `evaluation_steps`: one evaluation's cost in optimizer steps, for the time budget; None: a forward pass over
+    the validation rows.
     """
+    if evaluation_steps is None:
+        evaluation_steps = forward_evaluation_steps(training, len(val_ds)) if val_ds is not None else 0.0
     trainer = trainer_class(
         model=model,
         args=args,
@@ -125,13 +131,12 @@ def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodC
         eval_dataset=val_ds,
         processing_class=tokenizer,
         peft_config=lora_config(method) if method.uses_lora else None,
-        callbacks=callbacks(training, run.metrics_log, args, selection),
+        callbacks=callbacks(training, run.metrics_log, args, selection, evaluation_steps),
     )
     warn_if_fsdp_was_asked_for_but_is_off(trainer)
     seconds, tokens = run_trainer(trainer, resume_from)
     output_dir = run.trained_output(method.uses_lora)
     save_trained(trainer, output_dir, None if method.uses_lora else tokenizer)
-    budget = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimeBudgetCallback)), None)
     return TrainResult(
         model=trainer.model,
         output_dir=output_dir,
@@ -141,7 +146,7 @@ def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodC
         steps=trainer.state.global_step,
         best_checkpoint=trainer.state.best_model_checkpoint,
         epochs=args.num_train_epochs,
-        time_budget=budget.choice if budget is not None else None,
+        time_budget=budget_choice(trainer),
     )
 
 
