@@ -145,6 +145,23 @@ def test_a_reward_for_one_token_drives_the_model_towards_it(confident_model_dir,
     assert (summary.run_dir / "adapter" / "adapter_config.json").is_file()  # LoRA by default
 
 
+def test_validation_with_one_answer_a_prompt_logs_the_mean_reward(confident_model_dir, tmp_path, monkeypatch):
+    """eval_generations 1: a quarter of the default's validation sampling; the reward is still measured."""
+    word = likeliest_word(confident_model_dir)
+    module = reward_module(tmp_path, monkeypatch, f"""
+        def starts_with_word(output, expected):
+            return 1.0 if output.startswith({word!r}) else 0.0
+    """)
+    data = write_rows(tmp_path / "rows.jsonl", [{"prompt": p, "completion": word} for p in PROMPTS])
+    config = grpo_config(tmp_path, confident_model_dir, data, "one", method={
+        "rewards": [{"scorer": f"{module}:starts_with_word"}], "format_reward": False, "eval_generations": 1},
+        training={"max_steps": 2})
+    summary = train_only(validate_config(config), "one")
+    evals = [r for r in metrics_rows(summary.run_dir) if "eval_reward" in r]
+    assert len(evals) == 2 and all(0.0 <= r["eval_reward"] <= 1.0 for r in evals)
+    assert all(r["eval_reward_group_std"] == 0.0 for r in evals)  # groups of one have no spread
+
+
 # -- rewards from the sandbox ---------------------------------------------------------------------------------------
 
 SOLUTION = "def double(x):\n    return 2 * x\n"
@@ -348,6 +365,8 @@ def test_the_prompt_ids_are_the_engines_with_one_bos_under_a_chat_template(tiny_
     ({}, {}, 13),  # 50 prompts, 8 answers a step = 2 prompts: 25 steps an epoch, half an epoch
     ({"num_generations": 8, "generations_per_step": 32}, {}, 7),  # 4 prompts a step: ceil(50 / 4) = 13, halved
     ({}, {"batch_size": 4, "gradient_accumulation_steps": 3}, 9),  # 12 answers = 3 prompts: 17 steps, halved
+    ({"eval_generations": 1}, {}, 13),  # validation samples one answer a prompt
+    ({"eval_generations": 3}, {}, 13),  # 3 does not divide 8: evaluation batches of 6
 ])
 def test_the_trainer_arguments_count_answers_and_keep_the_best_reward(tmp_path, method, training, steps):
     from specialist.run_folder import RunFolder
@@ -364,7 +383,9 @@ def test_the_trainer_arguments_count_answers_and_keep_the_best_reward(tmp_path, 
     # the run's steps, as the Trainer will count them (checked against trained runs: 36 prompts at 4 x 2, half an
     # epoch: 9 steps; 8 x 4: 9; 4 x 3: 12), set where evaluations and checkpoints fall (4 a run by default)
     assert (args.eval_steps, args.save_steps) == (max(1, steps // 4), max(1, steps // 4))
-    assert args.per_device_eval_batch_size % args.num_generations == 0
+    assert args.num_generations_eval == (config.method.eval_generations or config.method.num_generations)
+    assert args.per_device_eval_batch_size % args.num_generations_eval == 0
+    assert 0 < args.per_device_eval_batch_size <= max(per_step, args.num_generations_eval)
     assert (args.metric_for_best_model, args.greater_is_better) == ("eval_reward", True)
     assert (args.beta, args.temperature, args.reward_weights) == (GRPO_BETA, 1.0, [1.0, 2.0])
 

@@ -84,6 +84,8 @@ def group_spread(rewards_per_func, weights, group_size: int) -> float:
     it scales advantages by). 0 means no answer beat another: nothing to learn from that batch."""
     from trl.trainer.utils import nanstd
 
+    if group_size < 2:  # evaluation with eval_generations 1: no group to spread
+        return 0.0
     total = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
     groups = total.view(-1, group_size)
     return sum(nanstd(group).item() for group in groups) / len(groups)
@@ -219,9 +221,13 @@ def answers_per_step(method: MethodConfig, training: TrainingConfig) -> int:
 
 
 def sampled_evaluation_steps(method: MethodConfig, training: TrainingConfig, val_prompts: int) -> float:
-    """One GRPO evaluation in optimizer steps: it samples `num_generations` answers to every validation prompt and
+    """One GRPO evaluation in optimizer steps: it samples `eval_generations` answers to every validation prompt and
     scores them, as a step does for `answers_per_step` answers (sampling and rewards are most of a step)."""
-    return val_prompts * method.num_generations / answers_per_step(method, training)
+    return val_prompts * eval_generations(method) / answers_per_step(method, training)
+
+
+def eval_generations(method: MethodConfig) -> int:
+    return method.eval_generations or method.num_generations
 
 
 def grpo_arguments(method: MethodConfig, training: TrainingConfig, run: RunFolder, n_train: int, has_val: bool,
@@ -234,13 +240,15 @@ def grpo_arguments(method: MethodConfig, training: TrainingConfig, run: RunFolde
     counted_in_answers = training.model_copy(update={"batch_size": per_step, "gradient_accumulation_steps": 1})
     shared = common_arguments(counted_in_answers, run.checkpoints, n_train * method.num_generations, has_val, bf16,
                               sequence_length=training.max_length, tensorboard_dir=run.tensorboard)
-    shared["per_device_eval_batch_size"] = per_step  # whole groups: a multiple of num_generations
+    per_eval = eval_generations(method)
+    shared["per_device_eval_batch_size"] = max(per_eval, per_step // per_eval * per_eval)  # whole groups
     shared["include_num_input_tokens_seen"] = "no"  # GRPO counts prompt and answer tokens itself
     if shared["load_best_model_at_end"]:  # the GRPO loss is about 0 by construction; the reward is the figure
         shared.update(metric_for_best_model="eval_reward", greater_is_better=True)
     return GRPOConfig(
         **shared,
         num_generations=method.num_generations,
+        num_generations_eval=per_eval,
         max_completion_length=max_new_tokens,
         temperature=method.temperature,
         beta=method.beta,
