@@ -66,6 +66,44 @@ def test_export_refuses_a_folder_without_a_model_and_an_unknown_format(tmp_path)
         export_run(tmp_path, "onnx")
 
 
+def test_an_export_killed_mid_write_leaves_the_earlier_export_whole(run_dir, tmp_path, monkeypatch):
+    import specialist.deploy.export as export_module
+
+    out = tmp_path / "m"
+    first = export_run(run_dir, "merged", out, golden=1, max_new_tokens=4)
+    before = {p.name: p.read_bytes() for p in first.folder.iterdir() if p.is_file()}
+
+    def killed(*args, **kwargs):  # the process dies after the weights are written, before the export is whole
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "write_model_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run_dir, "merged", out, golden=1, max_new_tokens=4)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert load_exported(out).tokenizer.eos_token  # the earlier export still loads
+
+    monkeypatch.undo()  # the next export clears the killed one's leftovers and replaces the earlier export whole
+    again = export_run(run_dir, "adapter", out, golden=1, max_new_tokens=4)
+    assert again.folder == out and ExportFolder(out).meta()["format"] == "adapter"
+    assert not (out / "model.safetensors").exists() and (out / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging or replaced folder left beside it
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_export(run_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="is not an export"):
+        export_run(run_dir, "merged", mine, golden=1, max_new_tokens=4)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not an export"):
+        export_run(run_dir, "merged", tmp_path / "file", golden=1, max_new_tokens=4)
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_run(run_dir, "merged", empty, golden=1, max_new_tokens=4).folder == empty
+
+
 def test_export_writes_every_golden_replay_as_a_junit_case(run_dir, tmp_path):
     import xml.etree.ElementTree as ET
 

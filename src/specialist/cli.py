@@ -194,7 +194,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `specialist run` or `specialist train`.")],
     format_: Annotated[str, typer.Option("--format", help="merged (transformers/vLLM folder), adapter (PEFT), gguf (llama.cpp, Ollama) or int8.")] = "merged",
     quantize: Annotated[str | None, typer.Option(help="gguf: f32, f16 (default), q8_0, q5_0, q4_0, q6_k, q5_k_m, q4_k_m; int8: weight_only.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/FORMAT); an earlier export there is replaced whole, once the new one is fully written.")] = None,
     golden: Annotated[int, typer.Option(min=0, help="Test prompts replayed through the export and compared.")] = 8,
     lora: Annotated[str, typer.Option(help="gguf of a LoRA run: separate (base GGUF + LoRA GGUF: llama.cpp --lora, Ollama ADAPTER), merged (one file) or auto (separate at 4 and 5 bits, where merging rounds the update away).")] = "auto",
     compensation_rank: Annotated[int | None, typer.Option(min=0, max=1024, help="gguf --lora separate with a base quantized here: rank of the base's quantization error correction added to the adapter (default 32; 0: none).")] = None,

@@ -62,9 +62,14 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     config = _check_exportable(run, fmt)
     layout = gguf_lora_layout(run, fmt, quantize or "f16", lora)
     pool = ModelPool()
+    final = Path(out) if out else run.export_dir(fmt)
+    refuse_to_replace_what_is_not_an_export(final)
     tuned = load_run(run, pool, adapter_name="tuned")
-    export = ExportFolder(Path(out) if out else run.export_dir(fmt))
-    export.path.mkdir(parents=True, exist_ok=True)
+    # written beside the destination and moved into place whole: a kill mid-write leaves the previous export (or
+    # nothing) at `final`, never a half-written one that loads
+    export = ExportFolder(staging_folder(final))
+    shutil.rmtree(export.path, ignore_errors=True)  # a killed export's leftovers
+    export.path.mkdir(parents=True)
     quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize, layout, compensation_rank)
     tuned.template.save(export.template_file)
     export.write_meta({"format": fmt, "run": str(run.path.resolve()), "base_model": config.model.name,
@@ -75,6 +80,8 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     check = replay_check(tuned, export, prompts, limit, fmt, quantize)
     write_json(export.check_file, check)
     write_model_card(export, run)
+    publish(export.path, final)
+    export = ExportFolder(final)
     if junit is not None:
         from specialist.junit import write_junit
 
@@ -87,6 +94,30 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
                              f"after export; see {export.check_file}")
     console.log(f"export {fmt}: {describe_check(check)}")
     return ExportResult(export.path, check)
+
+
+def staging_folder(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial"
+
+
+def refuse_to_replace_what_is_not_an_export(final: Path) -> None:
+    """An export replaces the previous export at its destination, whole; anything else there is the user's."""
+    if not final.exists():
+        return
+    if not final.is_dir() or (any(final.iterdir()) and not ExportFolder.is_export(final)):
+        raise ConfigError(f"{final} exists and is not an export: exporting there would replace what it holds",
+                          hint="give --out a new or empty folder, or an earlier export of a run to replace")
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move a finished export into place, replacing the earlier export there (two renames on one file system)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    replaced = final.parent / f".{final.name}.replaced"
+    shutil.rmtree(replaced, ignore_errors=True)
+    if final.exists():
+        final.rename(replaced)
+    staging.rename(final)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _check_exportable(run: RunFolder, fmt: str):
