@@ -107,18 +107,25 @@ def metrics_rows(run_dir):
 
 # -- a reward moves the model --------------------------------------------------------------------------------------
 
-def test_a_reward_for_one_token_drives_the_model_towards_it(confident_model_dir, tmp_path, monkeypatch):
-    from specialist.artifacts import load_base_model, load_run
-    from specialist.run_folder import RunFolder
-
-    word = likeliest_word(confident_model_dir)
+def word_reward_run(model_dir, tmp_path, monkeypatch, name, method=None, training=None):
+    """(word, reward module, config) of a run rewarded for answers that start with the model's likeliest word."""
+    word = likeliest_word(model_dir)
     module = reward_module(tmp_path, monkeypatch, f"""
         def starts_with_word(output, expected):
             return 1.0 if output.startswith({word!r}) else 0.0
     """)
     data = write_rows(tmp_path / "rows.jsonl", [{"prompt": p, "completion": word} for p in PROMPTS])
-    config = grpo_config(tmp_path, confident_model_dir, data, "rft", method={
-        "rewards": [{"scorer": f"{module}:starts_with_word"}], "format_reward": False, "num_generations": 8})
+    config = grpo_config(tmp_path, model_dir, data, name, training=training, method={
+        "rewards": [{"scorer": f"{module}:starts_with_word"}], "format_reward": False, **(method or {})})
+    return word, module, config
+
+
+
+def test_a_reward_for_one_token_drives_the_model_towards_it(confident_model_dir, tmp_path, monkeypatch):
+    from specialist.artifacts import load_base_model, load_run
+    from specialist.run_folder import RunFolder
+
+    word, module, config = word_reward_run(confident_model_dir, tmp_path, monkeypatch, "rft", {"num_generations": 8})
     before = sampled_share(engine_of(load_base_model(str(confident_model_dir))), word)
 
     summary = train_only(validate_config(config), "rft")
@@ -147,15 +154,8 @@ def test_a_reward_for_one_token_drives_the_model_towards_it(confident_model_dir,
 
 def test_validation_with_one_answer_a_prompt_logs_the_mean_reward(confident_model_dir, tmp_path, monkeypatch):
     """eval_generations 1: a quarter of the default's validation sampling; the reward is still measured."""
-    word = likeliest_word(confident_model_dir)
-    module = reward_module(tmp_path, monkeypatch, f"""
-        def starts_with_word(output, expected):
-            return 1.0 if output.startswith({word!r}) else 0.0
-    """)
-    data = write_rows(tmp_path / "rows.jsonl", [{"prompt": p, "completion": word} for p in PROMPTS])
-    config = grpo_config(tmp_path, confident_model_dir, data, "one", method={
-        "rewards": [{"scorer": f"{module}:starts_with_word"}], "format_reward": False, "eval_generations": 1},
-        training={"max_steps": 2})
+    _, _, config = word_reward_run(confident_model_dir, tmp_path, monkeypatch, "one", {"eval_generations": 1},
+                                   {"max_steps": 2})
     summary = train_only(validate_config(config), "one")
     evals = [r for r in metrics_rows(summary.run_dir) if "eval_reward" in r]
     assert len(evals) == 2 and all(0.0 <= r["eval_reward"] <= 1.0 for r in evals)

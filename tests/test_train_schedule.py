@@ -124,12 +124,9 @@ def test_budget_chooses_the_steps_that_fit(monkeypatch, text, planned, expected)
     assert (control.should_training_stop, control.should_evaluate, control.should_save) == (stopped,) * 3
 
 
-def test_evaluations_that_cost_time_lower_the_plan_so_the_loop_ends_within_its_budget(monkeypatch):
-    """60 s, steps of 3 s: 17 steps chosen at step 3. Then each evaluation (at 4, 8, ...) costs 6 s more: the
-    plan is revised down, and the time spent when the loop stops is within the budget."""
-    clock = FakeClock()
-    monkeypatch.setattr(budget, "now", clock)
-    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="60s"))
+def drive_with_evaluations(callback, clock, evaluation_seconds: float, on_step=None) -> float:
+    """Steps of 10 s then 3 s, an evaluation every 4 steps costing `evaluation_seconds`, until the plan's end;
+    returns the seconds spent by the loop."""
     state = TrainerState(max_steps=24)
     args, control = SimpleNamespace(eval_strategy="steps"), TrainerControl()
     callback.on_train_begin(args, state, control)
@@ -138,14 +135,26 @@ def test_evaluations_that_cost_time_lower_the_plan_so_the_loop_ends_within_its_b
         clock.t += 10.0 if step == 1 else 3.0
         state.global_step = step
         callback.on_step_end(args, state, control)
+        if on_step is not None:
+            on_step(step)
         if control.should_training_stop or step >= state.max_steps:
             break
         if step % 4 == 0:  # the Trainer evaluates and saves: time the first measurement did not see
-            clock.t += 6.0
+            clock.t += evaluation_seconds
             callback.on_evaluate(args, state, control)
-    assert callback.choice["chosen_steps"] < 17 and callback.choice["revised_at_step"] >= 4
     assert state.global_step == state.max_steps == callback.choice["chosen_steps"]
-    assert clock.t - started <= 60.0 + 3.0  # at most the step under way when the budget ran out
+    return clock.t - started
+
+
+def test_evaluations_that_cost_time_lower_the_plan_so_the_loop_ends_within_its_budget(monkeypatch):
+    """60 s, steps of 3 s: 17 steps chosen at step 3. Then each evaluation (at 4, 8, ...) costs 6 s more: the
+    plan is revised down, and the time spent when the loop stops is within the budget."""
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="60s"))
+    spent = drive_with_evaluations(callback, clock, 6.0)
+    assert callback.choice["chosen_steps"] < 17 and callback.choice["revised_at_step"] >= 4
+    assert spent <= 60.0 + 3.0  # at most the step under way when the budget ran out
     assert "with evaluations and saves" in budget.describe_choice(callback.choice)
 
 
@@ -156,25 +165,15 @@ def test_the_plan_keeps_time_for_the_final_evaluation_estimated_then_measured(mo
     clock = FakeClock()
     monkeypatch.setattr(budget, "now", clock)
     callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="60s", eval_steps=4), evaluation_steps=5.0)
-    state = TrainerState(max_steps=24)
-    args, control = SimpleNamespace(eval_strategy="steps"), TrainerControl()
-    callback.on_train_begin(args, state, control)
-    started = clock.t
-    for step in range(1, 25):
-        clock.t += 10.0 if step == 1 else 3.0
-        state.global_step = step
-        callback.on_step_end(args, state, control)
+
+    def at_step(step):
         if step == 3:
             assert callback.choice["chosen_steps"] == 12 and callback.choice["final_evaluation_seconds"] == 15.0
             assert "15 s kept for the final evaluation" in budget.describe_choice(callback.choice)
-        if control.should_training_stop or step >= state.max_steps:
-            break
-        if step % 4 == 0:
-            clock.t += 12.0
-            callback.on_evaluate(args, state, control)
-    clock.t += 12.0  # the evaluation of the last step
+
+    spent = drive_with_evaluations(callback, clock, 12.0, at_step)
     assert callback.choice["final_evaluation_seconds"] == 12.0 and "revised_at_step" in callback.choice
-    assert clock.t - started <= 60.0 + 3.0
+    assert spent + 12.0 <= 60.0 + 3.0  # with the evaluation of the last step
 
 
 def test_without_validation_nothing_is_kept_for_an_evaluation(monkeypatch):
