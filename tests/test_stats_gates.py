@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from specialist.config import validate_config
@@ -304,3 +306,41 @@ def test_figures_are_built_from_bounds_intervals_or_their_json():
     gates = ["json_valid >= 0.9 confidently"]
     assert [r.passed for f in (by_bounds, by_interval, by_json)
             for r in check_gates(gates, Figures({"tuned.json_valid": f}))] == [False] * 3
+
+
+# -- gates on arms an evaluation leaves out: refused before any answer is generated ------------------------------
+
+def test_a_gate_on_an_arm_left_out_is_refused_before_generation(tiny_run_dir, monkeypatch):
+    import specialist.evaluate.runner as runner
+    from specialist.evaluate.gates import refuse_gates_on_arms_left_out
+    from specialist.run_folder import RunFolder
+
+    def never(*args, **kwargs):
+        raise AssertionError("an answer was generated before the gates were checked")
+
+    monkeypatch.setattr(runner, "answer", never)
+    config = RunFolder(tiny_run_dir).config(["evaluation.skip_base=true",
+                                             "evaluation.gates=['tuned - base >= 0.2 on exact_match']"])
+    with pytest.raises(ConfigError, match="reads base, which this evaluation does not score") as caught:
+        runner.evaluate_run(tiny_run_dir, config)
+    assert "skip_base" in caught.value.hint and "evaluation.gates=[]" in caught.value.hint
+
+    scored, others = ["tuned", "sft"], ["sft"]
+    for fine in ("json_valid >= 0.9", "sft.exact_match <= 1", "tuned - sft >= 0 on exact_match",
+                 "overfitting.train_test_gap <= 0.1", "forgetting.ppl_increase <= 1"):
+        refuse_gates_on_arms_left_out([fine], scored, others)
+    for refused, names in (("few_shot.exact_match >= 0.1", "few_shot"),
+                           ("tuned+constrained - base >= 0 on json_valid", "base, tuned+constrained"),
+                           ("rft - sft >= 0 on exact_match", None)):
+        if names is None:  # an unknown arm is not this check's to judge: the gate lookup says what exists
+            refuse_gates_on_arms_left_out([refused], scored, others)
+            continue
+        with pytest.raises(ConfigError, match=f"reads {re.escape(names)},"):
+            refuse_gates_on_arms_left_out([refused], scored, others)
+
+
+def test_gates_can_name_the_constrained_arm():
+    figures = {"tuned+constrained.json_valid": 1.0, "tuned.json_valid": 0.9}
+    results = check_gates(["tuned+constrained.json_valid >= 0.95", "tuned+constrained - tuned >= 0.05 on json_valid"],
+                          figures)
+    assert [r.passed for r in results] == [True, True] and results[1].value == pytest.approx(0.1)

@@ -32,7 +32,7 @@ from specialist.evaluate.stats import Interval
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 CONFIDENCE_MODES = ("point", "interval")
-_NAME = r"[A-Za-z_][\w:.-]*"
+_NAME = r"[A-Za-z_][\w:.+-]*"  # + for the tuned+constrained arm
 _NUMBER = r"-?(?:\d+\.?\d*|\.\d+)"
 _CONFIDENTLY = r"(?:\s+(confidently))?"
 _DIFFERENCE = re.compile(
@@ -195,6 +195,26 @@ def check_gates(gates: list[str], figures: Figures | Mapping[str, Figure | float
         figures = Figures(figures)
     mode = confidence if isinstance(confidence, str) else getattr(confidence, "gates_confidence", "point")
     return [parse_gate(text).check(figures, mode) for text in gates]
+
+
+STANDARD_ARMS = ("base", "few_shot", "tuned", "tuned+constrained")
+
+
+def refuse_gates_on_arms_left_out(gates: list[str], scored: list[str], others: list[str]) -> None:
+    """Before any answer is generated: a gate reading an arm this evaluation leaves out (skip_base, few_shot_k 0,
+    no constrained arm) would otherwise fail only after every arm was scored."""
+    possible = set(STANDARD_ARMS) | set(others)
+    for text in gates:
+        gate = parse_gate(text)
+        named = {gate.left, gate.minus} if gate.minus else {gate.left.split(".", 1)[0]}
+        missing = sorted(name for name in named if name in possible and name not in scored)
+        if missing:
+            raise ConfigError(
+                f"gate {text!r} reads {', '.join(missing)}, which this evaluation does not score (arms: "
+                f"{', '.join(scored)})",
+                hint="evaluation.skip_base leaves out base and few_shot, few_shot_k: 0 leaves out few_shot, "
+                "constrained: false leaves out tuned+constrained; keep the arm, or set evaluation.gates without "
+                "this gate (e.g. --set 'evaluation.gates=[]')")
 
 
 def _checked(gate: Gate) -> Gate:

@@ -23,7 +23,7 @@ from specialist.config import RunConfig
 from specialist.console import console
 from specialist.data import Example
 from specialist.errors import ConfigError
-from specialist.evaluate.gates import check_gates
+from specialist.evaluate.gates import check_gates, refuse_gates_on_arms_left_out
 from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
 from specialist.evaluate.scorers import (
     LabelRule,
@@ -119,6 +119,7 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
     pool = ModelPool(config.model.dtype)
     scoring = label_scoring(run, config, split.train)
     arms = build_arms(run, config, pool, split.train, others or {})
+    refuse_gates_on_arms_left_out(evaluation.gates, [arm.name for arm in arms.arms], list(others or {}))
     max_new_tokens = evaluation.max_new_tokens or default_max_new_tokens(arms.base.tokenizer, split.train)
     rule = label_rule(evaluation)
     scorers = resolve_scorers(evaluation.scorers, rule, evaluation.json_schema)
