@@ -391,9 +391,8 @@ def test_a_requantized_base_is_compensated_inside_the_adapter(arch, tokenizer, t
     tuned = with_lora(model, strength=2.0)
     write_gguf(model, tokenizer, tmp_path / "base.gguf", "q4_0")
     gguf_export.write_gguf_lora(tuned, "default", tmp_path / "plain.gguf")
-    calibration = [line for line in CORPUS if line not in GOLDEN]
-    modules, report = compensated_modules(tuned, "default", tmp_path / "base.gguf", calibration, tokenizer, 32,
-                                          nullcontext)
+    calibration = [tokenizer(line)["input_ids"] for line in CORPUS if line not in GOLDEN]
+    modules, report = compensated_modules(tuned, "default", tmp_path / "base.gguf", calibration, 32, nullcontext)
     gguf_export.write_gguf_lora(tuned, "default", tmp_path / "compensated.gguf", modules)
     assert report["layers"] == len(modules) and 0 <= report["error_left"] < 0.9
     assert all(a.shape[0] == b.shape[1] for _, a, b, _ in modules)

@@ -111,7 +111,6 @@ def refuse_to_replace_what_is_not_an_export(final: Path) -> None:
 
 def publish(staging: Path, final: Path) -> None:
     """Move a finished export into place, replacing the earlier export there (two renames on one file system)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     replaced = final.parent / f".{final.name}.replaced"
     shutil.rmtree(replaced, ignore_errors=True)
     if final.exists():
@@ -267,11 +266,13 @@ def _write_gguf_separate(tuned, out: Path, quantize: str, base_name: str, calibr
     modules, compensation = None, None
     rank = compensation_rank if compensation_rank is not None else DEFAULT_COMPENSATION_RANK
     if requantized and quantize not in ("f32", "f16") and rank > 0:
-        from specialist.deploy.lora_compensation import compensated_modules
+        from specialist.data.template import encode_for_training
+        from specialist.deploy.lora_compensation import CALIBRATION_ROWS, compensated_modules
 
-        texts = [tuned.template.render_prompt(ex.prompt, tuned.tokenizer) + ex.completion for ex in calibration]
-        modules, compensation = compensated_modules(tuned.model, adapter_name, out / name, texts, tuned.tokenizer,
-                                                    rank, tuned.context)
+        rows = [encode_for_training(tuned.template, tuned.tokenizer, ex.prompt, ex.completion)["input_ids"]
+                for ex in calibration[:CALIBRATION_ROWS]]  # the ids training saw: one BOS, the answer's end
+        modules, compensation = compensated_modules(tuned.model, adapter_name, out / name, rows, rank,
+                                                    tuned.context)
         console.log(f"gguf: the {quantize} base's error compensated at rank {rank} in the adapter "
                     f"({compensation['layers']} layers; {100 * compensation['error_left']:.0f}% of the error, "
                     f"weighted by the layers' inputs on {compensation['calibration_rows']} training rows, left)")

@@ -23,15 +23,16 @@ CALIBRATION_ROWS = 64
 CALIBRATION_TOKENS = 512
 
 
-def compensated_modules(model, adapter_name: str, base_gguf: Path, texts: list[str], tokenizer, rank: int,
+def compensated_modules(model, adapter_name: str, base_gguf: Path, rows: list[list[int]], rank: int,
                         context) -> tuple[list[tuple[str, np.ndarray, np.ndarray, float]], dict[str, Any]]:
     """The adapter's modules (as `gguf_export.lora_modules`) with each one's quantization error correction
-    appended at `rank`, and a report: how much of the error, weighted by the layers' inputs, is left."""
+    appended at `rank`, and a report: how much of the error, weighted by the layers' inputs, is left. `rows`:
+    the calibration rows' token ids, as the model saw them in training (`encode_for_training`)."""
     from specialist.deploy.gguf_export import lora_modules
 
     modules = lora_modules(model, adapter_name)
     errors = quantization_errors(model, base_gguf, [name for name, *_ in modules])
-    inputs = input_moments(model, tokenizer, texts, {name for name, *_ in modules}, context)
+    inputs = input_moments(model, rows, {name for name, *_ in modules}, context)
     out, left = [], []
     for name, lora_a, lora_b, scaling in modules:
         error = errors.get(name)
@@ -41,7 +42,7 @@ def compensated_modules(model, adapter_name: str, base_gguf: Path, texts: list[s
         down, up, remaining = low_rank_correction(error, inputs[name], rank)
         out.append((name, np.vstack([lora_a, down]), np.hstack([lora_b * scaling, up]), 1.0))
         left.append(remaining)
-    report = {"rank": rank, "layers": len(left), "calibration_rows": min(len(texts), CALIBRATION_ROWS),
+    report = {"rank": rank, "layers": len(left), "calibration_rows": min(len(rows), CALIBRATION_ROWS),
               "error_left": float(np.mean(left)) if left else 0.0}
     return out, report
 
@@ -88,8 +89,9 @@ def quantization_errors(model, base_gguf: Path, weights: list[str]) -> dict[str,
     return errors
 
 
-def input_moments(model, tokenizer, texts: list[str], weights: set[str], context) -> dict[str, np.ndarray]:
-    """X^T X of each adapted layer's inputs over the first CALIBRATION_ROWS texts, run through the tuned model."""
+def input_moments(model, rows: list[list[int]], weights: set[str], context) -> dict[str, np.ndarray]:
+    """X^T X of each adapted layer's inputs over the first CALIBRATION_ROWS rows (their first CALIBRATION_TOKENS
+    tokens), run through the tuned model."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -109,9 +111,8 @@ def input_moments(model, tokenizer, texts: list[str], weights: set[str], context
             hooks.append(module.register_forward_hook(collect(weight)))
     try:
         with context(), torch.inference_mode():
-            for text in texts[:CALIBRATION_ROWS]:
-                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=CALIBRATION_TOKENS)
-                model(input_ids=ids["input_ids"])
+            for ids in rows[:CALIBRATION_ROWS]:
+                model(input_ids=torch.tensor([ids[:CALIBRATION_TOKENS]]))
     finally:
         for hook in hooks:
             hook.remove()
