@@ -564,3 +564,18 @@ def test_default_rewards_leave_out_statistics_and_what_the_format_reward_covers(
                                                                 ("tests_pass", 1.0)]
     chosen = validate_config(method_config(kind="grpo", rewards=[{"scorer": "length", "weight": -0.5}])).method
     assert default_rewards(chosen, scorers, has_format=True) == [("length", -0.5)]  # method.rewards as given
+
+
+@pytest.mark.parametrize("value", [0, -1, 257, "two", 1.5, [1], None])
+def test_eval_generations_refuses_what_is_not_a_count(value):
+    method = {"kind": "grpo", "eval_generations": value}
+    if value is None:  # None is the default: num_generations
+        assert validate_config({"data": {"path": "d.jsonl"}, "method": method}).method.eval_generations is None
+        return
+    with pytest.raises(ConfigError, match="eval_generations"):
+        validate_config({"data": {"path": "d.jsonl"}, "method": method})
+
+
+def test_eval_generations_belongs_to_grpo_only():
+    with pytest.raises(ConfigError, match="eval_generations: grpo keys"):
+        validate_config({"data": {"path": "d.jsonl"}, "method": {"kind": "lora", "eval_generations": 1}})
