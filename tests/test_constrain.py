@@ -80,12 +80,14 @@ def babbler(request):
 
 
 def generate(model, tokenizer, constraint, prompts=PROMPTS, max_new_tokens=80, seed=0, sample=True,
-             stopping=None):
-    """Constrained texts for `prompts` as one left-padded batch; returns (texts, processor.completed(...))."""
+             stopping=None, budgets=None):
+    """Constrained texts for `prompts` as one left-padded batch; returns (texts, processor.completed(...)).
+    `budgets` (an int or one a row) is what the processor is told each row may spend; generate stops at
+    `max_new_tokens` whatever it is told."""
     rows = [tokenizer(p)["input_ids"] for p in prompts]
     input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
     processor = logits_processor(constraint, tokenizer, len(rows), [len(r) for r in rows],
-                                 [tokenizer.eos_token_id])
+                                 [tokenizer.eos_token_id], max_new_tokens=budgets)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": 1.3, "top_p": 0.95} if sample else {"do_sample": False}
     with torch.inference_mode():  # as the engine runs it
@@ -202,6 +204,91 @@ def test_a_row_out_of_tokens_is_reported_incomplete_and_is_a_valid_prefix(babble
     for text in texts:  # six tokens: a valid start that the processor did not pretend to close
         assert not constraint.check(text)
         assert text.startswith('{"priority": "') or '{"priority": "'.startswith(text), text
+
+
+# An event string with no length bound: a babbling model rarely picks the one token that closes it.
+UNBOUNDED = {"type": "object",
+             "properties": {"event": {"type": "string"}, "severity": {"enum": ["info", "warning", "error"]},
+                            "lines": {"type": "integer", "minimum": 1, "maximum": 4}},
+             "required": ["event", "severity", "lines"], "additionalProperties": False}
+
+
+def test_told_its_budget_every_row_closes_valid_json_in_time(babbler):
+    """Without the budget the rows run on inside the string until the limit cuts them (the RFT answer that looped
+    in log-root-cause); told it, every row closes the string, fills what is required and stops within the limit."""
+    model, tokenizer = babbler
+    constraint = Constraint.json_schema(UNBOUNDED)
+    _, completed = generate(model, tokenizer, constraint, max_new_tokens=64)
+    assert not all(completed)
+    for seed in range(3):
+        texts, completed = generate(model, tokenizer, constraint, max_new_tokens=64, budgets=64, seed=seed)
+        assert completed == [True] * len(PROMPTS), texts
+        for text in texts:
+            jsonschema.validate(json.loads(text), UNBOUNDED)
+            assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 64 or len(text) < 64
+
+
+def test_each_row_closes_within_its_own_budget(babbler):
+    model, tokenizer = babbler
+    budgets = [48 + 8 * i for i in range(len(PROMPTS))]
+    rows = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
+    processor = logits_processor(Constraint.json_schema(UNBOUNDED), tokenizer, len(rows), [len(r) for r in rows],
+                                 [tokenizer.eos_token_id], max_new_tokens=budgets)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(budgets),
+                                logits_processor=LogitsProcessorList([processor]), do_sample=True, temperature=1.3,
+                                eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    assert processor.completed(output) == [True] * len(PROMPTS)
+    for row, budget in zip(output[:, input_ids.shape[1]:].tolist(), budgets):
+        spent = row.index(tokenizer.eos_token_id) + 1
+        assert spent <= budget, (spent, budget)
+        assert Constraint.json_schema(UNBOUNDED).check(tokenizer.decode(row[:spent], skip_special_tokens=True))
+
+
+def test_a_model_stuck_on_one_token_is_closed_with_the_smallest_required_values():
+    """Scores that always favour "a": the string runs on until the plan needs the rest of the budget, then the
+    row closes it and writes the remaining required properties with the first values the grammar accepts."""
+    tokenizer = build_tiny_tokenizer()
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    budget = 72  # the shortest closing from the start, a character a token, is 47
+    processor = logits_processor(Constraint.json_schema(UNBOUNDED), tokenizer, 1, [1], [eos], max_new_tokens=budget)
+    favourite = torch.full((1, vocab), -5.0)
+    favourite[0, tokenizer.convert_tokens_to_ids("a")] = 5.0
+    ids = [2]
+    while len(ids) - 1 < budget and ids[-1] != eos:
+        ids.append(int(processor(torch.tensor([ids]), favourite.clone()).argmax()))
+    text = tokenizer.decode(ids[1:], skip_special_tokens=True)
+    assert ids[-1] == eos and len(ids) - 1 <= budget
+    value = json.loads(text)
+    assert value["event"].strip("a") == "" and len(value["event"]) > 0
+    assert (value["severity"], value["lines"]) == ("error", 1), text
+    assert processor.completed(torch.tensor([ids])) == [True]
+
+
+@pytest.mark.parametrize("pattern", [r"\d+", r"[a-z]+ \d{2}"])
+def test_a_regex_that_may_run_on_closes_within_the_budget(babbler, pattern):
+    model, tokenizer = babbler
+    texts, completed = generate(model, tokenizer, Constraint.regex(pattern), max_new_tokens=24, budgets=24)
+    assert completed == [True] * len(PROMPTS), texts
+    assert all(re.fullmatch(pattern, text) for text in texts), texts
+
+
+def test_a_budget_too_small_for_any_closing_still_ends_as_a_reported_prefix(babbler):
+    model, tokenizer = babbler
+    constraint = Constraint.json_schema(SCHEMA)
+    texts, completed = generate(model, tokenizer, constraint, max_new_tokens=6, budgets=6)
+    assert completed == [False] * len(PROMPTS)
+    assert all('{"priority": "'.startswith(text) for text in texts), texts
+
+
+@pytest.mark.parametrize("budget", [0, -1, True, "64", 2.5, [64], [64, 0], [None, 64]])
+def test_bad_budgets_are_refused(budget):
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        logits_processor(Constraint.json_schema(SCHEMA), tokenizer, 2, [1, 1], [tokenizer.eos_token_id],
+                         max_new_tokens=budget)
 
 
 class EndRowZeroAfter(StoppingCriteria):

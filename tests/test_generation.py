@@ -43,6 +43,23 @@ def test_each_row_stops_at_its_own_limit(babbler):
     assert {r.finish_reason for r in results} == {"length"}
 
 
+def test_a_constrained_engine_closes_each_row_within_its_own_limit(babbler):
+    """The engine tells the constraint each request's token limit, so a row that would run on inside a string is
+    closed in time: valid JSON from every row, whatever its limit (as long as the smallest answer fits)."""
+    pytest.importorskip("xgrammar")
+    from specialist.constrain import Constraint
+
+    schema = {"type": "object", "properties": {"event": {"type": "string"}, "lines": {"type": "integer"}},
+              "required": ["event", "lines"], "additionalProperties": False}
+    babbler.constraint = Constraint.json_schema(schema)
+    ids = [babbler.encode(p) for p in PROMPTS]
+    limits = [40, 56, 72]
+    results = babbler.run([Request(i, limit) for i, limit in zip(ids, limits)], Sampling(do_sample=True))
+    for result, limit in zip(results, limits):
+        assert result.completion_tokens <= limit and result.finish_reason == "stop", result
+        assert set(json.loads(result.text)) == {"event", "lines"}
+
+
 def test_a_stop_string_ends_the_row_and_is_cut(babbler):
     babbler.stop_ids = set()
     first = babbler.answer(PROMPTS[0], 20)

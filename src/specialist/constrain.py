@@ -15,8 +15,14 @@ How a row is decoded:
   other logit becomes -inf, so greedy decoding and sampling (temperature, top-p) both pick inside the language;
 - the stop tokens (`stop_ids`) are allowed only once the text is a whole sentence of the language, and are the only
   tokens allowed once nothing can follow (a JSON object's closing brace, the end of the longest label);
-- the processor never closes a text early: a row that reaches the token limit first ends as a valid *prefix*,
-  reported by `ConstrainedLogits.completed` (False) and by `Constraint.check` on the text;
+- given each row's token budget (`max_new_tokens`), the processor keeps a plan for closing the text in time: the
+  shortest way it finds, one character a token, to a whole sentence and a stop token (close the string, fill the
+  required properties with their smallest values, close the braces). Once the plan needs nearly all the tokens
+  left (`CLOSE_MARGIN` spare), the row follows it, so an answer that would loop inside a string until the limit
+  ends as valid, if emptier, JSON instead of a cut-off prefix. The plan is found greedily (closing characters
+  first), which always ends for JSON schemas and labels; a regex may have no closing within reach;
+- without a budget, or with fewer tokens than the shortest closing, a row that reaches the token limit first
+  ends as a valid *prefix*, reported by `ConstrainedLogits.completed` (False) and by `Constraint.check`;
 - a row that generation ended for another reason (its own token limit, a cancellation, a stop string) is padded by
   transformers from then on; the pad token is outside the language, so the processor stops constraining that row.
 
@@ -42,6 +48,13 @@ KINDS = ("json_schema", "labels", "regex")
 INSTALL_HINT = "pip install 'specialist[constrain]'  (xgrammar)"
 _JSON_SEPARATORS = (", ", ": ")  # json.dumps' default, the spacing training completions are usually written in
 _GRAMMARS_PER_TOKENIZER = 32
+CLOSE_MARGIN = 8  # spare tokens kept beyond the closing plan: one token the model picks may lengthen the plan
+_REPLAN_EVERY = 8  # steps between plans while the budget is still far from the last plan's length
+_MAX_PLAN = 512  # characters; a grammar that does not close within this is left to the token limit
+# Characters the closing plan tries, best first: what ends a string, an object or an array, then what separates,
+# then the smallest values. The matcher accepts at most one of them where the grammar allows one way on.
+_CLOSING_ORDER = ('"}],: 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{[-.+_'
+                  "!#$%&'()*/;<=>?@\\^`|~")
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,7 @@ class _TokenizerGrammars:
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self.special_ids = _special_ids(tokenizer, vocab_size)
         self.bytes = _TokenBytes(self.info.decoded_vocab, self.special_ids)
+        self.closing_ids = _single_character_ids(self.info.decoded_vocab, self.special_ids)
         self.grammars: OrderedDict[Constraint, Any] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -183,6 +197,39 @@ def _special_ids(tokenizer, vocab_size: int) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
 
 
+def _single_character_ids(decoded_vocab: list[bytes], special_ids: list[int]) -> list[int]:
+    """One token id for each character of `_CLOSING_ORDER` the vocabulary spells alone, in that order."""
+    special = set(special_ids)
+    first: dict[bytes, int] = {}
+    for i, text in enumerate(decoded_vocab):
+        if len(text) == 1 and i not in special:
+            first.setdefault(text, i)
+    # then UTF-8 continuation bytes: a row that stopped inside a multi-byte character must finish it first
+    wanted = [char.encode() for char in _CLOSING_ORDER] + [bytes([b]) for b in range(0x80, 0xC0)]
+    return [first[text] for text in wanted if text in first]
+
+
+def closing_plan(matcher, closing_ids: list[int], stop_ids: list[int], limit: int = _MAX_PLAN) -> list[int] | None:
+    """The tokens that take `matcher` from where it is to a stop token, found greedily: at each step the first stop
+    token, else the first of `closing_ids`, the grammar accepts. None when it does not close within `limit`. The
+    matcher is left where it was."""
+    taken: list[int] = []
+    try:
+        while len(taken) < limit:
+            step = next((t for t in stop_ids if matcher.accept_token(t)), None)
+            if step is not None:
+                taken.append(step)
+                return list(taken)
+            step = next((t for t in closing_ids if matcher.accept_token(t)), None)
+            if step is None:
+                return None
+            taken.append(step)
+        return None
+    finally:
+        if taken:
+            matcher.rollback(len(taken))
+
+
 class _TokenBytes:
     """Tokens whose bytes xgrammar 0.2.9 lets through although the text could not be what the grammar means:
 
@@ -221,9 +268,10 @@ def grammars_for(tokenizer) -> _TokenizerGrammars:
 
 
 def logits_processor(constraint: Constraint, tokenizer, batch_size: int, prompt_lengths: list[int],
-                     stop_ids: list[int]) -> ConstrainedLogits:
+                     stop_ids: list[int], max_new_tokens: int | list[int] | None = None) -> ConstrainedLogits:
     """A transformers LogitsProcessor (a ConstrainedLogits) that keeps every row of one left-padded `generate` call
-    inside `constraint`; `prompt_lengths` are the rows' unpadded prompt lengths, `stop_ids` the tokens that end one.
+    inside `constraint`; `prompt_lengths` are the rows' unpadded prompt lengths, `stop_ids` the tokens that end one,
+    `max_new_tokens` the rows' token budgets (one for all, or one a row): with them a row closes its text in time.
 
     Pass it as `model.generate(..., logits_processor=LogitsProcessorList([processor]))`, one new processor per
     call (it holds the rows' states), with `eos_token_id=stop_ids` so a stop token ends the row. After the call,
@@ -236,9 +284,20 @@ def logits_processor(constraint: Constraint, tokenizer, batch_size: int, prompt_
     grammars = grammars_for(tokenizer)
     if not stops or not all(0 <= i < grammars.vocab_size for i in stops):
         raise ValueError(f"stop_ids must be token ids of this tokenizer, got {list(stop_ids)}")
+    budgets = _row_budgets(max_new_tokens, batch_size)
     processor_class = _logits_processor_class()
     return processor_class(grammars.compiled(constraint), grammars, constraint.kind, batch_size,
-                           list(prompt_lengths), stops)
+                           list(prompt_lengths), stops, budgets)
+
+
+def _row_budgets(max_new_tokens: int | list[int] | None, batch_size: int) -> list[int] | None:
+    if max_new_tokens is None:
+        return None
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * batch_size
+    if len(budgets) != batch_size or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                             for b in budgets):
+        raise ValueError(f"max_new_tokens must be a positive int or one a row ({batch_size}), got {max_new_tokens!r}")
+    return budgets
 
 
 def _bitmask_without(vocab_size: int, banned_ids: list[int] | set[int]):
@@ -261,7 +320,7 @@ class ConstrainedLogits:
     token ids so far and the next-token scores, and returns the masked scores)."""
 
     def __init__(self, compiled, grammars: _TokenizerGrammars, kind: str, batch_size: int,
-                 prompt_lengths: list[int], stop_ids: list[int]) -> None:
+                 prompt_lengths: list[int], stop_ids: list[int], budgets: list[int] | None = None) -> None:
         xgr = _xgrammar()
         self.xgr, self.vocab_size, self.prompt_lengths = xgr, grammars.vocab_size, prompt_lengths
         self.matchers = [xgr.GrammarMatcher(compiled, override_stop_tokens=stop_ids) for _ in range(batch_size)]
@@ -277,6 +336,9 @@ class ConstrainedLogits:
         self.ends_on_ed = token_bytes.ends_on_ed
         self.no_surrogate_tail = _bitmask_without(self.vocab_size, token_bytes.surrogate_tail_ids)
         self.last = [-1] * batch_size  # each row's last accepted token
+        self.stop_ids, self.closing_ids, self.budgets = stop_ids, grammars.closing_ids, budgets
+        self.plans: list[list[int] | None] = [None] * batch_size  # each row's way to close, while it holds
+        self.plan_length = [0] * batch_size  # the last plan's length, whether or not it still holds
 
     def __call__(self, input_ids, scores):
         self._check_shapes(input_ids, scores)
@@ -295,7 +357,26 @@ class ConstrainedLogits:
             scores[rows, self.vocab_size:] = float("-inf")
         self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device), vocab_size=self.vocab_size,
                                              indices=rows)
+        if self.budgets is not None:
+            for i in rows:
+                forced = self._closing_token(i)
+                if forced is not None:
+                    scores[i, :] = float("-inf")
+                    scores[i, forced] = 0.0
         return scores
+
+    def _closing_token(self, row: int) -> int | None:
+        """The token row `row` must take now to close within its budget, or None while it may still choose."""
+        left = self.budgets[row] - self.fed[row]  # tokens left, this one included
+        plan = self.plans[row]
+        if plan is None and (self.fed[row] % _REPLAN_EVERY == 0 or left <= self.plan_length[row] + 2 * CLOSE_MARGIN):
+            plan = self.plans[row] = closing_plan(self.matchers[row], self.closing_ids, self.stop_ids)
+            self.plan_length[row] = len(plan) if plan is not None else 0
+        if plan is None:
+            return None
+        if len(plan) >= left or (len(plan) > 1 and len(plan) + CLOSE_MARGIN >= left):
+            return plan[0]
+        return None
 
     def _check_shapes(self, input_ids, scores) -> None:
         if input_ids.shape[0] != len(self.matchers) or scores.shape[0] != len(self.matchers):
@@ -331,6 +412,8 @@ class ConstrainedLogits:
             return False
         self.fed[row] += 1
         self.last[row] = token
+        plan = self.plans[row]
+        self.plans[row] = plan[1:] if plan and plan[0] == token else None  # a plan followed still holds
         if matcher.is_terminated():
             self.states[row] = _COMPLETE
             return False

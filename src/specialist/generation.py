@@ -275,7 +275,8 @@ class Engine:
         return {"input_ids": torch.cat([prefix, rest_ids], dim=1), "attention_mask": mask, "cache": cache}
 
     def _constrained(self, requests: list[Request]) -> dict:
-        """generate's logits_processor keeping every row inside the engine's constraint (none without one)."""
+        """generate's logits_processor keeping every row inside the engine's constraint (none without one), each
+        row closing its answer within its own token budget."""
         if self.constraint is None:
             return {}
         from transformers import LogitsProcessorList
@@ -283,7 +284,8 @@ class Engine:
         from specialist.constrain import logits_processor
 
         processor = logits_processor(self.constraint, self.tokenizer, len(requests),
-                                     [len(r.prompt_ids) for r in requests], sorted(self.stop_ids))
+                                     [len(r.prompt_ids) for r in requests], sorted(self.stop_ids),
+                                     max_new_tokens=[r.max_new_tokens for r in requests])
         return {"logits_processor": LogitsProcessorList([processor])}
 
     def _finished(self, row: _Row) -> Generation:
