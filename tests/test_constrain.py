@@ -17,7 +17,7 @@ import torch
 from conftest import CORPUS, build_tiny_model, build_tiny_tokenizer
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from specialist.constrain import Constraint, grammars_for, labels_ebnf, logits_processor
+from specialist.constrain import CLOSE_MARGIN, Constraint, grammars_for, labels_ebnf, logits_processor
 from specialist.errors import ConfigError
 from specialist.generation import left_pad
 
@@ -265,6 +265,48 @@ def test_a_model_stuck_on_one_token_is_closed_with_the_smallest_required_values(
     assert value["event"].strip("a") == "" and len(value["event"]) > 0
     assert (value["severity"], value["lines"]) == ("error", 1), text
     assert processor.completed(torch.tensor([ids])) == [True]
+
+
+def follow(processor, favourite_ids: list[int], vocab: int, eos: int, budget: int) -> list[int]:
+    """Greedy decoding of one row by a 'model' that wants to write `favourite_ids` and then stop."""
+    ids = [2]
+    while len(ids) - 1 < budget and ids[-1] != eos:
+        step = len(ids) - 1
+        wanted = favourite_ids[step] if step < len(favourite_ids) else eos
+        scores = torch.zeros((1, vocab))
+        scores[0, wanted] = 10.0
+        ids.append(int(processor(torch.tensor([ids]), scores).argmax()))
+    return ids[1:]
+
+
+@pytest.mark.parametrize("spare", [2, 6, 12])
+def test_an_answer_that_ends_in_time_is_left_alone(spare):
+    """A model that would finish a long answer with CLOSE_MARGIN + `spare` tokens to spare writes it unchanged: the
+    plan is counted in the tokenizer's own tokens. Counted a character a token (the control below), the plan to
+    close from inside the event string looks several times longer and is forced on the answer."""
+    tokenizer = build_tiny_tokenizer()
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    answer = json.dumps({"event": "Received block blk_<*> of size <*> from /<*>", "severity": "info", "lines": 3})
+    wanted = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    budget = len(wanted) + 1 + CLOSE_MARGIN + spare
+    processor = logits_processor(Constraint.json_schema(UNBOUNDED), tokenizer, 1, [1], [eos], max_new_tokens=budget)
+    assert follow(processor, wanted, vocab, eos, budget) == wanted + [eos]
+    by_characters = logits_processor(Constraint.json_schema(UNBOUNDED), tokenizer, 1, [1], [eos],
+                                     max_new_tokens=budget)
+    by_characters.encode = None
+    assert follow(by_characters, wanted, vocab, eos, budget) != wanted + [eos]
+
+
+def test_a_run_on_string_is_closed_in_the_tokenizers_own_tokens():
+    tokenizer = build_tiny_tokenizer()
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    run_on = tokenizer('{"event": "' + "block " * 40, add_special_tokens=False)["input_ids"]
+    budget = 48
+    processor = logits_processor(Constraint.json_schema(UNBOUNDED), tokenizer, 1, [1], [eos], max_new_tokens=budget)
+    written = follow(processor, run_on, vocab, eos, budget)
+    assert written[-1] == eos and len(written) <= budget
+    value = json.loads(tokenizer.decode(written, skip_special_tokens=True))
+    assert value["event"].startswith("block block") and set(value) == {"event", "severity", "lines"}
 
 
 @pytest.mark.parametrize("pattern", [r"\d+", r"[a-z]+ \d{2}"])

@@ -15,12 +15,13 @@ How a row is decoded:
   other logit becomes -inf, so greedy decoding and sampling (temperature, top-p) both pick inside the language;
 - the stop tokens (`stop_ids`) are allowed only once the text is a whole sentence of the language, and are the only
   tokens allowed once nothing can follow (a JSON object's closing brace, the end of the longest label);
-- given each row's token budget (`max_new_tokens`), the processor keeps a plan for closing the text in time: the
-  shortest way it finds, one character a token, to a whole sentence and a stop token (close the string, fill the
-  required properties with their smallest values, close the braces). Once the plan needs nearly all the tokens
-  left (`CLOSE_MARGIN` spare), the row follows it, so an answer that would loop inside a string until the limit
-  ends as valid, if emptier, JSON instead of a cut-off prefix. The plan is found greedily (closing characters
-  first), which always ends for JSON schemas and labels; a regex may have no closing within reach;
+- given each row's token budget (`max_new_tokens`), the processor keeps a plan for closing the text in time: a
+  short way to a whole sentence and a stop token (close the string, fill the required properties with their
+  smallest values, close the braces), found a character at a time (closing characters first, which always ends
+  for JSON schemas and labels; a regex may have no closing within reach) and then spelt in the tokenizer's own
+  tokens, as the model would write it. Once the plan needs nearly all the tokens left (`CLOSE_MARGIN` spare),
+  the row follows it, so an answer that would loop inside a string until the limit ends as valid, if emptier,
+  JSON instead of a cut-off prefix; an answer that would end in time is left alone;
 - without a budget, or with fewer tokens than the shortest closing, a row that reaches the token limit first
   ends as a valid *prefix*, reported by `ConstrainedLogits.completed` (False) and by `Constraint.check`;
 - a row that generation ended for another reason (its own token limit, a cancellation, a stop string) is padded by
@@ -39,6 +40,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,8 +154,9 @@ class _TokenizerGrammars:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self.special_ids = _special_ids(tokenizer, vocab_size)
-        self.bytes = _TokenBytes(self.info.decoded_vocab, self.special_ids)
-        self.closing_ids = _single_character_ids(self.info.decoded_vocab, self.special_ids)
+        self.decoded_vocab = self.info.decoded_vocab  # a property that copies the whole vocabulary each time
+        self.bytes = _TokenBytes(self.decoded_vocab, self.special_ids)
+        self.closing_ids = _single_character_ids(self.decoded_vocab, self.special_ids)
         self.grammars: OrderedDict[Constraint, Any] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -230,6 +233,32 @@ def closing_plan(matcher, closing_ids: list[int], stop_ids: list[int], limit: in
             matcher.rollback(len(taken))
 
 
+def spelt_in_tokens(matcher, plan: list[int], decoded_vocab: list[bytes], encode) -> list[int]:
+    """`plan` (single characters, then a stop token) spelt as the tokenizer spells its text, where the grammar
+    takes that spelling and it is shorter; else `plan`. Leading UTF-8 continuation bytes (the end of a character
+    the row began) stay single tokens. The matcher is left where it was."""
+    body = plan[:-1]
+    raw = b"".join(decoded_vocab[t] for t in body)
+    lead = len(raw) - len(raw.lstrip(bytes(range(0x80, 0xC0))))
+    try:
+        text = raw[lead:].decode("utf-8")
+    except UnicodeDecodeError:
+        return plan
+    spelt = body[:lead] + (list(encode(text)) if text else []) + plan[-1:]
+    if len(spelt) >= len(plan):
+        return plan
+    accepted = 0
+    try:
+        for token in spelt:
+            if not matcher.accept_token(token):
+                return plan
+            accepted += 1
+    finally:
+        if accepted:
+            matcher.rollback(accepted)
+    return spelt
+
+
 class _TokenBytes:
     """Tokens whose bytes xgrammar 0.2.9 lets through although the text could not be what the grammar means:
 
@@ -287,7 +316,8 @@ def logits_processor(constraint: Constraint, tokenizer, batch_size: int, prompt_
     budgets = _row_budgets(max_new_tokens, batch_size)
     processor_class = _logits_processor_class()
     return processor_class(grammars.compiled(constraint), grammars, constraint.kind, batch_size,
-                           list(prompt_lengths), stops, budgets)
+                           list(prompt_lengths), stops, budgets,
+                           lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _row_budgets(max_new_tokens: int | list[int] | None, batch_size: int) -> list[int] | None:
@@ -320,7 +350,8 @@ class ConstrainedLogits:
     token ids so far and the next-token scores, and returns the masked scores)."""
 
     def __init__(self, compiled, grammars: _TokenizerGrammars, kind: str, batch_size: int,
-                 prompt_lengths: list[int], stop_ids: list[int], budgets: list[int] | None = None) -> None:
+                 prompt_lengths: list[int], stop_ids: list[int], budgets: list[int] | None = None,
+                 encode: Callable[[str], list[int]] | None = None) -> None:
         xgr = _xgrammar()
         self.xgr, self.vocab_size, self.prompt_lengths = xgr, grammars.vocab_size, prompt_lengths
         self.matchers = [xgr.GrammarMatcher(compiled, override_stop_tokens=stop_ids) for _ in range(batch_size)]
@@ -337,6 +368,8 @@ class ConstrainedLogits:
         self.no_surrogate_tail = _bitmask_without(self.vocab_size, token_bytes.surrogate_tail_ids)
         self.last = [-1] * batch_size  # each row's last accepted token
         self.stop_ids, self.closing_ids, self.budgets = stop_ids, grammars.closing_ids, budgets
+        self.decoded_vocab = grammars.decoded_vocab
+        self.encode = encode  # text -> the tokenizer's token ids, to spell a closing plan as the model would
         self.plans: list[list[int] | None] = [None] * batch_size  # each row's way to close, while it holds
         self.plan_length = [0] * batch_size  # the last plan's length, whether or not it still holds
 
@@ -370,13 +403,20 @@ class ConstrainedLogits:
         left = self.budgets[row] - self.fed[row]  # tokens left, this one included
         plan = self.plans[row]
         if plan is None and (self.fed[row] % _REPLAN_EVERY == 0 or left <= self.plan_length[row] + 2 * CLOSE_MARGIN):
-            plan = self.plans[row] = closing_plan(self.matchers[row], self.closing_ids, self.stop_ids)
+            plan = self.plans[row] = self._plan(row)
             self.plan_length[row] = len(plan) if plan is not None else 0
         if plan is None:
             return None
         if len(plan) >= left or (len(plan) > 1 and len(plan) + CLOSE_MARGIN >= left):
             return plan[0]
         return None
+
+    def _plan(self, row: int) -> list[int] | None:
+        matcher = self.matchers[row]
+        plan = closing_plan(matcher, self.closing_ids, self.stop_ids)
+        if plan is None or self.encode is None:
+            return plan
+        return spelt_in_tokens(matcher, plan, self.decoded_vocab, self.encode)
 
     def _check_shapes(self, input_ids, scores) -> None:
         if input_ids.shape[0] != len(self.matchers) or scores.shape[0] != len(self.matchers):
