@@ -136,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loghub", type=Path, default=HERE.parents[1] / ".." / "shared" / "datasets" / "loghub")
     parser.add_argument("--window", type=int, default=4)
-    parser.add_argument("--per-system", type=int, default=70)
+    parser.add_argument("--per-system", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
     args = parser.parse_args()
