@@ -325,6 +325,23 @@ def test_a_budget_too_small_for_any_closing_still_ends_as_a_reported_prefix(babb
     assert all('{"priority": "'.startswith(text) for text in texts), texts
 
 
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_budgets_of_a_token_or_two_force_the_plans_start_and_end_as_reported_prefixes(babbler, budget):
+    model, tokenizer = babbler
+    constraint = Constraint.json_schema(UNBOUNDED)
+    texts, completed = generate(model, tokenizer, constraint, max_new_tokens=budget, budgets=budget)
+    assert completed == [False] * len(PROMPTS)
+    assert all('{"event": "'.startswith(text) or text.startswith('{"event": "') for text in texts), texts
+
+
+def test_a_regex_with_no_closing_within_reach_is_left_to_the_token_limit(babbler):
+    """600 characters before any sentence: the plan gives up at its 512 and nothing is forced."""
+    model, tokenizer = babbler
+    texts, completed = generate(model, tokenizer, Constraint.regex("a{600}"), max_new_tokens=12, budgets=12)
+    assert completed == [False] * len(PROMPTS)
+    assert all(set(text) <= {"a"} for text in texts), texts
+
+
 @pytest.mark.parametrize("budget", [0, -1, True, "64", 2.5, [64], [64, 0], [None, 64]])
 def test_bad_budgets_are_refused(budget):
     tokenizer = build_tiny_tokenizer()

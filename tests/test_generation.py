@@ -159,7 +159,12 @@ def test_a_constrained_arm_answers_inside_the_language_in_evaluation_and_serving
     with BackgroundServer(app) as server:
         body = {"model": "tuned", "max_tokens": 30, "messages": [{"role": "user", "content": "a log line"}]}
         answer = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
-    assert re.fullmatch(pattern, answer)
+        # a limit too small for any whole answer: the valid start, reported as cut, and the server goes on
+        cut = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 1})
+        again = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert re.fullmatch(pattern, answer) and again == answer
+    assert cut.status_code == 200 and cut.json()["choices"][0]["finish_reason"] == "length"
+    assert '{"level": "'.startswith(cut.json()["choices"][0]["message"]["content"])
 
 
 def test_rows_sharing_a_prefix_answer_as_they_would_alone(babbler):

@@ -371,7 +371,7 @@ class ConstrainedLogits:
         self.decoded_vocab = grammars.decoded_vocab
         self.encode = encode  # text -> the tokenizer's token ids, to spell a closing plan as the model would
         self.plans: list[list[int] | None] = [None] * batch_size  # each row's way to close, while it holds
-        self.plan_length = [0] * batch_size  # the last plan's length, whether or not it still holds
+        self.plan_length: list[int | None] = [0] * batch_size  # the last plan's length (None: none found)
 
     def __call__(self, input_ids, scores):
         self._check_shapes(input_ids, scores)
@@ -401,10 +401,11 @@ class ConstrainedLogits:
     def _closing_token(self, row: int) -> int | None:
         """The token row `row` must take now to close within its budget, or None while it may still choose."""
         left = self.budgets[row] - self.fed[row]  # tokens left, this one included
-        plan = self.plans[row]
-        if plan is None and (self.fed[row] % _REPLAN_EVERY == 0 or left <= self.plan_length[row] + 2 * CLOSE_MARGIN):
+        plan, last_length = self.plans[row], self.plan_length[row]
+        near = last_length is not None and left <= last_length + 2 * CLOSE_MARGIN
+        if plan is None and (self.fed[row] % _REPLAN_EVERY == 0 or near):
             plan = self.plans[row] = self._plan(row)
-            self.plan_length[row] = len(plan) if plan is not None else 0
+            self.plan_length[row] = len(plan) if plan is not None else None  # no way found: retry on the cadence
         if plan is None:
             return None
         if len(plan) >= left or (len(plan) > 1 and len(plan) + CLOSE_MARGIN >= left):
