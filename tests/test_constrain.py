@@ -462,6 +462,20 @@ def test_constraint_is_a_frozen_value_that_keeps_property_order():
     assert labels_ebnf(('say "hi"', "a\\b")) == 'root ::= "say \\"hi\\"" | "a\\\\b"'
 
 
+def test_the_log_root_cause_catalogue_holds_every_answer_and_compiles():
+    """The recipe's closed contract (events from loghub's template catalogue, meanings from build_data.py): every
+    written answer is inside it, an invented event is not, and the grammar builds from it."""
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "log-root-cause"
+    catalog = json.loads((recipe / "schema-catalog.json").read_text(encoding="utf-8"))
+    constraint = Constraint.json_schema(catalog)
+    answers = [json.loads(line)["completion"] for line in (recipe / "data.jsonl").read_text().splitlines()]
+    assert answers and all(constraint.check(answer) for answer in answers)
+    invented = json.loads(answers[0]) | {"event": "Invalid user <*> from <*> [preauth]"}
+    assert not constraint.check(json.dumps(invented))
+    assert not constraint.check(json.dumps(json.loads(answers[0]) | {"summary": "5 of 4 lines: a session closed"}))
+    grammars_for(build_tiny_tokenizer()).compiled(constraint)
+
+
 def test_check_validates_the_whole_schema_even_what_the_grammar_cannot_enforce():
     constraint = Constraint.json_schema({"type": "array", "items": {"type": "integer"}, "uniqueItems": True})
     assert constraint.check("[1, 2]") and not constraint.check("[1, 1]") and not constraint.check("[1, 2")

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -132,6 +133,24 @@ def build(loghub: Path, window: int, per_system: int, seed: int) -> list[dict[st
     return examples
 
 
+def catalog_schema(loghub: Path, schema: dict, window: int) -> dict:
+    """`schema` with `event` held to the templates loghub catalogues for the three systems and `summary` to a count
+    and one of EVENT_MEANINGS: the contract of a team that keeps a template catalogue (what a log parser such as
+    Drain writes). A window whose key event is not in the catalogue cannot be answered right under it."""
+    templates: set[str] = set()
+    for system in SYSTEMS:
+        with (loghub / f"{system}_2k.log_templates.csv").open(encoding="utf-8", newline="") as handle:
+            templates |= {row["EventTemplate"] for row in csv.DictReader(handle)}
+    meanings = sorted({meaning for by_event in EVENT_MEANINGS.values() for meaning in by_event.values()})
+    catalog = json.loads(json.dumps(schema))
+    catalog["title"] = schema.get("title", "") + ", events and meanings from the catalogue"
+    catalog["properties"]["event"] = {"enum": sorted(templates)}
+    catalog["properties"]["summary"] = {
+        "type": "string",
+        "pattern": f"^[1-{window}] of {window} lines: ({'|'.join(re.escape(m) for m in meanings)})$"}
+    return catalog
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loghub", type=Path, default=HERE.parents[1] / ".." / "shared" / "datasets" / "loghub")
@@ -139,8 +158,13 @@ def main() -> None:
     parser.add_argument("--per-system", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
+    parser.add_argument("--catalog-out", type=Path, default=HERE / "schema-catalog.json")
     args = parser.parse_args()
     write_jsonl(args.out, build(args.loghub, args.window, args.per_system, args.seed))
+    schema = json.loads((HERE / "schema.json").read_text(encoding="utf-8"))
+    args.catalog_out.write_text(json.dumps(catalog_schema(args.loghub, schema, args.window), indent=2,
+                                           ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {args.catalog_out}")
 
 
 if __name__ == "__main__":
