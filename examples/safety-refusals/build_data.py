@@ -413,16 +413,33 @@ def alarming_rows(items: list[tuple[str, str, str]]) -> list[dict[str, str]]:
             for name, prompt, answer in items]
 
 
+GENERIC_REFUSAL = "I can't help with that."
+
+
+def preference_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The same rows as preferences (prompt, chosen, rejected) for DPO: chosen is the written completion; rejected
+    is the other kind of reply on the same topic, the pair's twin (a request to refuse is rejected an answer,
+    its look-alike the refusal), and for a request without a twin the plain refusal it must not get."""
+    twin = {(r["pair"], r["kind"]): r["completion"] for r in rows}
+    other = {"refuse": "answer", "answer": "refuse"}
+    return [{"prompt": r["prompt"], "chosen": r["completion"],
+             "rejected": twin.get((r["pair"], other[r["kind"]]), GENERIC_REFUSAL),
+             "pair": r["pair"], "kind": r["kind"], "category": r["category"]} for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
+    parser.add_argument("--preferences-out", type=Path, default=HERE / "preferences.jsonl")
     args = parser.parse_args()
     if len({p[0] for p in PAIRS} | {a[0] for a in ALARMING_BUT_FINE}) != len(PAIRS) + len(ALARMING_BUT_FINE):
         raise SystemExit("two pairs share an id")
     rows = rows_of(PAIRS) + alarming_rows(ALARMING_BUT_FINE)
     random.Random(args.seed).shuffle(rows)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    args.preferences_out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in preference_rows(rows)),
+                                    encoding="utf-8")
     print(f"wrote {len(rows)} rows ({len(PAIRS)} pairs, {len(ALARMING_BUT_FINE)} alarming but fine) to {args.out}")
 
 
