@@ -158,8 +158,9 @@ def main() -> None:
     parser.add_argument("--per-system", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
-    parser.add_argument("--catalog-out", type=Path, default=HERE / "schema-catalog.json")
+    parser.add_argument("--catalog-out", type=Path, help="default: schema-catalog.json beside --out")
     args = parser.parse_args()
+    args.catalog_out = args.catalog_out or args.out.parent / "schema-catalog.json"
     write_jsonl(args.out, build(args.loghub, args.window, args.per_system, args.seed))
     schema = json.loads((HERE / "schema.json").read_text(encoding="utf-8"))
     args.catalog_out.write_text(json.dumps(catalog_schema(args.loghub, schema, args.window), indent=2,

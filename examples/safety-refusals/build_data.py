@@ -431,8 +431,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "data.jsonl")
-    parser.add_argument("--preferences-out", type=Path, default=HERE / "preferences.jsonl")
+    parser.add_argument("--preferences-out", type=Path, help="default: preferences.jsonl beside --out")
     args = parser.parse_args()
+    args.preferences_out = args.preferences_out or args.out.parent / "preferences.jsonl"
     if len({p[0] for p in PAIRS} | {a[0] for a in ALARMING_BUT_FINE}) != len(PAIRS) + len(ALARMING_BUT_FINE):
         raise SystemExit("two pairs share an id")
     rows = rows_of(PAIRS) + alarming_rows(ALARMING_BUT_FINE)
