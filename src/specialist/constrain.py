@@ -154,9 +154,10 @@ class _TokenizerGrammars:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self.special_ids = _special_ids(tokenizer, vocab_size)
-        self.decoded_vocab = self.info.decoded_vocab  # a property that copies the whole vocabulary each time
-        self.bytes = _TokenBytes(self.decoded_vocab, self.special_ids)
-        self.closing_ids = _single_character_ids(self.decoded_vocab, self.special_ids)
+        decoded_vocab = self.info.decoded_vocab  # a property that copies the whole vocabulary each time
+        self.bytes = _TokenBytes(decoded_vocab, self.special_ids)
+        self.closing_ids = _single_character_ids(decoded_vocab, self.special_ids)
+        self.closing_bytes = {i: decoded_vocab[i] for i in self.closing_ids}  # all a closing plan is spelt from
         self.grammars: OrderedDict[Constraint, Any] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -222,7 +223,7 @@ def closing_plan(matcher, closing_ids: list[int], stop_ids: list[int], limit: in
             step = next((t for t in stop_ids if matcher.accept_token(t)), None)
             if step is not None:
                 taken.append(step)
-                return list(taken)
+                return taken
             step = next((t for t in closing_ids if matcher.accept_token(t)), None)
             if step is None:
                 return None
@@ -233,12 +234,12 @@ def closing_plan(matcher, closing_ids: list[int], stop_ids: list[int], limit: in
             matcher.rollback(len(taken))
 
 
-def spelt_in_tokens(matcher, plan: list[int], decoded_vocab: list[bytes], encode) -> list[int]:
-    """`plan` (single characters, then a stop token) spelt as the tokenizer spells its text, where the grammar
-    takes that spelling and it is shorter; else `plan`. Leading UTF-8 continuation bytes (the end of a character
-    the row began) stay single tokens. The matcher is left where it was."""
+def spelt_in_tokens(matcher, plan: list[int], closing_bytes: dict[int, bytes], encode) -> list[int]:
+    """`plan` (single characters from `closing_bytes`, then a stop token) spelt as the tokenizer spells its text,
+    where the grammar takes that spelling and it is shorter; else `plan`. Leading UTF-8 continuation bytes (the end
+    of a character the row began) stay single tokens. The matcher is left where it was."""
     body = plan[:-1]
-    raw = b"".join(decoded_vocab[t] for t in body)
+    raw = b"".join(closing_bytes[t] for t in body)
     lead = len(raw) - len(raw.lstrip(bytes(range(0x80, 0xC0))))
     try:
         text = raw[lead:].decode("utf-8")
@@ -368,7 +369,7 @@ class ConstrainedLogits:
         self.no_surrogate_tail = _bitmask_without(self.vocab_size, token_bytes.surrogate_tail_ids)
         self.last = [-1] * batch_size  # each row's last accepted token
         self.stop_ids, self.closing_ids, self.budgets = stop_ids, grammars.closing_ids, budgets
-        self.decoded_vocab = grammars.decoded_vocab
+        self.closing_bytes = grammars.closing_bytes
         self.encode = encode  # text -> the tokenizer's token ids, to spell a closing plan as the model would
         self.plans: list[list[int] | None] = [None] * batch_size  # each row's way to close, while it holds
         self.plan_length: list[int | None] = [0] * batch_size  # the last plan's length (None: none found)
@@ -417,7 +418,7 @@ class ConstrainedLogits:
         plan = closing_plan(matcher, self.closing_ids, self.stop_ids)
         if plan is None or self.encode is None:
             return plan
-        return spelt_in_tokens(matcher, plan, self.decoded_vocab, self.encode)
+        return spelt_in_tokens(matcher, plan, self.closing_bytes, self.encode)
 
     def _check_shapes(self, input_ids, scores) -> None:
         if input_ids.shape[0] != len(self.matchers) or scores.shape[0] != len(self.matchers):
