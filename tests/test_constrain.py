@@ -247,26 +247,6 @@ def test_each_row_closes_within_its_own_budget(babbler):
         assert Constraint.json_schema(UNBOUNDED).check(tokenizer.decode(row[:spent], skip_special_tokens=True))
 
 
-def test_a_model_stuck_on_one_token_is_closed_with_the_smallest_required_values():
-    """Scores that always favour "a": the string runs on until the plan needs the rest of the budget, then the
-    row closes it and writes the remaining required properties with the first values the grammar accepts."""
-    tokenizer = build_tiny_tokenizer()
-    vocab, eos = len(tokenizer), tokenizer.eos_token_id
-    budget = 72  # the shortest closing from the start, a character a token, is 47
-    processor = logits_processor(Constraint.json_schema(UNBOUNDED), tokenizer, 1, [1], [eos], max_new_tokens=budget)
-    favourite = torch.full((1, vocab), -5.0)
-    favourite[0, tokenizer.convert_tokens_to_ids("a")] = 5.0
-    ids = [2]
-    while len(ids) - 1 < budget and ids[-1] != eos:
-        ids.append(int(processor(torch.tensor([ids]), favourite.clone()).argmax()))
-    text = tokenizer.decode(ids[1:], skip_special_tokens=True)
-    assert ids[-1] == eos and len(ids) - 1 <= budget
-    value = json.loads(text)
-    assert value["event"].strip("a") == "" and len(value["event"]) > 0
-    assert (value["severity"], value["lines"]) == ("error", 1), text
-    assert processor.completed(torch.tensor([ids])) == [True]
-
-
 def follow(processor, favourite_ids: list[int], vocab: int, eos: int, budget: int) -> list[int]:
     """Greedy decoding of one row by a 'model' that wants to write `favourite_ids` and then stop."""
     ids = [2]
@@ -277,6 +257,22 @@ def follow(processor, favourite_ids: list[int], vocab: int, eos: int, budget: in
         scores[0, wanted] = 10.0
         ids.append(int(processor(torch.tensor([ids]), scores).argmax()))
     return ids[1:]
+
+
+def test_a_model_stuck_on_one_token_is_closed_with_the_smallest_required_values():
+    """Scores that always favour "a": the string runs on until the plan needs the rest of the budget, then the
+    row closes it and writes the remaining required properties with the first values the grammar accepts."""
+    tokenizer = build_tiny_tokenizer()
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    budget = 72  # the shortest closing from the start, a character a token, is 47
+    processor = logits_processor(Constraint.json_schema(UNBOUNDED), tokenizer, 1, [1], [eos], max_new_tokens=budget)
+    written = follow(processor, [tokenizer.convert_tokens_to_ids("a")] * budget, vocab, eos, budget)
+    text = tokenizer.decode(written, skip_special_tokens=True)
+    assert written[-1] == eos and len(written) <= budget
+    value = json.loads(text)
+    assert value["event"].strip("a") == "" and len(value["event"]) > 0
+    assert (value["severity"], value["lines"]) == ("error", 1), text
+    assert processor.completed(torch.tensor([[2, *written]])) == [True]
 
 
 @pytest.mark.parametrize("spare", [2, 6, 12])
