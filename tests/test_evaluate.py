@@ -25,11 +25,18 @@ def test_eval_scores_all_three_arms_with_intervals_and_paired_tests(trained_run)
     result = runner.invoke(app, ["eval", str(trained_run)], terminal_width=200)
     assert result.exit_code == 0, result.output
     report = json.loads((trained_run / "eval.json").read_text())
-    assert set(report["arms"]) == {"base", "few_shot", "tuned"}
+    # the tiny run's rows carry no labels: the label baselines (majority, linear) do not apply
+    assert set(report["arms"]) == {"base", "few_shot", "nearest", "retrieval", "tuned"}
     for arm in report["arms"].values():
         for metric, interval in arm["scores"].items():
             assert interval["low"] <= interval["mean"] <= interval["high"], metric
-    assert set(report["comparisons"]) == {"tuned_vs_base", "tuned_vs_few_shot"}
+    assert set(report["comparisons"]) == {"tuned_vs_base", "tuned_vs_few_shot", "tuned_vs_nearest",
+                                          "tuned_vs_retrieval"}
+    best = report["best_baseline"]["exact_match"]
+    assert best["baseline"] == max(report["arms"][arm]["scores"]["exact_match"]["mean"]
+                                   for arm in ("base", "few_shot", "nearest", "retrieval"))
+    assert best["comparison"] == report["comparisons"][f"tuned_vs_{best['arm']}"]["exact_match"]
+    assert "tuned against the best baseline" in result.output
     assert 0 < report["comparisons"]["tuned_vs_base"]["exact_match"]["p_value"] <= 1
     assert report["overfitting"]["train_rows"] == 4 and "memorisation_rate" in report["overfitting"]
     forgetting = report["forgetting"]
@@ -41,6 +48,7 @@ def test_eval_scores_all_three_arms_with_intervals_and_paired_tests(trained_run)
     assert {"base", "few_shot", "tuned"} <= set(predictions[0])
     markdown = (trained_run / "report.md").read_text()
     assert "| json_valid |" in markdown and "tuned vs base" in markdown
+    assert "## Tuned against the best baseline" in markdown and "- exact_match: tuned" in markdown
     html = (trained_run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3  # scores, loss, lengths
 

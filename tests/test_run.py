@@ -16,8 +16,9 @@ def test_two_step_run_writes_a_complete_run_folder(tiny_config):
                 "predictions.jsonl", "metrics.json", "eval.json", "loss.png", "figures", "report.html", "report.md"}
     assert expected <= {p.name for p in run_dir.iterdir()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["scores"]) == {"base", "few_shot", "tuned"}
-    for arm in ("base", "few_shot", "tuned"):
+    assert set(metrics["scores"]) == {"base", "few_shot", "nearest", "retrieval", "tuned"}
+    assert set(metrics["best_baseline"]) == {"json_valid", "exact_match", "field_accuracy"}
+    for arm in ("base", "few_shot", "nearest", "retrieval", "tuned"):
         assert set(metrics["scores"][arm]) >= {"json_valid", "exact_match", "field_accuracy"}
     assert metrics["train"]["steps"] == 2
     assert metrics["train"]["first_loss"] is not None and metrics["train"]["train_tokens"] > 0

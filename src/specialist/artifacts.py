@@ -32,6 +32,15 @@ class Loaded:
     weights_bytes: int | None = None
     kind: str = "base"  # "run", "export" or "base"
     engine: Any = None  # a ready engine callers use instead of building one (a classifier run's ClassifierEngine)
+    retrieval: Any = None  # core.retrieval.RetrievalIndex of a data.retrieval run (its prompts carry neighbours)
+
+    def answering_engine(self, constraint=None, template=None):
+        """The generation engine over this model: its prompt format (`template` for a bare base model), its
+        adapter switch, its retrieval index; inside `constraint`'s language where one is given."""
+        from specialist.generation import Engine
+
+        return Engine(self.model, self.tokenizer, self.template or template, context=self.context,
+                      constraint=constraint, retrieval=self.retrieval)
 
 
 def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
@@ -46,7 +55,7 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
         raise ConfigError(f"{export.meta_file}: unknown export format {fmt!r}", hint=f"one of {EXPORT_FORMATS}")
     template, tokenizer = export.template(), AutoTokenizer.from_pretrained(export.path)
     found = Loaded(None, tokenizer, template, run=export.source_run(), weights_bytes=export.weights_bytes(),
-                   kind="export")
+                   kind="export", retrieval=export.retrieval())
     if fmt == "int8":
         from specialist.int8 import load_int8
 
@@ -79,7 +88,7 @@ def load_run(run: RunFolder, pool: ModelPool | None = None, adapter_name: str | 
         return Loaded(engine.model, engine.tokenizer, engine.template, run=run, kind="run", engine=engine)
     pool = pool or ModelPool()
     config = run.config()
-    found = Loaded(None, None, run.template(), run=run, kind="run")
+    found = Loaded(None, None, run.template(), run=run, kind="run", retrieval=run.retrieval())
     if run.has_adapter:
         found.model, found.context = pool.with_adapter(config.model.name, _start_of(config), run.adapter,
                                                        adapter_name or adapter_key(run.path))

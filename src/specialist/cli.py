@@ -363,6 +363,7 @@ def print_scores(report) -> None:
         table.add_column("tuned - base", justify="right")
     for metric in metrics:
         table.add_row(*_score_row(report, arms, metric, compared))
+    print_versus_best(report)
     console.print(table)
     if report.forgetting is not None:
         forgetting = Table(title="forgetting: base weights against tuned")
@@ -371,6 +372,17 @@ def print_scores(report) -> None:
         for row in report.forgetting.table():
             forgetting.add_row(*row)
         console.print(forgetting)
+
+
+def print_versus_best(report) -> None:
+    """The line that matters: tuned against the best of the cheap alternatives, per metric (paired, same rows)."""
+    from specialist.evaluate.baseline_arms import versus_best_lines
+
+    lines = versus_best_lines(report)
+    if lines:
+        console.print("[bold]tuned against the best baseline[/] (the cheapest alternative scoring highest, same rows):")
+        for line in lines:
+            console.print(f"  {line}", soft_wrap=True, markup=False)
 
 
 def _score_row(report, arms: list[str], metric: str, compared: bool) -> list[str]:

@@ -76,6 +76,16 @@ class BalanceConfig(_Section):
         return self
 
 
+class RetrievalConfig(_Section):
+    """Retrieval-augmented fine-tuning: every prompt carries its k most similar training rows with their answers."""
+
+    k: int = Field(default=3, ge=1, le=32, description="Training rows shown before each input (most similar last).")
+    near_duplicate: float = Field(
+        default=0.95, gt=0, le=1, description="A training row whose input is at least this similar (TF-IDF cosine) "
+        "to the query's is never shown: in training a row never sees itself or its copy, so neither may a test row.",
+    )
+
+
 class DataConfig(_Section):
     """Where the examples are, their shape, and how `prepare` cleans, dedupes, balances and splits them."""
 
@@ -136,6 +146,10 @@ class DataConfig(_Section):
     )
     truncate_side: Literal["right", "left", "middle"] = Field(
         default="right", description="over_length truncate: cut the input's end, its start, or its middle.",
+    )
+    retrieval: RetrievalConfig | None = Field(
+        default=None, description="Retrieval-augmented fine-tuning (k, near_duplicate): training, evaluation and "
+        "serving all put the k nearest training rows before the input; the index is stored with the run.",
     )
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
@@ -433,6 +447,14 @@ class EvaluationConfig(_Section):
         description="Built-in scorer names or custom ones as package.module:function.",
     )
     few_shot_k: int = Field(default=3, ge=0, description="Train examples shown to the base few-shot arm; 0: no arm.")
+    baselines: list[Literal["nearest", "majority", "linear", "retrieval"]] = Field(
+        default_factory=lambda: ["nearest", "majority", "linear", "retrieval"],
+        description="The cheapest alternatives scored beside the tuned arm: nearest (the answer of the most similar "
+        "training input), majority and linear (label tasks: the most frequent label; TF-IDF + logistic regression), "
+        "retrieval (the base model prompted with the retrieval_k nearest training rows). [] for none.",
+    )
+    retrieval_k: int | None = Field(default=None, ge=1, le=32,
+                                    description="Rows shown to the retrieval arm; None: few_shot_k (else 3).")
     label_json_key: str | None = Field(default=None, description="label_accuracy: read the label from this JSON key.")
     label_pattern: str | None = Field(default=None, description="label_accuracy: regex; group 1 is the label.")
     escalation_label: str | None = Field(
@@ -530,6 +552,7 @@ class OutputConfig(_Section):
 
 
 # Methods whose checkpoints training.select_by can pick: they answer prompts (generated text or a label)
+RETRIEVAL_METHODS = ("lora", "full", "qlora")
 SELECT_BY_METHODS = ("lora", "full", "qlora", "classifier")
 
 
@@ -552,6 +575,9 @@ class RunConfig(_Section):
         if self.training.select_by and kind not in SELECT_BY_METHODS:
             raise ValueError(f"training.select_by applies to method.kind {', '.join(SELECT_BY_METHODS)}, not "
                              f"{kind!r}; remove it")
+        if self.data.retrieval is not None and kind not in RETRIEVAL_METHODS:
+            raise ValueError(f"data.retrieval trains prompts that carry their nearest training rows, with method.kind "
+                             f"{', '.join(RETRIEVAL_METHODS)}, not {kind!r}; remove data.retrieval")
         return self
 
     @model_validator(mode="after")

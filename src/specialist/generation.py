@@ -232,16 +232,23 @@ class Engine:
     adapter on (or all adapters off, for the base) there."""
 
     def __init__(self, model, tokenizer, template: PromptTemplate, stop_ids: list[int] | None = None,
-                 context: Callable[[], AbstractContextManager] = nullcontext, constraint=None) -> None:
+                 context: Callable[[], AbstractContextManager] = nullcontext, constraint=None,
+                 retrieval=None) -> None:
         self.model, self.tokenizer, self.template, self.context = model, tokenizer, template, context
         self.constraint = constraint  # a specialist.constrain.Constraint: every answer stays inside its language
+        # a core.retrieval.RetrievalIndex: the model was trained with its k nearest training rows before every
+        # input, so every prompt it is given carries them too (evaluation, the export's replay, serving)
+        self.retrieval = retrieval
         self.stop_ids = set(stop_ids if stop_ids is not None else stop_token_ids(tokenizer))
         self.stop_strings = tuple(template.stop_strings)
         self.lock = model_lock(model)
         self.busy = False
 
     def encode(self, text: str, shots: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None) -> list[int]:
-        """The prompt's token ids in the template's format (its input shortened to fit, where the run truncates)."""
+        """The prompt's token ids in the template's format (its input shortened to fit, where the run truncates),
+        after the retrieved examples of a retrieval-trained model (when no `shots` are given)."""
+        if self.retrieval is not None and not shots:
+            shots = self.retrieval.prompt_shots([text])[0]
         return encode_prompt(self.template, self.tokenizer, text, shots, max_new_tokens)
 
     def run(self, requests: list[Request], sampling: Sampling = GREEDY) -> list[Generation]:
@@ -300,9 +307,12 @@ class Engine:
         return self.run([Request(self.encode(text, max_new_tokens=max_new_tokens), max_new_tokens)], sampling)[0]
 
     def generate(self, prompts: list[str], max_new_tokens: int, sampling: Sampling = GREEDY, batch_size: int = 16,
-                 shots: Sequence[tuple[str, str]] = (), label: str = "generating") -> list[Generation]:
-        """Every prompt's answer, in input order; batched after sorting by length so batches carry little padding."""
-        encoded = [self.encode(p, shots, max_new_tokens) for p in prompts]
+                 shots: Sequence[tuple[str, str]] = (), label: str = "generating",
+                 row_shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[Generation]:
+        """Every prompt's answer, in input order; batched after sorting by length so batches carry little padding.
+        `row_shots`, where given, are each prompt's own examples (retrieval) in place of the shared `shots`."""
+        encoded = [self.encode(p, shots if row_shots is None else row_shots[i], max_new_tokens)
+                   for i, p in enumerate(prompts)]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Generation | None] = [None] * len(prompts)
         with GenerationProgress(label, len(prompts)) as progress:

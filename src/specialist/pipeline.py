@@ -64,6 +64,7 @@ def headline_metrics(evaluation) -> dict[str, Any]:
         metrics["scores"] = {name: arm.headline() | ({"field_accuracy_per_key": arm.field_accuracy_per_key}
                                                      if arm.field_accuracy_per_key else {})
                              for name, arm in evaluation.arms.items()}
+        metrics["best_baseline"] = dict(evaluation.best_baseline)
     return metrics
 
 
@@ -105,8 +106,29 @@ def train(config: RunConfig, model, tokenizer, template, split: Split, run: RunF
           resume_from: Path | None = None) -> TrainResult:
     from specialist.train import train_model
 
+    split = with_retrieval(config, split, run)
     return train_model(model, tokenizer, template, split.train, split.val, config.method, config.training,
                        run, resume_from)
+
+
+def with_retrieval(config: RunConfig, split: Split, run: RunFolder) -> Split:
+    """data.retrieval: store the training rows as the run's index and give every train and val row its k nearest
+    training rows as shots (a training row never sees itself, a near duplicate or, split by group, its group)."""
+    from dataclasses import replace
+
+    from specialist.core.retrieval import RetrievalIndex
+
+    retrieval = config.data.retrieval
+    if retrieval is None:
+        return split
+    index = RetrievalIndex.of_examples(split.train, retrieval.near_duplicate, retrieval.k)
+    if is_main_process():
+        index.save(run.retrieval_file)
+    train_shots = index.training_shots(retrieval.k, use_groups=config.data.split_by == "grouped")
+    val_shots = index.prompt_shots([ex.prompt for ex in split.val])
+    console.log(f"retrieval: each prompt carries its {retrieval.k} nearest of {len(index)} training rows")
+    return Split([replace(ex, shots=tuple(shots)) for ex, shots in zip(split.train, train_shots)],
+                 [replace(ex, shots=tuple(shots)) for ex, shots in zip(split.val, val_shots)], split.test)
 
 
 def prepare_data(config: RunConfig, folder: Path, tokenizer=None, template=None, show_progress: bool = True,

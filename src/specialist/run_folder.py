@@ -9,6 +9,7 @@ layout is written down once, here, and can change in one place:
     template.json      the prompt format used by training, evaluation and serving
     adapter/ | model/  the PEFT adapter (LoRA methods) or the full model (all-weights methods)
     labels.json        a classifier run's classes in head order, and which head it trained
+    retrieval.json     data.retrieval runs: the training rows every prompt retrieves its examples from
     checkpoints/       the last `save_total_limit` checkpoints and the best one (marked complete when whole)
     metrics.jsonl      every training log line; tensorboard/ the same as TensorBoard events
     metrics.json       training figures, split hashes, headline scores per arm
@@ -46,6 +47,18 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _read_retrieval(path: Path):
+    from specialist.core.retrieval import RetrievalIndex
+
+    if not path.is_file():
+        return None
+    try:
+        return RetrievalIndex.load(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc), hint="write the run again (or export it again): the index is the training rows "
+                          "its prompts were trained to see") from exc
+
+
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
@@ -78,6 +91,14 @@ class RunFolder:
     @property
     def labels_file(self) -> Path:
         return self.path / "labels.json"
+
+    @property
+    def retrieval_file(self) -> Path:
+        return self.path / "retrieval.json"
+
+    def retrieval(self):
+        """The run's retrieval index (core.retrieval.RetrievalIndex), None when it was not trained with one."""
+        return _read_retrieval(self.retrieval_file)
 
     @property
     def checkpoints(self) -> Path:
@@ -287,6 +308,14 @@ class ExportFolder:
     @property
     def model_card(self) -> Path:
         return self.path / "README.md"
+
+    @property
+    def retrieval_file(self) -> Path:
+        return self.path / "retrieval.json"
+
+    def retrieval(self):
+        """The index the exported model's prompts retrieve from (a data.retrieval run's), None without one."""
+        return _read_retrieval(self.retrieval_file)
 
     @staticmethod
     def is_export(path: Path) -> bool:

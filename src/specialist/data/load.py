@@ -15,3 +15,5 @@ class Example:
     rejected: str | None = None
     label: str | None = None  # the class, for stratified splits, balancing and the report
     group: str | None = None  # rows sharing a group stay in one split (split_by=grouped)
+    # (input, answer) examples shown before the prompt: data.retrieval's nearest training rows (never stored)
+    shots: tuple[tuple[str, str], ...] = ()

@@ -172,6 +172,7 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
     balance = _balance(data.balance, order, labels, rows.label_names, seed, steps)
     _refuse_empty_split(order, data)
     written = _write_outputs(spool_path, rows, order, scratch)
+    lookup = _lookup_check(scratch, method_kind)
     spool_path.unlink()
     signature_path(spool_path).unlink(missing_ok=True)
     report = {
@@ -188,6 +189,7 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
         "leakage": leakage,
         "labels": _label_report(rows, labels, alive, balance, data),
         "lengths": lengths,
+        "lookup": lookup,
         "splits": {name: written[name]["rows"] for name in SPLITS},
         "tokens_per_epoch": _tokens_per_epoch(lengths, order["train"]),
         "files": written,
@@ -199,6 +201,16 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
                                              "splits", "files", "seed", "options")}
     (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return _without_private(report)
+
+
+def _lookup_check(folder: Path, method_kind: str) -> dict[str, Any] | None:
+    """core.baselines.lookup_check on the written split (None for plain text, which has no answers to look up)."""
+    from specialist.core.baselines import lookup_check
+
+    if method_kind == "continued_pretraining":
+        return None
+    split = read_split(folder)
+    return lookup_check(split.train, {"val": split.val, "test": split.test})
 
 
 def _sum_counters(counters) -> dict[str, int]:

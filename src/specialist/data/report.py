@@ -111,6 +111,22 @@ def _notes(report: dict[str, Any]) -> list[str]:
         notes.append("scrubbed: " + ", ".join(f"{n} {kind}" for kind, n in scrubbed.items()))
     if report.get("labels") and report["labels"].get("declared_without_rows"):
         notes.append(f"[yellow]labels with no rows:[/] {report['labels']['declared_without_rows']}")
+    notes += _lookup_notes(report.get("lookup"))
     if report.get("tokens_per_epoch") is not None:
         notes.append(f"training tokens per epoch: about {report['tokens_per_epoch']:,}")
+    return notes
+
+
+def _lookup_notes(lookup: dict[str, Any] | None) -> list[str]:
+    """What a lookup of the training rows already answers; a warning when the test set measures recall."""
+    if not lookup or not lookup.get("splits"):
+        return []
+    shares = "; ".join(f"{name}: {100 * s['answer_seen_in_train']:.0f}% of answers seen in training, nearest "
+                       f"training row exactly right on {100 * s['nearest_exact']:.0f}%"
+                       for name, s in lookup["splits"].items())
+    notes = [f"lookup: {shares}"]
+    if lookup.get("warn"):
+        notes.append("[yellow]the held-out rows are answered by lookup[/]: the test set measures recall of seen "
+                     "answers, not the skill; split whole groups apart (data.split_by: grouped with a "
+                     "data.group_column, e.g. the template or source each row came from)")
     return notes

@@ -176,15 +176,17 @@ class PromptTemplate:
 
 
 def encode_for_training(
-    template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
+    template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str,
+    shots: Sequence[tuple[str, str]] = (),
 ) -> dict[str, list[int]]:
-    """`input_ids` of prompt+completion+eos and a `completion_mask` that is 1 on the completion tokens only.
+    """`input_ids` of prompt+completion+eos and a `completion_mask` that is 1 on the completion tokens only;
+    `shots` (retrieval-augmented training) are shown before the prompt exactly as evaluation and serving show them.
 
     With truncation on, the prompt's input is shortened so that the whole completion fits in max_length.
     """
     completion_ids = tokenizer(template.render_completion(completion), add_special_tokens=False)["input_ids"]
     budget = template.max_length - len(completion_ids) if template.truncates else None
-    prompt_ids = template.encode_prompt(prompt, tokenizer, budget=budget)
+    prompt_ids = template.encode_prompt(prompt, tokenizer, shots, budget=budget)
     return {
         "input_ids": prompt_ids + completion_ids,
         "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),

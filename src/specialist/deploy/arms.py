@@ -48,7 +48,7 @@ def served_arm(name: str, source: str, found: Loaded, constrain: bool = False) -
     if found.engine is not None:
         return ServedArm(name, found.engine, source, format_check_of_run(found.run), _answer_length(found))
     constraint = constraint_of(found.run.config()) if constrain and found.run is not None else None
-    engine = Engine(found.model, found.tokenizer, found.template, context=found.context, constraint=constraint)
+    engine = found.answering_engine(constraint)
     return ServedArm(name, engine, source, format_check_of_run(found.run), _answer_length(found))
 
 

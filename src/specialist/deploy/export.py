@@ -72,6 +72,10 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     export.path.mkdir(parents=True)
     quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize, layout, compensation_rank)
     tuned.template.save(export.template_file)
+    if tuned.retrieval is not None:  # its prompts carry their nearest training rows: the export needs the rows
+        shutil.copyfile(run.retrieval_file, export.retrieval_file)
+        extra["retrieval"] = {"file": export.retrieval_file.name, "k": tuned.retrieval.k}
+        note_retrieval_in_modelfile(export, tuned.retrieval.k)
     export.write_meta({"format": fmt, "run": str(run.path.resolve()), "base_model": config.model.name,
                        "method": config.method.kind, "template": export.template_file.name, **extra})
     split = run.split()
@@ -94,6 +98,15 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
                              f"after export; see {export.check_file}")
     console.log(f"export {fmt}: {describe_check(check)}")
     return ExportResult(export.path, check)
+
+
+def note_retrieval_in_modelfile(export: ExportFolder, k: int) -> None:
+    """Ollama cannot retrieve: the Modelfile says that each prompt must carry the examples the model expects."""
+    if export.modelfile.is_file():
+        note = (f"# This model was trained with its {k} nearest training rows shown before every input, as earlier "
+                "turns (retrieval.json holds the rows).\n# Without them it answers worse: `specialist serve` adds "
+                "them; other clients must put them in the prompt.\n")
+        export.modelfile.write_text(note + export.modelfile.read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def staging_folder(final: Path) -> Path:
@@ -294,14 +307,14 @@ def replay_check(tuned, export: ExportFolder, prompts: list[str], max_new_tokens
     llama.cpp from the file, so a wrong tokenizer in its metadata shows); else it is read back by transformers."""
     from specialist.deploy.llamacpp import llama_cpp_available
 
-    reference = Engine(tuned.model, tuned.tokenizer, tuned.template, context=tuned.context)
+    reference = tuned.answering_engine()
     if fmt == "gguf" and llama_cpp_available():
         meta = export.meta()
         lora = export.file(meta["gguf_lora_file"]) if meta.get("gguf_lora_file") else None
         check = llama_cpp_replay(reference, export.file(meta["gguf_file"]), prompts, max_new_tokens, lora=lora)
     else:
         exported = load_exported(export.path, ModelPool())
-        candidate = Engine(exported.model, exported.tokenizer, exported.template, context=exported.context)
+        candidate = exported.answering_engine()
         check = compare_outputs(reference, candidate, prompts, max_new_tokens)
         check["runtime"] = "transformers" + (" (GGUF reader)" if fmt == "gguf" else "")
         if fmt in ("gguf", "int8"):

@@ -316,6 +316,13 @@ def prompt_section(run: RunFolder | None) -> str:
     if run is None or not run.template_file.is_file():
         return ""
     template = run.template()
+    retrieval = run.retrieval()
+    if retrieval is not None:
+        return (f"## Prompt format\n\nRetrieval-augmented: every input is preceded by its {retrieval.k} most "
+                "similar training rows with their answers, as earlier examples in the same format (the least similar "
+                "first), and the model was trained that way. `retrieval.json` in this folder holds the rows; "
+                "`specialist serve` adds them itself (TF-IDF cosine, `specialist.core.retrieval`), any other client "
+                "must put them in the prompt or the model answers worse.")
     if template.kind == "builtin":
         return ("## Prompt format\n\nThe built-in format (the model was trained on exactly this text; `{input}` is "
                 "the user's input, and the answer ends with the end-of-sequence token or at a new `### ` line):"

@@ -6,6 +6,8 @@ Forms (the arm defaults to `tuned`):
     base.exact_match <= 0.2                          a metric of a named arm
     tuned - base >= 0.2 on exact_match               the difference between two arms on a metric
     tuned - base > 0 on exact_match confidently      the paired interval of that difference excludes 0
+    tuned - best_baseline >= 0 on exact_match        against the best of the baseline arms on that metric (base,
+                                                     few_shot, nearest, majority, linear, retrieval)
     overfitting.train_test_gap <= 0.1                any other figure the evaluation reports, by its dotted name
 
 `confidently` judges the bound on the far side of the threshold: the lower bound for >= and >, the upper bound
@@ -197,13 +199,16 @@ def check_gates(gates: list[str], figures: Figures | Mapping[str, Figure | float
     return [parse_gate(text).check(figures, mode) for text in gates]
 
 
-STANDARD_ARMS = ("base", "few_shot", "tuned", "tuned+constrained")
+STANDARD_ARMS = ("base", "few_shot", "nearest", "majority", "linear", "retrieval", "tuned", "tuned+constrained")
+BASELINE_ARM_NAMES = ("base", "few_shot", "nearest", "majority", "linear", "retrieval")
 
 
 def refuse_gates_on_arms_left_out(gates: list[str], scored: list[str], others: list[str]) -> None:
     """Before any answer is generated: a gate reading an arm this evaluation leaves out (skip_base, few_shot_k 0,
     no constrained arm) would otherwise fail only after every arm was scored."""
-    possible = set(STANDARD_ARMS) | set(others)
+    possible = set(STANDARD_ARMS) | set(others) | {"best_baseline"}
+    if any(name in scored for name in BASELINE_ARM_NAMES):
+        scored = [*scored, "best_baseline"]
     for text in gates:
         gate = parse_gate(text)
         named = {gate.left, gate.minus} if gate.minus else {gate.left.split(".", 1)[0]}
@@ -212,9 +217,10 @@ def refuse_gates_on_arms_left_out(gates: list[str], scored: list[str], others: l
             raise ConfigError(
                 f"gate {text!r} reads {', '.join(missing)}, which this evaluation does not score (arms: "
                 f"{', '.join(scored)})",
-                hint="evaluation.skip_base leaves out base and few_shot, few_shot_k: 0 leaves out few_shot, "
-                "constrained: false leaves out tuned+constrained; keep the arm, or set evaluation.gates without "
-                "this gate (e.g. --set 'evaluation.gates=[]')")
+                hint="evaluation.skip_base leaves out base, few_shot and retrieval, few_shot_k: 0 leaves out "
+                "few_shot, evaluation.baselines lists the baseline arms (majority and linear need labelled rows), "
+                "best_baseline needs at least one of them, constrained: false leaves out tuned+constrained; keep "
+                "the arm, or set evaluation.gates without this gate (e.g. --set 'evaluation.gates=[]')")
 
 
 def _checked(gate: Gate) -> Gate:

@@ -36,11 +36,13 @@ THRESHOLDS = tuple(round(0.1 * t, 1) for t in range(1, 10))
 
 def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completions: Sequence[str],
                    batch_size: int = 16, shots: Sequence[tuple[str, str]] = (),
-                   label: str = "scoring labels") -> np.ndarray:
+                   label: str = "scoring labels",
+                   row_shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> np.ndarray:
     """[rows, labels]: log P(completion + end of sequence | prompt), summed over the completion's tokens.
 
     `completions` are the labels as written (data.label_template applied); `batch_size` is the sequences per
-    forward pass, always whole prompts (all their labels together, at least one prompt per pass).
+    forward pass, always whole prompts (all their labels together, at least one prompt per pass). `row_shots`,
+    where given, are each prompt's own examples (retrieval) in place of the shared `shots`.
     """
     import torch
 
@@ -54,7 +56,8 @@ def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completio
     scores = np.zeros((len(prompts), len(endings)), dtype=np.float64)
     with torch.inference_mode(), GenerationProgress(label, len(prompts), counted="scored") as progress:
         for start in range(0, len(prompts), per_pass):
-            chunk = [encode_prompt(template, tokenizer, p, shots, budget) for p in prompts[start:start + per_pass]]
+            chunk = [encode_prompt(template, tokenizer, p, shots if row_shots is None else row_shots[start + i], budget)
+                     for i, p in enumerate(prompts[start:start + per_pass])]
             scores[start:start + len(chunk)] = summed_completion_logprobs(model, chunk, endings, tokenizer.pad_token_id)
             progress.advance(len(chunk), sum(map(len, chunk)) + len(chunk) * sum(map(len, endings)))
     return scores

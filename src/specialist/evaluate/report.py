@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from specialist.data import Example
+from specialist.evaluate.baseline_arms import versus_best_lines
 from specialist.evaluate.likelihood import plot_reliability
 from specialist.evaluate.scorers import score_exact_match
 from specialist.run_folder import RunFolder
@@ -179,6 +180,11 @@ def report_context(run: RunFolder, config, report: EvalReport, test: list[Exampl
         "forgetting": report.forgetting,
         "forgetting_rows": forgetting_rows(report.forgetting) if report.forgetting is not None else [],
         "gates": report.gates,
+        "versus_best": [{"metric": metric, "arm": arm, "comparison": comparison,
+                         "tuned": report.arms["tuned"].headline()[metric],
+                         "baseline": report.arms[arm].headline()[metric]}
+                        for metric, arm, comparison in report.versus_best_baseline()],
+        "versus_best_lines": versus_best_lines(report),
         "regressions": worst_regressions(test, outputs),
         "samples": samples(test, outputs, config.evaluation.samples_in_report),
         "overfit_warning": metrics.get("overfitting_warning"),
@@ -265,6 +271,7 @@ def render_markdown(context: dict[str, Any]) -> str:
              f"decoding {context['decoding']}, at most {context['max_new_tokens']} new tokens.", "",
              "Each cell: mean and 95% interval (Wilson for shares of rows, bootstrap for other means); last column: "
              "tuned minus base on the same rows, with its paired interval and test.", "",
+             *_versus_best_md(context),
              "| metric | " + " | ".join(arms) + " | tuned vs base |", "|---|" + "---|" * (len(arms) + 1)]
     for row in context["score_rows"]:
         cells = [_interval_text(c) for c in row["cells"]]
@@ -272,6 +279,13 @@ def render_markdown(context: dict[str, Any]) -> str:
     for section in (_costs_md, _labels_md, _calibration_md, _refusals_md, _forgetting_md, _overfitting_md, _gates_md):
         lines += section(context)
     return "\n".join(lines) + "\n"
+
+
+def _versus_best_md(context: dict[str, Any]) -> list[str]:
+    if not context["versus_best_lines"]:
+        return []
+    return ["## Tuned against the best baseline", "",
+            *[f"- {line}" for line in context["versus_best_lines"]], ""]
 
 
 def _interval_text(interval) -> str:

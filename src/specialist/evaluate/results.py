@@ -98,6 +98,8 @@ class EvalReport:
     forgetting: Any = None  # the forgetting report (evaluate.forgetting), when measured
     overfitting: Overfitting | None = None
     gates: list[GateResult] = field(default_factory=list)
+    # {metric: the baseline arm (base, few_shot, nearest, majority, linear, retrieval) scoring highest on it}
+    best_baseline: dict[str, str] = field(default_factory=dict)
     kind: str = "generation"
 
     @property
@@ -107,11 +109,21 @@ class EvalReport:
     def comparison(self, arm: str, other: str, metric: str) -> PairedComparison | None:
         return self.comparisons.get(f"{arm}_vs_{other}", {}).get(metric)
 
+    def versus_best_baseline(self) -> list[tuple[str, str, PairedComparison | None]]:
+        """(metric, best baseline arm, tuned minus that arm on the same rows), one per metric; the comparison is
+        None for a figure without per-row scores (macro-F1)."""
+        return [(metric, arm, self.comparison("tuned", arm, metric)) for metric, arm in self.best_baseline.items()]
+
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "run": str(self.run_dir), "n_eval": self.n_eval,
                 "max_new_tokens": self.max_new_tokens, "decoding": self.decoding,
                 "arms": {name: arm.to_json() for name, arm in self.arms.items()},
-                "comparisons": _plain(self.comparisons), "forgetting": _plain(self.forgetting),
+                "comparisons": _plain(self.comparisons),
+                "best_baseline": {metric: {"arm": arm, "tuned": self.arms["tuned"].headline()[metric],
+                                           "baseline": self.arms[arm].headline()[metric],
+                                           "comparison": _plain(comparison)}
+                                  for metric, arm, comparison in self.versus_best_baseline()},
+                "forgetting": _plain(self.forgetting),
                 "overfitting": _plain(self.overfitting), "gates": _plain(self.gates)}
 
 

@@ -21,8 +21,10 @@ from typing import Any
 from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.core.retrieval import DEFAULT_NEAR_DUPLICATE, RetrievalIndex
 from specialist.data import Example
 from specialist.errors import ConfigError
+from specialist.evaluate.baseline_arms import BEST, best_baselines, default_retrieval_k, no_model_baselines
 from specialist.evaluate.gates import check_gates, refuse_gates_on_arms_left_out
 from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
 from specialist.evaluate.scorers import (
@@ -46,6 +48,10 @@ class Arm:
     shots: list[tuple[str, str]] = field(default_factory=list)
     weights_bytes: int | None = None  # known for export folders: what serving it costs on disk
     classifier: Any = None  # a train.classifier.LabelClassifier: answers a label and probabilities, no text
+    # each prompt's own examples (retrieval: the k nearest training rows), in place of the shared `shots`
+    retriever: Callable[[list[str]], list[list[tuple[str, str]]]] | None = None
+    # a baseline that needs no model: prompts -> (texts, seconds, core.baselines.LabelAnswers or None)
+    baseline: Callable[[list[str]], Any] | None = None
 
 
 @dataclass
@@ -137,6 +143,7 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
                                    scoring.calibration(answers[arm.name], test, evaluation.escalation_label))
               for arm in arms.arms},
         comparisons=compare_arms(rows, evaluation.bootstrap_samples))
+    report.best_baseline = best_baselines(report.arms)
     if arms.tuned is not None and evaluation.forgetting:
         report.forgetting = forgetting(arms, evaluation)
     tuned = next((arm for arm in arms.arms if arm.name == "tuned"), None)
@@ -217,6 +224,7 @@ def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[E
         if config.evaluation.few_shot_k:
             shots = [(ex.prompt, ex.completion) for ex in train[: config.evaluation.few_shot_k]]
             arms.append(Arm("few_shot", base, shots))
+    arms += baseline_arms(config, train, base)
     tuned_engine = _engine(tuned, template) if tuned is not None else None
     if tuned_engine is not None:
         arms.append(Arm("tuned", tuned_engine))
@@ -229,9 +237,27 @@ def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[E
     return Arms(arms, base, tuned_engine)
 
 
+def baseline_arms(config: RunConfig, train: list[Example], base: Engine) -> list[Arm]:
+    """The cheapest alternatives (evaluation.baselines), all from one retrieval index over the training rows:
+    nearest, majority and linear need no model; retrieval is the base model shown each row's nearest rows (left
+    out with skip_base, like the other base arms)."""
+    from specialist.train.classifier import render_label
+
+    evaluation = config.evaluation
+    if not evaluation.baselines or not train:
+        return []
+    near = config.data.retrieval.near_duplicate if config.data.retrieval else DEFAULT_NEAR_DUPLICATE
+    index = RetrievalIndex.of_examples(train, near, default_retrieval_k(evaluation))
+    found = [Arm(name, None, baseline=answer) for name, answer in
+             no_model_baselines(evaluation, index, lambda label: render_label(label, config.data.label_template))
+             .items()]
+    if "retrieval" in evaluation.baselines and not evaluation.skip_base:
+        found.append(Arm("retrieval", base, retriever=index.prompt_shots))
+    return found
+
+
 def _engine(found: Loaded, template=None, constraint=None) -> Engine:
-    return Engine(found.model, found.tokenizer, found.template or template, context=found.context,
-                  constraint=constraint)
+    return found.answering_engine(constraint, template)
 
 
 def other_arm(name: str, folder: Path, config: RunConfig, pool: ModelPool, template) -> Arm:
@@ -265,12 +291,16 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
 
     started = time.perf_counter()
     prompts, batch_size = [ex.prompt for ex in examples], config.evaluation.batch_size
+    if arm.baseline is not None:
+        return baseline_answers(arm, prompts)
+    row_shots = arm.retriever(prompts) if arm.retriever is not None else None
     if arm.classifier is not None:
         probabilities = arm.classifier.probabilities(prompts, batch_size, label)
     elif scoring.likelihood and scoring.labels and arm.engine.constraint is None:
-        probabilities = likelihood_probabilities(arm.engine, prompts, scoring, batch_size, arm.shots, label)
+        probabilities = likelihood_probabilities(arm.engine, prompts, scoring, batch_size, arm.shots, label,
+                                                 row_shots)
     else:
-        texts = generate(arm.engine, examples, max_new_tokens, config, arm.shots, label)
+        texts = generate(arm.engine, examples, max_new_tokens, config, arm.shots, label, row_shots)
         return Answers(texts, time.perf_counter() - started)
     if config.evaluation.label_calibration == "batch":
         from specialist.evaluate.likelihood import batch_calibrate
@@ -281,22 +311,34 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
     return Answers(texts, time.perf_counter() - started, probabilities, labels)
 
 
+def baseline_answers(arm: Arm, prompts: list[str]) -> Answers:
+    """A no-model baseline's answers; a label baseline with probabilities (linear) gets a calibration report."""
+    texts, seconds, labelled = arm.baseline(prompts)
+    if labelled is None or labelled.probabilities is None:
+        return Answers(texts, seconds)
+    return Answers(texts, seconds, labelled.probabilities, labelled.classes)
+
+
 def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelScoring, batch_size: int,
-                             shots: Sequence[tuple[str, str]] = (), label: str = "scoring labels"):
+                             shots: Sequence[tuple[str, str]] = (), label: str = "scoring labels",
+                             row_shots: Sequence[Sequence[tuple[str, str]]] | None = None):
     """[rows, labels] probabilities: softmax over the labels of each label completion's summed log-probability."""
     from specialist.evaluate.likelihood import label_logprobs, softmax
     from specialist.train.classifier import render_label
 
     completions = [render_label(label, scoring.label_template) for label in scoring.labels or []]
+    if row_shots is None and engine.retrieval is not None:  # a retrieval-trained model sees its neighbours
+        row_shots = engine.retrieval.prompt_shots(prompts)
     with engine.lock, engine.context():
         return softmax(label_logprobs(engine.model, engine.tokenizer, engine.template, prompts, completions,
-                                      batch_size, shots, label))
+                                      batch_size, shots, label, row_shots))
 
 
 def generate(engine: Engine, examples: list[Example], max_new_tokens: int, config: RunConfig,
-             shots: Sequence[tuple[str, str]] = (), label: str = "generating") -> list[str]:
+             shots: Sequence[tuple[str, str]] = (), label: str = "generating",
+             row_shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[str]:
     answers = engine.generate([ex.prompt for ex in examples], max_new_tokens, sampling_of(config.evaluation),
-                              config.evaluation.batch_size, shots, label)
+                              config.evaluation.batch_size, shots, label, row_shots)
     return [answer.text for answer in answers]
 
 
@@ -367,6 +409,11 @@ def figures_of(report: EvalReport):
     differences = {(a, b, metric): comparison.difference
                    for key, per_metric in report.comparisons.items() for metric, comparison in per_metric.items()
                    for a, b in [key.split("_vs_", 1)]}
+    for metric, arm in report.best_baseline.items():
+        if f"{arm}.{metric}" in values:
+            values[f"{BEST}.{metric}"] = values[f"{arm}.{metric}"]
+        if ("tuned", arm, metric) in differences:
+            differences[("tuned", BEST, metric)] = differences[("tuned", arm, metric)]
     return Figures(values, differences)
 
 

@@ -43,7 +43,7 @@ def build_dataset(examples: list[Example], template: PromptTemplate | None, toke
     if template is None:
         rows = [_encode_text(tokenizer, ex.completion) for ex in examples]
     else:
-        rows = [encode_for_training(template, tokenizer, ex.prompt, ex.completion) for ex in examples]
+        rows = [encode_for_training(template, tokenizer, ex.prompt, ex.completion, ex.shots) for ex in examples]
     return Dataset.from_list(rows)
 
 
@@ -108,7 +108,8 @@ def train_sft(
     if training.select_by:  # the best checkpoint by a scorer on generated validation answers (config refuses CPT)
         evaluation = run.config().evaluation
         selection = SelectionRows.of(training.select_by, run, val,
-                                     generated_answers(template, tokenizer, train, evaluation))
+                                     generated_answers(template, tokenizer, train, evaluation,
+                                                       {ex.prompt: list(ex.shots) for ex in val if ex.shots}))
     return fit(CompletionOnlySFTTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run,
                resume_from, selection)
 

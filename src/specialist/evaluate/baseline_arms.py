@@ -1,0 +1,89 @@
+"""The baseline arms of an evaluation, and which of them the tuned arm must beat.
+
+A fine-tune is worth shipping only if it beats the cheapest thing that could replace it, so every evaluation
+scores, beside base and few-shot, the arms of core.baselines (`nearest`, `majority`, `linear`) and `retrieval`
+(the base model prompted with the k nearest training rows), on the same rows with the same scorers. The best of
+them on each metric is "the best baseline": the report and the CLI lead with tuned against it, and a gate can
+name it (`tuned - best_baseline >= 0 on exact_match`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from specialist.core.baselines import LabelAnswers, linear_answers, majority_answers, training_labels
+from specialist.core.retrieval import RetrievalIndex
+
+# every arm that is an alternative to fine-tuning (base and few_shot too: the base model needs no training)
+BASELINE_ARMS = ("base", "few_shot", "nearest", "majority", "linear", "retrieval")
+BEST = "best_baseline"
+NOT_COMPARED = ("length", "ece")  # not "higher is better" figures
+
+
+def default_retrieval_k(evaluation) -> int:
+    return evaluation.retrieval_k or evaluation.few_shot_k or 3
+
+
+def no_model_baselines(evaluation, index: RetrievalIndex,
+                       render: Callable[[str], str]) -> dict[str, Callable[[list[str]], Any]]:
+    """{arm name: answer(prompts) -> (texts, seconds, LabelAnswers | None)} for the baselines that need no model;
+    `render` writes a label as the rows' completions do (data.label_template)."""
+    wanted, found = evaluation.baselines, {}
+    if "nearest" in wanted and len(index):
+        found["nearest"] = _timed(lambda prompts: (index.nearest_answers(prompts), None))
+    labels = training_labels(index)
+    if labels is not None and "majority" in wanted:
+        found["majority"] = _timed(lambda prompts: _rendered(majority_answers(labels, len(prompts)), render))
+    if labels is not None and "linear" in wanted:
+        found["linear"] = _timed(lambda prompts: _rendered(linear_answers(index.inputs, labels, prompts), render))
+    return found
+
+
+def _rendered(answers: LabelAnswers, render: Callable[[str], str]) -> tuple[list[str], LabelAnswers]:
+    return [render(label) for label in answers.labels], answers
+
+
+def _timed(answer: Callable[[list[str]], tuple[list[str], LabelAnswers | None]]):
+    def timed(prompts: list[str]):
+        started = time.perf_counter()
+        texts, labelled = answer(prompts)
+        return texts, time.perf_counter() - started, labelled
+    return timed
+
+
+def best_baselines(arms: dict[str, Any]) -> dict[str, str]:
+    """{metric: the baseline arm with the highest value on it} over the metrics the tuned arm has (ties: the arm
+    listed first in BASELINE_ARMS); empty without a tuned arm or a baseline arm."""
+    if "tuned" not in arms:
+        return {}
+    candidates = [name for name in BASELINE_ARMS if name in arms]
+    best = {}
+    for metric in arms["tuned"].headline():
+        if metric in NOT_COMPARED:
+            continue
+        scored = [(arms[name].headline()[metric], -i, name) for i, name in enumerate(candidates)
+                  if metric in arms[name].headline()]
+        if scored:
+            best[metric] = max(scored)[2]
+    return best
+
+
+def versus_best_lines(report) -> list[str]:
+    """One line per metric: tuned against the best baseline on it, with the paired interval and test, e.g.
+    `exact_match: tuned 95.0% vs nearest 98.3%: -3.3 pts [-10.1, +3.5], mcnemar exact p=0.48 (no difference)`."""
+    lines = []
+    for metric, arm, comparison in report.versus_best_baseline():
+        tuned, other = report.arms["tuned"].headline()[metric], report.arms[arm].headline()[metric]
+        line = f"{metric}: tuned {100 * tuned:.1f}% vs {arm} {100 * other:.1f}%: {100 * (tuned - other):+.1f} pts"
+        if comparison is not None:
+            d = comparison.difference
+            if d.low is not None and d.high is not None:
+                line += f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+            verdict = {"b": "tuned ahead", "a": "tuned behind"}.get(comparison.better, "no difference")
+            line += f", {comparison.test} p={comparison.p_value:.3g} ({verdict})"
+        else:
+            line += " (no per-row scores: no paired test)"
+        lines.append(line)
+    return lines
