@@ -5,7 +5,9 @@ Run from the repository root:  python examples/log-to-json/build_data.py [--logh
 Each example's prompt is one raw log line as the system wrote it (rebuilt from loghub's structured CSV); the
 completion is compact JSON with the line's level, component and event template (variables written `<*>`).
 Fields a system's format does not carry are null: Apache lines name no component, OpenSSH lines no level.
-Lines are sampled round-robin over event templates so rare events are represented, with a fixed seed.
+Lines are sampled round-robin over event templates so rare events are represented, with a fixed seed; each row
+names its template (`event`), the group the demo splits by, so that the test set measures parsing of templates
+the model never saw rather than recall of seen ones.
 preferences.jsonl (for method.kind=dpo) pairs each line's JSON with a rejected answer whose template is the raw
 message, variables left in.
 """
@@ -64,6 +66,8 @@ def build(loghub: Path, per_system: int, seed: int) -> list[dict[str, str]]:
                     "prompt": raw_line(system, row),
                     "completion": json.dumps(structured(system, row), ensure_ascii=False),
                     "system": system,
+                    # the event template's id: split_by grouped on it keeps every test template out of training
+                    "event": f"{system}-{row['EventId']}",
                 }
             )
     rng.shuffle(examples)
