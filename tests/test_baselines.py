@@ -282,3 +282,21 @@ def test_serve_answers_a_retrieval_export_as_eval_did(retrieval_run, tmp_path):
             body = {"model": "tuned", "max_tokens": 6, "messages": [{"role": "user", "content": row["input"]}]}
             answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
             assert answer["choices"][0]["message"]["content"] == row["tuned"]
+
+
+def test_the_baselines_command_scores_the_cheap_alternatives_before_any_training(tiny_config, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from specialist.cli import app
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["baselines", str(config), "--json", str(tmp_path / "b.json"),
+                                      "--out", str(tmp_path / "prepared")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "b.json").read_text())
+    assert set(scores) == {"nearest"}  # unlabelled rows: no majority or linear
+    # the tiny data repeats three lines with a counter: the nearest training line has the same answer
+    assert scores["nearest"]["scores"]["exact_match"]["mean"] == 1.0
+    assert "nearest" in result.output and not (tmp_path / "runs").exists()  # no run folder, no model trained

@@ -165,6 +165,33 @@ def prepare(
 
 
 @app.command()
+def baselines(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")],
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option(help="Prepared-data folder (default: OUTPUT_DIR/<config name>-data).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON here.")] = None,
+) -> None:
+    """Before any training: what the cheapest alternatives score on CONFIG's held-out rows (the nearest training
+    row's answer; for labelled rows the majority label and TF-IDF + logistic regression), with the config's
+    scorers and 95% intervals. A fine-tune is worth its cost only above these."""
+    import json
+
+    from specialist.config import load_config
+    from specialist.evaluate.runner import evaluate_baselines
+    from specialist.pipeline import load_template, prepare_data
+
+    with _user_errors():
+        cfg = load_config(config, list(set_ or []))
+        tokenizer, template = load_template(cfg)
+        split, _ = prepare_data(cfg, out or cfg.output.dir / f"{config_name(config)}-data", tokenizer, template,
+                                protect=[config])
+        report = evaluate_baselines(cfg, split)
+    print_scores(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_json()["arms"], indent=2), encoding="utf-8")
+
+
+@app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],
     set_: SetOption = None,

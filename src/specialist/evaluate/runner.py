@@ -157,6 +157,28 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
     return report
 
 
+def evaluate_baselines(config: RunConfig, split) -> EvalReport:
+    """The baselines that need no model (nearest, majority, linear) on `split`'s test rows, scored like `evaluate_run`
+    scores its arms: what a fine-tune has to beat, known in seconds before any training."""
+    from specialist.train.classifier import render_label
+
+    evaluation = config.evaluation
+    test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
+    near = config.data.retrieval.near_duplicate if config.data.retrieval else DEFAULT_NEAR_DUPLICATE
+    index = RetrievalIndex.of_examples(split.train, near)
+    found = no_model_baselines(evaluation.model_copy(update={"baselines": ["nearest", "majority", "linear"]}), index,
+                               lambda label: render_label(label, config.data.label_template))
+    rule = label_rule(evaluation)
+    scorers = resolve_scorers(evaluation.scorers, rule, evaluation.json_schema)
+    expected, prompts = [ex.completion for ex in test], [ex.prompt for ex in test]
+    arms = {}
+    for name, baseline in found.items():
+        texts, seconds, _ = baseline(prompts)
+        rows = score_rows(texts, expected, scorers, prompts)
+        arms[name] = arm_result(Arm(name, None), rows, texts, expected, evaluation, rule, seconds)
+    return EvalReport(run_dir=Path("."), n_eval=len(test), max_new_tokens=0, decoding={}, arms=arms)
+
+
 def label_scoring(run: RunFolder, config: RunConfig, train: list[Example]) -> LabelScoring:
     """The classes: a classifier run's own (labels.json), else data.labels or the training rows' labels; under
     `label_scoring: likelihood` they must exist."""
