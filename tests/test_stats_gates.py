@@ -3,9 +3,9 @@ import re
 import pytest
 
 from specialist.config import validate_config
+from specialist.core.stats import bootstrap_ci, paired_comparison
 from specialist.errors import ConfigError
 from specialist.evaluate.gates import check_gates, parse_gate
-from specialist.evaluate.stats import bootstrap_ci, paired_comparison
 
 
 def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_rows():
@@ -58,14 +58,14 @@ import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from specialist.evaluate import stats  # noqa: E402
-from specialist.evaluate.gates import Figure, Figures  # noqa: E402
-from specialist.evaluate.stats import (  # noqa: E402
+from specialist.core import stats  # noqa: E402
+from specialist.core.stats import (  # noqa: E402
     mcnemar_exact_p,
     newcombe_paired_interval,
     score_interval,
     wilson_interval,
 )
+from specialist.evaluate.gates import Figure, Figures  # noqa: E402
 
 
 def _r4(x):

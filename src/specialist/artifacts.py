@@ -216,7 +216,7 @@ def format_check_of_run(run: RunFolder | None) -> Callable[[str], bool] | None:
     """What 'the output passed' means for a run's traffic: its first format scorer (json_schema or json_valid)."""
     if run is None or not run.config_file.is_file():
         return None
-    from specialist.evaluate.scorers import LabelRule, resolve_scorers
+    from specialist.core.scorers import LabelRule, resolve_scorers
 
     evaluation = run.config().evaluation
     for name in ("json_schema", "json_valid"):

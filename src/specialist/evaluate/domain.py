@@ -26,11 +26,11 @@ import torch
 
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.core.stats import paired_comparison, score_interval
 from specialist.errors import DataError
 from specialist.evaluate.forgetting import general_text, perplexity
 from specialist.evaluate.gates import check_gates
 from specialist.evaluate.results import DomainArm, DomainReport
-from specialist.evaluate.stats import paired_comparison, score_interval
 from specialist.run_folder import RunFolder
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from specialist.core.stats import CONFIDENCE, paired_bootstrap_interval, paired_comparison, score_interval
 from specialist.errors import DataError
-from specialist.evaluate.stats import CONFIDENCE, paired_bootstrap_interval, paired_comparison, score_interval
 from specialist.train.fast_loss import capture_instead, head_can_be_chunked, label_positions, project_only
 
 if TYPE_CHECKING:

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from specialist.core.stats import Interval
 from specialist.errors import ConfigError
-from specialist.evaluate.stats import Interval
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 CONFIDENCE_MODES = ("point", "interval")

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from specialist.core.scorers import score_exact_match
 from specialist.data import Example
 from specialist.evaluate.likelihood import plot_reliability
-from specialist.evaluate.scorers import score_exact_match
 from specialist.run_folder import RunFolder
 
 if TYPE_CHECKING:

@@ -21,11 +21,7 @@ from typing import Any
 from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
-from specialist.data import Example
-from specialist.errors import ConfigError
-from specialist.evaluate.gates import check_gates, refuse_gates_on_arms_left_out
-from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
-from specialist.evaluate.scorers import (
+from specialist.core.scorers import (
     LabelRule,
     label_report,
     length_report,
@@ -34,7 +30,11 @@ from specialist.evaluate.scorers import (
     resolve_scorers,
     score_rows,
 )
-from specialist.evaluate.stats import paired_comparison, score_interval
+from specialist.core.stats import paired_comparison, score_interval
+from specialist.data import Example
+from specialist.errors import ConfigError
+from specialist.evaluate.gates import check_gates, refuse_gates_on_arms_left_out
+from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
 from specialist.generation import GREEDY, Engine, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
 

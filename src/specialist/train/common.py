@@ -221,7 +221,7 @@ class SelectionRows:
 
 def selection_score(name: str, evaluation) -> Callable[[list[str], list[str], list[str]], float]:
     """The select_by figure over a set of rows: a scorer's mean, or macro_f1 (labels read as label_accuracy does)."""
-    from specialist.evaluate.scorers import LabelRule, label_report, resolve_scorers, score_rows
+    from specialist.core.scorers import LabelRule, label_report, resolve_scorers, score_rows
 
     rule = LabelRule(json_key=evaluation.label_json_key, pattern=evaluation.label_pattern)
     if name == "macro_f1":
