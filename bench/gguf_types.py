@@ -90,8 +90,8 @@ def measure_type(run, reference, spec: str, work: Path, data: dict, args) -> dic
 
 def prepare(run) -> tuple[object, dict]:
     from specialist.artifacts import ModelPool, load_run
+    from specialist.core.labels import label_rule
     from specialist.core.scorers import resolve_scorers
-    from specialist.evaluate.runner import label_rule
     from specialist.generation import Engine, default_max_new_tokens
 
     config = run.config()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from specialist.core.labels import render_label
 from specialist.data.load import Example
 from specialist.errors import DataError
 
@@ -245,7 +246,7 @@ def row_to_example(row: dict[str, Any], line: int, shape: Shape, data, keep_reje
         label = values["label"].strip()
         if data.labels is not None and label not in data.labels:
             return None, "unknown_label", f"label {label!r} is not in data.labels"
-        completion = data.label_template.replace("{label}", label)
+        completion = render_label(label, data.label_template)
         return Example(values["text"], completion, line, label=label, group=group), "", ""
     if shape.name == "preference":
         rejected = values["rejected"] if keep_rejected else None

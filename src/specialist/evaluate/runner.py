@@ -21,6 +21,7 @@ from typing import Any
 from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.core.labels import label_rule, render_label
 from specialist.core.scorers import (
     LabelRule,
     label_report,
@@ -71,8 +72,6 @@ class LabelScoring:
     def indices(self, examples: list[Example], labels: list[str]) -> list[int]:
         """Each row's expected index in `labels`: its label, else its completion matched against the rendered
         labels; -1 when it is none of them (a probability-weighted answer can never be right there)."""
-        from specialist.train.classifier import render_label
-
         rendered = {render_label(label, self.label_template).strip(): i for i, label in enumerate(labels)}
         return [labels.index(ex.label) if ex.label in labels else rendered.get(ex.completion.strip(), -1)
                 for ex in examples]
@@ -196,11 +195,6 @@ def check_evaluation_inputs(config: RunConfig) -> None:
         resolve_scorers([config.training.select_by], label_rule(evaluation), evaluation.json_schema)
 
 
-def label_rule(evaluation) -> LabelRule:
-    """How this evaluation reads a label from a text (label_accuracy)."""
-    return LabelRule(json_key=evaluation.label_json_key, pattern=evaluation.label_pattern)
-
-
 def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[Example],
                others: dict[str, Path]) -> Arms:
     """base and few_shot (the base weights: every adapter off), tuned, and any other arm; one base copy.
@@ -261,8 +255,6 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
            label: str) -> Answers:
     """An arm's answers: a classifier's head, the likelihood of each label (label_scoring: likelihood; a
     constrained arm keeps decoding, which is what it measures), or generation."""
-    from specialist.train.classifier import render_label
-
     started = time.perf_counter()
     prompts, batch_size = [ex.prompt for ex in examples], config.evaluation.batch_size
     if arm.classifier is not None:
@@ -285,7 +277,6 @@ def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelS
                              shots: Sequence[tuple[str, str]] = (), label: str = "scoring labels"):
     """[rows, labels] probabilities: softmax over the labels of each label completion's summed log-probability."""
     from specialist.evaluate.likelihood import label_logprobs, softmax
-    from specialist.train.classifier import render_label
 
     completions = [render_label(label, scoring.label_template) for label in scoring.labels or []]
     with engine.lock, engine.context():

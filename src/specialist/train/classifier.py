@@ -34,6 +34,7 @@ import torch
 from transformers import Trainer
 
 from specialist.config import MethodConfig, TrainingConfig
+from specialist.core.labels import render_label
 from specialist.data import Example, PromptTemplate
 from specialist.errors import ConfigError, DataError
 from specialist.ranks import is_main_process
@@ -332,10 +333,6 @@ def read_labels(run: RunFolder) -> tuple[list[str], str]:
 
 
 # -- answering --------------------------------------------------------------------------------------------------
-def render_label(label: str, label_template: str) -> str:
-    return label_template.replace("{label}", label)
-
-
 class LabelClassifier:
     """A trained classifier answering prompts: class probabilities per prompt, or the most probable label."""
 
@@ -453,4 +450,4 @@ def classifier_engine(run: RunFolder, dtype: str = "auto") -> ClassifierEngine:
 
 
 __all__ = ["ClassifierEngine", "LabelClassifier", "class_labels", "class_weights", "classifier_engine",
-           "classifier_from_causal", "load_classifier", "read_labels", "render_label", "train_classifier"]
+           "classifier_from_causal", "load_classifier", "read_labels", "train_classifier"]

@@ -162,8 +162,8 @@ def reward_functions(method: MethodConfig, config: RunConfig, train: list[Exampl
                      template: PromptTemplate) -> tuple[list[Callable], list[float]]:
     """The reward functions of `method` and their weights, with the evaluation's scorer settings and the run's
     format from `config`; ConfigError when there is nothing to reward."""
+    from specialist.core.labels import label_rule
     from specialist.core.scorers import resolve_scorers
-    from specialist.evaluate.runner import label_rule
 
     evaluation = config.evaluation
     check = format_check(config, train) if method.format_reward else None
