@@ -3,9 +3,9 @@ import re
 import pytest
 
 from specialist.config import validate_config
+from specialist.core.gates import check_gates, parse_gate
 from specialist.core.stats import bootstrap_ci, paired_comparison
 from specialist.errors import ConfigError
-from specialist.evaluate.gates import check_gates, parse_gate
 
 
 def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_rows():
@@ -59,13 +59,13 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 
 from specialist.core import stats  # noqa: E402
+from specialist.core.gates import Figure, Figures  # noqa: E402
 from specialist.core.stats import (  # noqa: E402
     mcnemar_exact_p,
     newcombe_paired_interval,
     score_interval,
     wilson_interval,
 )
-from specialist.evaluate.gates import Figure, Figures  # noqa: E402
 
 
 def _r4(x):
@@ -312,7 +312,7 @@ def test_figures_are_built_from_bounds_intervals_or_their_json():
 
 def test_a_gate_on_an_arm_left_out_is_refused_before_generation(tiny_run_dir, monkeypatch):
     import specialist.evaluate.runner as runner
-    from specialist.evaluate.gates import refuse_gates_on_arms_left_out
+    from specialist.core.gates import refuse_gates_on_arms_left_out
     from specialist.run_folder import RunFolder
 
     def never(*args, **kwargs):

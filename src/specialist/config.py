@@ -507,7 +507,7 @@ class EvaluationConfig(_Section):
     @field_validator("gates")
     @classmethod
     def _gates_parse(cls, gates: list[str]) -> list[str]:
-        from specialist.evaluate.gates import parse_gate
+        from specialist.core.gates import parse_gate
 
         for gate in gates:
             parse_gate(gate)

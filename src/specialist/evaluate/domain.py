@@ -26,10 +26,10 @@ import torch
 
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.core.gates import check_gates
 from specialist.core.stats import paired_comparison, score_interval
 from specialist.errors import DataError
 from specialist.evaluate.forgetting import general_text, perplexity
-from specialist.evaluate.gates import check_gates
 from specialist.evaluate.results import DomainArm, DomainReport
 from specialist.run_folder import RunFolder
 
@@ -173,7 +173,7 @@ def question_subsets(correct: dict[str, list[float]],
 
 
 def domain_figures(report: DomainReport):
-    from specialist.evaluate.gates import Figure, Figures
+    from specialist.core.gates import Figure, Figures
 
     figures = {"domain.doc_ppl_change": Figure(report.doc_ppl_change),
                "forgetting.ppl_increase": Figure(report.general_ppl_change)}

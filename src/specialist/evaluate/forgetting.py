@@ -339,7 +339,7 @@ def forgetting_report(before: dict[str, Any], after: dict[str, Any], n_texts: in
 def forgetting_figures(report: dict[str, Any]) -> dict[str, Any]:
     """Gate figures from a forgetting report: forgetting.ppl_increase and forgetting.knowledge_drop, each with
     its interval when the report has one."""
-    from specialist.evaluate.gates import Figure
+    from specialist.core.gates import Figure
 
     figures: dict[str, Any] = {}
     for name in ("ppl_increase", "knowledge_drop"):

@@ -21,6 +21,7 @@ from typing import Any
 from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.core.gates import check_gates, refuse_gates_on_arms_left_out
 from specialist.core.labels import label_rule, render_label
 from specialist.core.scorers import (
     LabelRule,
@@ -34,7 +35,6 @@ from specialist.core.scorers import (
 from specialist.core.stats import paired_comparison, score_interval
 from specialist.data import Example
 from specialist.errors import ConfigError
-from specialist.evaluate.gates import check_gates, refuse_gates_on_arms_left_out
 from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
 from specialist.generation import GREEDY, Engine, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
@@ -343,7 +343,7 @@ def figures_of(report: EvalReport):
     """Every figure a gate may name: `arm.metric` (with `arm.macro_f1`, `arm.refused_when_should[_not]`),
     `forgetting.*`, `overfitting.gap.metric`, `overfitting.memorisation_rate`; with intervals where known, and the
     paired differences of tuned against each arm."""
-    from specialist.evaluate.gates import Figure, Figures
+    from specialist.core.gates import Figure, Figures
 
     values: dict[str, Figure] = {}
     for name, arm in report.arms.items():
