@@ -73,7 +73,7 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
 def load_run(run: RunFolder, pool: ModelPool | None = None, adapter_name: str | None = None) -> Loaded:
     """A run folder's trained model: its adapter attached to the pooled base model, or its full model."""
     if run.is_classifier:  # a head, not a language model: its own engine (its own copy of the base)
-        from specialist.train.classifier import classifier_engine
+        from specialist.classify import classifier_engine
 
         engine = classifier_engine(run, (pool or ModelPool()).dtype)
         return Loaded(engine.model, engine.tokenizer, engine.template, run=run, kind="run", engine=engine)

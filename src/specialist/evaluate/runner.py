@@ -46,7 +46,7 @@ class Arm:
     engine: Engine | None  # None for a classifier arm
     shots: list[tuple[str, str]] = field(default_factory=list)
     weights_bytes: int | None = None  # known for export folders: what serving it costs on disk
-    classifier: Any = None  # a train.classifier.LabelClassifier: answers a label and probabilities, no text
+    classifier: Any = None  # a classify.LabelClassifier: answers a label and probabilities, no text
 
 
 @dataclass
@@ -154,7 +154,7 @@ def label_scoring(run: RunFolder, config: RunConfig, train: list[Example]) -> La
     `label_scoring: likelihood` they must exist."""
     data, likelihood = config.data, config.evaluation.label_scoring == "likelihood"
     if run.is_classifier:
-        from specialist.train.classifier import read_labels
+        from specialist.classify import read_labels
 
         return LabelScoring(read_labels(run)[0], data.label_template, likelihood)
     if config.evaluation.label_calibration != "none" and not likelihood:
@@ -246,7 +246,7 @@ def other_arm(name: str, folder: Path, config: RunConfig, pool: ModelPool, templ
 
 def classifier_arm(name: str, run: RunFolder, config: RunConfig) -> Arm:
     """A classifier run as an arm: its head's most probable label (its own copy of the base model)."""
-    from specialist.train.classifier import load_classifier
+    from specialist.classify import load_classifier
 
     return Arm(name, None, classifier=load_classifier(run, config.model.dtype))
 
