@@ -71,7 +71,7 @@ from specialist.evaluate.forgetting import (  # noqa: E402
     stratified_sample,
     text_losses,
 )
-from specialist.train.fast_loss import completion_loss  # noqa: E402
+from specialist.logits import completion_loss  # noqa: E402
 
 TEXTS = ["Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user", "INFO dfs.DataNode", "null true false 0123 blk",
          "The river flows north through the valley.", "blk_38865 terminating", "x"] * 3

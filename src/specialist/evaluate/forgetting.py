@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from specialist.core.stats import CONFIDENCE, paired_bootstrap_interval, paired_comparison, score_interval
 from specialist.errors import DataError
-from specialist.train.fast_loss import capture_instead, head_can_be_chunked, label_positions, project_only
+from specialist.logits import capture_instead, head_can_be_chunked, label_positions, project_only
 
 if TYPE_CHECKING:
     from specialist.generation import Engine
@@ -140,7 +140,7 @@ def text_losses(model, tokenizer, texts: list[str], batch_size: int = 16) -> lis
 
 def _row_loss_sums(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Per-row summed cross-entropy over labelled positions, projecting only those positions onto the vocabulary
-    (as train.fast_loss.completion_loss does for the batch sum), `_CHUNK_ROWS` positions at a time."""
+    (as logits.completion_loss does for the batch sum), `_CHUNK_ROWS` positions at a time."""
     keep, targets = label_positions(labels)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
