@@ -55,7 +55,7 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
         found.model = AutoModelForCausalLM.from_pretrained(export.path, gguf_file=export.file(meta.get("gguf_file")).name)
         found.model.hf_quantizer = None  # dequantized at load; the marks only block saving
         if meta.get("gguf_lora_file"):  # base + LoRA adapter: the update added to the dequantized base
-            from specialist.deploy.gguf_export import merge_gguf_lora
+            from specialist.gguf_layout import merge_gguf_lora
 
             merge_gguf_lora(found.model, export.file(meta["gguf_lora_file"]))
     elif fmt == "adapter":
