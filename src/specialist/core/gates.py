@@ -100,7 +100,7 @@ class GateResult:
         clears 0.95)`."""
         parts = [f"value {self.value:.3f}"]
         if self.confidence is not None:
-            parts.append(f"{_percent(self.confidence)} interval {_bracket(self.low, self.high)}")
+            parts.append(f"{_percent(self.confidence)} interval {Interval(self.value, self.low, self.high).format_bounds()}")
         return f"{'pass' if self.passed else 'FAIL'}  {self.gate}  ({', '.join(parts)}: {self.reason})"
 
     def as_dict(self) -> dict[str, object]:
@@ -261,9 +261,3 @@ def _maybe_float(value: Any) -> float | None:
 
 def _percent(confidence: float) -> str:
     return f"{100 * confidence:g}%"
-
-
-def _bracket(low: float | None, high: float | None) -> str:
-    if low is None or high is None:
-        return "none"
-    return f"[{low:.3f}, {high:.3f}]"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specialist.core.stats import CONFIDENCE, paired_bootstrap_interval, paired_comparison, score_interval
+from specialist.core.stats import CONFIDENCE, Interval, paired_bootstrap_interval, paired_comparison, score_interval
 from specialist.errors import DataError
 from specialist.logits import capture_instead, head_can_be_chunked, label_positions, project_only
 
@@ -260,7 +260,7 @@ class ForgettingReport(dict):
             comparison = self.get("knowledge_comparison")
             change = f"{100 * (self['after']['knowledge'] - self['before']['knowledge']):+.1f} pts"
             if comparison:
-                change = f"{_points(comparison['difference'])}, McNemar p = {comparison['p_value']:.2g}"
+                change = f"{Interval.from_dict(comparison['difference']).format('+.1f', 100, ' pts')}, McNemar p = {comparison['p_value']:.2g}"
             rows.append((f"knowledge probe accuracy ({self['questions']} questions)",
                          _share(self["before"]["knowledge"], self.get("knowledge_before")),
                          _share(self["after"]["knowledge"], self.get("knowledge_after")), change))
@@ -268,23 +268,11 @@ class ForgettingReport(dict):
 
 
 def _percent_change(value: float, interval: dict[str, Any] | None) -> str:
-    text = f"{100 * value:+.1f}%"
-    if interval and interval.get("low") is not None and interval.get("high") is not None:
-        text += f" [{100 * interval['low']:+.1f}%, {100 * interval['high']:+.1f}%]"
-    return text
+    return Interval.from_dict(interval or {}, mean=value).format("+.1f", 100, "%", "%")
 
 
 def _share(value: float, interval: dict[str, Any] | None) -> str:
-    if interval and interval.get("low") is not None and interval.get("high") is not None:
-        return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
-    return f"{value:.3f}"
-
-
-def _points(difference: dict[str, Any]) -> str:
-    text = f"{100 * difference['mean']:+.1f} pts"
-    if difference.get("low") is not None and difference.get("high") is not None:
-        text += f" [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
-    return text
+    return Interval.from_dict(interval or {}, mean=value).format()
 
 
 def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingReport:
