@@ -513,9 +513,6 @@ class EvaluationConfig(_Section):
             parse_gate(gate)
         return gates
 
-    def sampling(self) -> dict | None:
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.do_sample else None
-
 
 class OutputConfig(_Section):
     dir: Path = Field(default=Path("runs"), description="Parent folder of run folders, relative to the working dir.")

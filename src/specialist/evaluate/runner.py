@@ -94,10 +94,6 @@ class Arms:
     tuned: Engine | None
 
 
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
-    return RunFolder.open(Path(run_dir)).config(overrides)
-
-
 def sampling_of(evaluation) -> Sampling:
     if not evaluation.do_sample:
         return GREEDY
