@@ -55,7 +55,7 @@ chromium:
 	  echo "chromium not installed: the report rendering test will be skipped"; }
 
 # Generated test code (the tests_pass and mutation_kill scorers) runs inside bubblewrap where it can; elsewhere a
-# weaker fallback that does not guard files is used (src/specialist/evaluate/code_tests.py says what it guards).
+# weaker fallback that does not guard files is used (src/specialist/core/code_tests.py says what it guards).
 sandbox:
 	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) || \

@@ -52,7 +52,7 @@ def llama_cpp_answers(reference, gguf: Path, prompts: list[str], max_new_tokens:
 
 
 def mean_scores(outputs: list[str], expected: list[str], scorers: dict, prompts: list[str]) -> dict[str, float]:
-    from specialist.evaluate.scorers import score_rows
+    from specialist.core.scorers import score_rows
 
     rows = score_rows(outputs, expected, scorers, prompts)
     return {name: sum(values) / len(values) for name, values in rows.items()}
@@ -90,8 +90,8 @@ def measure_type(run, reference, spec: str, work: Path, data: dict, args) -> dic
 
 def prepare(run) -> tuple[object, dict]:
     from specialist.artifacts import ModelPool, load_run
-    from specialist.evaluate.runner import label_rule
-    from specialist.evaluate.scorers import resolve_scorers
+    from specialist.core.labels import label_rule
+    from specialist.core.scorers import resolve_scorers
     from specialist.generation import Engine, default_max_new_tokens
 
     config = run.config()

@@ -1,5 +1,10 @@
-"""The shape of the code: no import circle, evaluate/ and deploy/ meet only through the shared modules, one owner of
-the run-folder layout, and short functions (read off the source with ast, nothing imported)."""
+"""The shape of the code: no import circle, layers that hold (stages never import each other, the core imports no
+stage), one owner of the run-folder layout, and short functions (read off the source with ast, nothing imported).
+
+The layers, bottom up: `specialist.core` (what counts as a right answer, intervals, gates: imports no stage), the
+shared root modules (config, run_folder, generation, artifacts, classify, logits, ...: import no stage but data/),
+the stages data/ (the bottom stage, which anyone may import), train/, evaluate/ and deploy/ (each imports the
+core, the shared modules and data/, never another stage), and on top cli and pipeline, which wire the stages."""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ RUN_FOLDER_FILES = {"config.yaml", "manifest.json", "template.json", "metrics.js
 # the prepared-data folder (data/ in a run, or `specialist prepare --out`) is the data stage's own layout
 OWNED_ELSEWHERE = {("manifest.json", "data/prepare.py")}
 MAX_FUNCTION_LINES = 60
+STAGES = ("data", "train", "evaluate", "deploy")
+BOTTOM_STAGE = "data"  # every layer above it may import it
+TOP = ("cli", "pipeline")  # they wire the stages together, so they may import every one
 
 
 def module_name(path: Path) -> str:
@@ -81,12 +89,47 @@ def test_no_import_circle_in_the_package():
     assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
 
 
-def test_evaluate_and_deploy_meet_only_through_the_shared_modules():
+def layer_of(module: str) -> str:
+    """A module's layer: its stage or "core" (the first name under specialist), else its own root-module name."""
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs that break the layers: a stage importing another stage (data/ excepted), the core
+    importing a stage or the top, a shared root module importing a stage other than data/ or the top."""
+    found = []
+    for importer, targets in graph.items():
+        here = layer_of(importer)
+        for target in targets:
+            there = layer_of(target)
+            if here in TOP or there == here:
+                continue
+            if there in TOP or (there in STAGES and there != BOTTOM_STAGE):
+                found.append((importer, target))
+            elif here == "core" and there == BOTTOM_STAGE:
+                found.append((importer, target))
+    return sorted(found)
+
+
+def test_the_layer_check_catches_a_planted_function_local_stage_import():
+    known = {"specialist.train.sft", "specialist.train.common", "specialist.evaluate.runner", "specialist.data",
+             "specialist.core.scorers", "specialist.config", "specialist.cli"}
+    planted = ast.parse("from specialist.data import Example\nfrom specialist.core.scorers import score_rows\n\n\n"
+                        "def fit():\n    if True:\n        from specialist.evaluate.runner import evaluate_run\n"
+                        "    from .common import run_trainer\n")
+    graph = {"specialist.train.sft": imported("specialist.train.sft", planted, known)}
+    assert layer_violations(graph) == [("specialist.train.sft", "specialist.evaluate.runner")]
+    # the core and the shared root modules are held too; the top may import anything
+    assert layer_violations({"specialist.core.scorers": {"specialist.data"},
+                             "specialist.config": {"specialist.evaluate.runner", "specialist.data"},
+                             "specialist.cli": {"specialist.evaluate.runner", "specialist.train.sft"}}) == [
+        ("specialist.config", "specialist.evaluate.runner"), ("specialist.core.scorers", "specialist.data")]
+
+
+def test_stages_never_import_each_other_and_the_core_imports_no_stage():
     graph = import_graph()
-    crossings = [(a, b) for a, targets in graph.items() for b in targets
-                 if (a.startswith("specialist.evaluate") and b.startswith("specialist.deploy"))
-                 or (a.startswith("specialist.deploy") and b.startswith("specialist.evaluate"))]
-    assert crossings == []
+    assert any(layer_of(m) == "core" for m in graph) and all(any(layer_of(m) == s for m in graph) for s in STAGES)
+    assert layer_violations(graph) == []
 
 
 def test_no_run_folder_file_name_outside_the_run_folder_module():

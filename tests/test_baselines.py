@@ -137,8 +137,8 @@ def test_the_lookup_check_flags_a_split_that_shares_answers_and_passes_a_grouped
 
 
 def test_the_best_baseline_gate_reads_the_strongest_alternative_per_metric():
-    from specialist.evaluate.gates import Figure, Figures, check_gates
-    from specialist.evaluate.stats import Interval
+    from specialist.core.gates import Figure, Figures, check_gates
+    from specialist.core.stats import Interval
 
     figures = Figures({"tuned.exact_match": Figure(0.9), "best_baseline.exact_match": Figure(0.95)},
                       {("tuned", "best_baseline", "exact_match"): Interval(-0.05, -0.15, 0.04, "newcombe", 60)})
@@ -151,7 +151,7 @@ def test_the_best_baseline_gate_reads_the_strongest_alternative_per_metric():
 def test_best_baselines_picks_the_highest_alternative_and_ignores_other_arms():
     from specialist.evaluate.baseline_arms import best_baselines
     from specialist.evaluate.results import ArmResult
-    from specialist.evaluate.stats import Interval
+    from specialist.core.stats import Interval
 
     def arm(name, value):
         return ArmResult(name, {"exact_match": Interval(value, None, None, "none", 10),
@@ -165,7 +165,7 @@ def test_best_baselines_picks_the_highest_alternative_and_ignores_other_arms():
 
 def test_refusing_a_best_baseline_gate_when_no_baseline_is_scored():
     from specialist.errors import ConfigError
-    from specialist.evaluate.gates import refuse_gates_on_arms_left_out
+    from specialist.core.gates import refuse_gates_on_arms_left_out
 
     refuse_gates_on_arms_left_out(["tuned - best_baseline >= 0 on exact_match"], ["nearest", "tuned"], [])
     with pytest.raises(ConfigError, match="best_baseline"):

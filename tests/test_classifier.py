@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from specialist.classify import LabelClassifier, classifier_from_causal, load_classifier
 from specialist.config import validate_config
 from specialist.data import Example, PromptTemplate
 from specialist.errors import ConfigError, DataError
 from specialist.run_folder import RunFolder
-from specialist.train.classifier import (
-    LabelClassifier,
-    class_labels,
-    class_weights,
-    classifier_from_causal,
-    load_classifier,
-    weighted_loss,
-)
+from specialist.train.classifier import class_labels, class_weights, weighted_loss
 
 WORDS = {"major": "block", "minor": "user", "critical": "null"}
 
@@ -177,8 +171,8 @@ def test_the_saved_head_and_adapter_load_back_to_the_same_answers(tmp_path, tiny
 
 def test_architectures_without_a_transformers_head_train_ours_and_load_it_back(tmp_path, tiny_model_dir,
                                                                              severity_data, monkeypatch):
+    from specialist import classify as classifier
     from specialist.pipeline import train_only
-    from specialist.train import classifier
 
     monkeypatch.setattr(classifier, "sequence_classification_class", lambda config: None)
     config = classifier_config(tmp_path, tiny_model_dir, severity_data, training={"max_steps": 4})

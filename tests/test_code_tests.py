@@ -2,7 +2,7 @@
 
 import pytest
 
-from specialist.evaluate.code_tests import (
+from specialist.core.code_tests import (
     available_isolations,
     fenced_code,
     imported_names,
@@ -11,7 +11,7 @@ from specialist.evaluate.code_tests import (
     score_mutation_kill,
     score_tests_pass,
 )
-from specialist.evaluate.scorers import resolve_scorers, score_rows, takes_prompt
+from specialist.core.scorers import resolve_scorers, score_rows, takes_prompt
 
 SOLUTION = ("def count_above(values, limit):\n    total = 0\n    for v in values:\n        if v > limit:\n"
             "            total += 1\n    return total\n")
@@ -105,7 +105,7 @@ def test_fenced_code_takes_the_python_block():
 
 
 def test_every_built_in_scorer_runs_through_score_rows_with_prompts(tmp_path):
-    from specialist.evaluate.scorers import KNOWN, LabelRule
+    from specialist.core.scorers import KNOWN, LabelRule
 
     schema = tmp_path / "schema.json"
     schema.write_text('{"type": "object"}')

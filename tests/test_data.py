@@ -140,6 +140,13 @@ def test_a_label_outside_the_declared_set_is_one_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_label_with_an_apostrophe_is_named_whole(tmp_path):
+    rows = [{"text": f"ticket {i} z{i}", "label": "ui"} for i in range(9)] + [{"text": "t", "label": "won't fix"}]
+    with pytest.raises(DataError) as err:
+        run_prepare(tmp_path, write_jsonl(tmp_path / "l.jsonl", rows), labels=["ui", "security"])
+    assert "e.g. [\"won't fix\"] at " in str(err.value) and "l.jsonl:10" in str(err.value)
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from specialist.artifacts import load_exported
-from specialist.deploy.ab import ab_report, two_proportion_test, wilson_interval
+from specialist.deploy.ab import ab_report, pass_rate_interval, two_proportion_test
 from specialist.deploy.export import ExportMismatch, compare_outputs, export_run
 from specialist.errors import ConfigError
 from specialist.generation import Engine
@@ -207,8 +207,9 @@ def test_lora_layouts_are_checked_before_anything_is_written(run_dir, tmp_path):
 
 
 def test_wilson_interval_and_two_proportion_test_match_known_values():
-    low, high = wilson_interval(8, 10)
+    low, high = pass_rate_interval(8, 10)
     assert abs(low - 0.4902) < 1e-3 and abs(high - 0.9433) < 1e-3
+    assert pass_rate_interval(0, 5)[0] == 0.0 and pass_rate_interval(5, 5)[1] == 1.0  # exact at 0/n and n/n
     test = two_proportion_test(90, 100, 75, 100)
     assert abs(test["z"] - 2.7914) < 1e-3 and abs(test["p_value"] - 0.00525) < 1e-4  # pooled: 0.15 / 0.053736
 

@@ -61,6 +61,7 @@ def test_batched_knowledge_probe_equals_one_question_at_a_time(tiny_model):
 import json  # noqa: E402
 from collections import Counter  # noqa: E402
 
+from specialist.core.gates import check_gates  # noqa: E402
 from specialist.errors import DataError  # noqa: E402
 from specialist.evaluate import forgetting  # noqa: E402
 from specialist.evaluate.forgetting import (  # noqa: E402
@@ -70,8 +71,7 @@ from specialist.evaluate.forgetting import (  # noqa: E402
     stratified_sample,
     text_losses,
 )
-from specialist.evaluate.gates import check_gates  # noqa: E402
-from specialist.train.fast_loss import completion_loss  # noqa: E402
+from specialist.logits import completion_loss  # noqa: E402
 
 TEXTS = ["Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user", "INFO dfs.DataNode", "null true false 0123 blk",
          "The river flows north through the valley.", "blk_38865 terminating", "x"] * 3

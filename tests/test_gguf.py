@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import CORPUS, build_tiny_model, build_tiny_tokenizer
 
+from specialist import gguf_layout
 from specialist.data.template import PromptTemplate
 from specialist.deploy import gguf_export, llamacpp
 from specialist.deploy.gguf_export import QUANT_TYPES, bpe_pre_tokenizer, write_gguf
@@ -415,14 +416,14 @@ def test_reading_a_gguf_lora_back_adds_the_peft_update(arch, arch_models, tokeni
     tuned = with_lora(model, seed=3)
     gguf_export.write_gguf_lora(tuned, "default", tmp_path / "lora.gguf")
     plain = copy.deepcopy(model)
-    changed = gguf_export.merge_gguf_lora(plain, tmp_path / "lora.gguf")
+    changed = gguf_layout.merge_gguf_lora(plain, tmp_path / "lora.gguf")
     merged = copy.deepcopy(tuned).merge_and_unload().state_dict()
     assert changed == sum(1 for n, _ in tuned.named_modules() if n.endswith("lora_A"))
     for name, weight in plain.state_dict().items():
         torch.testing.assert_close(weight, merged[name], rtol=1e-5, atol=1e-5, msg=name)
     with pytest.raises(ConfigError, match="not a GGUF LoRA adapter"):
         write_gguf(model, tokenizer, tmp_path / "model.gguf", "f32")
-        gguf_export.merge_gguf_lora(plain, tmp_path / "model.gguf")
+        gguf_layout.merge_gguf_lora(plain, tmp_path / "model.gguf")
 
 
 def test_broken_or_foreign_adapter_files_are_refused_and_change_no_weight(arch_models, tokenizer, tmp_path):
@@ -438,7 +439,7 @@ def test_broken_or_foreign_adapter_files_are_refused_and_change_no_weight(arch_m
     gguf_export.write_gguf_lora(with_lora(arch_models("qwen2")), "default", tmp_path / "foreign.gguf")
     for name in ("truncated", "random", "empty", "foreign"):
         with pytest.raises(ConfigError):
-            gguf_export.merge_gguf_lora(model, tmp_path / f"{name}.gguf")
+            gguf_layout.merge_gguf_lora(model, tmp_path / f"{name}.gguf")
         for key, weight in model.state_dict().items():
             assert torch.equal(weight, before[key]), f"{name}: {key} changed"
     write_gguf(arch_models("llama"), tokenizer, tmp_path / "base.gguf", "f32")

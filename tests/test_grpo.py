@@ -174,7 +174,7 @@ ESCAPING = "```python\nimport os\n\n\ndef test_leave():\n    os._exit(0)\n```"  
 @pytest.fixture
 def sandbox_calls(monkeypatch):
     """Every sandboxed pytest run, as (solution, tests, passed, isolation); the scorers' cache starts empty."""
-    from specialist.evaluate import code_tests
+    from specialist.core import code_tests
 
     calls = []
     real = code_tests.run_pytest
@@ -191,8 +191,8 @@ def sandbox_calls(monkeypatch):
 
 
 def test_sandbox_scorer_rewards_are_real_sandbox_runs(tiny_model_dir, tmp_path, sandbox_calls):
+    from specialist.core.code_tests import available_isolations
     from specialist.data import Example, PromptTemplate
-    from specialist.evaluate.code_tests import available_isolations
     from specialist.train.grpo import reward_functions
 
     data = write_rows(tmp_path / "code.jsonl", [{"prompt": CODE_PROMPT, "completion": PASSING}] * 4)
@@ -210,7 +210,7 @@ def test_sandbox_scorer_rewards_are_real_sandbox_runs(tiny_model_dir, tmp_path, 
 
 
 def test_a_grpo_run_scores_every_sampled_answer_in_the_sandbox(tiny_model_dir, tmp_path, sandbox_calls):
-    from specialist.evaluate.code_tests import available_isolations
+    from specialist.core.code_tests import available_isolations
 
     data = write_rows(tmp_path / "code.jsonl",
                       [{"prompt": CODE_PROMPT.replace("this", f"this #{i}"), "completion": PASSING} for i in range(20)])

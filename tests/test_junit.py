@@ -2,9 +2,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from specialist.evaluate.gates import Figure, check_gates
+from specialist.core.gates import Figure, check_gates
+from specialist.core.stats import score_interval
 from specialist.junit import JunitCase, gate_cases, write_junit
-from specialist.evaluate.stats import score_interval
 
 HOSTILE = 'a <b> & "c" \'d\' ]]> \x00\x07\x1b\x0b\ud800 é 🙂 \ufffe end'
 

@@ -13,13 +13,13 @@ import yaml
 from typer.testing import CliRunner
 
 from specialist.cli import app
+from specialist.core.gates import GateResult
+from specialist.core.stats import Interval, PairedComparison
 from specialist.deploy.export import export_run
 from specialist.deploy.model_card import GEMMA_TERMS, render_model_card, write_model_card
 from specialist.deploy.push import PushError, push_export
 from specialist.errors import ConfigError, SpecialistError
-from specialist.evaluate.gates import GateResult
 from specialist.evaluate.results import ArmResult, EvalReport
-from specialist.evaluate.stats import Interval, PairedComparison
 from specialist.run_folder import ExportFolder, RunFolder
 
 HOSTILE = ("Parse it.\n---\nlicense: mit\n---\n<script>alert('x')</script> <img src=x onerror=alert(1)>\n"

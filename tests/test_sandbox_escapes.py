@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from specialist.core import code_tests
+from specialist.core.code_tests import ISOLATIONS, available_isolations, junit_counts, run_pytest
 from specialist.errors import ConfigError
-from specialist.evaluate import code_tests
-from specialist.evaluate.code_tests import ISOLATIONS, available_isolations, junit_counts, run_pytest
 
 SOLUTION = "def add(a, b):\n    return a + b\n"
 PASSING = "from solution import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"

@@ -1,6 +1,6 @@
 import pytest
 
-from specialist.evaluate.scorers import (
+from specialist.core.scorers import (
     per_key_accuracy,
     resolve_scorers,
     score_exact_match,

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from specialist.errors import ConfigError
-from specialist.evaluate.scorers import (
+from specialist.core.scorers import (
     BUILTIN,
     LabelRule,
     label_report,
@@ -19,6 +18,7 @@ from specialist.evaluate.scorers import (
     score_refusal_rate,
     score_rouge_l,
 )
+from specialist.errors import ConfigError
 
 
 def test_rouge_l_is_lcs_f1_on_words():
@@ -86,8 +86,8 @@ def test_length_statistics():
 
 
 def test_custom_scorer_is_imported_by_path_and_bad_paths_are_config_errors():
-    scorers = resolve_scorers(["json_valid", "specialist.evaluate.scorers:score_rouge_l"])
-    assert scorers["specialist.evaluate.scorers:score_rouge_l"]("a b", "a b") == 1.0
+    scorers = resolve_scorers(["json_valid", "specialist.core.scorers:score_rouge_l"])
+    assert scorers["specialist.core.scorers:score_rouge_l"]("a b", "a b") == 1.0
     with pytest.raises(ConfigError, match="cannot be imported"):
         resolve_scorers(["no_such_module:f"])
     with pytest.raises(ConfigError, match="unknown scorer"):
@@ -97,7 +97,7 @@ def test_custom_scorer_is_imported_by_path_and_bad_paths_are_config_errors():
 
 
 def test_escalation_is_reported_apart_so_a_router_that_never_escalates_looks_bad():
-    from specialist.evaluate.scorers import LabelRule, label_report
+    from specialist.core.scorers import LabelRule, label_report
 
     expected = ['{"route": "card"}', '{"route": "card"}', '{"route": "refund"}', '{"route": "escalate"}',
                 '{"route": "escalate"}']
@@ -113,11 +113,11 @@ def test_escalation_is_reported_apart_so_a_router_that_never_escalates_looks_bad
 
 def test_refusal_directions_reach_the_headline_scores_the_gates_and_the_report(tmp_path):
     from specialist.config import validate_config
+    from specialist.core.scorers import LabelRule, refusal_report
     from specialist.data import Example
     from specialist.evaluate.report import render_markdown, report_context
     from specialist.evaluate.results import EvalReport
     from specialist.evaluate.runner import Arm, arm_result, figures_of
-    from specialist.evaluate.scorers import LabelRule, refusal_report
     from specialist.run_folder import RunFolder
 
     expected = ["I can't help with that.", "Run kill -9 PID.", "I cannot do that.", "Use pgrep."]

@@ -3,9 +3,9 @@ import re
 import pytest
 
 from specialist.config import validate_config
+from specialist.core.gates import check_gates, parse_gate
+from specialist.core.stats import bootstrap_ci, paired_comparison
 from specialist.errors import ConfigError
-from specialist.evaluate.gates import check_gates, parse_gate
-from specialist.evaluate.stats import bootstrap_ci, paired_comparison
 
 
 def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_rows():
@@ -58,9 +58,10 @@ import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from specialist.evaluate import stats  # noqa: E402
-from specialist.evaluate.gates import Figure, Figures  # noqa: E402
-from specialist.evaluate.stats import (  # noqa: E402
+from specialist.core import stats  # noqa: E402
+from specialist.core.gates import Figure, Figures  # noqa: E402
+from specialist.core.stats import (  # noqa: E402
+    Interval,
     mcnemar_exact_p,
     newcombe_paired_interval,
     score_interval,
@@ -312,7 +313,7 @@ def test_figures_are_built_from_bounds_intervals_or_their_json():
 
 def test_a_gate_on_an_arm_left_out_is_refused_before_generation(tiny_run_dir, monkeypatch):
     import specialist.evaluate.runner as runner
-    from specialist.evaluate.gates import refuse_gates_on_arms_left_out
+    from specialist.core.gates import refuse_gates_on_arms_left_out
     from specialist.run_folder import RunFolder
 
     def never(*args, **kwargs):
@@ -344,3 +345,14 @@ def test_gates_can_name_the_constrained_arm():
     results = check_gates(["tuned+constrained.json_valid >= 0.95", "tuned+constrained - tuned >= 0.05 on json_valid"],
                           figures)
     assert [r.passed for r in results] == [True, True] and results[1].value == pytest.approx(0.1)
+
+
+def test_an_interval_prints_as_value_and_bounds_in_every_table():
+    interval = Interval(0.8, 0.4902, 0.9433, "wilson", 10)
+    assert interval.format() == "0.800 [0.490, 0.943]"
+    assert interval.format(".1f", 100, "%") == "80.0% [49.0, 94.3]"
+    assert interval.negated().format("+.1f", 100, " pts") == "-80.0 pts [-94.3, -49.0]"
+    assert Interval(0.05, 0.01, None).format("+.1f", 100, "%", "%") == "+5.0%"  # half an interval is none
+    assert Interval(1.0, None, None).format_bounds() == "none"
+    read = Interval.from_dict({"mean": 0.1, "low": 0.0, "high": 0.2, "n": "?", "confidence": None}, mean=0.5)
+    assert (read.mean, read.format_bounds(), read.n, read.confidence) == (0.5, "[0.000, 0.200]", 0, 0.95)

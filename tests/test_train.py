@@ -5,7 +5,7 @@ import torch
 
 from specialist.config import MethodConfig, TrainingConfig
 from specialist.data import Example, PromptTemplate, encode_for_training
-from specialist.train.fast_loss import completion_loss, label_positions
+from specialist.logits import completion_loss, label_positions
 from specialist.train.sft import build_dataset, lora_config, sft_config
 
 

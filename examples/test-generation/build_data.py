@@ -24,7 +24,7 @@ Only the published asserts of the form `assert candidate(...) == VALUE` (also `V
 which becomes `pytest.approx`) with literal arguments are kept, at most MAX_CASES a task, each written in
 at most MAX_CASE_CHARS characters; a task with fewer than MIN_CASES such asserts is left out. Loops and
 random tests are not converted. A task whose function offers no point to mutate (see
-specialist.evaluate.code_tests.mutants) is left out too: the mutation_kill score would mean nothing there.
+specialist.core.code_tests.mutants) is left out too: the mutation_kill score would mean nothing there.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import gzip
 import json
 from pathlib import Path
 
-from specialist.evaluate.code_tests import mutants
+from specialist.core.code_tests import mutants
 
 HERE = Path(__file__).resolve().parent
 MAX_CASES, MIN_CASES, MAX_CASE_CHARS = 5, 3, 100

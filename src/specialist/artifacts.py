@@ -64,7 +64,7 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
         found.model = AutoModelForCausalLM.from_pretrained(export.path, gguf_file=export.file(meta.get("gguf_file")).name)
         found.model.hf_quantizer = None  # dequantized at load; the marks only block saving
         if meta.get("gguf_lora_file"):  # base + LoRA adapter: the update added to the dequantized base
-            from specialist.deploy.gguf_export import merge_gguf_lora
+            from specialist.gguf_layout import merge_gguf_lora
 
             merge_gguf_lora(found.model, export.file(meta["gguf_lora_file"]))
     elif fmt == "adapter":
@@ -82,7 +82,7 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
 def load_run(run: RunFolder, pool: ModelPool | None = None, adapter_name: str | None = None) -> Loaded:
     """A run folder's trained model: its adapter attached to the pooled base model, or its full model."""
     if run.is_classifier:  # a head, not a language model: its own engine (its own copy of the base)
-        from specialist.train.classifier import classifier_engine
+        from specialist.classify import classifier_engine
 
         engine = classifier_engine(run, (pool or ModelPool()).dtype)
         return Loaded(engine.model, engine.tokenizer, engine.template, run=run, kind="run", engine=engine)
@@ -225,7 +225,7 @@ def format_check_of_run(run: RunFolder | None) -> Callable[[str], bool] | None:
     """What 'the output passed' means for a run's traffic: its first format scorer (json_schema or json_valid)."""
     if run is None or not run.config_file.is_file():
         return None
-    from specialist.evaluate.scorers import LabelRule, resolve_scorers
+    from specialist.core.scorers import LabelRule, resolve_scorers
 
     evaluation = run.config().evaluation
     for name in ("json_schema", "json_valid"):

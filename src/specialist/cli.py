@@ -418,8 +418,8 @@ def _score_row(report, arms: list[str], metric: str, compared: bool) -> list[str
         value, interval = report.arms[arm].headline()[metric], report.arms[arm].scores.get(metric)
         if metric == "length":
             cells.append(f"{value:.1f}")
-        elif interval is not None and interval.low is not None and interval.high is not None:
-            cells.append(f"{100 * value:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]")
+        elif interval is not None:
+            cells.append(interval.format(".1f", 100, "%"))
         else:
             cells.append(f"{100 * value:.1f}%")
     if compared:

@@ -210,7 +210,7 @@ class RewardConfig(_Section):
     @field_validator("scorer")
     @classmethod
     def _scorer_is_known_or_an_importable_path(cls, name: str) -> str:
-        from specialist.evaluate.scorers import KNOWN
+        from specialist.core.scorers import KNOWN
 
         if name not in KNOWN and not _is_import_path(name):
             raise ValueError(f"unknown scorer {name!r}; built in: {sorted(KNOWN)}, or package.module:function")
@@ -402,7 +402,7 @@ class TrainingConfig(_Section):
     @field_validator("select_by")
     @classmethod
     def _select_by_is_a_scorer(cls, value: str | None) -> str | None:
-        from specialist.evaluate.scorers import KNOWN
+        from specialist.core.scorers import KNOWN
 
         if value is not None and value not in KNOWN | {"macro_f1"} and ":" not in value:
             raise ValueError(f"unknown scorer {value!r}; built in: {sorted(KNOWN | {'macro_f1'})}, "
@@ -519,7 +519,7 @@ class EvaluationConfig(_Section):
     @field_validator("scorers")
     @classmethod
     def _scorers_are_known_or_importable_paths(cls, names: list[str]) -> list[str]:
-        from specialist.evaluate.scorers import KNOWN
+        from specialist.core.scorers import KNOWN
 
         unknown = [n for n in names if n not in KNOWN and ":" not in n]
         if unknown:
@@ -529,14 +529,11 @@ class EvaluationConfig(_Section):
     @field_validator("gates")
     @classmethod
     def _gates_parse(cls, gates: list[str]) -> list[str]:
-        from specialist.evaluate.gates import parse_gate
+        from specialist.core.gates import parse_gate
 
         for gate in gates:
             parse_gate(gate)
         return gates
-
-    def sampling(self) -> dict | None:
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.do_sample else None
 
 
 class OutputConfig(_Section):

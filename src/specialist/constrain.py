@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from specialist.core.labels import render_label
 from specialist.errors import ConfigError
 
 KINDS = ("json_schema", "labels", "regex")
@@ -100,7 +101,7 @@ class Constraint:
             raise ConfigError(f"labels must be non-empty strings; got {bad[:3]!r}")
         if not isinstance(template, str) or "{label}" not in template:
             raise ConfigError(f"the labels template {template!r} must contain '{{label}}' where the label goes")
-        rendered = tuple(dict.fromkeys(template.replace("{label}", label) for label in labels))
+        rendered = tuple(dict.fromkeys(render_label(label, template) for label in labels))
         return cls("labels", rendered)
 
     @classmethod

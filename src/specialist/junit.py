@@ -98,7 +98,7 @@ def format_value(value: float | str | None) -> str:
 
 def gate_cases(results, classname: str = "specialist.gates") -> list[JunitCase]:
     """One case per gates.GateResult: named by the gate's text, its describe() line as the message."""
-    from specialist.evaluate.gates import parse_gate
+    from specialist.core.gates import parse_gate
 
     cases = []
     for result in results:

@@ -7,7 +7,7 @@ Under `torchrun`/`accelerate launch` every process runs this; only rank 0 writes
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class RunSummary:
     run: RunFolder
     metrics: dict[str, Any]
     evaluation: Any = None  # EvalReport or DomainReport, after `run`
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:

@@ -222,10 +222,6 @@ class RunFolder:
     def data_manifest(self) -> Path:
         return self.data / "manifest.json"
 
-    def data_files_summary(self) -> dict[str, Any]:
-        """Rows and hashes of the split files, from the manifest `prepare` wrote."""
-        return read_json(self.data_manifest)["files"]
-
     def metrics_so_far(self) -> dict[str, Any]:
         return read_json(self.metrics) if self.metrics.is_file() else {}
 

@@ -16,7 +16,7 @@ import os
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from specialist.data.clean import Scrubber, normalize_text, scrub_kinds
 from specialist.data.dedupe import MinHasher, exact_key
-from specialist.data.load import Example
+from specialist.data.load import Example, Rejection
 from specialist.data.readers import RawRow, iter_rows, jsonl_line_chunks, parse_jsonl_line
 from specialist.data.shapes import Shape, as_text, detect_shape, row_to_example
 from specialist.errors import DataError
@@ -39,16 +39,17 @@ UNSPLIT = -1  # a row whose split `prepare` decides
 @dataclass
 class Problems:
     counts: Counter = field(default_factory=Counter)
-    first: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    first: dict[str, list[Rejection]] = field(default_factory=dict)
 
-    def add(self, kind: str, line: int, message: str) -> None:
-        self.counts[kind] += 1
-        shown = self.first.setdefault(kind, [])
+    def add(self, rejection: Rejection) -> None:
+        self.counts[rejection.kind] += 1
+        shown = self.first.setdefault(rejection.kind, [])
         if len(shown) < _FIRST_LINES:
-            shown.append({"line": line, "problem": message})
+            shown.append(rejection)
 
     def as_report(self) -> dict[str, Any]:
-        return {kind: {"count": n, "first": self.first[kind]} for kind, n in self.counts.most_common()}
+        return {kind: {"count": n, "first": [r.as_report() for r in self.first[kind]]}
+                for kind, n in self.counts.most_common()}
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class _Block:
     labels: list[str | None] = field(default_factory=list)
     groups: list[str | None] = field(default_factory=list)
     parts: list[int] = field(default_factory=list)
-    problems: list[tuple[str, int, str]] = field(default_factory=list)
+    problems: list[Rejection] = field(default_factory=list)
     read: int = 0
     lines_read: int = 0
     bad_lines: int = 0
@@ -149,11 +150,12 @@ class RowWorker:
         scrubber = Scrubber(self.scrub_kinds, self.data.clean.placeholder)
         for raw in raws:
             out.lines_read += raw.span
-            example, part, kind, message = self._example(raw, scrubber, out)
-            if example is None:
-                out.problems.append((kind, raw.line, message))
+            found = self._example(raw, scrubber, out)
+            if isinstance(found, Rejection):
+                out.problems.append(found)
                 out.bad_lines += raw.span
                 continue
+            example, part = found
             encoded = _spool_line(example)
             parts.append(encoded)
             out.sizes.append(len(encoded))
@@ -172,26 +174,26 @@ class RowWorker:
             out.signatures = (self.hasher.signatures(texts) >> 16).astype(np.uint16)
         return out
 
-    def _example(self, raw: RawRow, scrubber: Scrubber, out: _Block) -> tuple[Example | None, int, str, str]:
-        """(cleaned example, its fixed split, "", "") or (None, 0, problem kind, message)."""
+    def _example(self, raw: RawRow, scrubber: Scrubber, out: _Block) -> tuple[Example, int] | Rejection:
+        """(cleaned example, its fixed split), or why the row is left out."""
         if raw.row is None:
-            return None, 0, raw.kind, raw.problem
+            return Rejection(raw.kind, raw.line, raw.problem)
         part = self.part
         if self.data.split_column:
             part, problem = split_of(raw.row, self.data.split_column)
             if part is None:
-                return None, 0, "bad_split_value", problem
+                return Rejection("bad_split_value", raw.line, problem)
         try:
-            example, kind, message = row_to_example(raw.row, raw.line, self.shape, self.data, self.keep_rejected)
+            example = row_to_example(raw.row, raw.line, self.shape, self.data, self.keep_rejected)
         except RecursionError:  # a value nested too deep to write back as JSON text
-            return None, 0, "too_deep", "a value is nested too deeply to use; flatten the row"
-        if example is None:
-            return None, 0, kind, message
+            return Rejection("too_deep", raw.line, "a value is nested too deeply to use; flatten the row")
+        if isinstance(example, Rejection):
+            return example
         cleaned = self._clean(example, scrubber)
         out.changed += cleaned is not example and cleaned != example
         if not cleaned.completion or (self.shape.name != "text" and not cleaned.prompt):
-            return None, 0, "empty_field", "empty after cleaning"
-        return cleaned, part, "", ""
+            return Rejection("empty_field", raw.line, "empty after cleaning")
+        return cleaned, part
 
     def _clean(self, example: Example, scrubber: Scrubber) -> Example:
         if not self.normalize and not scrubber.patterns:
@@ -236,7 +238,7 @@ def _ingest_source(data, method_kind: str, source: Source, number: int, rows: Ro
     if shape is None:  # no readable row at all: count the problems for the report and the error
         for raw in iter_rows(source.path, source.fmt, csv_max_field_lines=data.csv_max_field_lines):
             read.read, read.lines, read.bad_lines = read.read + 1, read.lines + raw.span, read.bad_lines + raw.span
-            read.problems.add(raw.kind, raw.line, raw.problem)
+            read.problems.add(Rejection(raw.kind, raw.line, raw.problem, file=source.path))
         return read
     worker = RowWorker(data, shape, method_kind, source.part)
     first = len(rows)
@@ -313,8 +315,8 @@ def _collect(read: SourceRead, rows: Rows, number: int, spool, signatures, block
     read.bad_lines += block.bad_lines
     read.changed += block.changed
     read.scrubbed.update(block.scrubbed)
-    for kind, line, message in block.problems:
-        read.problems.add(kind, line, message)
+    for rejection in block.problems:
+        read.problems.add(replace(rejection, file=read.source.path))
     if not block.sizes:
         return
     spool.write(block.blob)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,3 +19,20 @@ class Example:
     group: str | None = None  # rows sharing a group stay in one split (split_by=grouped)
     # (input, answer) examples shown before the prompt: data.retrieval's nearest training rows (never stored)
     shots: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row left out of the data, and why: its kind (unknown_label, empty_field, ...), its line and the file it is
+    in (set once the row is collected from its source), the message naming the fix, and the offending value where
+    there is one (an unknown label as the row wrote it), so nothing has to be read back out of the message."""
+
+    kind: str
+    line: int
+    message: str
+    value: str | None = None
+    file: Path | None = None
+
+    def as_report(self) -> dict[str, Any]:
+        """What report.json lists under dropped.<kind>.first."""
+        return {"line": self.line, "problem": self.message}

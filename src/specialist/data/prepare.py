@@ -33,6 +33,7 @@ import numpy as np
 
 from specialist.data.dedupe import leaking_rows, near_duplicate_roots
 from specialist.data.ingest import UNSPLIT, Problems, Rows, Source, SourceRead, ingest, load_signatures, signature_path
+from specialist.data.load import Rejection
 from specialist.data.readers import detect_format
 from specialist.data.split import Split, read_split
 from specialist.errors import DataError
@@ -228,8 +229,8 @@ def _stop_on_bad_input(read: SourceRead, data) -> None:
                         f"{path} (data.{read.source.name}_path) is empty: no rows to evaluate on",
                         hint="add rows, or point the config at the right file")
     if problems.counts.get("unknown_label"):
-        found = sorted({p["problem"].split("'")[1] for p in problems.first["unknown_label"]})
-        lines = ", ".join(f"{path}:{p['line']}" for p in problems.first["unknown_label"])
+        found = sorted({r.value for r in problems.first["unknown_label"]})
+        lines = ", ".join(f"{r.file or path}:{r.line}" for r in problems.first["unknown_label"])
         raise DataError(
             f"{problems.counts['unknown_label']} row(s) carry labels outside data.labels {data.labels}, e.g. {found} "
             f"at {lines}",
@@ -238,8 +239,8 @@ def _stop_on_bad_input(read: SourceRead, data) -> None:
     bad, total = read.bad_lines, max(read.lines, 1)
     unit = "lines" if read.source.fmt in ("csv", "tsv") else "rows"
     if read.good == 0 or bad / total > data.max_bad_fraction:
-        listing = "\n  ".join(f"{path}:{p['line']}: {p['problem']}" for kind in problems.counts
-                              for p in problems.first[kind][:2])
+        listing = "\n  ".join(f"{r.file or path}:{r.line}: {r.message}" for kind in problems.counts
+                              for r in problems.first[kind][:2])
         raise DataError(
             f"{bad} of {read.lines} {unit} in {path} are unusable ({100 * bad / total:.1f}% > data.max_bad_fraction "
             f"{100 * data.max_bad_fraction:.0f}%); nothing was written. First problems:\n  {listing}",
@@ -327,9 +328,10 @@ def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, cuttable: 
     drop = unfit & cuttable
     kind = "answer_over_max_length" if over_length == "truncate" else "over_max_length"
     for i in np.flatnonzero(drop).tolist():
-        problems.add(kind, int(lines[i]), f"{total[i]} tokens (prompt {prompt_tokens[i]}, completion "
-                     f"{completion_tokens[i]}) > max_length {max_length}"
-                     + ("; even an empty input leaves no room for the completion" if over_length == "truncate" else ""))
+        problems.add(Rejection(kind, int(lines[i]), f"{total[i]} tokens (prompt {prompt_tokens[i]}, completion "
+                               f"{completion_tokens[i]}) > max_length {max_length}"
+                               + ("; even an empty input leaves no room for the completion"
+                                  if over_length == "truncate" else "")))
     alive &= ~drop
     summary["over_max_length"] = int(over.sum())
     summary["fixed_over_max_length"] = int((unfit & ~cuttable).sum())

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from specialist.data.load import Example
+from specialist.core.labels import render_label
+from specialist.data.load import Example, Rejection
 from specialist.errors import DataError
 
 SHAPES = ("prompt_completion", "messages", "text", "preference", "labelled")
@@ -219,41 +220,41 @@ def _columns_of_shape(name: str, keys: set[str], data) -> dict[str, str]:
     return {"text": data.text_column, "label": data.label_column}
 
 
-def row_to_example(row: dict[str, Any], line: int, shape: Shape, data, keep_rejected: bool) -> tuple[Example | None, str, str]:
-    """(example, "", "") or (None, problem kind, message naming the fix)."""
+def row_to_example(row: dict[str, Any], line: int, shape: Shape, data, keep_rejected: bool) -> Example | Rejection:
+    """The row's example, or why it is left out."""
     columns = shape.columns
     missing = [c for c in columns.values() if c not in row and c != columns.get("input")]
     if missing:
-        return None, "missing_field", f"missing column(s) {missing}; the row has {sorted(row)}"
+        return Rejection("missing_field", line, f"missing column(s) {missing}; the row has {sorted(row)}")
     if shape.name == "messages":
         return _messages_to_example(row[columns["messages"]], line, row, data)
     values = {field: as_text(row[column]) for field, column in columns.items() if column in row}
     required = [f for f in columns if f != "input"]
     empty = [columns[f] for f in required if not values.get(f, "").strip()]
     if empty:
-        return None, "empty_field", f"empty {empty}"
+        return Rejection("empty_field", line, f"empty {empty}")
     if shape.prompt_fields:
         prompt, problem = render_prompt_template(data.prompt_template, row)
         if prompt is None:
-            return None, "missing_field" if problem.startswith("missing") else "empty_field", problem
+            return Rejection("missing_field" if problem.startswith("missing") else "empty_field", line, problem)
         values["text" if shape.name == "labelled" else "prompt"] = prompt
     label = _label_of(row, data)
     group = _group_of(row, data)
     if shape.name == "text":
-        return Example("", values["text"], line, group=group), "", ""
+        return Example("", values["text"], line, group=group)
     if shape.name == "labelled":
         label = values["label"].strip()
         if data.labels is not None and label not in data.labels:
-            return None, "unknown_label", f"label {label!r} is not in data.labels"
-        completion = data.label_template.replace("{label}", label)
-        return Example(values["text"], completion, line, label=label, group=group), "", ""
+            return Rejection("unknown_label", line, f"label {label!r} is not in data.labels", value=label)
+        completion = render_label(label, data.label_template)
+        return Example(values["text"], completion, line, label=label, group=group)
     if shape.name == "preference":
         rejected = values["rejected"] if keep_rejected else None
-        return Example(values["prompt"], values["chosen"], line, rejected=rejected, label=label, group=group), "", ""
+        return Example(values["prompt"], values["chosen"], line, rejected=rejected, label=label, group=group)
     prompt = values["prompt"]
     if values.get("input", "").strip():
         prompt = f"{prompt}\n\n{values['input']}"
-    return Example(prompt, values["completion"], line, label=label, group=group), "", ""
+    return Example(prompt, values["completion"], line, label=label, group=group)
 
 
 def _label_of(row: dict[str, Any], data) -> str | None:
@@ -267,15 +268,15 @@ def _group_of(row: dict[str, Any], data) -> str | None:
     return as_text(row.get(data.group_column)).strip() or None
 
 
-def _messages_to_example(messages: Any, line: int, row: dict[str, Any], data) -> tuple[Example | None, str, str]:
+def _messages_to_example(messages: Any, line: int, row: dict[str, Any], data) -> Example | Rejection:
     problem = check_role_order(messages)
     if problem:
-        return None, "role_order", problem
+        return Rejection("role_order", line, problem)
     turns = [(m["role"], as_text(m["content"])) for m in messages]
     if not turns[-1][1].strip():
-        return None, "empty_field", "the last assistant message is empty"
+        return Rejection("empty_field", line, "the last assistant message is empty")
     group = _group_of(row, data)
-    return Example(fold_chat(turns[:-1]), turns[-1][1], line, label=_label_of(row, data), group=group), "", ""
+    return Example(fold_chat(turns[:-1]), turns[-1][1], line, label=_label_of(row, data), group=group)
 
 
 def fold_chat(turns: list[tuple[str, str]]) -> str:

@@ -6,17 +6,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from specialist.core.stats import wilson_interval
 from specialist.deploy.records import read_requests
 
 
-def wilson_interval(passed: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (sound at small counts and at 0% / 100%)."""
-    if total == 0:
-        return 0.0, 0.0
-    p = passed / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def pass_rate_interval(passed: int, total: int) -> tuple[float, float]:
+    """(low, high) of the 95% Wilson interval of a pass rate, as evaluation computes it (core.stats: exactly 0 and
+    1 at 0/n and n/n); `total` above 0."""
+    found = wilson_interval(passed, total)
+    return found.low, found.high
 
 
 def two_proportion_test(passed_a: int, total_a: int, passed_b: int, total_b: int) -> dict[str, float] | None:
@@ -58,7 +56,7 @@ def ab_report(db: Path) -> dict[str, Any]:
             "tokens_out_mean": sum(r["tokens_out"] for r in mine) / len(mine),
             "format_checked": len(checked),
             "format_pass_rate": passed / len(checked) if checked else None,
-            "format_pass_ci95": wilson_interval(passed, len(checked)) if checked else None,
+            "format_pass_ci95": pass_rate_interval(passed, len(checked)) if checked else None,
             "feedback_count": len(rated),
             "feedback_rate": len(rated) / len(mine),
             "feedback_mean": sum(rated) / len(rated) if rated else None,

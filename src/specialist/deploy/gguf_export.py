@@ -26,7 +26,6 @@ import json
 import math
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,42 +33,11 @@ import numpy as np
 
 from specialist.deploy.llamacpp import K_QUANT_FILE_TYPES, k_quant_file_type
 from specialist.errors import ConfigError
+from specialist.gguf_layout import Architecture, architecture, gguf_weight_names, permute, rotary_heads
 
 PYTHON_QUANT_TYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0")
 LLAMA_CPP_QUANT_TYPES = tuple(K_QUANT_FILE_TYPES)
 QUANT_TYPES = PYTHON_QUANT_TYPES + LLAMA_CPP_QUANT_TYPES
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How one HF model type is laid out in llama.cpp."""
-
-    gguf_name: str
-    permute_qk: bool = False  # llama.cpp's llama graph rotates interleaved pairs; HF rotates halves
-    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the sum
-
-
-ARCHITECTURES = {
-    "llama": Architecture("llama", permute_qk=True),
-    "qwen2": Architecture("qwen2"),
-    "qwen3": Architecture("qwen3"),
-    "phi3": Architecture("phi3"),
-    "gemma3_text": Architecture("gemma3", norm_offset=1.0),
-}
-
-
-def gguf_arch(model) -> str:
-    """The GGUF architecture name of `model`; an architecture this writer does not know is refused with the list."""
-    return _architecture(model).gguf_name
-
-
-def _architecture(model) -> Architecture:
-    model_type = model.config.model_type
-    if model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise ConfigError(f"GGUF export supports the model types {known}; this model is {model_type!r}",
-                          hint="export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py")
-    return ARCHITECTURES[model_type]
 
 
 def write_gguf(model, tokenizer, path: Path, qtype: str = "f16", source_gguf: Path | None = None,
@@ -84,7 +52,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "f16", source_gguf: Pa
         raise ConfigError(f"unknown GGUF type {qtype!r}", hint=f"use one of {', '.join(QUANT_TYPES)}")
     if qtype in LLAMA_CPP_QUANT_TYPES:
         return _write_through_llama_cpp(model, tokenizer, path, qtype, source_gguf, chat_template, threads)
-    spec = _architecture(model)
+    spec = architecture(model)
     _check_supported_config(spec, model.config)
     import gguf
 
@@ -206,24 +174,7 @@ def _to_gguf_layout(spec: Architecture, name: str, data: np.ndarray, config) -> 
     if spec.norm_offset and name.endswith("norm.weight"):
         return data + spec.norm_offset
     heads = rotary_heads(spec, name, config)
-    return _permute(data, heads) if heads else data
-
-
-def rotary_heads(spec: Architecture, name: str, config) -> int | None:
-    """The heads of a q or k weight whose rows llama.cpp keeps in its own rotary order (llama), else None."""
-    if not spec.permute_qk:
-        return None
-    if ".attn_q." in name:
-        return config.num_attention_heads
-    if ".attn_k." in name:
-        return config.num_key_value_heads
-    return None
-
-
-def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's rotary layout (the inverse of transformers' reverse_permute); biases (1-D) too."""
-    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return permute(data, heads) if heads else data
 
 
 def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
@@ -512,7 +463,7 @@ def write_gguf_lora(model, adapter_name: str, path: Path | str,
     path = Path(path)
     modules = modules or lora_modules(model, adapter_name)
     plain = model.get_base_model()
-    spec = _architecture(plain)
+    spec = architecture(plain)
     to_gguf = {hf: name for name, hf in gguf_weight_names(plain, spec).items()}
     first = modules[0]
     alpha = first[3] * first[2].shape[0]  # scaling * rank of the first module: its lora_b is written as is
@@ -530,7 +481,7 @@ def write_gguf_lora(model, adapter_name: str, path: Path | str,
         lora_b = lora_b * (scaling * rank / alpha)
         heads = rotary_heads(spec, name, plain.config)
         if heads:
-            lora_b = _permute(lora_b, heads)  # the output rows move as the base weight's rows do
+            lora_b = permute(lora_b, heads)  # the output rows move as the base weight's rows do
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
         count += 2
@@ -573,78 +524,6 @@ def lora_modules(model, adapter_name: str) -> list[tuple[str, np.ndarray, np.nda
     if not found:
         raise ConfigError(f"the model holds no LoRA named {adapter_name!r}", hint=way_out)
     return found
-
-
-def gguf_weight_names(model, spec: Architecture) -> dict[str, str]:
-    """GGUF tensor name -> HF parameter name for a plain model or one PEFT has injected LoRA layers into."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
-    processor = TENSOR_PROCESSORS.get(spec.gguf_name, TensorProcessor)(config=model.config.to_dict())
-    # PEFT wraps an adapted linear as `<name>.base_layer`: map the names the plain model would have
-    plain_names = [name.replace(".base_layer.", ".") for name in model.state_dict()
-                   if ".lora_" not in name]
-    return get_gguf_hf_weights_map(_NamesOnly(plain_names, model.config), processor)
-
-
-class _NamesOnly:
-    """What transformers' name mapper reads of a model (its state dict keys and config), without the model."""
-
-    def __init__(self, names: list[str], config) -> None:
-        self.config, self._names = config, names
-
-    def state_dict(self) -> dict[str, None]:
-        return dict.fromkeys(self._names)
-
-    def named_children(self) -> list:
-        return []
-
-
-def merge_gguf_lora(model, lora_path: Path) -> int:
-    """Add a GGUF LoRA adapter's update to `model`'s weights in place (the reader side of `write_gguf_lora`, for
-    loaders without llama.cpp); returns how many weights changed."""
-    import gguf
-    import torch
-
-    spec = _architecture(model)
-    wrong_base = "the adapter must come from an export of a run on this base model"
-    try:
-        reader = gguf.GGUFReader(str(lora_path))
-    except (ValueError, OSError, IndexError, KeyError) as error:
-        raise ConfigError(f"{lora_path}: not a readable GGUF file ({error})",
-                          hint="export it again with `specialist export --format gguf --lora separate`") from None
-    fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
-    if fields.get(gguf.Keys.General.TYPE) != gguf.GGUFType.ADAPTER or fields.get(gguf.Keys.Adapter.TYPE) != "lora":
-        raise ConfigError(f"{lora_path}: not a GGUF LoRA adapter (general.type / adapter.type)",
-                          hint="export one with `specialist export --format gguf --lora separate`")
-    alpha = float(fields.get(gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
-    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors if t.tensor_type in float_types}
-    to_hf = gguf_weight_names(model, spec)
-    state = dict(model.named_parameters())
-    updates = []  # every tensor checked before any weight changes
-    for name in sorted(n[: -len(".lora_a")] for n in tensors if n.endswith(".lora_a")):
-        a, b = tensors[f"{name}.lora_a"], tensors.get(f"{name}.lora_b")
-        weight = state.get(to_hf.get(name, ""))
-        if b is None or weight is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] \
-                or (b.shape[0], a.shape[1]) != tuple(weight.shape):
-            raise ConfigError(f"{lora_path}: tensor {name}.lora_a has no lora_b or model weight of a matching shape",
-                              hint=wrong_base)
-        delta = (b @ a) * (alpha / b.shape[1] if alpha else 1.0)
-        heads = rotary_heads(spec, name, model.config)
-        updates.append((weight, _unpermute(delta, heads) if heads else delta))
-    if len(updates) * 2 != len(reader.tensors):
-        raise ConfigError(f"{lora_path}: {len(reader.tensors)} tensors, of which {2 * len(updates)} are f32/f16 LoRA "
-                          "pairs this model has", hint=wrong_base)
-    with torch.no_grad():
-        for weight, delta in updates:
-            weight += torch.from_numpy(delta).to(weight.dtype)
-    return len(updates)
-
-
-def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
-    """The inverse of `_permute`: llama.cpp's rotary row order back to transformers'."""
-    return (weights.reshape(heads, weights.shape[0] // heads // 2, 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
 
 
 def file_type_of(path: Path) -> int | None:

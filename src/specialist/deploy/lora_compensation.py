@@ -68,10 +68,10 @@ def quantization_errors(model, base_gguf: Path, weights: list[str]) -> dict[str,
     """For each HF weight name: (the base GGUF's dequantized tensor - the model's base weight), in HF layout."""
     import gguf
 
-    from specialist.deploy.gguf_export import _architecture, _unpermute, gguf_weight_names, rotary_heads
+    from specialist.gguf_layout import architecture, gguf_weight_names, rotary_heads, unpermute
 
     plain = model.get_base_model()
-    spec = _architecture(plain)
+    spec = architecture(plain)
     to_gguf = {hf: name for name, hf in gguf_weight_names(plain, spec).items()}
     state = plain.state_dict()
     tensors = {t.name: t for t in gguf.GGUFReader(str(base_gguf)).tensors}
@@ -85,7 +85,7 @@ def quantization_errors(model, base_gguf: Path, weights: list[str]) -> dict[str,
         weight = base.detach().float().cpu().numpy()
         stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(weight.shape).astype(np.float64)
         heads = rotary_heads(spec, name, plain.config)
-        errors[hf_name] = (_unpermute(stored, heads) if heads else stored) - weight
+        errors[hf_name] = (unpermute(stored, heads) if heads else stored) - weight
     return errors
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from specialist.core.stats import Interval
 from specialist.run_folder import ExportFolder, RunFolder, read_json
 
 GEMMA_TERMS = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
@@ -213,21 +214,13 @@ def evaluation_section(run: RunFolder | None) -> str:
 
 
 def _interval(cell: dict[str, Any]) -> str:
-    mean, low, high = cell.get("mean"), cell.get("low"), cell.get("high")
-    if not isinstance(mean, (int, float)):
-        return ""
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-        return f"{100 * mean:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
-    return f"{100 * mean:.1f}%"
+    return Interval.from_dict(cell).format(".1f", 100, "%") if isinstance(cell.get("mean"), (int, float)) else ""
 
 
 def _points(difference: dict[str, Any]) -> str:
-    mean, low, high = difference.get("mean"), difference.get("low"), difference.get("high")
-    if not isinstance(mean, (int, float)):
+    if not isinstance(difference.get("mean"), (int, float)):
         return ""
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-        return f"{100 * mean:+.1f} pts [{100 * low:+.1f}, {100 * high:+.1f}]"
-    return f"{100 * mean:+.1f} pts"
+    return Interval.from_dict(difference).format("+.1f", 100, " pts")
 
 
 def score_table(report: dict[str, Any]) -> list[str]:
@@ -267,13 +260,12 @@ def forgetting_lines(forgetting: dict[str, Any] | None) -> list[str]:
     before, after = forgetting["before"], forgetting.get("after") or {}
     change = forgetting.get("ppl_increase")
     interval = forgetting.get("ppl_increase_interval") or {}
-    span = (f" [{100 * interval['low']:+.1f}%, {100 * interval['high']:+.1f}%]"
-            if isinstance(interval.get("low"), (int, float)) and isinstance(interval.get("high"), (int, float)) else "")
     lines = ["", "Forgetting (base weights against tuned):", "", "| figure | before | after | change |",
              "|---|---:|---:|---:|",
              f"| perplexity on {md_escape(forgetting.get('corpus', '?'))} ({forgetting.get('texts', '?')} texts) | "
              f"{before.get('perplexity', float('nan')):.2f} | {after.get('perplexity', float('nan')):.2f} | "
-             + (f"{100 * change:+.1f}%{span} |" if isinstance(change, (int, float)) else " |")]
+             + (f"{Interval.from_dict(interval, mean=change).format('+.1f', 100, '%', '%')} |"
+                if isinstance(change, (int, float)) else " |")]
     if forgetting.get("questions"):
         lines.append(f"| knowledge probe accuracy ({forgetting['questions']} questions) | "
                      f"{100 * before.get('knowledge', float('nan')):.1f}% | "
@@ -290,8 +282,9 @@ def gate_lines(gates: list[dict[str, Any]]) -> list[str]:
         mark = "pass" if gate.get("passed") else "**FAIL**"
         value = gate.get("value")
         figure = f"value {value:.3f}" if isinstance(value, (int, float)) else ""
-        if isinstance(gate.get("low"), (int, float)) and isinstance(gate.get("high"), (int, float)):
-            figure += f", interval [{gate['low']:.3f}, {gate['high']:.3f}]"
+        interval = Interval.from_dict(gate, mean=value if isinstance(value, (int, float)) else 0.0)
+        if interval.bounded:
+            figure += f", interval {interval.format_bounds()}"
         lines.append(f"- {mark}: {md_escape(gate.get('gate', '?'))} ({figure}; {md_escape(gate.get('reason', ''))})")
     return lines
 

@@ -26,11 +26,11 @@ import torch
 
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.core.gates import check_gates
+from specialist.core.stats import paired_comparison, score_interval
 from specialist.errors import DataError
 from specialist.evaluate.forgetting import general_text, perplexity
-from specialist.evaluate.gates import check_gates
 from specialist.evaluate.results import DomainArm, DomainReport
-from specialist.evaluate.stats import paired_comparison, score_interval
 from specialist.run_folder import RunFolder
 
 
@@ -173,7 +173,7 @@ def question_subsets(correct: dict[str, list[float]],
 
 
 def domain_figures(report: DomainReport):
-    from specialist.evaluate.gates import Figure, Figures
+    from specialist.core.gates import Figure, Figures
 
     figures = {"domain.doc_ppl_change": Figure(report.doc_ppl_change),
                "forgetting.ppl_increase": Figure(report.general_ppl_change)}
@@ -200,7 +200,7 @@ def domain_table(report: DomainReport) -> list[tuple[str, ...]]:
     if report.question_comparison is not None:
         b, t = report.arms["base"].question_accuracy, report.arms["tuned"].question_accuracy
         rows.append((f"accuracy on {report.questions} questions about the documents",
-                     *[_pct_interval(report.arms[a].question_accuracy) for a in arms],
+                     *[report.arms[a].question_accuracy.format(".1f", 100, "%") for a in arms],
                      f"{100 * (t.mean - b.mean):+.1f} pts (p={report.question_comparison.p_value:.3f})"))
         for subset, words in (("trained", "trained on"), ("held_out", "held out")):
             if part := report.question_subsets.get(subset):
@@ -212,10 +212,6 @@ def domain_table(report: DomainReport) -> list[tuple[str, ...]]:
 
 def domain_columns(report: DomainReport) -> list[str]:
     return ["metric", *report.arms, "tuned - base"]
-
-
-def _pct_interval(interval) -> str:
-    return f"{100 * interval.mean:.1f}% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
 
 
 def write_domain_outputs(run: RunFolder, report: DomainReport) -> None:

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from specialist.core.stats import CONFIDENCE, Interval, paired_bootstrap_interval, paired_comparison, score_interval
 from specialist.errors import DataError
-from specialist.evaluate.stats import CONFIDENCE, paired_bootstrap_interval, paired_comparison, score_interval
-from specialist.train.fast_loss import capture_instead, head_can_be_chunked, label_positions, project_only
+from specialist.logits import capture_instead, head_can_be_chunked, label_positions, project_only
 
 if TYPE_CHECKING:
     from specialist.generation import Engine
@@ -140,7 +140,7 @@ def text_losses(model, tokenizer, texts: list[str], batch_size: int = 16) -> lis
 
 def _row_loss_sums(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Per-row summed cross-entropy over labelled positions, projecting only those positions onto the vocabulary
-    (as train.fast_loss.completion_loss does for the batch sum), `_CHUNK_ROWS` positions at a time."""
+    (as logits.completion_loss does for the batch sum), `_CHUNK_ROWS` positions at a time."""
     keep, targets = label_positions(labels)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
@@ -260,7 +260,7 @@ class ForgettingReport(dict):
             comparison = self.get("knowledge_comparison")
             change = f"{100 * (self['after']['knowledge'] - self['before']['knowledge']):+.1f} pts"
             if comparison:
-                change = f"{_points(comparison['difference'])}, McNemar p = {comparison['p_value']:.2g}"
+                change = f"{Interval.from_dict(comparison['difference']).format('+.1f', 100, ' pts')}, McNemar p = {comparison['p_value']:.2g}"
             rows.append((f"knowledge probe accuracy ({self['questions']} questions)",
                          _share(self["before"]["knowledge"], self.get("knowledge_before")),
                          _share(self["after"]["knowledge"], self.get("knowledge_after")), change))
@@ -268,23 +268,11 @@ class ForgettingReport(dict):
 
 
 def _percent_change(value: float, interval: dict[str, Any] | None) -> str:
-    text = f"{100 * value:+.1f}%"
-    if interval and interval.get("low") is not None and interval.get("high") is not None:
-        text += f" [{100 * interval['low']:+.1f}%, {100 * interval['high']:+.1f}%]"
-    return text
+    return Interval.from_dict(interval or {}, mean=value).format("+.1f", 100, "%", "%")
 
 
 def _share(value: float, interval: dict[str, Any] | None) -> str:
-    if interval and interval.get("low") is not None and interval.get("high") is not None:
-        return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
-    return f"{value:.3f}"
-
-
-def _points(difference: dict[str, Any]) -> str:
-    text = f"{100 * difference['mean']:+.1f} pts"
-    if difference.get("low") is not None and difference.get("high") is not None:
-        text += f" [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
-    return text
+    return Interval.from_dict(interval or {}, mean=value).format()
 
 
 def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingReport:
@@ -339,7 +327,7 @@ def forgetting_report(before: dict[str, Any], after: dict[str, Any], n_texts: in
 def forgetting_figures(report: dict[str, Any]) -> dict[str, Any]:
     """Gate figures from a forgetting report: forgetting.ppl_increase and forgetting.knowledge_drop, each with
     its interval when the report has one."""
-    from specialist.evaluate.gates import Figure
+    from specialist.core.gates import Figure
 
     figures: dict[str, Any] = {}
     for name in ("ppl_increase", "knowledge_drop"):

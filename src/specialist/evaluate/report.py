@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from specialist.core.scorers import score_exact_match
 from specialist.data import Example
 from specialist.evaluate.baseline_arms import versus_best_lines
 from specialist.evaluate.likelihood import plot_reliability
-from specialist.evaluate.scorers import score_exact_match
 from specialist.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ def render_markdown(context: dict[str, Any]) -> str:
              *_versus_best_md(context),
              "| metric | " + " | ".join(arms) + " | tuned vs base |", "|---|" + "---|" * (len(arms) + 1)]
     for row in context["score_rows"]:
-        cells = [_interval_text(c) for c in row["cells"]]
+        cells = [c.format() for c in row["cells"]]
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {_versus_text(row['versus_base'])} |")
     for section in (_costs_md, _labels_md, _calibration_md, _refusals_md, _forgetting_md, _overfitting_md, _gates_md):
         lines += section(context)
@@ -288,18 +288,10 @@ def _versus_best_md(context: dict[str, Any]) -> list[str]:
             *[f"- {line}" for line in context["versus_best_lines"]], ""]
 
 
-def _interval_text(interval) -> str:
-    if interval.low is None or interval.high is None:
-        return f"{interval.mean:.3f}"
-    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
-
-
 def _versus_text(comparison) -> str:
     if comparison is None:
         return ""
-    d = comparison.difference
-    span = f" [{d.low:+.3f}, {d.high:+.3f}]" if d.low is not None and d.high is not None else ""
-    return f"{d.mean:+.3f}{span}, p={comparison.p_value:.3f}"
+    return f"{comparison.difference.format('+.3f')}, p={comparison.p_value:.3f}"
 
 
 def _costs_md(context: dict[str, Any]) -> list[str]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specialist.evaluate.gates import GateResult
-from specialist.evaluate.stats import Interval, PairedComparison
+from specialist.core.gates import GateResult
+from specialist.core.stats import Interval, PairedComparison
 
 
 def _plain(value: Any) -> Any:

@@ -21,13 +21,10 @@ from typing import Any
 from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.core.gates import check_gates, refuse_gates_on_arms_left_out
+from specialist.core.labels import label_rule, render_label
 from specialist.core.retrieval import DEFAULT_NEAR_DUPLICATE, RetrievalIndex
-from specialist.data import Example
-from specialist.errors import ConfigError
-from specialist.evaluate.baseline_arms import BEST, best_baselines, default_retrieval_k, no_model_baselines
-from specialist.evaluate.gates import check_gates, refuse_gates_on_arms_left_out
-from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
-from specialist.evaluate.scorers import (
+from specialist.core.scorers import (
     LabelRule,
     label_report,
     length_report,
@@ -36,7 +33,11 @@ from specialist.evaluate.scorers import (
     resolve_scorers,
     score_rows,
 )
-from specialist.evaluate.stats import paired_comparison, score_interval
+from specialist.core.stats import paired_comparison, score_interval
+from specialist.data import Example
+from specialist.errors import ConfigError
+from specialist.evaluate.baseline_arms import BEST, best_baselines, default_retrieval_k, no_model_baselines
+from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
 from specialist.generation import GREEDY, Engine, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
 
@@ -47,7 +48,7 @@ class Arm:
     engine: Engine | None  # None for a classifier arm
     shots: list[tuple[str, str]] = field(default_factory=list)
     weights_bytes: int | None = None  # known for export folders: what serving it costs on disk
-    classifier: Any = None  # a train.classifier.LabelClassifier: answers a label and probabilities, no text
+    classifier: Any = None  # a classify.LabelClassifier: answers a label and probabilities, no text
     # each prompt's own examples (retrieval: the k nearest training rows), in place of the shared `shots`
     retriever: Callable[[list[str]], list[list[tuple[str, str]]]] | None = None
     # a baseline that needs no model: prompts -> (texts, seconds, core.baselines.LabelAnswers or None)
@@ -77,8 +78,6 @@ class LabelScoring:
     def indices(self, examples: list[Example], labels: list[str]) -> list[int]:
         """Each row's expected index in `labels`: its label, else its completion matched against the rendered
         labels; -1 when it is none of them (a probability-weighted answer can never be right there)."""
-        from specialist.train.classifier import render_label
-
         rendered = {render_label(label, self.label_template).strip(): i for i, label in enumerate(labels)}
         return [labels.index(ex.label) if ex.label in labels else rendered.get(ex.completion.strip(), -1)
                 for ex in examples]
@@ -99,10 +98,6 @@ class Arms:
     arms: list[Arm]
     base: Engine
     tuned: Engine | None
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
-    return RunFolder.open(Path(run_dir)).config(overrides)
 
 
 def sampling_of(evaluation) -> Sampling:
@@ -160,8 +155,6 @@ def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[st
 def evaluate_baselines(config: RunConfig, split) -> EvalReport:
     """The baselines that need no model (nearest, majority, linear) on `split`'s test rows, scored like `evaluate_run`
     scores its arms: what a fine-tune has to beat, known in seconds before any training."""
-    from specialist.train.classifier import render_label
-
     evaluation = config.evaluation
     test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
     near = config.data.retrieval.near_duplicate if config.data.retrieval else DEFAULT_NEAR_DUPLICATE
@@ -184,7 +177,7 @@ def label_scoring(run: RunFolder, config: RunConfig, train: list[Example]) -> La
     `label_scoring: likelihood` they must exist."""
     data, likelihood = config.data, config.evaluation.label_scoring == "likelihood"
     if run.is_classifier:
-        from specialist.train.classifier import read_labels
+        from specialist.classify import read_labels
 
         return LabelScoring(read_labels(run)[0], data.label_template, likelihood)
     if config.evaluation.label_calibration != "none" and not likelihood:
@@ -225,11 +218,6 @@ def check_evaluation_inputs(config: RunConfig) -> None:
         resolve_scorers([config.training.select_by], label_rule(evaluation), evaluation.json_schema)
 
 
-def label_rule(evaluation) -> LabelRule:
-    """How this evaluation reads a label from a text (label_accuracy)."""
-    return LabelRule(json_key=evaluation.label_json_key, pattern=evaluation.label_pattern)
-
-
 def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[Example],
                others: dict[str, Path]) -> Arms:
     """base and few_shot (the base weights: every adapter off), tuned, and any other arm; one base copy.
@@ -263,8 +251,6 @@ def baseline_arms(config: RunConfig, train: list[Example], base: Engine) -> list
     """The cheapest alternatives (evaluation.baselines), all from one retrieval index over the training rows:
     nearest, majority and linear need no model; retrieval is the base model shown each row's nearest rows (left
     out with skip_base, like the other base arms)."""
-    from specialist.train.classifier import render_label
-
     evaluation = config.evaluation
     if not evaluation.baselines or not train:
         return []
@@ -300,7 +286,7 @@ def other_arm(name: str, folder: Path, config: RunConfig, pool: ModelPool, templ
 
 def classifier_arm(name: str, run: RunFolder, config: RunConfig) -> Arm:
     """A classifier run as an arm: its head's most probable label (its own copy of the base model)."""
-    from specialist.train.classifier import load_classifier
+    from specialist.classify import load_classifier
 
     return Arm(name, None, classifier=load_classifier(run, config.model.dtype))
 
@@ -309,8 +295,6 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
            label: str) -> Answers:
     """An arm's answers: a classifier's head, the likelihood of each label (label_scoring: likelihood; a
     constrained arm keeps decoding, which is what it measures), or generation."""
-    from specialist.train.classifier import render_label
-
     started = time.perf_counter()
     prompts, batch_size = [ex.prompt for ex in examples], config.evaluation.batch_size
     if arm.baseline is not None:
@@ -346,7 +330,6 @@ def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelS
                              row_shots: Sequence[Sequence[tuple[str, str]]] | None = None):
     """[rows, labels] probabilities: softmax over the labels of each label completion's summed log-probability."""
     from specialist.evaluate.likelihood import label_logprobs, softmax
-    from specialist.train.classifier import render_label
 
     completions = [render_label(label, scoring.label_template) for label in scoring.labels or []]
     if row_shots is None and engine.retrieval is not None:  # a retrieval-trained model sees its neighbours
@@ -416,7 +399,7 @@ def figures_of(report: EvalReport):
     """Every figure a gate may name: `arm.metric` (with `arm.macro_f1`, `arm.refused_when_should[_not]`),
     `forgetting.*`, `overfitting.gap.metric`, `overfitting.memorisation_rate`; with intervals where known, and the
     paired differences of tuned against each arm."""
-    from specialist.evaluate.gates import Figure, Figures
+    from specialist.core.gates import Figure, Figures
 
     values: dict[str, Figure] = {}
     for name, arm in report.arms.items():

@@ -5,39 +5,36 @@ answer the commonest label for nearly every row (one class for 298 of 300 issues
 every class at once from the prompt's last token, and a class-weighted cross-entropy makes a rare class cost as
 much to miss as a common one.
 
-- The head: transformers' `*ForSequenceClassification` for the base model's architecture, built around the loaded
-  causal LM's own decoder (nothing is loaded twice); where transformers has none, `LastTokenClassifier`, a linear
-  layer on the last real token's hidden state. Either is trained as LoRA on the decoder plus the whole head (PEFT
-  task SEQ_CLS keeps the head in `modules_to_save`, so the adapter folder carries it).
-- Input: the run's PromptTemplate prompt (instruction and input), right-padded, so every real token keeps the
-  position it has unpadded and the head reads the last non-pad token; target: the label's index in `labels.json`.
+- The head: built around the loaded causal LM's own decoder by `classify.classifier_from_causal` (transformers'
+  `*ForSequenceClassification` for the architecture, else our `LastTokenClassifier`), trained as LoRA on the
+  decoder plus the whole head (PEFT task SEQ_CLS keeps the head in `modules_to_save`, so the adapter folder
+  carries it).
+- Input: the run's PromptTemplate prompt, encoded and right-padded as `classify` answers it; target: the label's
+  index in `labels.json`.
 - Loss: cross-entropy weighted per class. `balanced` gives class c the weight n / (k * n_c) (scikit-learn's
   'balanced'): the weights average 1 over the training rows, so the loss stays on the scale of the unweighted one.
   Each row's weighted loss is summed and divided by the rows of the whole optimizer step, so cutting a batch into
   micro-batches (or across devices) does not change it.
 - Saved: the adapter (with the head) in adapter/, and the label list with the head kind in labels.json.
-- Answering: `LabelClassifier` gives each prompt's class probabilities (softmax of the head); evaluation writes the
-  most probable label through data.label_template, so label accuracy, macro-F1 and the confusion matrix read it
-  as they read a generated answer.
+- Answering (evaluation, serving) is `specialist.classify`'s: no stage imports another.
 """
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import Trainer
 
 from specialist.config import MethodConfig, TrainingConfig
+from specialist.classify import LabelClassifier, classifier_from_causal, encode_input, right_pad, save_labels
 from specialist.data import Example, PromptTemplate
-from specialist.errors import ConfigError, DataError
+from specialist.errors import DataError
 from specialist.ranks import is_main_process
-from specialist.run_folder import RunFolder, read_json, write_json
+from specialist.run_folder import RunFolder
 from specialist.train.checkpoints import DurableCheckpoints
 from specialist.train.common import (
     TrainResult,
@@ -47,11 +44,6 @@ from specialist.train.common import (
     forward_evaluation_steps,
     run_trainer,
 )
-
-if TYPE_CHECKING:
-    import numpy as np
-
-HEADS = ("transformers", "last_token")
 
 
 # -- the classes ------------------------------------------------------------------------------------------------
@@ -84,95 +76,6 @@ def class_weights(labels: Sequence[str], examples: Sequence[Example], mode: str)
 
 
 # -- the model --------------------------------------------------------------------------------------------------
-class LastTokenClassifier(torch.nn.Module):
-    """A linear head on the hidden state of each row's last real token (by the attention mask), for architectures
-    transformers has no `*ForSequenceClassification` for. Forward answers like transformers' heads (`.logits`)."""
-
-    def __init__(self, backbone: torch.nn.Module, config, num_labels: int) -> None:
-        super().__init__()
-        self.model, self.config = backbone, config
-        hidden = config.get_text_config().hidden_size
-        self.score = torch.nn.Linear(hidden, num_labels, bias=False, dtype=next(backbone.parameters()).dtype)
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden = getattr(out, "last_hidden_state", None)
-        hidden = hidden if hidden is not None else out.hidden_states[-1]
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (positions * attention_mask.to(positions.dtype)).argmax(-1)  # the rightmost real token, either padding
-        return SequenceClassifierOutput(logits=self.score(hidden[torch.arange(hidden.shape[0]), last]))
-
-    def activation_checkpointing_enable(self, **kwargs) -> None:
-        enable = getattr(self.model, "activation_checkpointing_enable", None)
-        (enable or self.model.gradient_checkpointing_enable)(**kwargs)
-
-    gradient_checkpointing_enable = activation_checkpointing_enable
-
-    def enable_input_require_grads(self) -> None:
-        self.model.enable_input_require_grads()
-
-
-def sequence_classification_class(config) -> type | None:
-    """transformers' `*ForSequenceClassification` class for this architecture, or None where it has none."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
-
-    try:
-        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
-    except KeyError:
-        return None
-
-
-def classifier_from_causal(causal, num_labels: int, pad_token_id: int, head: str = "auto") -> tuple[Any, str]:
-    """(classifier, head kind) around `causal`'s decoder (shared, not copied) with a new `num_labels` head.
-
-    `head`: transformers (its class for the architecture), last_token (ours), or auto: transformers' where the
-    architecture has one whose decoder is the causal LM's, else ours.
-    """
-    config = copy.deepcopy(causal.config)
-    config.num_labels = num_labels
-    config.get_text_config().pad_token_id = config.pad_token_id = pad_token_id
-    backbone = causal.base_model
-    if head in ("auto", "transformers"):
-        model = _transformers_head(config, backbone, num_labels)
-        if model is not None:
-            return model, "transformers"
-        if head == "transformers":
-            raise ConfigError(f"transformers has no sequence-classification head for {type(causal).__name__} "
-                              "that fits its decoder", hint="let the classifier use its own last-token head")
-    model = LastTokenClassifier(backbone, config, num_labels)
-    _init_head(model.score, config)
-    return model, "last_token"
-
-
-def _transformers_head(config, backbone, num_labels: int):
-    """transformers' classifier built empty (on the meta device), its decoder replaced by `backbone`; None when the
-    architecture has no such class or its decoder is not the causal LM's."""
-    cls = sequence_classification_class(config)
-    if cls is None or backbone is None:
-        return None
-    with torch.device("meta"):
-        model = cls(config)
-    prefix = model.base_model_prefix
-    if type(getattr(model, prefix, None)) is not type(backbone):
-        return None
-    setattr(model, prefix, backbone)
-    model.score = torch.nn.Linear(config.get_text_config().hidden_size, num_labels, bias=False,
-                                  dtype=next(backbone.parameters()).dtype)
-    _init_head(model.score, config)
-    if any(p.is_meta for p in model.parameters()):
-        return None  # a part the causal LM does not have (a vision tower, say): ours reads the decoder alone
-    return model
-
-
-def _init_head(layer: torch.nn.Linear, config) -> None:
-    std = getattr(config.get_text_config(), "initializer_range", 0.02)
-    torch.nn.init.normal_(layer.weight, mean=0.0, std=std)
-
-
 def classifier_lora_config(method: MethodConfig):
     """LoRA on the decoder; PEFT's SEQ_CLS task trains and saves the whole head (`score`) beside it."""
     from peft import LoraConfig
@@ -202,23 +105,6 @@ def encode_rows(examples: Sequence[Example], template: PromptTemplate, tokenizer
                         hint="add them to data.labels, or remove data.labels to take the labels the rows have")
     return [{"input_ids": encode_input(template, tokenizer, ex.prompt, max_length), "labels": index[ex.label]}
             for ex in examples]
-
-
-def encode_input(template: PromptTemplate, tokenizer, text: str, max_length: int | None = None) -> list[int]:
-    """The prompt's ids; over max_length, the input is shortened where the run truncates, else its end is kept
-    (the prompt format's closing tokens, which the head reads from, sit there)."""
-    ids = template.encode_prompt(text, tokenizer, budget=max_length if template.truncates else None)
-    return ids[-max_length:] if max_length and len(ids) > max_length else ids
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, row in enumerate(rows):
-        input_ids[n, :len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[n, :len(row)] = 1
-    return input_ids, attention_mask
 
 
 class PadCollator:
@@ -312,145 +198,4 @@ def selection_answers(template: PromptTemplate, tokenizer, labels: list[str], va
     return SelectionRows.of(training.select_by, run, val, answer)
 
 
-def save_labels(run: RunFolder, labels: list[str], head: str, weights: list[float]) -> None:
-    write_json(run.labels_file, {"labels": labels, "head": head, "class_weights": weights})
-
-
-def read_labels(run: RunFolder) -> tuple[list[str], str]:
-    """(classes in head order, head kind) of a classifier run; ConfigError when labels.json is not usable."""
-    try:
-        saved = read_json(run.labels_file)
-        labels, head = saved["labels"], saved["head"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{run.labels_file} is not a classifier's label file ({type(exc).__name__}: {exc})",
-                          hint="train the run again") from exc
-    if (not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels)
-            or head not in HEADS):
-        raise ConfigError(f"{run.labels_file}: expected at least two string labels and a head in {HEADS}",
-                          hint="train the run again")
-    return labels, head
-
-
-# -- answering --------------------------------------------------------------------------------------------------
-def render_label(label: str, label_template: str) -> str:
-    return label_template.replace("{label}", label)
-
-
-class LabelClassifier:
-    """A trained classifier answering prompts: class probabilities per prompt, or the most probable label."""
-
-    def __init__(self, model, tokenizer, template: PromptTemplate, labels: list[str], max_length: int | None = None,
-                 context: Callable = nullcontext) -> None:
-        self.model, self.tokenizer, self.template, self.labels = model, tokenizer, template, labels
-        self.max_length, self.context = max_length, context
-
-    def probabilities(self, prompts: Sequence[str], batch_size: int = 16, label: str = "classifying") -> np.ndarray:
-        """[rows, classes] softmax of the head, rows in input order; batched by length, right-padded."""
-        return self.probabilities_of_ids([self.encode(p) for p in prompts], batch_size, label)
-
-    def encode(self, prompt: str) -> list[int]:
-        return encode_input(self.template, self.tokenizer, prompt, self.max_length)
-
-    def probabilities_of_ids(self, encoded: list[list[int]], batch_size: int = 16,
-                             label: str | None = "classifying") -> np.ndarray:
-        """[rows, classes] for prompts already encoded (`encode`); `label` names the progress line (None: none,
-        as a server answering request after request wants)."""
-        import numpy as np
-
-        from specialist.generation import GenerationProgress
-
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        found = np.zeros((len(encoded), len(self.labels)), dtype=np.float64)
-        progress = GenerationProgress(label, len(encoded), counted="read") if label else nullcontext()
-        with progress, self.context(), torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                found[batch] = self._batch([encoded[i] for i in batch])
-                if label:
-                    progress.advance(len(batch), 0)
-        return found
-
-    def _batch(self, rows: list[list[int]]):
-        input_ids, attention_mask = right_pad(rows, self.tokenizer.pad_token_id)
-        device = next(self.model.parameters()).device
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
-
-    def answers(self, prompts: Sequence[str], label_template: str, batch_size: int = 16) -> list[str]:
-        """The most probable label of each prompt, written through `label_template`."""
-        probabilities = self.probabilities(prompts, batch_size)
-        return [render_label(self.labels[i], label_template) for i in probabilities.argmax(axis=1)]
-
-
-class ClassifierEngine:
-    """A classifier behind the generation engine's interface, for `serve`: each request is answered at once with
-    its most probable label written through data.label_template (finish reason "stop"), and every class's
-    probability in `Generation.probabilities`. Sampling settings and token limits do not apply: the answer is the
-    head's argmax, the same for every caller, as in evaluation. A streaming caller gets the whole label as one
-    piece."""
-
-    def __init__(self, classifier: LabelClassifier, label_template: str) -> None:
-        from specialist.generation import model_lock
-
-        self.classifier, self.label_template = classifier, label_template
-        self.model, self.tokenizer, self.template = classifier.model, classifier.tokenizer, classifier.template
-        self.context, self.constraint = nullcontext, None
-        self.stop_ids: set[int] = set()
-        self.stop_strings: tuple[str, ...] = ()
-        self.lock = model_lock(self.model)
-        self.busy = False
-
-    def encode(self, text: str, shots: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None) -> list[int]:
-        return self.classifier.encode(text)
-
-    def run(self, requests: list, sampling=None) -> list:
-        """Every request's label and probabilities, as one batch."""
-        with self.lock:
-            self.busy = True
-            try:
-                found = self.classifier.probabilities_of_ids([r.prompt_ids for r in requests], max(1, len(requests)),
-                                                             label=None)
-            finally:
-                self.busy = False
-        return [self._generation(request, row) for request, row in zip(requests, found)]
-
-    def _generation(self, request, row):
-        from specialist.generation import Generation
-
-        text = render_label(self.classifier.labels[int(row.argmax())], self.label_template)
-        if request.on_text is not None:
-            request.on_text(text)
-        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return Generation(text, len(request.prompt_ids), tokens, "stop",
-                          probabilities={label: float(p) for label, p in zip(self.classifier.labels, row)})
-
-    def answer(self, text: str, max_new_tokens: int = 0, sampling=None):
-        from specialist.generation import Request
-
-        return self.run([Request(self.encode(text), max_new_tokens)])[0]
-
-
-def load_classifier(run: RunFolder, dtype: str = "auto") -> LabelClassifier:
-    """A classifier run's model: its own copy of the base (LoRA is woven into the decoder, so it cannot share the
-    copy the base arms answer with), the head and adapter from adapter/, the classes from labels.json."""
-    from peft import PeftModel
-
-    from specialist.models import load_model_and_tokenizer
-
-    config = run.config()
-    labels, head = read_labels(run)
-    if not run.has_adapter:
-        raise ConfigError(f"{run.path} holds no trained classifier (no {run.adapter.name}/)", hint="train it first")
-    causal, tokenizer = load_model_and_tokenizer(config.model.name, dtype)
-    model, _ = classifier_from_causal(causal, len(labels), tokenizer.pad_token_id, head)
-    model = PeftModel.from_pretrained(model, run.adapter).eval()
-    return LabelClassifier(model, tokenizer, run.template(), labels, max_length=config.training.max_length)
-
-
-def classifier_engine(run: RunFolder, dtype: str = "auto") -> ClassifierEngine:
-    """A classifier run ready to serve: its labels written through the run's data.label_template."""
-    return ClassifierEngine(load_classifier(run, dtype), run.config().data.label_template)
-
-
-__all__ = ["ClassifierEngine", "LabelClassifier", "class_labels", "class_weights", "classifier_engine",
-           "classifier_from_causal", "load_classifier", "read_labels", "render_label", "train_classifier"]
+__all__ = ["class_labels", "class_weights", "train_classifier"]

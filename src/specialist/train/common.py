@@ -221,9 +221,10 @@ class SelectionRows:
 
 def selection_score(name: str, evaluation) -> Callable[[list[str], list[str], list[str]], float]:
     """The select_by figure over a set of rows: a scorer's mean, or macro_f1 (labels read as label_accuracy does)."""
-    from specialist.evaluate.scorers import LabelRule, label_report, resolve_scorers, score_rows
+    from specialist.core.labels import label_rule
+    from specialist.core.scorers import label_report, resolve_scorers, score_rows
 
-    rule = LabelRule(json_key=evaluation.label_json_key, pattern=evaluation.label_pattern)
+    rule = label_rule(evaluation)
     if name == "macro_f1":
         return lambda outputs, expected, prompts: float(label_report(outputs, expected, rule)["macro_f1"])
     scorer = resolve_scorers([name], rule, evaluation.json_schema)

@@ -4,7 +4,7 @@ Each step samples `num_generations` answers to each of a few training prompts, s
 rewards, and moves the model towards the answers that beat their own group's mean (no value model: the group is
 the baseline). The rewards are the evaluation's scorers, called as the evaluation calls them (`score_rows`: the
 answer, the row's expected completion, and the row's input for scorers that read it), so a code scorer runs each
-answer's tests in the same sandbox (`evaluate.code_tests`); plus, by default, a format reward (1 for an answer in
+answer's tests in the same sandbox (`core.code_tests`); plus, by default, a format reward (1 for an answer in
 the run's output language, `Constraint.check`).
 
 Prompts are the run's PromptTemplate, encoded as the generation engine encodes them (the same ids evaluation and
@@ -106,7 +106,7 @@ class ScorerReward:
         self.scorer, self.stops = scorer, stops
 
     def __call__(self, completions: list[str], row_input: list[str], expected: list[str], **_: Any) -> list[float]:
-        from specialist.evaluate.scorers import score_rows
+        from specialist.core.scorers import score_rows
 
         texts = [answer_text(c, self.stops) for c in completions]
         try:
@@ -149,7 +149,7 @@ def format_check(config: RunConfig, train: list[Example]) -> Callable[[str], boo
     the label set or the regex the config gives; without any of them, JSON only where every training answer is.
     """
     from specialist.artifacts import constraint_of
-    from specialist.evaluate.scorers import score_json_valid
+    from specialist.core.scorers import score_json_valid
 
     evaluation, data = config.evaluation, config.data
     named = evaluation.constraint != "auto" or evaluation.json_schema or data.labels or evaluation.constraint_regex
@@ -162,8 +162,8 @@ def reward_functions(method: MethodConfig, config: RunConfig, train: list[Exampl
                      template: PromptTemplate) -> tuple[list[Callable], list[float]]:
     """The reward functions of `method` and their weights, with the evaluation's scorer settings and the run's
     format from `config`; ConfigError when there is nothing to reward."""
-    from specialist.evaluate.runner import label_rule
-    from specialist.evaluate.scorers import resolve_scorers
+    from specialist.core.labels import label_rule
+    from specialist.core.scorers import resolve_scorers
 
     evaluation = config.evaluation
     check = format_check(config, train) if method.format_reward else None
@@ -186,7 +186,7 @@ def reward_functions(method: MethodConfig, config: RunConfig, train: list[Exampl
 
 def check_rewards(method: MethodConfig) -> None:
     """Before anything loads: custom reward scorers import, and pytest is there for the code scorers."""
-    from specialist.evaluate.scorers import resolve_scorers
+    from specialist.core.scorers import resolve_scorers
 
     # json_schema needs the schema file, which the run config's own check covers
     resolve_scorers([reward.scorer for reward in method.rewards or [] if reward.scorer != "json_schema"])

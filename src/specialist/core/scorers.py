@@ -203,7 +203,7 @@ def resolve_scorers(names: list[str], label_rule: LabelRule | None = None,
         elif name == "label_accuracy":
             resolved[name] = make_label_accuracy(label_rule or LabelRule())
         elif name in CODE_SCORERS:
-            from specialist.evaluate import code_tests
+            from specialist.core import code_tests
 
             code_tests.require_pytest()
             resolved[name] = getattr(code_tests, f"score_{name}")

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,32 @@ class Interval:
     def as_dict(self) -> dict[str, float | int | str | None]:
         return {"mean": self.mean, "low": self.low, "high": self.high, "method": self.method, "n": self.n,
                 "confidence": self.confidence}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], mean: float | None = None) -> Interval:
+        """From `as_dict()`'s form (eval.json), with `mean` in place of the stored one where given; a bound, count
+        or confidence that is not a number reads as none (a file edited by hand is read, not trusted)."""
+        def number(key: str, default: float | None = None) -> float | None:
+            value = data.get(key)
+            return float(value) if isinstance(value, (int, float)) else default
+
+        n = data.get("n")
+        return cls(float(data["mean"] if mean is None else mean), number("low"), number("high"),
+                   str(data.get("method", "none")), n if isinstance(n, int) else 0, number("confidence", CONFIDENCE))
+
+    def format(self, spec: str = ".3f", scale: float = 1.0, unit: str = "", bound_unit: str = "") -> str:
+        """"value [low, high]" as every table and report prints an interval (just "value" where it has none): each
+        number times `scale` in format `spec`, `unit` after the value, `bound_unit` after each bound. E.g.
+        `.format(".1f", 100, "%")` -> "80.0% [49.0, 94.3]"; `.format("+.1f", 100, " pts")` -> "+5.0 pts [-1.2,
+        +11.0]"."""
+        value = f"{self.mean * scale:{spec}}{unit}"
+        return f"{value} {self.format_bounds(spec, scale, bound_unit)}" if self.bounded else value
+
+    def format_bounds(self, spec: str = ".3f", scale: float = 1.0, unit: str = "") -> str:
+        """"[low, high]" as `format` writes it, or "none" where there is no interval."""
+        if not self.bounded:
+            return "none"
+        return f"[{self.low * scale:{spec}}{unit}, {self.high * scale:{spec}}{unit}]"
 
     def negated(self) -> Interval:
         """The interval of -x: the same evidence read the other way round (a drop instead of a gain)."""

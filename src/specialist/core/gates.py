@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from specialist.core.stats import Interval
 from specialist.errors import ConfigError
-from specialist.evaluate.stats import Interval
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 CONFIDENCE_MODES = ("point", "interval")
@@ -102,7 +102,7 @@ class GateResult:
         clears 0.95)`."""
         parts = [f"value {self.value:.3f}"]
         if self.confidence is not None:
-            parts.append(f"{_percent(self.confidence)} interval {_bracket(self.low, self.high)}")
+            parts.append(f"{_percent(self.confidence)} interval {Interval(self.value, self.low, self.high).format_bounds()}")
         return f"{'pass' if self.passed else 'FAIL'}  {self.gate}  ({', '.join(parts)}: {self.reason})"
 
     def as_dict(self) -> dict[str, object]:
@@ -267,9 +267,3 @@ def _maybe_float(value: Any) -> float | None:
 
 def _percent(confidence: float) -> str:
     return f"{100 * confidence:g}%"
-
-
-def _bracket(low: float | None, high: float | None) -> str:
-    if low is None or high is None:
-        return "none"
-    return f"[{low:.3f}, {high:.3f}]"
