@@ -124,6 +124,26 @@ def test_budget_chooses_the_steps_that_fit(monkeypatch, text, planned, expected)
     assert (control.should_training_stop, control.should_evaluate, control.should_save) == (stopped,) * 3
 
 
+@pytest.mark.parametrize(("min_steps", "expected"), [(10, 10), (30, 24), (2, 3)])
+def test_min_steps_is_a_floor_the_budget_never_cuts_below(monkeypatch, min_steps, expected):
+    """12 s are spent in the measurement (3 steps): without a floor the third step is the last."""
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    callback = budget.TimeBudgetCallback(TrainingConfig(time_budget="12s", min_steps=min_steps))
+    state = TrainerState(max_steps=24)
+    drive(callback, clock, state, [10.0, 3.0, 3.0], 3)
+    assert callback.choice["chosen_steps"] == state.max_steps == expected  # never past the plan (24) either
+
+
+def test_a_budget_cut_is_said_in_steps_and_epochs_and_silence_when_nothing_was_cut():
+    choice = {"budget": "6m", "planned_steps": 64, "chosen_steps": 18}
+    assert budget.budget_cut(choice, 1.0) == ("trained 18 of 64 planned steps (0.28 epoch): time_budget 6m cut the "
+                                              "rest; set training.min_steps for a floor, or a longer time_budget")
+    assert budget.budget_cut({**choice, "chosen_steps": 64}, 1.0) is None
+    assert budget.budget_cut(None, 1.0) is None
+    assert "(" not in budget.budget_cut(choice, None)
+
+
 def drive_with_evaluations(callback, clock, evaluation_seconds: float, on_step=None) -> float:
     """Steps of 10 s then 3 s, an evaluation every 4 steps costing `evaluation_seconds`, until the plan's end;
     returns the seconds spent by the loop."""
@@ -265,6 +285,7 @@ def test_time_budget_lowers_the_steps_and_moves_schedule_evaluations_and_checkpo
     choice = {"budget": "60s", "budget_seconds": 60.0, "seconds_per_step": 3.0, "measured_steps": "2-3",
               "planned_steps": 24, "chosen_steps": 17, "final_evaluation_seconds": 1.0}
     assert train["steps"] == 17 and train["epochs"] == 3 and train["time_budget"] == choice
+    assert train["cut_by_budget"].startswith("trained 17 of 24 planned steps (2.12 epoch): time_budget 60s")
     err = capsys.readouterr().err
     assert ("time budget 60s: 3 s/step measured over steps 2-3 -> 17 steps (planned 24), 1 s kept for the final "
             "evaluation") in err

@@ -119,7 +119,13 @@ def _parse_arm(text: str) -> tuple[str, Path]:
 
 
 def _finish_evaluation(result, junit: Path | None = None, overfitting_note: str | None = None) -> None:
-    """Print the scores and gates, write the JUnit file, exit 1 when a gate fails."""
+    """Print the scores and gates, write the JUnit file, exit 1 when a gate fails. A time budget that cut the
+    training short is said first: the scores below are those of the shorter run."""
+    from specialist.run_folder import RunFolder
+
+    cut = RunFolder(result.run_dir).metrics_so_far().get("train", {}).get("cut_by_budget")
+    if cut:
+        console.print(f"[yellow]warning:[/] {cut}", soft_wrap=True)
     if result.kind == "domain_adaptation":
         print_domain(result)
     else:
@@ -134,8 +140,6 @@ def _finish_evaluation(result, junit: Path | None = None, overfitting_note: str 
 
         write_junit(junit, "specialist.gates", gate_cases(result.gates))
         console.print(f"JUnit: [bold]{junit}[/]", soft_wrap=True)
-    from specialist.run_folder import RunFolder
-
     console.print(f"run folder: [bold]{result.run_dir}[/]", soft_wrap=True)
     console.print(f"report:     [bold]{RunFolder(result.run_dir).report_html.resolve()}[/]", soft_wrap=True)
     if not result.passed:

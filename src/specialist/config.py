@@ -362,6 +362,10 @@ class TrainingConfig(_Section):
         "are set from the rate measured over the first steps (never more than epochs/max_steps ask for); "
         "evaluations and checkpoints move with them, and time is kept for the last step's evaluation. None: off.",
     )
+    min_steps: int | None = Field(
+        default=None, ge=1, description="The fewest optimizer steps time_budget may cut the plan to (a budget that "
+        "cannot fit them runs over instead of training too little to mean anything); None: no floor.",
+    )
     max_steps: int = Field(default=-1, description="Stop after this many optimizer steps; -1 means run all epochs.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1)
     batch_size: int = Field(default=8, gt=0)

@@ -271,6 +271,7 @@ def render_markdown(context: dict[str, Any]) -> str:
              f"decoding {context['decoding']}, at most {context['max_new_tokens']} new tokens.", "",
              "Each cell: mean and 95% interval (Wilson for shares of rows, bootstrap for other means); last column: "
              "tuned minus base on the same rows, with its paired interval and test.", "",
+             *_budget_md(context),
              *_versus_best_md(context),
              "| metric | " + " | ".join(arms) + " | tuned vs base |", "|---|" + "---|" * (len(arms) + 1)]
     for row in context["score_rows"]:
@@ -279,6 +280,11 @@ def render_markdown(context: dict[str, Any]) -> str:
     for section in (_costs_md, _labels_md, _calibration_md, _refusals_md, _forgetting_md, _overfitting_md, _gates_md):
         lines += section(context)
     return "\n".join(lines) + "\n"
+
+
+def _budget_md(context: dict[str, Any]) -> list[str]:
+    cut = (context.get("train") or {}).get("cut_by_budget")
+    return [f"**Time budget:** {cut}. Every score below is that of the shortened run.", ""] if cut else []
 
 
 def _versus_best_md(context: dict[str, Any]) -> list[str]:

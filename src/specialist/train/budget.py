@@ -93,7 +93,7 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
         per_step = (clock - self._warm_at) / MEASURED_STEPS
         reserve = self._final_evaluation_seconds(args, per_step)
         fits = self._steps_that_fit(clock, per_step, reserve)
-        chosen = same_on_every_rank(min(state.max_steps, state.global_step + fits))
+        chosen = self._floored(same_on_every_rank(min(state.max_steps, state.global_step + fits)), state.max_steps)
         first = state.global_step - MEASURED_STEPS + 1
         self.choice = {"budget": self.budget, "budget_seconds": self.seconds, "seconds_per_step": round(per_step, 4),
                        "measured_steps": f"{first}-{state.global_step}", "planned_steps": state.max_steps,
@@ -136,7 +136,7 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
         per_step = (clock - self._warm_at) / max(1, state.global_step - self._first_step - WARMUP_STEPS)
         reserve = self._final_evaluation_seconds(args, per_step)
         fits = self._steps_that_fit(clock, per_step, reserve)
-        revised = same_on_every_rank(min(state.max_steps, state.global_step + fits))
+        revised = self._floored(same_on_every_rank(min(state.max_steps, state.global_step + fits)), state.max_steps)
         if revised >= state.max_steps - 1:  # within a step of the plan: not worth moving the schedule
             return
         self.choice = {**self.choice, "chosen_steps": revised, "revised_at_step": state.global_step,
@@ -149,6 +149,10 @@ class TimeBudgetCallback(ExportableState, TrainerCallback):
             control.should_evaluate = args.eval_strategy == "steps"
             control.should_save = True
         self._announce(state)
+
+    def _floored(self, chosen: int, planned: int) -> int:
+        """training.min_steps: the budget never cuts below it (nor past the plan)."""
+        return max(chosen, min(self.training.min_steps or 0, planned))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.choice is None:  # too few steps to measure: the plan stood
@@ -182,6 +186,17 @@ def describe_choice(choice: dict[str, Any]) -> str:
                 f"the rate could be measured (planned {choice['planned_steps']})")
     return (f"time budget {choice['budget']}: {choice['seconds_per_step']:.3g} s/step measured over steps "
             f"{choice['measured_steps']} -> {choice['chosen_steps']} steps (planned {choice['planned_steps']}){kept}")
+
+
+def budget_cut(choice: dict[str, Any] | None, epochs: float | None) -> str | None:
+    """What the budget cut, said where the result is shown, e.g. 'trained 18 of 64 planned steps (0.28 epoch):
+    time_budget 6m'; None when it cut nothing."""
+    if not choice or not choice.get("planned_steps") or choice["chosen_steps"] >= choice["planned_steps"]:
+        return None
+    share = choice["chosen_steps"] / choice["planned_steps"]
+    epoch = f" ({share * epochs:.2f} epoch)" if epochs else ""
+    return (f"trained {choice['chosen_steps']} of {choice['planned_steps']} planned steps{epoch}: time_budget "
+            f"{choice['budget']} cut the rest; set training.min_steps for a floor, or a longer time_budget")
 
 
 def rebuild_schedule(lr_scheduler, total_steps: int, warmup: int) -> None:

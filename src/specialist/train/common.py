@@ -57,7 +57,10 @@ class TrainResult:
             "output": str(self.output_dir),
         }
         if self.time_budget is not None:
+            from specialist.train.budget import budget_cut
+
             summary["time_budget"] = self.time_budget
+            summary["cut_by_budget"] = budget_cut(self.time_budget, self.epochs)
         rewards = [e["reward"] for e in self.log_history if isinstance(e.get("reward"), (int, float))]
         val_rewards = [e["eval_reward"] for e in self.log_history if isinstance(e.get("eval_reward"), (int, float))]
         if rewards:  # reward fine-tuning (grpo): the mean reward of the first and the last logged steps
