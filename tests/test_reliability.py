@@ -148,6 +148,20 @@ def test_the_request_log_and_its_wal_are_private(tmp_path):
         os.umask(old)
 
 
+# ---- row 5 (start-up): keys no client can send ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", "clé-secrète", "key with space", " padded", "tab\tkey", "new\nline"])
+def test_an_api_key_no_client_can_send_is_refused_at_start_up(tmp_path, key):
+    from specialist.deploy.serve import ServeSettings
+    from specialist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--api-key"):
+        ServeSettings(split={"a": 1.0}, db=tmp_path / "log.sqlite", api_key=key)
+    ServeSettings(split={"a": 1.0}, db=tmp_path / "log.sqlite", api_key="sk-Ok_0123456789.~+/=")
+    ServeSettings(split={"a": 1.0}, db=tmp_path / "log.sqlite", api_key=None)
+
+
 # ---- row 11 (files): a full disk or a read-only folder --------------------------------------------------------
 
 
