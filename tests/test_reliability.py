@@ -97,6 +97,33 @@ def test_a_scorer_that_raises_fails_its_row_and_says_so(capsys):
     assert "scorer fragile failed on 2 of 4 rows" in capsys.readouterr().err
 
 
+# ---- row 4: scrub patterns in linear time ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("attack", ["a." * 500_000, "-----BEGIN PRIVATE KEY-----\n" * 37_000,
+                                    "x@" + "a." * 500_000, "-----BEGIN " + "A " * 500_000, "1.2.3." * 170_000])
+def test_scrub_of_a_1_mb_adversarial_row_is_linear(attack):
+    from specialist.data.clean import SCRUB_KINDS, Scrubber
+
+    started = time.perf_counter()
+    Scrubber(list(SCRUB_KINDS))(attack)
+    assert time.perf_counter() - started < 10  # about 0.2 s here; the quadratic patterns took about an hour
+
+
+def test_scrub_still_finds_what_it_found():
+    from specialist.data.clean import Scrubber
+
+    scrub = Scrubber(["email", "private_key"])
+    text = ("to ..bob@example.com, -x@y.org and me+tag@mail.example.co.uk; "
+            "-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY----- -----BEGIN EC PRIVATE KEY-----\nBBB\n"
+            "-----END EC PRIVATE KEY----- tail -----BEGIN PRIVATE KEY----- never ended")
+    assert scrub(text) == ("to ..<EMAIL>, -<EMAIL> and <EMAIL>; <PRIVATE_KEY> <PRIVATE_KEY> tail "
+                           "-----BEGIN PRIVATE KEY----- never ended")
+    assert scrub.counts == {"email": 3, "private_key": 2}
+    assert Scrubber(["email"], placeholder=r"\1[{kind}]")("a@b.io") == r"\1[EMAIL]"  # the placeholder is literal
+
+
 # ---- row 11 (names): run names that are no folder name -------------------------------------------------------
 
 
