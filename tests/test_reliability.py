@@ -124,6 +124,53 @@ def test_scrub_still_finds_what_it_found():
     assert Scrubber(["email"], placeholder=r"\1[{kind}]")("a@b.io") == r"\1[EMAIL]"  # the placeholder is literal
 
 
+# ---- row 6: alias bombs and huge values in configs ------------------------------------------------------------
+
+
+ALIAS_BOMB = """
+data: {path: d.jsonl}
+bomb:
+  a: &a [x, x, x, x, x, x, x, x, x, x]
+  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+  c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+  d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+  e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+  f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+  g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+  h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+  i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+training: {epochs: *i}
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_yaml_alias_bomb_is_refused_by_line(tmp_path):
+    from specialist.config import load_config
+    from specialist.errors import ConfigError
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(ConfigError, match="alias \\*a: run configs may not use YAML aliases") as caught:
+        load_config(path)
+    assert "line 5" in str(caught.value) and len(str(caught.value)) < 2000
+    flow = "[&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]]"
+    (tmp_path / "ok.yaml").write_text("data: {path: d.jsonl}\n")
+    with pytest.raises(ConfigError, match="may not use YAML aliases"):
+        load_config(tmp_path / "ok.yaml", [f"training.epochs={flow}"])
+
+
+@pytest.mark.timeout(60)
+def test_a_config_error_never_prints_a_huge_value(tmp_path):
+    from specialist.config import load_config
+    from specialist.errors import ConfigError
+
+    (tmp_path / "ok.yaml").write_text("data: {path: d.jsonl}\n")
+    for value in ["9" * 5000, "[" + ",".join(["[1, 2, 3, 4]"] * 3000) + "]", "x" * 100_000]:
+        with pytest.raises(ConfigError, match="training.epochs") as caught:
+            load_config(tmp_path / "ok.yaml", [f"training.epochs={value}"])
+        assert len(str(caught.value)) < 1000
+
+
 # ---- row 11 (names): run names that are no folder name -------------------------------------------------------
 
 
