@@ -2,6 +2,7 @@
 tiny model trained for two steps (the session's `tiny_run_dir`)."""
 
 import json
+import os
 import pickle
 
 import pytest
@@ -290,3 +291,46 @@ def test_drift_cli_passes_on_training_like_traffic_and_fails_with_exit_1_on_shif
                                                    "novel_input_share", "format_pass_rate_trend"))
 
 
+
+
+def test_a_second_export_to_one_destination_is_refused_while_the_first_runs(run_dir, tmp_path, monkeypatch):
+    import threading
+
+    import specialist.deploy.export as export_module
+
+    out, writing, finish = tmp_path / "m", threading.Event(), threading.Event()
+    card = export_module.write_model_card
+
+    def slow_card(*args, **kwargs):  # the first export pauses after its replay check, before it publishes
+        writing.set()
+        finish.wait(60)
+        return card(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "write_model_card", slow_card)
+    results = []
+    first = threading.Thread(target=lambda: results.append(export_run(run_dir, "merged", out, golden=1,
+                                                                      max_new_tokens=4)))
+    first.start()
+    try:
+        assert writing.wait(120)
+        monkeypatch.setattr(export_module, "write_model_card", card)
+        with pytest.raises(ConfigError, match="another export is writing"):
+            export_run(run_dir, "adapter", out, golden=1, max_new_tokens=4)
+    finally:
+        finish.set()
+        first.join(120)
+    assert results and results[0].folder == out and ExportFolder(out).meta()["format"] == "merged"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no lock, staging or replaced folder left
+    again = export_run(run_dir, "adapter", out, golden=1, max_new_tokens=4)  # the lock was released
+    assert ExportFolder(again.folder).meta()["format"] == "adapter"
+
+
+def test_each_export_stages_in_a_folder_of_its_own(tmp_path):
+    from specialist.deploy.export import staging_folder
+
+    out = tmp_path / "m"
+    first = staging_folder(out)
+    assert first.is_dir() and str(os.getpid()) in first.name and first.parent == tmp_path
+    (tmp_path / ".m.partial").mkdir()  # what an export killed before this change left
+    second = staging_folder(out)  # the lock holder clears what killed exports left
+    assert second != first and not first.exists() and not (tmp_path / ".m.partial").exists()

@@ -305,3 +305,27 @@ def test_the_push_command_prints_the_error_without_a_traceback(run_copy, hub):
     result = CliRunner().invoke(app, ["push", str(run_copy.path), "--repo", "acme/x", "--token", "t", "--private"])
     assert result.exit_code == 0 and "https://huggingface.co/acme/x" in result.output
     assert hub.calls[0][2]["private"] is True
+
+
+def test_push_refuses_a_symlink_out_of_the_export_by_name_and_sends_nothing(run_copy, tmp_path, hub):
+    export = fake_export(run_copy, run_copy.export_dir("merged"))
+    (export.path / "model.safetensors").write_bytes(b"weights")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (export.path / "notes.txt").symlink_to(secret)
+    with pytest.raises(ConfigError, match=r"notes.txt -> .*secret.txt"):
+        push_export(run_copy.path, "acme/x", token="t")
+    assert hub.calls == []
+
+
+def test_a_readme_symlink_is_replaced_by_the_card_never_written_through(run_copy, tmp_path, hub):
+    export = fake_export(run_copy, run_copy.export_dir("merged"))
+    outside = tmp_path / "outside.md"
+    outside.write_text("the user's own file")
+    export.model_card.symlink_to(outside)
+    with pytest.raises(ConfigError, match="README.md -> "):  # push: refused before the card is refreshed
+        push_export(run_copy.path, "acme/x", token="t")
+    assert outside.read_text() == "the user's own file" and hub.calls == []
+    write_model_card(export, run_copy)  # what export does: the link is replaced, its target untouched
+    assert outside.read_text() == "the user's own file"
+    assert not export.model_card.is_symlink() and export.model_card.read_text().startswith("---\n")

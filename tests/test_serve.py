@@ -405,3 +405,131 @@ def test_load_32_concurrent_clients_zero_errors_every_request_recorded(arms, tmp
     assert sqlite3.connect(tmp_path / "log.sqlite").execute("SELECT COUNT(*) FROM requests").fetchone()[0] == n
     workers = app.state.workers.values()
     assert sum(w.batched_requests for w in workers) == n and sum(w.batches for w in workers) < n
+
+
+# ---- reliability, round two (issue 30): hostile answers and templates cost the other clients nothing ----------
+
+
+def _answer_marked(engine, monkeypatch, marker: str, text: str) -> None:
+    """The engine answers `text` to every prompt holding `marker` (as a model could), and generates the rest."""
+    from specialist.generation import Generation
+
+    original = engine.run
+
+    def run(requests, sampling):
+        results = []
+        for request in requests:
+            if marker in engine.tokenizer.decode(request.prompt_ids):
+                if request.on_text:
+                    request.on_text(text)
+                results.append(Generation(text, len(request.prompt_ids), 300, "length"))
+            else:
+                results += original([request], sampling)
+        return results
+
+    monkeypatch.setattr(engine, "run", run)
+
+
+def _ordinary_client_while(server, attack, rounds: int = 6) -> tuple[httpx.Response, list[float], float]:
+    """Run `attack()` (it sends the hostile request) in a thread while a second client sends ordinary requests
+    to the other arm and polls /health. Returns the attack's response, the ordinary latencies during the attack,
+    and the ordinary latency before it (the worst of three, alone)."""
+    good = {**GOOD, "model": "base"}
+
+    def timed() -> float:
+        started = time.perf_counter()
+        assert post(f"{server.url}/v1/chat/completions", good, timeout=20).status_code == 200
+        return time.perf_counter() - started
+
+    usual = max(timed() for _ in range(3))
+    with ThreadPoolExecutor(1) as pool:
+        hostile = pool.submit(attack)
+        time.sleep(0.2)  # the hostile request is in
+        during = []
+        for _ in range(rounds):
+            during.append(timed())
+            assert httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200
+        return hostile.result(timeout=60), during, usual
+
+
+@pytest.mark.timeout(120)
+def test_a_backtracking_format_check_is_a_recorded_failure_and_freezes_nobody(arms, tmp_path, monkeypatch):
+    from specialist.evaluate.scorers import make_json_schema
+
+    schema = tmp_path / "schema.json"
+    # backtracks in every engine (Python re: exponential; the bounded check: stopped at its deadline)
+    schema.write_text(json.dumps({"properties": {"code": {"type": "string", "pattern": "^(a|aa)+$"}}}))
+    scorer = make_json_schema(schema)
+    monkeypatch.setattr(arms["tuned"], "format_check", lambda output: scorer(output, "") >= 1.0)
+    _answer_marked(arms["tuned"].engine, monkeypatch, "HOSTILE", json.dumps({"code": "a" * 60 + "!"}))
+    app = create_app(arms, settings(tmp_path))
+    with BackgroundServer(app) as server:
+        hostile = chat(messages=[{"role": "user", "content": "HOSTILE"}])
+        reply, during, usual = _ordinary_client_while(
+            server, lambda: post(f"{server.url}/v1/chat/completions", hostile, timeout=60))
+        assert reply.status_code == 200
+        assert max(during) < usual + 1.0, (during, usual)
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'specialist_format_check_failures_total{kind="timed_out"} 1' in metrics
+    logged = sqlite3.connect(tmp_path / "log.sqlite").execute(
+        "SELECT format_ok FROM requests WHERE prompt LIKE '%HOSTILE%'").fetchall()
+    assert logged == [(0,)]  # recorded, as a failed format check
+
+
+@pytest.mark.parametrize("answer", ["[[[[" * 300, "9" * 5000])
+def test_an_answer_no_json_parser_survives_is_logged_and_its_stream_ends_with_done(arms, tmp_path, monkeypatch,
+                                                                                    answer):
+    from specialist.evaluate.scorers import score_json_valid
+
+    # the run's format check, as format_check_of_run builds it for a run scored with json_valid
+    monkeypatch.setattr(arms["tuned"], "format_check", lambda output: score_json_valid(output, "") >= 1.0)
+    _answer_marked(arms["tuned"].engine, monkeypatch, "DEGENERATE", answer)
+    app = create_app(arms, settings(tmp_path))
+    body = chat(messages=[{"role": "user", "content": "DEGENERATE"}])
+    with BackgroundServer(app) as server:
+        assert post(f"{server.url}/v1/chat/completions", body).status_code == 200
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=30) as reply:
+            events = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    logged = sqlite3.connect(tmp_path / "log.sqlite").execute(
+        "SELECT format_ok FROM requests WHERE prompt LIKE '%DEGENERATE%'").fetchall()
+    assert logged == [(0,), (0,)]
+
+
+NESTED_LOOPS = ("{% for m in messages %}{% if 'TRIGGER' in m['content'] %}{% for i in range(99999) %}"
+                "{% for j in range(99999) %}{% endfor %}{% endfor %}{% endif %}{{ m['content'] }}{% endfor %}")
+
+
+@pytest.mark.timeout(120)
+def test_a_chat_template_that_loops_on_a_trigger_word_answers_400_and_freezes_nobody(arms, tmp_path, monkeypatch):
+    import dataclasses
+
+    engine = arms["tuned"].engine
+    monkeypatch.setattr(engine, "template", dataclasses.replace(engine.template, kind="chat",
+                                                                chat_template=NESTED_LOOPS))
+    app = create_app(arms, settings(tmp_path))
+    with BackgroundServer(app) as server:
+        hostile = chat(messages=[{"role": "user", "content": "TRIGGER"}])
+        reply, during, usual = _ordinary_client_while(
+            server, lambda: post(f"{server.url}/v1/chat/completions", hostile, timeout=60))
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "prompt_render_timeout"
+        assert max(during) < usual + 1.0, (during, usual)
+        assert post(f"{server.url}/v1/chat/completions", chat()).status_code == 200  # the arm still answers
+
+
+@pytest.mark.timeout(60)
+def test_a_chat_template_that_fails_on_a_probe_is_refused_at_load(arms):
+    import dataclasses
+
+    from specialist.deploy.arms import probe_template
+    from specialist.errors import ConfigError
+    from specialist.generation import Engine
+
+    base = arms["base"].engine
+    for template, why in [("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                           "took over"), ("{{ raise_exception('no system role') }}", "no system role")]:
+        engine = Engine(base.model, base.tokenizer, dataclasses.replace(base.template, kind="chat",
+                                                                        chat_template=template))
+        with pytest.raises(ConfigError, match=f"arm 'x' \\(somewhere\\): its prompt template fails.*{why}"):
+            probe_template("x", "somewhere", engine)

@@ -451,6 +451,10 @@ class _user_errors:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, OSError):  # a full disk or a read-only folder: the path and free space, no traceback
+            from specialist.errors import storage_error
+
+            exc = storage_error(exc) or exc
         if isinstance(exc, SpecialistError):
             console.print(f"[red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code)

@@ -549,7 +549,25 @@ class OutputConfig(_Section):
     def _run_name_is_a_plain_name(cls, value: str | None) -> str | None:
         if value is not None and (not value or "/" in value or value in {".", ".."}):
             raise ValueError("run_name must be a plain folder name without '/'")
+        if value is not None:
+            _check_folder_name(value)
         return value
+
+
+# Characters that reorder how a name is shown (a report or a listing can then show a name that is not the folder's)
+_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _check_folder_name(name: str) -> None:
+    """A run name is a folder name on every file system, one line in every log and report: no NUL or other
+    control character (a newline splits a log line), no bidi control, at most 255 bytes in UTF-8."""
+    bad = sorted({f"U+{ord(ch):04X}" for ch in name if ord(ch) < 32 or ord(ch) == 127 or ch in _BIDI_CONTROLS})
+    if bad:
+        raise ValueError(f"run_name holds control or text-direction characters ({', '.join(bad)}); use letters, "
+                         "digits, '-', '_' and '.'")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > 255:
+        raise ValueError(f"run_name is {size} bytes in UTF-8; a folder name can have 255 at most")
 
 
 # Methods whose checkpoints training.select_by can pick: they answer prompts (generated text or a label)
@@ -609,8 +627,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", hint="pass the path of a YAML run config")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=NoAliasLoader) or {}
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer over Python's 4300-digit limit
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
@@ -664,7 +682,42 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[parts[-1]] = yaml.load(value, Loader=NoAliasLoader) if value.strip() else ""
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer over Python's 4300-digit limit
+        raise ConfigError(f"override {_preview(override)}: the value is not valid YAML: {exc}") from None
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` can repeat a value exponentially (an alias bomb: a few hundred bytes
+    that expand to gigabytes once printed or dumped); a run config never needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"found the alias *{event.anchor}: run configs may not use YAML aliases; write the "
+                            "value out in full", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _preview(value: Any, limit: int = 200) -> str:
+    """`repr(value)` cut at `limit` characters without building the whole of it: an error message quotes what it
+    got, and what it got may be huge (a 5000-digit integer, whose repr raises, or a deep nest of lists)."""
+    import reprlib
+
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    if isinstance(value, str):
+        text = repr(value[: limit + 1])
+    else:
+        shortener = reprlib.Repr()
+        shortener.maxlevel, shortener.maxstring, shortener.maxother, shortener.maxlong = 3, limit, limit, limit
+        try:
+            text = shortener.repr(value)
+        except ValueError:  # an integer over Python's 4300-digit str() limit, somewhere inside
+            text = f"a {type(value).__name__} too large to print"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -681,10 +734,10 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return "required key is missing"
     if error["type"] == "literal_error":
-        return f"{error['msg'].lower()} (got {error['input']!r})"
+        return f"{error['msg'].lower()} (got {_preview(error['input'])})"
     if not error["loc"]:  # a check across sections names its keys itself; its input is the whole config
         return error["msg"]
-    return f"{error['msg']} (got {error['input']!r})"
+    return f"{error['msg']} (got {_preview(error['input'])})"
 
 
 def _did_you_mean(loc: tuple[Any, ...]) -> str:

@@ -54,6 +54,11 @@ _GRAMMARS_PER_TOKENIZER = 32
 CLOSE_MARGIN = 8  # spare tokens kept beyond the closing plan: one token the model picks may lengthen the plan
 _REPLAN_EVERY = 8  # steps between plans while the budget is still far from the last plan's length
 _MAX_PLAN = 512  # characters; a grammar that does not close within this is left to the token limit
+# A schema's size bounds its grammar's compile, which runs on the first constrained request while holding the
+# engine (20,000 properties: 51 s), and its depth the recursion of the checks and the compiler (200 levels of
+# `items` raised RecursionError). Real output schemas have tens of properties, a few levels.
+MAX_SCHEMA_NODES = 5000  # objects, arrays and values in the schema's JSON
+MAX_SCHEMA_DEPTH = 64  # nesting of objects and arrays in the schema's JSON
 # Characters the closing plan tries, best first: what ends a string, an object or an array, then what separates,
 # then the smallest values. The matcher accepts at most one of them where the grammar allows one way on.
 _CLOSING_ORDER = ('"}],: 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{[-.+_'
@@ -80,12 +85,13 @@ class Constraint:
 
         if not isinstance(schema, dict):
             raise ConfigError(f"a JSON schema constraint needs a JSON object (a dict), got {type(schema).__name__}")
+        check_schema_size(schema)
         try:
             jsonschema.Draft202012Validator.check_schema(schema)
             text = json.dumps(schema, ensure_ascii=False, allow_nan=False)
         except jsonschema.SchemaError as exc:
             raise ConfigError(f"the JSON schema constraint is not a valid JSON schema: {exc.message}") from exc
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ConfigError(f"the JSON schema constraint cannot be written as JSON: {exc}") from exc
         return cls("json_schema", text)
 
@@ -121,13 +127,44 @@ class Constraint:
         enforces): how an evaluation tells a complete answer from one cut by the token limit."""
         if self.kind == "labels":
             return text in self.spec
-        if self.kind == "regex":
-            return re.fullmatch(self.spec, text) is not None
+        from specialist import bounded
+
+        if self.kind == "regex":  # the pattern is the run's, the text a model's: bounded like a schema's patterns
+            return _bounded_check(lambda: bounded.search(f"\\A(?:{self.spec})\\Z", text))
         try:
             value = json.loads(text)
-        except (json.JSONDecodeError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # any answer: the digit limit and deep nesting included
             return False
-        return _validator(self.spec).is_valid(value)
+        bounded.bound_jsonschema_patterns()
+        return _bounded_check(lambda: _validator(self.spec).is_valid(value))
+
+
+def _bounded_check(check: Callable[[], bool]) -> bool:
+    """`check()` within one pattern deadline; a check that times out or recurses too deep is a failed check."""
+    from specialist import bounded
+
+    try:
+        with bounded.time_limit(bounded.PATTERN_SECONDS):
+            return check()
+    except (bounded.TimedOut, RecursionError):
+        return False
+
+
+def check_schema_size(schema: Any) -> None:
+    """Refuse a schema over MAX_SCHEMA_NODES values or MAX_SCHEMA_DEPTH levels, measured without recursion, before
+    anything recursive (validation, json.dumps, the grammar compiler) walks it."""
+    stack, nodes = [(schema, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH or nodes > MAX_SCHEMA_NODES:
+            what = f"nests over {MAX_SCHEMA_DEPTH} levels" if depth > MAX_SCHEMA_DEPTH else \
+                f"has over {MAX_SCHEMA_NODES} values"
+            raise ConfigError(f"the JSON schema constraint {what}: too large to compile into a grammar",
+                              hint="constrain the answer with a smaller schema (its output's shape only), or turn "
+                                   "the constraint off (evaluation.constraint)")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 @functools.lru_cache(maxsize=32)

@@ -24,3 +24,38 @@ class DataError(SpecialistError):
 
 class ModelError(SpecialistError):
     """The base model cannot be found, converted or loaded."""
+
+
+class StorageError(SpecialistError):
+    """A file could not be written: the disk is full, the folder is read-only or not ours to write."""
+
+    exit_code = 1
+
+
+def storage_error(exc: OSError) -> StorageError | None:
+    """A full disk, a read-only file system or a folder without write permission as an error naming the path
+    and the free space there; None for any other OSError (a bug, shown with its traceback)."""
+    import errno
+
+    reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+    if exc.errno not in reasons:
+        return None
+    path = exc.filename if exc.filename is not None else "(a file)"
+    return StorageError(f"cannot write {path}: {reasons[exc.errno]}; {_free_space(path)}",
+                        hint="free some space or choose another output folder (output.dir, --out), then run again")
+
+
+def _free_space(path: object) -> str:
+    """'N MiB free in FOLDER', measured at the nearest folder of `path` that exists."""
+    import os
+    import shutil
+
+    folder = os.path.abspath(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else os.getcwd()
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder}"
+    except OSError:
+        return f"free space in {folder} unknown"

@@ -28,10 +28,13 @@ Scorer = Callable[[str, str], float]
 
 
 def parse_json(text: str) -> Any:
-    """The JSON value in `text`, or _MISSING when it does not parse."""
+    """The JSON value in `text`, or _MISSING when it does not parse.
+
+    Any string is an answer: nesting past the recursion limit (300 `[` tokens) and integers over Python's
+    4300-digit limit are "not JSON" here, never an exception that loses a run's results."""
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # JSONDecodeError is a ValueError, as is the digit limit
         return _MISSING
 
 
@@ -165,6 +168,9 @@ def make_label_accuracy(rule: LabelRule) -> Scorer:
 def make_json_schema(schema_path: Path) -> Scorer:
     import jsonschema
 
+    from specialist import bounded
+
+    bounded.bound_jsonschema_patterns()
     try:
         schema = json.loads(schema_path.read_text(encoding="utf-8"))
         validator = jsonschema.Draft202012Validator(schema)
@@ -172,8 +178,12 @@ def make_json_schema(schema_path: Path) -> Scorer:
         raise ConfigError(f"evaluation.json_schema: {schema_path} is not a usable JSON schema: {exc}") from exc
 
     def score_json_schema(output: str, expected: str) -> float:
+        """1 when the output parses and validates; the schema's patterns share one deadline (bounded.TimedOut)."""
         value = parse_json(output)
-        return float(value is not _MISSING and validator.is_valid(value))
+        if value is _MISSING:
+            return 0.0
+        with bounded.time_limit(bounded.PATTERN_SECONDS):
+            return float(validator.is_valid(value))
 
     return score_json_schema
 
@@ -252,10 +262,30 @@ def score_rows(outputs: list[str], expected: list[str], scorers: dict[str, Score
         if takes_prompt(fn):
             if prompts is None or len(prompts) != len(outputs):
                 raise ValueError(f"scorer {name!r} reads each row's prompt; give one prompt per output")
-            rows[name] = [float(fn(o, e, p)) for o, e, p in zip(outputs, expected, prompts)]
+            arguments = list(zip(outputs, expected, prompts))
         else:
-            rows[name] = [float(fn(o, e)) for o, e in zip(outputs, expected)]
+            arguments = list(zip(outputs, expected))
+        rows[name] = score_each(name, fn, arguments)
     return rows
+
+
+def score_each(name: str, fn: Callable[..., float], arguments: list[tuple[str, ...]]) -> list[float]:
+    """`fn` on every row; a row it fails on (an exception, a timed-out check, a non-number) scores 0, a failure,
+    and one warning names the scorer, how many rows and the first error, so one odd answer never loses a run."""
+    values, failures = [], []
+    for n, row in enumerate(arguments):
+        try:
+            values.append(float(fn(*row)))
+        except Exception as exc:  # noqa: BLE001 - any answer is a row to score, a custom scorer may raise anything
+            values.append(0.0)
+            failures.append((n, exc))
+    if failures:
+        from specialist.console import console
+
+        first, exc = failures[0]
+        console.print(f"[yellow]warning:[/] scorer {name} failed on {len(failures)} of {len(arguments)} rows, "
+                      f"scored as failures (row {first}: {type(exc).__name__}: {str(exc)[:200]})")
+    return values
 
 
 def per_key_accuracy(outputs: list[str], expected: list[str]) -> dict[str, float]:

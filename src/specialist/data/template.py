@@ -96,9 +96,12 @@ class PromptTemplate:
             messages.append({"role": "user", "content": content})
             if shot_output is not None:
                 messages.append({"role": "assistant", "content": shot_output})
-        return tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
-        )
+        from specialist.bounded import template_deadline
+
+        with template_deadline():  # a template is code from a model folder or a GGUF: bounded (bounded.TimedOut)
+            return tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -49,7 +49,23 @@ def served_arm(name: str, source: str, found: Loaded, constrain: bool = False) -
         return ServedArm(name, found.engine, source, format_check_of_run(found.run), _answer_length(found))
     constraint = constraint_of(found.run.config()) if constrain and found.run is not None else None
     engine = found.answering_engine(constraint)
+    probe_template(name, source, engine)
     return ServedArm(name, engine, source, format_check_of_run(found.run), _answer_length(found))
+
+
+PROBE_INPUT = "Hello! Can you summarise this line: user alice logged in at 10:02?"
+
+
+def probe_template(name: str, source: str, engine: Engine) -> None:
+    """Refuse at start-up an arm whose prompt format cannot render an ordinary request: a chat template that
+    raises or runs past its deadline on this probe would fail (or stall) every request."""
+    try:
+        engine.encode(PROBE_INPUT)
+    except Exception as exc:  # noqa: BLE001 - a template is code: whatever it raises, the arm cannot serve
+        raise ConfigError(f"arm {name!r} ({source}): its prompt template fails on a probe request: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}",
+                          hint="fix or replace the chat template (tokenizer_config.json, chat_template.jinja, "
+                               "or an export's template.json)") from None
 
 
 def _answer_length(found: Loaded) -> int:

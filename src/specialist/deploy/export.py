@@ -21,7 +21,10 @@ quantized export's mismatches are listed beside its logit distance.
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,28 +66,27 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
     layout = gguf_lora_layout(run, fmt, quantize or "f16", lora)
     pool = ModelPool()
     final = Path(out) if out else run.export_dir(fmt)
-    refuse_to_replace_what_is_not_an_export(final)
-    tuned = load_run(run, pool, adapter_name="tuned")
-    # written beside the destination and moved into place whole: a kill mid-write leaves the previous export (or
-    # nothing) at `final`, never a half-written one that loads
-    export = ExportFolder(staging_folder(final))
-    shutil.rmtree(export.path, ignore_errors=True)  # a killed export's leftovers
-    export.path.mkdir(parents=True)
-    quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize, layout, compensation_rank)
-    tuned.template.save(export.template_file)
-    if tuned.retrieval is not None:  # its prompts carry their nearest training rows: the export needs the rows
-        shutil.copyfile(run.retrieval_file, export.retrieval_file)
-        extra["retrieval"] = {"file": export.retrieval_file.name, "k": tuned.retrieval.k}
-        note_retrieval_in_modelfile(export, tuned.retrieval.k)
-    export.write_meta({"format": fmt, "run": str(run.path.resolve()), "base_model": config.model.name,
-                       "method": config.method.kind, "template": export.template_file.name, **extra})
-    split = run.split()
-    prompts = [ex.prompt for ex in split.test[:golden]]
-    limit = max_new_tokens or default_max_new_tokens(tuned.tokenizer, split.train)
-    check = replay_check(tuned, export, prompts, limit, fmt, quantize)
-    write_json(export.check_file, check)
-    write_model_card(export, run)
-    publish(export.path, final)
+    with destination_lock(final):  # a second export to `final` is refused until this one has published
+        refuse_to_replace_what_is_not_an_export(final)
+        tuned = load_run(run, pool, adapter_name="tuned")
+        # written beside the destination and moved into place whole: a kill mid-write leaves the previous export
+        # (or nothing) at `final`, never a half-written one that loads
+        export = ExportFolder(staging_folder(final))
+        quantize, extra = write_artifact(fmt, run, tuned, export.path, quantize, layout, compensation_rank)
+        tuned.template.save(export.template_file)
+        if tuned.retrieval is not None:  # its prompts carry their nearest training rows: the export needs them
+            shutil.copyfile(run.retrieval_file, export.retrieval_file)
+            extra["retrieval"] = {"file": export.retrieval_file.name, "k": tuned.retrieval.k}
+            note_retrieval_in_modelfile(export, tuned.retrieval.k)
+        export.write_meta({"format": fmt, "run": str(run.path.resolve()), "base_model": config.model.name,
+                           "method": config.method.kind, "template": export.template_file.name, **extra})
+        split = run.split()
+        prompts = [ex.prompt for ex in split.test[:golden]]
+        limit = max_new_tokens or default_max_new_tokens(tuned.tokenizer, split.train)
+        check = replay_check(tuned, export, prompts, limit, fmt, quantize)
+        write_json(export.check_file, check)
+        write_model_card(export, run)
+        publish(export.path, final)
     export = ExportFolder(final)
     if junit is not None:
         from specialist.junit import write_junit
@@ -110,7 +112,51 @@ def note_retrieval_in_modelfile(export: ExportFolder, k: int) -> None:
 
 
 def staging_folder(final: Path) -> Path:
-    return final.parent / f".{final.name}.partial"
+    """A new, empty folder beside `final` that is this process's alone (its name holds the pid and a random
+    part), after clearing what killed exports to `final` left: the caller holds `destination_lock(final)`, so no
+    other export is writing one of them."""
+    import secrets
+
+    for leftover in final.parent.glob(f".{final.name}.partial*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = final.parent / f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+@contextmanager
+def destination_lock(final: Path) -> Iterator[None]:
+    """An exclusive lock (flock) on `final` for one export, refused at once while another export holds it.
+
+    The lock file (.NAME.lock beside `final`) is removed on release; a process that locked a file that was
+    removed meanwhile takes the new one, so two exports never both hold the lock."""
+    import fcntl
+
+    path = final.parent / f".{final.name}.lock"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ConfigError(f"another export is writing {final} now", hint="wait for it to finish, or give this "
+                              "one another --out") from None
+        if _same_file(path, descriptor):
+            break
+        os.close(descriptor)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _same_file(path: Path, descriptor: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(descriptor).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def refuse_to_replace_what_is_not_an_export(final: Path) -> None:

@@ -37,8 +37,25 @@ MAX_TEXT = 4000  # characters of user text shown (an instruction can be a whole 
 def write_model_card(export: ExportFolder, run: RunFolder | None = None, repo_id: str | None = None) -> Path:
     """Write `export`'s README.md from its run's files; returns its path."""
     run = run or export.source_run()
-    export.model_card.write_text(render_model_card(export, run, repo_id), encoding="utf-8")
+    replace_file(export.model_card, render_model_card(export, run, repo_id))
     return export.model_card
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` as a new file renamed over the old one: a README.md that is a symlink is replaced by the card,
+    never written through (which would overwrite the file it points to, outside the export)."""
+    import os
+    import tempfile
+
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o644)  # what write_text gives under the usual umask; mkstemp makes it 0600
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def render_model_card(export: ExportFolder, run: RunFolder | None, repo_id: str | None = None) -> str:

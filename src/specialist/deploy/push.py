@@ -42,6 +42,7 @@ def push_export(source: Path, repo: str, fmt: str | None = None, private: bool =
     token = token or hub.get_token()
     if not token:
         raise ConfigError("no Hugging Face token found: pushing needs one with write access", hint=_TOKEN_HINT)
+    check_plain_files(export.path)
     refresh_model_card(export, repo)
     api = hub.HfApi(token=token)
     with hub_errors(repo):
@@ -52,6 +53,23 @@ def push_export(source: Path, repo: str, fmt: str | None = None, private: bool =
         api.upload_file(path_or_fileobj=public_meta(export), path_in_repo=export.meta_file.name, repo_id=repo,
                         repo_type="model", commit_message="specialist export metadata")
     return str(url)
+
+
+def check_plain_files(folder: Path) -> None:
+    """Refuse, by name, anything in the export folder that is not a regular file or folder of its own: a symlink
+    would upload the file it points to (anywhere on this disk) under the link's name. Exports write none."""
+    odd = []
+    for parent, folders, files in os.walk(folder, followlinks=False):
+        for name in folders + files:
+            path = Path(parent, name)
+            if path.is_symlink():
+                odd.append(f"{path.relative_to(folder)} -> {os.readlink(path)}")
+            elif not (path.is_dir() or path.is_file()):
+                odd.append(f"{path.relative_to(folder)} (not a regular file)")
+    if odd:
+        raise ConfigError(f"{folder} holds {len(odd)} link(s) or special file(s), and push uploads regular files "
+                          f"inside the export only: {'; '.join(odd[:10])}",
+                          hint="remove them (or copy the files they point to into the folder), then push again")
 
 
 def check_repo_id(repo: str) -> None:

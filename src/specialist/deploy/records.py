@@ -61,11 +61,22 @@ def load_or_create_salt(db: Path) -> bytes:
     return salt
 
 
+def create_private(path: Path) -> None:
+    """Create the log file readable by its owner only (0600) before SQLite opens it: it holds prompts and outputs
+    with --log-prompts, and SQLite gives its -wal and -shm files the database file's mode. An existing log keeps
+    the mode it has."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 class RequestLog:
     """Thread-safe appends (the server answers from several threads); WAL so readers never block it."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
         self.connection = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.executescript(SCHEMA + ONE_FEEDBACK_PER_REQUEST)

@@ -72,6 +72,27 @@ class ServeSettings:
     feedback_range: tuple[float, float] = (-1.0, 1.0)
     max_comment_chars: int = 2000
 
+    def __post_init__(self) -> None:
+        check_api_key(self.api_key)
+
+
+def check_api_key(key: str | None) -> None:
+    """Refuse a key no client can send: empty (an unset variable expanded into --api-key would otherwise serve
+    with no authentication at all), or holding characters outside printable ASCII (headers travel as Latin-1 and
+    are stripped of surrounding blanks, so such a key never matches, yet the server would start)."""
+    if key is None:
+        return
+    from specialist.errors import ConfigError
+
+    if not key:
+        raise ConfigError("--api-key is empty: the server would answer without authentication",
+                          hint="give a key (e.g. `openssl rand -hex 32`), or leave --api-key and "
+                               "SPECIALIST_API_KEY out to serve without one on purpose")
+    if not all("!" <= ch <= "~" for ch in key):
+        raise ConfigError("--api-key holds characters a client cannot send in an Authorization header "
+                          "(spaces, control or non-ASCII characters)",
+                          hint="use printable ASCII only, e.g. `openssl rand -hex 32`")
+
 
 # ---- errors ---------------------------------------------------------------------------------------------------
 
@@ -250,6 +271,7 @@ class Metrics:
         self.requests: dict[str, int] = defaultdict(int)
         self.errors: dict[tuple[int, str], int] = defaultdict(int)
         self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.format_failures: dict[str, int] = defaultdict(int)  # format checks that raised or timed out, by kind
         self.lock = threading.Lock()
 
     def count_request(self, arm: str, latency: float) -> None:
@@ -261,6 +283,10 @@ class Metrics:
         with self.lock:
             self.errors[(status, kind)] += 1
 
+    def count_format_failure(self, kind: str) -> None:
+        with self.lock:
+            self.format_failures[kind] += 1
+
     def render(self, workers: dict[str, ArmWorker]) -> str:
         with self.lock:
             lines = ["# TYPE specialist_requests_total counter"]
@@ -268,6 +294,9 @@ class Metrics:
             lines.append("# TYPE specialist_errors_total counter")
             lines += [f'specialist_errors_total{{status="{status}",kind="{kind}"}} {n}'
                       for (status, kind), n in sorted(self.errors.items())]
+            lines.append("# TYPE specialist_format_check_failures_total counter")
+            lines += [f'specialist_format_check_failures_total{{kind="{kind}"}} {n}'
+                      for kind, n in sorted(self.format_failures.items())]
             lines.append("# TYPE specialist_latency_seconds summary")
             for arm, values in sorted(self.latencies.items()):
                 ordered = sorted(values)
@@ -412,7 +441,8 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
         raise ApiError(404, f"model {body.model!r} does not exist; see /v1/models", "model_not_found", param="model")
     arm = state.arms[arm_name]
     max_tokens = _answer_limit(body, arm, state.settings)
-    prompt_ids = _encode_within_limit(arm, text, max_tokens, state.settings)
+    # off the event loop: a chat template is code, and a hostile one runs until its deadline (bounded.TimedOut)
+    prompt_ids = await asyncio.to_thread(_encode_within_limit, arm, text, max_tokens, state.settings)
     job = _new_job(GenerationRequest(prompt_ids, max_tokens), _sampling(body), stream=body.stream)
     started = time.perf_counter()
     state.workers[arm_name].submit(job)
@@ -421,7 +451,7 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
                                  media_type="text/event-stream")
     result = await _wait_for(job, request)
     request_id = new_request_id(kind)
-    record(state, request_id, arm_name, kind, body, text, result, time.perf_counter() - started)
+    await record(state, request_id, arm_name, kind, body, text, result, time.perf_counter() - started)
     return JSONResponse(openai_body(kind, request_id, arm_name, result))
 
 
@@ -436,9 +466,15 @@ def _answer_limit(body: _Body, arm: ServedArm, settings: ServeSettings) -> int:
 
 
 def _encode_within_limit(arm: ServedArm, text: str, max_tokens: int, settings: ServeSettings) -> list[int]:
+    from specialist.bounded import TimedOut
+
     if not text.strip():
         raise ApiError(400, "the input is empty", "invalid_value", param="messages")
-    ids = arm.engine.encode(text, max_new_tokens=max_tokens)
+    try:
+        ids = arm.engine.encode(text, max_new_tokens=max_tokens)
+    except TimedOut as exc:
+        raise ApiError(400, f"this input cannot be answered: {exc}", "prompt_render_timeout",
+                       param="messages") from None
     if len(ids) > settings.max_prompt_tokens:
         raise ApiError(400, f"the prompt is {len(ids)} tokens, over this server's limit of "
                             f"{settings.max_prompt_tokens}", "context_length_exceeded", param="messages")
@@ -494,7 +530,7 @@ async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str
                 yield _sse(openai_chunk(kind, request_id, arm_name, value, None))
             elif what == "done":
                 # recorded before the last chunk, so feedback sent on [DONE] finds the request
-                record(state, request_id, arm_name, kind, body, text, value, time.perf_counter() - started)
+                await record(state, request_id, arm_name, kind, body, text, value, time.perf_counter() - started)
                 last = openai_chunk(kind, request_id, arm_name, "", value.finish_reason)
                 if value.probabilities is not None:  # a classifier arm: its probabilities ride on the last chunk
                     last["choices"][0]["probabilities"] = value.probabilities
@@ -515,16 +551,31 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def record(state: ServeState, request_id: str, arm_name: str, kind: str, body: _Body, text: str,
-           result: Generation, latency: float) -> None:
+async def record(state: ServeState, request_id: str, arm_name: str, kind: str, body: _Body, text: str,
+                 result: Generation, latency: float) -> None:
     arm = state.arms[arm_name]
-    passed = arm.format_check(result.text) if arm.format_check else None
+    passed = await format_verdict(state, arm, result.text)
     log_text = state.settings.log_prompts
     state.log.add(request_id=request_id, arm=arm_name, endpoint=kind, user=body.user, latency_s=latency,
                   tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, format_ok=passed,
                   finish_reason=result.finish_reason, prompt=text if log_text else None,
                   output=result.text if log_text else None)
     state.metrics.count_request(arm_name, latency)
+
+
+async def format_verdict(state: ServeState, arm: ServedArm, output: str) -> bool | None:
+    """Whether `output` passed the arm's format check, judged off the event loop (the check parses JSON and runs
+    the schema's patterns on the model's text). A check that fails or times out is a failed check, counted in
+    /metrics by kind: the request is still answered and logged, so the pass rate keeps the malformed answers."""
+    if arm.format_check is None:
+        return None
+    try:
+        return bool(await asyncio.to_thread(arm.format_check, output))
+    except Exception as exc:  # noqa: BLE001 - any answer must be recorded; bounded.TimedOut is the usual one
+        from specialist.bounded import TimedOut
+
+        state.metrics.count_format_failure("timed_out" if isinstance(exc, TimedOut) else type(exc).__name__)
+        return False
 
 
 def new_request_id(kind: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import html
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,22 +136,42 @@ def png_data_uri(path: Path | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def _plot(draw: Callable[..., Path | None], *args: Any) -> Path | None:
+    """One figure, drawn with its text taken literally; a figure that cannot be drawn is left out with a warning,
+    never the reason report.html and report.md are missing.
+
+    Labels are model answers and config names: `$\\boxed{42}$` is a label, not math text for matplotlib to parse
+    (which raises on it)."""
+    import matplotlib
+
+    try:
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return draw(*args)
+    except Exception as exc:  # noqa: BLE001 - a figure is an illustration: the numbers are in the tables
+        from specialist.console import console
+
+        _pyplot().close("all")
+        console.print(f"[yellow]warning:[/] the report leaves out a figure ({getattr(draw, '__name__', draw)}: "
+                      f"{type(exc).__name__}: {str(exc)[:200]})")
+        return None
+
+
 def write_eval_report(run: RunFolder, config, report: EvalReport, test: list[Example],
                       outputs: dict[str, list[str]]) -> None:
     run.figures.mkdir(exist_ok=True)
     expected = [ex.completion for ex in test]
     images = {
-        "scores": plot_scores(report, run.figures / "scores.png"),
+        "scores": _plot(plot_scores, report, run.figures / "scores.png"),
         "loss": run.loss_plot,  # written by training; a run evaluated before training has none
-        "lengths": plot_lengths(outputs, expected, run.figures / "lengths.png"),
+        "lengths": _plot(plot_lengths, outputs, expected, run.figures / "lengths.png"),
     }
-    confusions = {name: plot_confusion(arm.labels, name, run.figures / f"confusion-{name}.png")
+    confusions = {name: _plot(plot_confusion, arm.labels, name, run.figures / f"confusion-{name}.png")
                   for name, arm in report.arms.items() if arm.labels is not None}
     calibrations = {name: arm.calibration for name, arm in report.arms.items() if arm.calibration is not None}
-    images["reliability"] = plot_reliability(calibrations, run.figures / "reliability.png")
+    images["reliability"] = _plot(plot_reliability, calibrations, run.figures / "reliability.png")
     context = report_context(run, config, report, test, outputs)
     context["images"] = {name: png_data_uri(path) for name, path in images.items()}
-    context["confusions"] = {arm: png_data_uri(path) for arm, path in confusions.items()}
+    context["confusions"] = {arm: png_data_uri(path) for arm, path in confusions.items() if path is not None}
     env = Environment(loader=PackageLoader("specialist", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     run.report_html.write_text(env.get_template("eval_report.html").render(**context), encoding="utf-8")
@@ -266,8 +288,10 @@ def samples(test: list[Example], outputs: dict[str, list[str]], limit: int) -> l
 
 def render_markdown(context: dict[str, Any]) -> str:
     arms = context["arms"]
-    lines = [f"# specialist report: {context['run_name']}", "",
-             f"Base model `{context['model_name']}`, method `{context['method']}`, {context['n_eval']} held-out rows, "
+    # run and model names are the user's text: escaped, so a name holding HTML stays text in a rendered report.md
+    lines = [f"# specialist report: {html.escape(context['run_name'])}", "",
+             f"Base model `{html.escape(context['model_name'])}`, method `{context['method']}`, "
+             f"{context['n_eval']} held-out rows, "
              f"decoding {context['decoding']}, at most {context['max_new_tokens']} new tokens.", "",
              "Each cell: mean and 95% interval (Wilson for shares of rows, bootstrap for other means); last column: "
              "tuned minus base on the same rows, with its paired interval and test.", "",
@@ -276,7 +300,8 @@ def render_markdown(context: dict[str, Any]) -> str:
              "| metric | " + " | ".join(arms) + " | tuned vs base |", "|---|" + "---|" * (len(arms) + 1)]
     for row in context["score_rows"]:
         cells = [c.format() for c in row["cells"]]
-        lines.append(f"| {row['metric']} | " + " | ".join(cells) + f" | {_versus_text(row['versus_base'])} |")
+        lines.append(f"| {html.escape(row['metric'])} | " + " | ".join(cells)
+                     + f" | {_versus_text(row['versus_base'])} |")
     for section in (_costs_md, _labels_md, _calibration_md, _refusals_md, _forgetting_md, _overfitting_md, _gates_md):
         lines += section(context)
     return "\n".join(lines) + "\n"
@@ -291,7 +316,7 @@ def _versus_best_md(context: dict[str, Any]) -> list[str]:
     if not context["versus_best_lines"]:
         return []
     return ["## Tuned against the best baseline", "",
-            *[f"- {line}" for line in context["versus_best_lines"]], ""]
+            *[f"- {html.escape(line)}" for line in context["versus_best_lines"]], ""]
 
 
 def _versus_text(comparison) -> str:
