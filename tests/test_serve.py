@@ -454,7 +454,7 @@ def _ordinary_client_while(server, attack, rounds: int = 6) -> tuple[httpx.Respo
 
 @pytest.mark.timeout(120)
 def test_a_backtracking_format_check_is_a_recorded_failure_and_freezes_nobody(arms, tmp_path, monkeypatch):
-    from specialist.evaluate.scorers import make_json_schema
+    from specialist.core.scorers import make_json_schema
 
     schema = tmp_path / "schema.json"
     # backtracks in every engine (Python re: exponential; the bounded check: stopped at its deadline)
@@ -479,7 +479,7 @@ def test_a_backtracking_format_check_is_a_recorded_failure_and_freezes_nobody(ar
 @pytest.mark.parametrize("answer", ["[[[[" * 300, "9" * 5000])
 def test_an_answer_no_json_parser_survives_is_logged_and_its_stream_ends_with_done(arms, tmp_path, monkeypatch,
                                                                                     answer):
-    from specialist.evaluate.scorers import score_json_valid
+    from specialist.core.scorers import score_json_valid
 
     # the run's format check, as format_check_of_run builds it for a run scored with json_valid
     monkeypatch.setattr(arms["tuned"], "format_check", lambda output: score_json_valid(output, "") >= 1.0)

@@ -61,6 +61,9 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
 
         found.model = load_int8(export.path, export.file(meta.get("int8_file"))).eval()
     elif fmt == "gguf":
+        from specialist.gguf_bounds import check_gguf_header
+
+        check_gguf_header(export.file(meta.get("gguf_file")))
         found.model = AutoModelForCausalLM.from_pretrained(export.path, gguf_file=export.file(meta.get("gguf_file")).name)
         found.model.hf_quantizer = None  # dequantized at load; the marks only block saving
         if meta.get("gguf_lora_file"):  # base + LoRA adapter: the update added to the dequantized base

@@ -220,7 +220,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from specialist.console import status
+    from specialist.gguf_bounds import check_gguf_header
 
+    check_gguf_header(gguf_path)  # before transformers allocates what a hostile header claims
     try:
         with status(f"converting {gguf_path.name} to safetensors (once; about a minute for 270M parameters)"):
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
