@@ -253,8 +253,9 @@ def takes_prompt(scorer: Scorer) -> bool:
 
 
 def score_rows(outputs: list[str], expected: list[str], scorers: dict[str, Scorer],
-               prompts: list[str] | None = None) -> dict[str, list[float]]:
-    """Each scorer's value on every row, in row order (what bootstrap intervals and paired tests need)."""
+               prompts: list[str] | None = None, strict: bool = False) -> dict[str, list[float]]:
+    """Each scorer's value on every row, in row order (what bootstrap intervals and paired tests need). `strict`:
+    a scorer that raises stops the caller (a reward in training: a broken scorer must not train on zeros)."""
     if len(outputs) != len(expected):
         raise ValueError(f"{len(outputs)} outputs for {len(expected)} expected completions")
     rows = {}
@@ -265,18 +266,22 @@ def score_rows(outputs: list[str], expected: list[str], scorers: dict[str, Score
             arguments = list(zip(outputs, expected, prompts))
         else:
             arguments = list(zip(outputs, expected))
-        rows[name] = score_each(name, fn, arguments)
+        rows[name] = score_each(name, fn, arguments, strict)
     return rows
 
 
-def score_each(name: str, fn: Callable[..., float], arguments: list[tuple[str, ...]]) -> list[float]:
+def score_each(name: str, fn: Callable[..., float], arguments: list[tuple[str, ...]],
+               strict: bool = False) -> list[float]:
     """`fn` on every row; a row it fails on (an exception, a timed-out check, a non-number) scores 0, a failure,
-    and one warning names the scorer, how many rows and the first error, so one odd answer never loses a run."""
+    and one warning names the scorer, how many rows and the first error, so one odd answer never loses a run.
+    With `strict` the first failure is raised instead."""
     values, failures = [], []
     for n, row in enumerate(arguments):
         try:
             values.append(float(fn(*row)))
         except Exception as exc:  # noqa: BLE001 - any answer is a row to score, a custom scorer may raise anything
+            if strict:
+                raise
             values.append(0.0)
             failures.append((n, exc))
     if failures:

@@ -110,7 +110,7 @@ class ScorerReward:
 
         texts = [answer_text(c, self.stops) for c in completions]
         try:
-            values = score_rows(texts, expected, {self.__name__: self.scorer}, row_input)[self.__name__]
+            values = score_rows(texts, expected, {self.__name__: self.scorer}, row_input, strict=True)[self.__name__]
         except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError) as exc:
             raise ConfigError(f"reward scorer {self.__name__!r} failed on a sampled answer: {exc!r}",
                               hint="a scorer must return a number for any text, however malformed") from exc
