@@ -336,7 +336,7 @@ def test_grpo_from_an_sft_adapter_is_evaluated_beside_the_sft_arm(tiny_run_dir, 
                                 terminal_width=200)
     assert result.exit_code == 0, result.output
     report = json.loads((summary.run_dir / "eval.json").read_text())
-    assert set(report["arms"]) == {"base", "nearest", "retrieval", "tuned", "sft"}
+    assert set(report["arms"]) == {"base", "nearest", "tuned", "sft"}  # few_shot_k 0: no few-shot, no retrieval
     assert {"tuned_vs_base", "tuned_vs_sft"} <= set(report["comparisons"])
 
 

@@ -458,7 +458,7 @@ class EvaluationConfig(_Section):
         "retrieval (the base model prompted with the retrieval_k nearest training rows). [] for none.",
     )
     retrieval_k: int | None = Field(default=None, ge=1, le=32,
-                                    description="Rows shown to the retrieval arm; None: few_shot_k (else 3).")
+                                    description="Rows shown to the retrieval arm; None: few_shot_k (0: no arm).")
     label_json_key: str | None = Field(default=None, description="label_accuracy: read the label from this JSON key.")
     label_pattern: str | None = Field(default=None, description="label_accuracy: regex; group 1 is the label.")
     escalation_label: str | None = Field(

@@ -23,7 +23,8 @@ NOT_COMPARED = ("length", "ece")  # not "higher is better" figures
 
 
 def default_retrieval_k(evaluation) -> int:
-    return evaluation.retrieval_k or evaluation.few_shot_k or 3
+    """Rows the retrieval arm is shown: retrieval_k, else few_shot_k (0: no retrieval arm, like no few-shot arm)."""
+    return evaluation.retrieval_k if evaluation.retrieval_k is not None else evaluation.few_shot_k
 
 
 def no_model_baselines(evaluation, index: RetrievalIndex,

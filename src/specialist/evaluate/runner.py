@@ -255,11 +255,11 @@ def baseline_arms(config: RunConfig, train: list[Example], base: Engine) -> list
     if not evaluation.baselines or not train:
         return []
     near = config.data.retrieval.near_duplicate if config.data.retrieval else DEFAULT_NEAR_DUPLICATE
-    index = RetrievalIndex.of_examples(train, near, default_retrieval_k(evaluation))
+    index = RetrievalIndex.of_examples(train, near, max(1, default_retrieval_k(evaluation)))
     found = [Arm(name, None, baseline=answer) for name, answer in
              no_model_baselines(evaluation, index, lambda label: render_label(label, config.data.label_template))
              .items()]
-    if "retrieval" in evaluation.baselines and not evaluation.skip_base:
+    if "retrieval" in evaluation.baselines and not evaluation.skip_base and default_retrieval_k(evaluation):
         found.append(Arm("retrieval", base, retriever=index.prompt_shots))
     return found
 
