@@ -56,7 +56,31 @@ def test_a_different_model_is_reported_as_a_mismatch(run_dir, tmp_path, tiny_mod
     check = compare_outputs(Engine(exported.model, exported.tokenizer, exported.template),
                             Engine(other, tokenizer, exported.template), prompts, 6)
     assert check["mismatches"] and {"run", "export", "run_stopped", "export_stopped"} <= set(check["mismatches"][0])
-    assert issubclass(ExportMismatch, Exception) and ExportMismatch.exit_code == 1
+
+
+def test_an_export_that_answers_differently_fails_the_cli_with_exit_1_naming_the_check(run_dir, tmp_path,
+                                                                                       monkeypatch):
+    from typer.testing import CliRunner
+
+    import specialist.deploy.export as export_module
+    from specialist.cli import app
+
+    merged_copy = export_module.merged_copy
+
+    def scrambled(tuned):  # a writer that saves some other model: the replay must notice
+        model = merged_copy(tuned)
+        for param in model.parameters():
+            param.data.normal_(std=0.5)
+        return model
+
+    monkeypatch.setattr(export_module, "merged_copy", scrambled)
+    out = tmp_path / "m"
+    with pytest.raises(ExportMismatch, match=r"of 2 golden prompts answer differently after export"):
+        export_run(run_dir, "merged", out, golden=2, max_new_tokens=6)
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), "--golden", "2"], terminal_width=200)
+    assert result.exit_code == 1, result.output
+    assert "golden prompts answer differently after export" in result.output and "Traceback" not in result.output
+    assert json.loads((out / "export_check.json").read_text())["mismatches"]
 
 
 def test_export_refuses_a_folder_without_a_model_and_an_unknown_format(tmp_path):

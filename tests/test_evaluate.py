@@ -68,13 +68,40 @@ def test_gate_on_an_uncomputed_figure_exits_2(trained_run):
     assert result.exit_code == 2 and "did not compute" in result.output
 
 
-def test_passing_gates_exit_0(trained_run):
-    result = runner.invoke(app, ["eval", str(trained_run), "--set",
-                                 "evaluation.gates=['json_valid >= 0', 'tuned - base >= -1 on exact_match', "
-                                 "'forgetting.ppl_increase <= 100']"],
-                           terminal_width=200)
-    assert result.exit_code == 0, result.output
-    assert result.output.count("pass") >= 3
+def _eval_with_gates(run, gates: list[str]):
+    result = runner.invoke(app, ["eval", str(run), "--set", f"evaluation.gates={gates!r}"], terminal_width=200)
+    return result, json.loads((run / "eval.json").read_text())["gates"]
+
+
+# (a gate on each kind of figure, its operator): the tuned arm by default, a named arm, a difference of arms, and
+# a figure lower is better for
+GATE_FORMS = [("json_valid {} {:.6f}", ">="), ("nearest.length {} {:.6f}", ">="),
+              ("tuned - nearest {} {:.6f} on exact_match", ">="), ("forgetting.ppl_increase {} {:.6f}", "<=")]
+
+
+def test_gates_pass_at_the_measured_figure_and_fail_just_past_it(trained_run):
+    """Gates read the figures they name: on the same run each passes at its measured value and fails just past it,
+    and the eval exits 1 naming the ones that failed."""
+    loose = [form.format(op, -100 if op == ">=" else 100) for form, op in GATE_FORMS]
+    result, gates = _eval_with_gates(trained_run, loose)
+    assert result.exit_code == 0 and [g["passed"] for g in gates] == [True] * 4, result.output
+    report = json.loads((trained_run / "eval.json").read_text())
+    score = {arm: {m: i["mean"] for m, i in a["scores"].items()} for arm, a in report["arms"].items()}
+    measured = [g["value"] for g in gates]
+    assert measured == pytest.approx([
+        score["tuned"]["json_valid"], score["nearest"]["length"],
+        score["tuned"]["exact_match"] - score["nearest"]["exact_match"], report["forgetting"]["ppl_increase"]])
+    assert measured[2] != 0  # so a difference read the wrong way round cannot pass as this one
+    passing, failing = [], []
+    for (form, op), value in zip(GATE_FORMS, measured, strict=True):
+        toward_failing = 1 if op == ">=" else -1
+        passing.append(form.format(op, value - toward_failing * 1e-6))
+        failing.append(form.format(op, value + toward_failing * max(1e-3, abs(value) / 100)))
+    result, gates = _eval_with_gates(trained_run, passing + failing)
+    assert result.exit_code == 1, result.output
+    assert {g["gate"]: g["passed"] for g in gates} == {**dict.fromkeys(passing, True), **dict.fromkeys(failing, False)}
+    assert [g["value"] for g in gates] == pytest.approx(measured * 2)
+    assert all(f"FAIL  {gate}" in result.output for gate in failing), result.output
 
 
 def test_compare_adds_another_run_as_an_arm(trained_run, tmp_path):

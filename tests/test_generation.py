@@ -89,9 +89,20 @@ def test_a_cancelled_row_ends_at_once_and_the_others_go_on(babbler):
 
 
 def test_sampling_is_a_setting_not_a_code_path(babbler):
-    torch.manual_seed(0)
-    sampled = babbler.answer(PROMPTS[0], 10, Sampling(True, 1.0, 0.9))
-    assert sampled.completion_tokens >= 1
+    """Sampling draws from the model's distribution (seeded: repeatable; over seeds: varied), and its settings reach
+    the draw: near-zero temperature or top-p leave only the greedy token."""
+    babbler.stop_ids = set()  # every answer runs to its limit, so answers compare token for token
+    greedy = babbler.answer(PROMPTS[0], 10).text
+
+    def sampled(seed: int, sampling: Sampling) -> str:
+        torch.manual_seed(seed)
+        return babbler.answer(PROMPTS[0], 10, sampling).text
+
+    full = Sampling(True, 1.0, 1.0)
+    assert sampled(0, full) == sampled(0, full)
+    draws = {sampled(seed, full) for seed in range(4)}
+    assert len(draws) > 1 and draws != {greedy}
+    assert sampled(1, Sampling(True, 1e-4, 1.0)) == greedy == sampled(2, Sampling(True, 1.0, 1e-4))
     assert Sampling().generate_kwargs() == {"do_sample": False}
 
 

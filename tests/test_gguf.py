@@ -210,9 +210,11 @@ def wide_model(tokenizer):
     return build_arch_model("llama-rope3-bias", tokenizer, width=256)
 
 
-# (dominant tensor type, least Pearson correlation of next-token logits with HF)
-QUANTIZED = {"q8_0": ("Q8_0", 0.99), "q6_k": ("Q6_K", 0.98), "q5_k_m": ("Q5_K", 0.95), "q5_0": ("Q5_0", 0.95),
-             "q4_k_m": ("Q4_K", 0.9), "q4_0": ("Q4_0", 0.9)}  # measured: .999 .994 .978 .974 .937 .925
+# (dominant tensor type, least Pearson correlation of next-token logits with HF, largest |llama.cpp - HF|
+# next-token logit in units of the HF logits' spread). Measured: correlation .999 .994 .978 .974 .937 .925;
+# logit error .100 .353 .570 .477 1.145 .960 (about 1.4x that allowed).
+QUANTIZED = {"q8_0": ("Q8_0", 0.99, 0.15), "q6_k": ("Q6_K", 0.98, 0.5), "q5_k_m": ("Q5_K", 0.95, 0.8),
+             "q5_0": ("Q5_0", 0.95, 0.7), "q4_k_m": ("Q4_K", 0.9, 1.6), "q4_0": ("Q4_0", 0.9, 1.4)}
 
 
 def _tensor_types(path, names) -> set[str]:
@@ -225,7 +227,7 @@ def _tensor_types(path, names) -> set[str]:
 def test_quantized_exports_load_answer_and_stay_correlated(qtype, wide_model, tokenizer, tmp_path):
     f16 = write_gguf(wide_model, tokenizer, tmp_path / "f16.gguf", "f16")
     written = write_gguf(wide_model, tokenizer, tmp_path / f"{qtype}.gguf", qtype, threads=2)
-    dominant, least_correlation = QUANTIZED[qtype]
+    dominant, least_correlation, logit_tolerance = QUANTIZED[qtype]
     matrices = {kind: n for kind, n in written["tensor_types"].items() if kind != "F32"}  # norms, biases stay f32
     assert max(matrices, key=matrices.get) == dominant
     if qtype in ("q4_0", "q5_0"):  # the embedding (and a tied head) in q8_0, as llama.cpp gives its head 6+ bits
@@ -239,12 +241,15 @@ def test_quantized_exports_load_answer_and_stay_correlated(qtype, wide_model, to
     with torch.inference_mode():
         want = [wide_model(torch.tensor([ids])).logits[0, -1].numpy() for ids in hf_ids]
     correlation = min(float(np.corrcoef(w, g)[0, 1]) for w, g in zip(want, got, strict=True))
-    answers = llamacpp.greedy_answers(tmp_path / f"{qtype}.gguf", hf_ids, STEPS, stop_ids=[], threads=THREADS)
-    agreement = np.mean([a == hf_greedy(wide_model, ids, STEPS)[0]
-                         for ids, (a, _) in zip(hf_ids, answers, strict=True)])
-    print(f"{qtype}: logits correlation {correlation:.3f}, greedy answers equal to HF {agreement:.0%}")
     assert correlation > least_correlation
+    error = max(float(np.abs(w - g).max() / w.std()) for w, g in zip(want, got, strict=True))
+    assert error < logit_tolerance, f"{qtype}: next-token logits off by {error:.3f} of their spread"
+    answers = llamacpp.greedy_answers(tmp_path / f"{qtype}.gguf", hf_ids, STEPS, stop_ids=[], threads=THREADS)
     assert all(len(tokens) == STEPS and all(0 <= t < len(tokenizer) for t in tokens) for tokens, _ in answers)
+    # Logits off by at most e can swap HF's greedy token only where its top-2 margin is under 2e: the answers
+    # equal HF's until such a near tie. (This random model has many: on it whole answers agree for q8_0 on 2 of 4
+    # prompts, q6_k 1, the rest none, where the README's demo run keeps every answer at q8_0.)
+    compare_greedy(wide_model, hf_ids, answers, 2 * logit_tolerance)
 
 
 def test_k_quants_without_llama_cpp_name_the_extra_to_install(monkeypatch, tokenizer, tmp_path):

@@ -142,14 +142,38 @@ def test_dpo_reports_reward_margin_and_accuracy(tiny_config, tmp_path, tiny_mode
     assert adapter_changes_the_model(tiny_model_dir, summary.run_dir / "adapter")
 
 
-def test_dpo_starts_from_an_sft_runs_adapter(tiny_config, tmp_path):
-    sft = train_only(configured(dict(tiny_config, output={**tiny_config["output"], "run_name": "sft"})), "tiny")
+def logits_of(model, ids=((2, 10, 11, 12),)):
+    was_training = model.training
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor(ids)).logits
+    model.train(was_training)
+    return logits
+
+
+def test_dpo_starts_from_the_sft_runs_weights(tiny_config, tmp_path, tiny_run_dir, tiny_model_dir, monkeypatch):
+    """The model DPO's first step trains is the base with the SFT run's adapter in it, not the bare base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import specialist.train.dpo as dpo
+
+    fit, started = dpo.fit, []
+
+    def fit_noting_the_start(trainer_class, model, *args, **kwargs):
+        started.append(logits_of(model))
+        return fit(trainer_class, model, *args, **kwargs)
+
+    monkeypatch.setattr(dpo, "fit", fit_noting_the_start)
     tiny_config["data"]["path"] = str(preference_data(tmp_path))
     tiny_config["data"]["completion_column"] = "chosen"
-    config = configured(tiny_config, kind="dpo", from_adapter=str(sft.run_dir / "adapter"))
-    summary = train_only(config, "tiny")
+    summary = train_only(configured(tiny_config, kind="dpo", from_adapter=str(tiny_run_dir / "adapter")), "tiny")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    bare = logits_of(base)
+    sft = logits_of(PeftModel.from_pretrained(base, tiny_run_dir / "adapter"))
+    assert len(started) == 1 and not torch.allclose(sft, bare, atol=1e-4)  # the SFT adapter changes the model
+    assert torch.allclose(started[0], sft, atol=1e-5), float((started[0] - sft).abs().max())
     assert (summary.run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((summary.run_dir / "manifest.json").read_text())["config"]["method"]["from_adapter"]
+    assert adapter_changes_the_model(tiny_model_dir, summary.run_dir / "adapter")
 
 
 def test_qlora_stops_at_config_time_without_cuda(tiny_config):
