@@ -240,7 +240,8 @@ def test_summary_only_measurements_still_give_the_old_report():
     assert set(forgetting_figures(report)) == {"forgetting.ppl_increase", "forgetting.knowledge_drop"}
 
 
-def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_the_config(tiny_model, tmp_path):
+def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_the_config(tiny_model, tmp_path,
+                                                                                         capsys, monkeypatch):
     import threading
     from contextlib import nullcontext
     from types import SimpleNamespace
@@ -264,7 +265,14 @@ def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_th
     evaluation = validate_config({"data": {"path": "d.jsonl"}, "evaluation": {
         "forgetting_corpus": str(corpus), "knowledge_probe": str(probe), "knowledge_probe_size": 10,
         "bootstrap_samples": 200}}).evaluation
+    from specialist.console import console
+
+    monkeypatch.setattr(console, "width", 300)  # one progress line, one line
     report = measure_forgetting(base_engine, tuned_engine, evaluation)
+    logged = " ".join(capsys.readouterr().err.split())  # a log file gets a progress line per stage and weights
+    for stage, rows in (("perplexity", len(TEXTS)), ("knowledge probe", 10)):
+        for weights in ("base", "tuned"):
+            assert f"forgetting: {stage} ({weights} weights): {rows}/{rows} rows" in logged
     assert report["before"]["perplexity"] == pytest.approx(plain, rel=1e-6)  # the adapter was off
     assert report["after"]["perplexity"] != pytest.approx(plain, rel=1e-6)
     assert (report["texts"], report["questions"], report["corpus"]) == (len(TEXTS), 10, str(corpus))

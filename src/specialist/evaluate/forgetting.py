@@ -123,10 +123,13 @@ def _question_length(question: dict[str, Any]) -> int:
 
 
 @torch.inference_mode()
-def text_losses(model, tokenizer, texts: list[str], batch_size: int = 16) -> list[tuple[float, int]]:
+def text_losses(model, tokenizer, texts: list[str], batch_size: int = 16,
+                label: str = "forgetting: perplexity") -> list[tuple[float, int]]:
     """(summed next-token loss, token count) of each text, batched with right padding: one forward per batch."""
+    from specialist.generation import GenerationProgress
+
     results: list[tuple[float, int]] = []
-    with padding_side(tokenizer, "right"):
+    with padding_side(tokenizer, "right"), GenerationProgress(label, len(texts), counted="scored") as progress:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).to(model.device)
@@ -135,6 +138,7 @@ def text_losses(model, tokenizer, texts: list[str], batch_size: int = 16) -> lis
             sums = _row_loss_sums(model, inputs, labels)
             counts = (labels[:, 1:] != -100).sum(dim=1)
             results += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+            progress.advance(len(counts), int(counts.sum()))
     return results
 
 
@@ -189,7 +193,8 @@ def probe_prompt(question: dict[str, Any]) -> str:
 
 
 @torch.inference_mode()
-def question_correctness(model, tokenizer, questions: list[dict[str, Any]], batch_size: int = 8) -> list[bool]:
+def question_correctness(model, tokenizer, questions: list[dict[str, Any]], batch_size: int = 8,
+                         label: str = "forgetting: knowledge probe") -> list[bool]:
     """For each question (in the order given), whether its answer letter gets the highest next-token logit
     among A-D. Batches are formed from prompts of similar length, so a short question is not padded to the
     length of a long reading passage from another subject."""
@@ -197,14 +202,17 @@ def question_correctness(model, tokenizer, questions: list[dict[str, Any]], batc
     prompts = [probe_prompt(q) for q in questions]
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
     correct = [False] * len(questions)
+    from specialist.generation import GenerationProgress
+
     # Left padding: the next token follows the last real one in every row.
-    with padding_side(tokenizer, "left"):
+    with padding_side(tokenizer, "left"), GenerationProgress(label, len(order), counted="read") as progress:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(model.device)
             picked = model(**batch, logits_to_keep=1).logits[:, -1, letter_ids].argmax(dim=-1).tolist()
             for i, p in zip(chunk, picked):
                 correct[i] = LETTERS[p] == questions[i]["answer"]
+            progress.advance(len(chunk), int(batch["attention_mask"].sum()))
     return correct
 
 
@@ -214,11 +222,14 @@ def knowledge_accuracy(model, tokenizer, questions: list[dict[str, Any]], batch_
     return sum(correct) / len(correct) if correct else 0.0
 
 
-def measure(model, tokenizer, texts: list[str], questions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Perplexity and knowledge accuracy, with the per-text losses and per-question right/wrong behind them."""
+def measure(model, tokenizer, texts: list[str], questions: list[dict[str, Any]],
+            weights: str = "") -> dict[str, Any]:
+    """Perplexity and knowledge accuracy, with the per-text losses and per-question right/wrong behind them;
+    `weights` names which ones in the progress lines ("base", "tuned")."""
     model.eval()
-    losses = text_losses(model, tokenizer, texts)
-    correct = question_correctness(model, tokenizer, questions)
+    suffix = f" ({weights} weights)" if weights else ""
+    losses = text_losses(model, tokenizer, texts, label=f"forgetting: perplexity{suffix}")
+    correct = question_correctness(model, tokenizer, questions, label=f"forgetting: knowledge probe{suffix}")
     return {"perplexity": perplexity_of(losses), "knowledge": sum(correct) / len(correct) if correct else 0.0,
             "text_losses": losses, "correct": correct}
 
@@ -284,9 +295,9 @@ def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingRep
     texts = general_text(evaluation.forgetting_corpus, evaluation.forgetting_max_texts)
     questions = knowledge_probe(evaluation.knowledge_probe, evaluation.knowledge_probe_size)
     measured = []
-    for engine in (base, tuned):
+    for engine, weights in ((base, "base"), (tuned, "tuned")):
         with engine.lock, engine.context():
-            measured.append(measure(engine.model, engine.tokenizer, texts, questions))
+            measured.append(measure(engine.model, engine.tokenizer, texts, questions, weights))
     corpus = str(evaluation.forgetting_corpus) if evaluation.forgetting_corpus else "bundled Wikipedia sentences"
     return forgetting_report(measured[0], measured[1], len(texts), len(questions), corpus,
                              samples=evaluation.bootstrap_samples)
