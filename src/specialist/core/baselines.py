@@ -13,7 +13,7 @@ built by evaluation from the same index.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,17 +65,22 @@ def linear_answers(train_inputs: Sequence[str], train_labels: Sequence[str], que
 
 LOOKUP_WARNING = 0.5  # above this share of held-out rows answered by lookup, the test set measures recall
 LOOKUP_ROWS = 2000  # held-out rows the check reads at most per split (the first ones: the split is shuffled)
+LOOKUP_INDEX_ROWS = 20_000  # training rows the nearest rule searches at most, so prepare stays fast on big data
 
 
-def lookup_check(train: Sequence[Any], held_out: dict[str, Sequence[Any]]) -> dict[str, Any]:
+def lookup_check(train: Sequence[Any], held_out: dict[str, Sequence[Any]],
+                 seen_in_train: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """How much of each held-out split a lookup answers: the share of rows whose answer appears verbatim among the
     training answers, and the share the `nearest` rule answers exactly right. Rows are data.Examples (prompt,
     completion, label). `warn` is set for free-text answers when either share reaches LOOKUP_WARNING: such a
-    test set measures recall of seen answers, not the skill."""
+    test set measures recall of seen answers, not the skill. `seen_in_train(answer)` says whether a stripped answer
+    is among all the training answers, where `train` is only the first of them (prepare, on big data)."""
     labelled = bool(train) and all(getattr(ex, "label", None) is not None for ex in train)
-    index = RetrievalIndex.of_examples(train)
-    seen = {ex.completion.strip() for ex in train}
-    report: dict[str, Any] = {"labelled": labelled, "threshold": LOOKUP_WARNING, "splits": {}}
+    index = RetrievalIndex.of_examples(list(train)[:LOOKUP_INDEX_ROWS])
+    if seen_in_train is None:
+        seen_in_train = {ex.completion.strip() for ex in train}.__contains__
+    report: dict[str, Any] = {"labelled": labelled, "threshold": LOOKUP_WARNING, "indexed_train_rows": len(index),
+                              "splits": {}}
     for name, rows in held_out.items():
         rows = list(rows)[:LOOKUP_ROWS]
         if not rows or not train:
@@ -83,7 +88,7 @@ def lookup_check(train: Sequence[Any], held_out: dict[str, Sequence[Any]]) -> di
         answers = index.nearest_answers([ex.prompt for ex in rows])
         report["splits"][name] = {
             "rows": len(rows),
-            "answer_seen_in_train": sum(ex.completion.strip() in seen for ex in rows) / len(rows),
+            "answer_seen_in_train": sum(seen_in_train(ex.completion.strip()) for ex in rows) / len(rows),
             "nearest_exact": sum(a.strip() == ex.completion.strip() for a, ex in zip(answers, rows)) / len(rows)}
     report["warn"] = not labelled and any(
         max(s["answer_seen_in_train"], s["nearest_exact"]) >= LOOKUP_WARNING for s in report["splits"].values())

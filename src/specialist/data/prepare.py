@@ -206,12 +206,24 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
 
 def _lookup_check(folder: Path, method_kind: str) -> dict[str, Any] | None:
     """core.baselines.lookup_check on the written split (None for plain text, which has no answers to look up)."""
-    from specialist.core.baselines import lookup_check
+    import xxhash
+
+    from specialist.core.baselines import LOOKUP_INDEX_ROWS, LOOKUP_ROWS, lookup_check
+    from specialist.data.split import read_answers, read_examples
 
     if method_kind == "continued_pretraining":
         return None
-    split = read_split(folder)
-    return lookup_check(split.train, {"val": split.val, "test": split.test})
+    # 64-bit hashes of every training answer, the text of the first rows only: memory stays flat on big data
+    seen = np.sort(np.fromiter((xxhash.xxh64_intdigest(a.strip().encode())
+                                for a in read_answers(folder / "train.jsonl")), dtype=np.uint64))
+
+    def seen_in_train(answer: str) -> bool:
+        key = np.uint64(xxhash.xxh64_intdigest(answer.encode()))
+        at = int(np.searchsorted(seen, key))
+        return at < seen.size and seen[at] == key
+
+    held_out = {name: read_examples(folder / f"{name}.jsonl", LOOKUP_ROWS) for name in ("val", "test")}
+    return lookup_check(read_examples(folder / "train.jsonl", LOOKUP_INDEX_ROWS), held_out, seen_in_train)
 
 
 def _sum_counters(counters) -> dict[str, int]:

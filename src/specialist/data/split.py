@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,31 @@ class Split:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
+def read_examples(path: Path, limit: int | None = None) -> list[Example]:
+    """The first `limit` rows (all with None) of a split file written by prepare, read line by line."""
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if limit is not None and len(examples) >= limit:
+                break
+            if line.strip():
+                examples.append(_example(json.loads(line)))
+    return examples
+
+
+def read_answers(path: Path) -> Iterator[str]:
+    """Every row's completion in a split file, one at a time (a big training split is never held whole)."""
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)["completion"]
+
+
+def _example(row: dict) -> Example:
+    return Example(row["prompt"], row["completion"], row.get("source_line", 0), row.get("rejected"),
+                   row.get("label"), row.get("group"))
+
+
 def read_split(folder: Path) -> Split:
     """The train/val/test files of a run or prepared-data folder, back as a Split."""
     parts = {}
@@ -28,6 +54,5 @@ def read_split(folder: Path) -> Split:
         if not path.is_file():
             raise DataError(f"{path} is missing", hint="point at a folder written by `specialist prepare/run/train`")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        parts[name] = [Example(r["prompt"], r["completion"], r.get("source_line", 0), r.get("rejected"),
-                               r.get("label"), r.get("group")) for r in rows]
+        parts[name] = [_example(r) for r in rows]
     return Split(**parts)
