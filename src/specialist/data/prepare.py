@@ -173,7 +173,7 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
     balance = _balance(data.balance, order, labels, rows.label_names, seed, steps)
     _refuse_empty_split(order, data)
     written = _write_outputs(spool_path, rows, order, scratch)
-    lookup = _lookup_check(scratch, method_kind)
+    lookup = _lookup_check(scratch, method_kind, written["train"]["rows"])
     spool_path.unlink()
     signature_path(spool_path).unlink(missing_ok=True)
     report = {
@@ -204,15 +204,19 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
     return _without_private(report)
 
 
-def _lookup_check(folder: Path, method_kind: str) -> dict[str, Any] | None:
-    """core.baselines.lookup_check on the written split (None for plain text, which has no answers to look up)."""
+def _lookup_check(folder: Path, method_kind: str, train_rows: int) -> dict[str, Any] | None:
+    """core.baselines.lookup_check on the written split (None for plain text, which has no answers to look up;
+    skipped, and said, on a training split too big to check in a few seconds)."""
     import xxhash
 
-    from specialist.core.baselines import LOOKUP_INDEX_ROWS, LOOKUP_ROWS, lookup_check
+    from specialist.core.baselines import LOOKUP_INDEX_ROWS, LOOKUP_MAX_TRAIN, LOOKUP_ROWS, lookup_check
     from specialist.data.split import read_answers, read_examples
 
     if method_kind == "continued_pretraining":
         return None
+    if train_rows > LOOKUP_MAX_TRAIN:
+        return {"skipped": f"{train_rows:,} training rows, over {LOOKUP_MAX_TRAIN:,}: `specialist baselines CONFIG` "
+                           "scores the nearest training row on the held-out rows"}
     # 64-bit hashes of every training answer, the text of the first rows only: memory stays flat on big data
     seen = np.sort(np.fromiter((xxhash.xxh64_intdigest(a.strip().encode())
                                 for a in read_answers(folder / "train.jsonl")), dtype=np.uint64))

@@ -119,6 +119,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
 
 def _lookup_notes(lookup: dict[str, Any] | None) -> list[str]:
     """What a lookup of the training rows already answers; a warning when the test set measures recall."""
+    if lookup and lookup.get("skipped"):
+        return [f"lookup check skipped: {lookup['skipped']}"]
     if not lookup or not lookup.get("splits"):
         return []
     shares = "; ".join(f"{name}: {100 * s['answer_seen_in_train']:.0f}% of answers seen in training, nearest "
