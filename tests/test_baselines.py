@@ -300,3 +300,18 @@ def test_the_baselines_command_scores_the_cheap_alternatives_before_any_training
     # the tiny data repeats three lines with a counter: the nearest training line has the same answer
     assert scores["nearest"]["scores"]["exact_match"]["mean"] == 1.0
     assert "nearest" in result.output and not (tmp_path / "runs").exists()  # no run folder, no model trained
+
+
+def test_prepare_reports_the_lookup_check_and_skips_it_on_a_training_split_too_big_to_check(log_data, tmp_path,
+                                                                                            monkeypatch):
+    import specialist.core.baselines as baselines
+    from specialist.config import validate_config
+    from specialist.data import prepare
+
+    data = validate_config({"data": {"path": str(log_data), "dedupe": {"near": False}}}).data
+    report = prepare(data, "lora", tmp_path / "small", 0).report
+    # three log lines repeated with a counter: every held-out answer was seen, and the nearest line is right
+    assert report["lookup"]["warn"] and report["lookup"]["splits"]["test"]["nearest_exact"] == 1.0
+    monkeypatch.setattr(baselines, "LOOKUP_MAX_TRAIN", 5)
+    skipped = prepare(data, "lora", tmp_path / "big", 0).report["lookup"]
+    assert "skipped" in skipped and "specialist baselines" in skipped["skipped"]
