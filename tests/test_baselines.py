@@ -315,3 +315,14 @@ def test_prepare_reports_the_lookup_check_and_skips_it_on_a_training_split_too_b
     monkeypatch.setattr(baselines, "LOOKUP_MAX_TRAIN", 5)
     skipped = prepare(data, "lora", tmp_path / "big", 0).report["lookup"]
     assert "skipped" in skipped and "specialist baselines" in skipped["skipped"]
+
+
+def test_an_index_queried_from_many_threads_at_once_answers_as_from_one(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [Row(f"user u{i} logged {'in' if i % 2 else 'out'} from host h{i % 5}", str(i)) for i in range(200)]
+    alone = RetrievalIndex.of_examples(rows).prompt_shots(["user u7 logged in from host h2"])
+    shared = RetrievalIndex.of_examples(rows)  # not fitted yet: the first queries race to fit it
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda _: shared.prompt_shots(["user u7 logged in from host h2"]), range(32)))
+    assert all(f == alone for f in found)

@@ -17,6 +17,7 @@ group (`split_by: grouped` keeps a group out of the other splits, so training mu
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 FORMAT_VERSION = 1
 DEFAULT_NEAR_DUPLICATE = 0.95
 CHUNK = 256  # queries scored at once: a dense [CHUNK, rows] block of similarities
+_FIT_LOCK = threading.Lock()
 Shots = list[tuple[str, str]]
 
 
@@ -127,9 +129,11 @@ class RetrievalIndex:
         return [self.answers[found[0]] if found else "" for found in self.neighbours(queries, 1)]
 
     def _fitted(self):
-        if self._vectorizers is None:
-            self._vectorizers = fit_vectorizers(self.inputs)
-            self._matrix = _transform(self._vectorizers, self.inputs)
+        with _FIT_LOCK:  # serve encodes prompts on worker threads: the first requests must not fit it twice
+            if self._vectorizers is None:
+                vectorizers = fit_vectorizers(self.inputs)
+                self._matrix = _transform(vectorizers, self.inputs)
+                self._vectorizers = vectorizers
         return self._vectorizers
 
     def to_json(self) -> dict[str, Any]:
