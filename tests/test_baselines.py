@@ -326,3 +326,22 @@ def test_an_index_queried_from_many_threads_at_once_answers_as_from_one(tmp_path
     with ThreadPoolExecutor(8) as pool:
         found = list(pool.map(lambda _: shared.prompt_shots(["user u7 logged in from host h2"]), range(32)))
     assert all(f == alone for f in found)
+
+
+@pytest.mark.parametrize(("section", "why"), [
+    ({"data": {"retrieval": {"k": 0}}}, "data.retrieval.k"),
+    ({"data": {"retrieval": {"k": 2, "near_duplicate": 1.5}}}, "near_duplicate"),
+    ({"data": {"retrieval": {"k": 2, "fields": ["x"]}}}, "fields"),
+    ({"data": {"retrieval": {"k": 2}}, "method": {"kind": "dpo"}}, "remove data.retrieval"),
+    ({"evaluation": {"baselines": ["nearest", "oracle"]}}, "oracle"),
+    ({"evaluation": {"retrieval_k": 100}}, "retrieval_k"),
+    ({"evaluation": {"gates": ["tuned - best_baseline >= x on exact_match"]}}, "cannot read gate"),
+])
+def test_bad_baseline_and_retrieval_settings_are_refused_with_their_key(section, why):
+    from specialist.config import validate_config
+    from specialist.errors import ConfigError
+
+    config = {"data": {"path": "d.jsonl", **section.get("data", {})},
+              **{k: v for k, v in section.items() if k != "data"}}
+    with pytest.raises(ConfigError, match=why):
+        validate_config(config)
