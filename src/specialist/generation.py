@@ -311,6 +311,8 @@ class Engine:
                  row_shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[Generation]:
         """Every prompt's answer, in input order; batched after sorting by length so batches carry little padding.
         `row_shots`, where given, are each prompt's own examples (retrieval) in place of the shared `shots`."""
+        if row_shots is None and not shots and self.retrieval is not None:  # one search for the whole list
+            row_shots = self.retrieval.prompt_shots(prompts)
         encoded = [self.encode(p, shots if row_shots is None else row_shots[i], max_new_tokens)
                    for i, p in enumerate(prompts)]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

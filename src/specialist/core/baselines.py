@@ -19,10 +19,6 @@ from typing import Any
 
 from specialist.core.retrieval import RetrievalIndex, _transform, fit_vectorizers
 
-NO_MODEL_BASELINES = ("nearest", "majority", "linear")
-BASELINES = (*NO_MODEL_BASELINES, "retrieval")
-
-
 @dataclass
 class LabelAnswers:
     """A label baseline's answers: the label per query and, where the baseline has them, class probabilities

@@ -14,17 +14,22 @@ from collections.abc import Callable
 from typing import Any
 
 from specialist.core.baselines import LabelAnswers, linear_answers, majority_answers, training_labels
-from specialist.core.retrieval import RetrievalIndex
+from specialist.core.gates import BASELINE_ARM_NAMES
+from specialist.core.retrieval import DEFAULT_NEAR_DUPLICATE, RetrievalIndex
 
-# every arm that is an alternative to fine-tuning (base and few_shot too: the base model needs no training)
-BASELINE_ARMS = ("base", "few_shot", "nearest", "majority", "linear", "retrieval")
-BEST = "best_baseline"
 NOT_COMPARED = ("length", "ece")  # not "higher is better" figures
 
 
 def default_retrieval_k(evaluation) -> int:
     """Rows the retrieval arm is shown: retrieval_k, else few_shot_k (0: no retrieval arm, like no few-shot arm)."""
     return evaluation.retrieval_k if evaluation.retrieval_k is not None else evaluation.few_shot_k
+
+
+def baseline_index(config, train: list, k: int = 3) -> RetrievalIndex:
+    """The training rows as the baselines search them, with the run's near-duplicate rule (data.retrieval's, else
+    the default) and `k` rows for a retrieval arm."""
+    near = config.data.retrieval.near_duplicate if config.data.retrieval else DEFAULT_NEAR_DUPLICATE
+    return RetrievalIndex.of_examples(train, near, k)
 
 
 def no_model_baselines(evaluation, index: RetrievalIndex,
@@ -56,10 +61,10 @@ def _timed(answer: Callable[[list[str]], tuple[list[str], LabelAnswers | None]])
 
 def best_baselines(arms: dict[str, Any]) -> dict[str, str]:
     """{metric: the baseline arm with the highest value on it} over the metrics the tuned arm has (ties: the arm
-    listed first in BASELINE_ARMS); empty without a tuned arm or a baseline arm."""
+    listed first in BASELINE_ARM_NAMES); empty without a tuned arm or a baseline arm."""
     if "tuned" not in arms:
         return {}
-    candidates = [name for name in BASELINE_ARMS if name in arms]
+    candidates = [name for name in BASELINE_ARM_NAMES if name in arms]
     best = {}
     for metric in arms["tuned"].headline():
         if metric in NOT_COMPARED:

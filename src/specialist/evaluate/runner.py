@@ -21,9 +21,8 @@ from typing import Any
 from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
-from specialist.core.gates import check_gates, refuse_gates_on_arms_left_out
+from specialist.core.gates import BEST_BASELINE, check_gates, refuse_gates_on_arms_left_out
 from specialist.core.labels import label_rule, render_label
-from specialist.core.retrieval import DEFAULT_NEAR_DUPLICATE, RetrievalIndex
 from specialist.core.scorers import (
     LabelRule,
     label_report,
@@ -36,7 +35,7 @@ from specialist.core.scorers import (
 from specialist.core.stats import paired_comparison, score_interval
 from specialist.data import Example
 from specialist.errors import ConfigError
-from specialist.evaluate.baseline_arms import BEST, best_baselines, default_retrieval_k, no_model_baselines
+from specialist.evaluate.baseline_arms import baseline_index, best_baselines, default_retrieval_k, no_model_baselines
 from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
 from specialist.generation import GREEDY, Engine, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
@@ -49,8 +48,6 @@ class Arm:
     shots: list[tuple[str, str]] = field(default_factory=list)
     weights_bytes: int | None = None  # known for export folders: what serving it costs on disk
     classifier: Any = None  # a classify.LabelClassifier: answers a label and probabilities, no text
-    # each prompt's own examples (retrieval: the k nearest training rows), in place of the shared `shots`
-    retriever: Callable[[list[str]], list[list[tuple[str, str]]]] | None = None
     # a baseline that needs no model: prompts -> (texts, seconds, core.baselines.LabelAnswers or None)
     baseline: Callable[[list[str]], Any] | None = None
 
@@ -157,8 +154,7 @@ def evaluate_baselines(config: RunConfig, split) -> EvalReport:
     scores its arms: what a fine-tune has to beat, known in seconds before any training."""
     evaluation = config.evaluation
     test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
-    near = config.data.retrieval.near_duplicate if config.data.retrieval else DEFAULT_NEAR_DUPLICATE
-    index = RetrievalIndex.of_examples(split.train, near)
+    index = baseline_index(config, split.train)
     found = no_model_baselines(evaluation.model_copy(update={"baselines": ["nearest", "majority", "linear"]}), index,
                                lambda label: render_label(label, config.data.label_template))
     rule = label_rule(evaluation)
@@ -254,13 +250,14 @@ def baseline_arms(config: RunConfig, train: list[Example], base: Engine) -> list
     evaluation = config.evaluation
     if not evaluation.baselines or not train:
         return []
-    near = config.data.retrieval.near_duplicate if config.data.retrieval else DEFAULT_NEAR_DUPLICATE
-    index = RetrievalIndex.of_examples(train, near, max(1, default_retrieval_k(evaluation)))
+    index = baseline_index(config, train, max(1, default_retrieval_k(evaluation)))
     found = [Arm(name, None, baseline=answer) for name, answer in
              no_model_baselines(evaluation, index, lambda label: render_label(label, config.data.label_template))
              .items()]
     if "retrieval" in evaluation.baselines and not evaluation.skip_base and default_retrieval_k(evaluation):
-        found.append(Arm("retrieval", base, retriever=index.prompt_shots))
+        # the base weights answering as a retrieval-trained model is served: the engine adds the nearest rows
+        found.append(Arm("retrieval", Engine(base.model, base.tokenizer, base.template, context=base.context,
+                                             retrieval=index)))
     return found
 
 
@@ -299,14 +296,12 @@ def answer(arm: Arm, examples: list[Example], max_new_tokens: int, config: RunCo
     prompts, batch_size = [ex.prompt for ex in examples], config.evaluation.batch_size
     if arm.baseline is not None:
         return baseline_answers(arm, prompts)
-    row_shots = arm.retriever(prompts) if arm.retriever is not None else None
     if arm.classifier is not None:
         probabilities = arm.classifier.probabilities(prompts, batch_size, label)
     elif scoring.likelihood and scoring.labels and arm.engine.constraint is None:
-        probabilities = likelihood_probabilities(arm.engine, prompts, scoring, batch_size, arm.shots, label,
-                                                 row_shots)
+        probabilities = likelihood_probabilities(arm.engine, prompts, scoring, batch_size, arm.shots, label)
     else:
-        texts = generate(arm.engine, examples, max_new_tokens, config, arm.shots, label, row_shots)
+        texts = generate(arm.engine, examples, max_new_tokens, config, arm.shots, label)
         return Answers(texts, time.perf_counter() - started)
     if config.evaluation.label_calibration == "batch":
         from specialist.evaluate.likelihood import batch_calibrate
@@ -326,24 +321,22 @@ def baseline_answers(arm: Arm, prompts: list[str]) -> Answers:
 
 
 def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelScoring, batch_size: int,
-                             shots: Sequence[tuple[str, str]] = (), label: str = "scoring labels",
-                             row_shots: Sequence[Sequence[tuple[str, str]]] | None = None):
+                             shots: Sequence[tuple[str, str]] = (), label: str = "scoring labels"):
     """[rows, labels] probabilities: softmax over the labels of each label completion's summed log-probability."""
     from specialist.evaluate.likelihood import label_logprobs, softmax
 
     completions = [render_label(label, scoring.label_template) for label in scoring.labels or []]
-    if row_shots is None and engine.retrieval is not None:  # a retrieval-trained model sees its neighbours
-        row_shots = engine.retrieval.prompt_shots(prompts)
+    # an engine with a retrieval index (a retrieval-trained model, the retrieval arm) shows each prompt its rows
+    row_shots = engine.retrieval.prompt_shots(prompts) if engine.retrieval is not None and not shots else None
     with engine.lock, engine.context():
         return softmax(label_logprobs(engine.model, engine.tokenizer, engine.template, prompts, completions,
                                       batch_size, shots, label, row_shots))
 
 
 def generate(engine: Engine, examples: list[Example], max_new_tokens: int, config: RunConfig,
-             shots: Sequence[tuple[str, str]] = (), label: str = "generating",
-             row_shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[str]:
+             shots: Sequence[tuple[str, str]] = (), label: str = "generating") -> list[str]:
     answers = engine.generate([ex.prompt for ex in examples], max_new_tokens, sampling_of(config.evaluation),
-                              config.evaluation.batch_size, shots, label, row_shots)
+                              config.evaluation.batch_size, shots, label)
     return [answer.text for answer in answers]
 
 
@@ -416,9 +409,9 @@ def figures_of(report: EvalReport):
                    for a, b in [key.split("_vs_", 1)]}
     for metric, arm in report.best_baseline.items():
         if f"{arm}.{metric}" in values:
-            values[f"{BEST}.{metric}"] = values[f"{arm}.{metric}"]
+            values[f"{BEST_BASELINE}.{metric}"] = values[f"{arm}.{metric}"]
         if ("tuned", arm, metric) in differences:
-            differences[("tuned", BEST, metric)] = differences[("tuned", arm, metric)]
+            differences[("tuned", BEST_BASELINE, metric)] = differences[("tuned", arm, metric)]
     return Figures(values, differences)
 
 
