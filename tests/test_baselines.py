@@ -105,6 +105,7 @@ def test_near_duplicate_threshold_and_ties_are_deterministic():
 def test_an_index_round_trips_and_a_broken_file_is_a_clear_error(tmp_path):
     index = RetrievalIndex(["a b", "c d"], ["x", "y"], ["x", None], [None, "g"], 0.9, 2)
     index.save(tmp_path / "retrieval.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["retrieval.json"]  # written aside, renamed into place
     loaded = RetrievalIndex.load(tmp_path / "retrieval.json")
     assert (loaded.inputs, loaded.answers, loaded.labels, loaded.groups, loaded.near_duplicate, loaded.k) == \
         (index.inputs, index.answers, index.labels, index.groups, 0.9, 2)
@@ -345,3 +346,21 @@ def test_bad_baseline_and_retrieval_settings_are_refused_with_their_key(section,
               **{k: v for k, v in section.items() if k != "data"}}
     with pytest.raises(ConfigError, match=why):
         validate_config(config)
+
+
+def test_a_save_killed_midway_leaves_the_previous_index_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = tmp_path / "retrieval.json"
+    RetrievalIndex(["old input"], ["old answer"]).save(path)
+    real_write = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)  # half written, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        RetrievalIndex(["new input"] * 50, ["new answer"] * 50).save(path)
+    monkeypatch.setattr(Path, "write_text", real_write)
+    assert RetrievalIndex.load(path).inputs == ["old input"]

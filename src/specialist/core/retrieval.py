@@ -17,6 +17,7 @@ group (`split_by: grouped` keeps a group out of the other splits, so training mu
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,7 +143,11 @@ class RetrievalIndex:
                          for i, a, lab, g in zip(self.inputs, self.answers, self.labels, self.groups)]}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
+        """Write beside `path` and rename into place: a kill mid-write leaves no half index for a run to load."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        partial.write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
+        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: Path) -> RetrievalIndex:
