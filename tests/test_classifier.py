@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from specialist.classify import LabelClassifier, classifier_from_causal, load_classifier
+from specialist.classify import HeadSpec, LabelClassifier, classifier_from_causal, load_classifier
 from specialist.config import validate_config
 from specialist.data import Example, PromptTemplate
 from specialist.errors import ConfigError, DataError
@@ -245,3 +245,88 @@ def test_prompts_past_max_length_keep_their_end_where_the_head_reads(tiny_model)
     classifier = LabelClassifier(model.eval(), tokenizer, template, ["a", "b"], max_length=16)
     found = classifier.probabilities(["block " * 500, "", "\x00\ufffd<eos> {label}"], batch_size=2)
     assert found.shape == (3, 2) and np.allclose(found.sum(axis=1), 1.0)
+
+
+# -- reading a long input in windows ------------------------------------------------------------------------------
+def test_windows_cover_the_input_once_in_order():
+    from specialist.classify import windows_of, windowed_batch
+
+    ids = list(range(1, 12))
+    assert windows_of(ids, 4) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    assert windows_of(ids, None) == [ids] and windows_of(ids, 11) == [ids] and windows_of([], 4) == [[]]
+    batch = windowed_batch([ids, [1, 2]], pad_id=0, window=4)
+    assert batch["window_row"].tolist() == [0, 0, 0, 1]
+    assert batch["attention_mask"].sum().item() == 13  # every token once, padding masked
+    assert "window_row" not in windowed_batch([[1, 2], [3]], pad_id=0, window=4)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pooled_windows_equal_each_window_read_alone_then_pooled(tiny_model, pooling):
+    """A row read in windows is pooled exactly as its windows read one by one (mean: weighted by their real tokens),
+    and its neighbour in the batch changes nothing."""
+    from specialist.classify import PooledClassifier, windowed_batch
+
+    causal, tokenizer = tiny_model
+    model, kind = classifier_from_causal(causal, 3, tokenizer.pad_token_id, "pooled", pooling)
+    assert kind == "pooled" and isinstance(model, PooledClassifier) and model.model is causal.model
+    model.eval()
+    long, short = list(range(10, 21)), [2, 10, 11]
+    with torch.no_grad():
+        together = model(**windowed_batch([long, short], tokenizer.pad_token_id, 4)).logits
+        states = [model.hidden_states(torch.tensor([w]), torch.ones(1, len(w), dtype=torch.long))[0]
+                  for w in ([10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 20])]
+        if pooling == "mean":
+            by_hand = torch.cat(states).mean(0)  # every token of the row alike, whichever window it fell in
+        else:
+            by_hand = torch.stack([s[-1] for s in states]).mean(0)
+        alone_short = model(**windowed_batch([short], tokenizer.pad_token_id, 4)).logits[0]
+    assert together.shape == (2, 3)
+    assert torch.allclose(together[0], model.score(by_hand), atol=1e-5)
+    assert torch.allclose(together[1], alone_short, atol=1e-5)
+
+
+def test_a_windowed_mean_pooled_run_trains_saves_and_loads_back_whole(tmp_path, tiny_model_dir, severity_data):
+    from specialist.classify import PooledClassifier, read_labels
+    from specialist.pipeline import train_only
+
+    config = classifier_config(tmp_path, tiny_model_dir, severity_data, training={"max_steps": 4},
+                               method={"pooling": "mean", "window": 16})
+    run = RunFolder(train_only(config, "severity").run_dir)
+    labels, spec = read_labels(run)
+    assert (spec.head, spec.pooling, spec.window) == ("pooled", "mean", 16)
+    loaded = load_classifier(run)
+    assert isinstance(loaded.model.base_model.model, PooledClassifier) and loaded.window == 16
+    long_prompt = "null " * 40  # several windows of 16 tokens, none of them cut away
+    assert len(loaded.encode(long_prompt)) > 32
+    torch.manual_seed(4)
+    np.testing.assert_allclose(loaded.probabilities([long_prompt, "block report 3"]),
+                               load_classifier(run).probabilities([long_prompt, "block report 3"]), atol=1e-6)
+
+
+def test_a_label_file_from_before_pooling_reads_as_last_token_whole(tmp_path):
+    from specialist.classify import read_labels
+
+    run = RunFolder(tmp_path)
+    run.labels_file.write_text('{"labels": ["a", "b"], "head": "last_token", "class_weights": [1, 1]}')
+    assert read_labels(run)[1] == HeadSpec("last_token")
+    for damage in ('{"labels": ["a", "b"], "head": "pooled", "pooling": "max"}',
+                   '{"labels": ["a", "b"], "head": "pooled", "window": -3}',
+                   '{"labels": ["a", "b"], "head": "pooled", "window": "16"}'):
+        run.labels_file.write_text(damage)
+        with pytest.raises(ConfigError, match="labels.json"):
+            read_labels(run)
+
+
+def test_window_and_pooling_are_refused_outside_a_classifier_or_past_max_length(tmp_path, tiny_model_dir,
+                                                                              severity_data):
+    with pytest.raises(ConfigError, match="method.window"):
+        classifier_config(tmp_path, tiny_model_dir, severity_data, method={"kind": "lora", "window": 16})
+    with pytest.raises(ConfigError, match="method.window"):
+        classifier_config(tmp_path, tiny_model_dir, severity_data, method={"kind": "lora", "pooling": "mean"})
+    with pytest.raises(ConfigError, match="longer than training.max_length"):
+        classifier_config(tmp_path, tiny_model_dir, severity_data, method={"window": 128})
+    for bad in (0, 8, "wide", 10**6):
+        with pytest.raises(ConfigError, match="window"):
+            classifier_config(tmp_path, tiny_model_dir, severity_data, method={"window": bad})
+    with pytest.raises(ConfigError, match="pooling"):
+        classifier_config(tmp_path, tiny_model_dir, severity_data, method={"pooling": "max"})

@@ -16,6 +16,7 @@ a classifier run as they do with any other model (training it is train/classifie
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,8 @@ from specialist.run_folder import RunFolder, read_json, write_json
 if TYPE_CHECKING:
     import numpy as np
 
-HEADS = ("transformers", "last_token")
+HEADS = ("transformers", "last_token", "pooled")
+POOLINGS = ("last", "mean")
 
 
 # -- the head ---------------------------------------------------------------------------------------------------
@@ -49,12 +51,15 @@ class LastTokenClassifier(torch.nn.Module):
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return SequenceClassifierOutput(logits=self.score(hidden[torch.arange(hidden.shape[0]),
+                                                                 last_real_token(attention_mask)]))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states, [rows, tokens, hidden]."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         hidden = getattr(out, "last_hidden_state", None)
-        hidden = hidden if hidden is not None else out.hidden_states[-1]
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (positions * attention_mask.to(positions.dtype)).argmax(-1)  # the rightmost real token, either padding
-        return SequenceClassifierOutput(logits=self.score(hidden[torch.arange(hidden.shape[0]), last]))
+        return hidden if hidden is not None else out.hidden_states[-1]
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         enable = getattr(self.model, "activation_checkpointing_enable", None)
@@ -64,6 +69,50 @@ class LastTokenClassifier(torch.nn.Module):
 
     def enable_input_require_grads(self) -> None:
         self.model.enable_input_require_grads()
+
+
+def last_real_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's rightmost real token (by the mask), whichever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+class PooledClassifier(LastTokenClassifier):
+    """A linear head on each input's pooled hidden states, where an input may be read as several windows.
+
+    Why: a bug report of 2,000 tokens cut to a 256-token window loses most of the words a TF-IDF model reads;
+    attention over the whole report costs its length squared. Each window is read on its own (`window_row` says
+    which input a window belongs to) and the windows' states are pooled: `mean` averages every real token's state
+    over all the input's windows (a window counts by its length), `last` averages the windows' last-token states.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, config, num_labels: int, pooling: str = "mean") -> None:
+        super().__init__(backbone, config, num_labels)
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+        self.pooling = pooling
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, window_row=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        sums, weights = self._window_sums(hidden, attention_mask)
+        if window_row is None:
+            window_row = torch.arange(hidden.shape[0], device=hidden.device)
+        inputs = int(window_row.max()) + 1
+        pooled = sums.new_zeros((inputs, sums.shape[1])).index_add_(0, window_row, sums)
+        counts = weights.new_zeros(inputs).index_add_(0, window_row, weights)
+        return SequenceClassifierOutput(logits=self.score(pooled / counts.clamp(min=1)[:, None]))
+
+    def _window_sums(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per window: the summed states to pool and how much the window weighs."""
+        if self.pooling == "mean":
+            mask = attention_mask.to(hidden.dtype)
+            return (hidden * mask[..., None]).sum(1), mask.sum(1)
+        last = hidden[torch.arange(hidden.shape[0]), last_real_token(attention_mask)]
+        return last, torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
 
 
 def sequence_classification_class(config) -> type | None:
@@ -76,16 +125,22 @@ def sequence_classification_class(config) -> type | None:
         return None
 
 
-def classifier_from_causal(causal, num_labels: int, pad_token_id: int, head: str = "auto") -> tuple[Any, str]:
+def classifier_from_causal(causal, num_labels: int, pad_token_id: int, head: str = "auto",
+                           pooling: str = "mean") -> tuple[Any, str]:
     """(classifier, head kind) around `causal`'s decoder (shared, not copied) with a new `num_labels` head.
 
-    `head`: transformers (its class for the architecture), last_token (ours), or auto: transformers' where the
-    architecture has one whose decoder is the causal LM's, else ours.
+    `head`: transformers (its class for the architecture), last_token (ours), pooled (ours, over windows, by
+    `pooling`), or auto: transformers' where the architecture has one whose decoder is the causal LM's, else
+    last_token.
     """
     config = copy.deepcopy(causal.config)
     config.num_labels = num_labels
     config.get_text_config().pad_token_id = config.pad_token_id = pad_token_id
     backbone = causal.base_model
+    if head == "pooled":
+        model = PooledClassifier(backbone, config, num_labels, pooling)
+        _init_head(model.score, config)
+        return model, head
     if head in ("auto", "transformers"):
         model = _transformers_head(config, backbone, num_labels)
         if model is not None:
@@ -131,6 +186,27 @@ def encode_input(template: PromptTemplate, tokenizer, text: str, max_length: int
     return ids[-max_length:] if max_length and len(ids) > max_length else ids
 
 
+def windows_of(ids: list[int], window: int | None) -> list[list[int]]:
+    """`ids` cut into consecutive windows of `window` tokens (the last may be shorter); one window when None."""
+    if not window or len(ids) <= window:
+        return [ids]
+    return [ids[start:start + window] for start in range(0, len(ids), window)]
+
+
+def windowed_batch(rows: list[list[int]], pad_id: int, window: int | None) -> dict[str, torch.Tensor]:
+    """The model inputs for `rows`: every row's windows right-padded, and which row each window belongs to."""
+    windows, owner = [], []
+    for n, row in enumerate(rows):
+        for piece in windows_of(row, window):
+            windows.append(piece)
+            owner.append(n)
+    input_ids, attention_mask = right_pad(windows, pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if len(windows) != len(rows):
+        batch["window_row"] = torch.tensor(owner, dtype=torch.long)
+    return batch
+
+
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -142,23 +218,43 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 # -- the label file ---------------------------------------------------------------------------------------------
-def save_labels(run: RunFolder, labels: list[str], head: str, weights: list[float]) -> None:
-    write_json(run.labels_file, {"labels": labels, "head": head, "class_weights": weights})
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a classifier run's head is: its kind, how it pools, and the window it reads inputs in (None: whole)."""
+
+    head: str
+    pooling: str = "last"
+    window: int | None = None
+
+    @classmethod
+    def for_method(cls, method) -> HeadSpec:
+        """The head method.pooling and method.window ask for: ours, pooled, when either departs from the default;
+        else whichever `classifier_from_causal` picks."""
+        if method.pooling == "last" and method.window is None:
+            return cls("auto")
+        return cls("pooled", method.pooling, method.window)
 
 
-def read_labels(run: RunFolder) -> tuple[list[str], str]:
-    """(classes in head order, head kind) of a classifier run; ConfigError when labels.json is not usable."""
+def save_labels(run: RunFolder, labels: list[str], spec: HeadSpec, weights: list[float]) -> None:
+    write_json(run.labels_file, {"labels": labels, "head": spec.head, "pooling": spec.pooling,
+                                 "window": spec.window, "class_weights": weights})
+
+
+def read_labels(run: RunFolder) -> tuple[list[str], HeadSpec]:
+    """(classes in head order, the head) of a classifier run; ConfigError when labels.json is not usable. A file
+    written before pooling and windows existed reads as last-token pooling over one window."""
     try:
         saved = read_json(run.labels_file)
-        labels, head = saved["labels"], saved["head"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        labels, spec = saved["labels"], HeadSpec(saved["head"], saved.get("pooling", "last"), saved.get("window"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{run.labels_file} is not a classifier's label file ({type(exc).__name__}: {exc})",
                           hint="train the run again") from exc
+    window_ok = spec.window is None or (type(spec.window) is int and spec.window > 0)
     if (not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels)
-            or head not in HEADS):
-        raise ConfigError(f"{run.labels_file}: expected at least two string labels and a head in {HEADS}",
-                          hint="train the run again")
-    return labels, head
+            or spec.head not in HEADS or spec.pooling not in POOLINGS or not window_ok):
+        raise ConfigError(f"{run.labels_file}: expected at least two string labels, a head in {HEADS}, a pooling "
+                          f"in {POOLINGS} and a positive window or null", hint="train the run again")
+    return labels, spec
 
 
 # -- answering --------------------------------------------------------------------------------------------------
@@ -166,9 +262,9 @@ class LabelClassifier:
     """A trained classifier answering prompts: class probabilities per prompt, or the most probable label."""
 
     def __init__(self, model, tokenizer, template: PromptTemplate, labels: list[str], max_length: int | None = None,
-                 context: Callable = nullcontext) -> None:
+                 context: Callable = nullcontext, window: int | None = None) -> None:
         self.model, self.tokenizer, self.template, self.labels = model, tokenizer, template, labels
-        self.max_length, self.context = max_length, context
+        self.max_length, self.context, self.window = max_length, context, window
 
     def probabilities(self, prompts: Sequence[str], batch_size: int = 16, label: str = "classifying") -> np.ndarray:
         """[rows, classes] softmax of the head, rows in input order; batched by length, right-padded."""
@@ -197,9 +293,9 @@ class LabelClassifier:
         return found
 
     def _batch(self, rows: list[list[int]]):
-        input_ids, attention_mask = right_pad(rows, self.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        batch = windowed_batch(rows, self.tokenizer.pad_token_id, self.window)
+        logits = self.model(**{key: value.to(device) for key, value in batch.items()}).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     def answers(self, prompts: Sequence[str], label_template: str, batch_size: int = 16) -> list[str]:
@@ -264,13 +360,14 @@ def load_classifier(run: RunFolder, dtype: str = "auto") -> LabelClassifier:
     from specialist.models import load_model_and_tokenizer
 
     config = run.config()
-    labels, head = read_labels(run)
+    labels, spec = read_labels(run)
     if not run.has_adapter:
         raise ConfigError(f"{run.path} holds no trained classifier (no {run.adapter.name}/)", hint="train it first")
     causal, tokenizer = load_model_and_tokenizer(config.model.name, dtype)
-    model, _ = classifier_from_causal(causal, len(labels), tokenizer.pad_token_id, head)
+    model, _ = classifier_from_causal(causal, len(labels), tokenizer.pad_token_id, spec.head, spec.pooling)
     model = PeftModel.from_pretrained(model, run.adapter).eval()
-    return LabelClassifier(model, tokenizer, run.template(), labels, max_length=config.training.max_length)
+    return LabelClassifier(model, tokenizer, run.template(), labels, max_length=config.training.max_length,
+                           window=spec.window)
 
 
 def classifier_engine(run: RunFolder, dtype: str = "auto") -> ClassifierEngine:
@@ -278,5 +375,5 @@ def classifier_engine(run: RunFolder, dtype: str = "auto") -> ClassifierEngine:
     return ClassifierEngine(load_classifier(run, dtype), run.config().data.label_template)
 
 
-__all__ = ["ClassifierEngine", "LabelClassifier", "classifier_engine", "classifier_from_causal", "load_classifier",
+__all__ = ["ClassifierEngine", "HeadSpec", "LabelClassifier", "PooledClassifier", "classifier_engine", "classifier_from_causal", "load_classifier",
            "read_labels", "save_labels"]

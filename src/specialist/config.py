@@ -296,6 +296,15 @@ class MethodConfig(_Section):
         default="balanced", description="classifier: balanced weighs each class by n / (classes x its rows) "
         "(sklearn's 'balanced'), so a rare class counts as much as a common one; none: every row alike.",
     )
+    pooling: Literal["last", "mean"] = Field(
+        default="last", description="classifier: the head reads the last real token's hidden state (last), or the "
+        "mean of every real token's (mean: each part of a long input counts by its length).",
+    )
+    window: int | None = Field(
+        default=None, gt=8, le=32768, description="classifier: read each input in windows of this many tokens, "
+        "each window on its own, their hidden states pooled (method.pooling) into one for the head: a report up "
+        "to training.max_length tokens is read whole at a window's attention cost. None: one window of max_length.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -597,6 +606,12 @@ class RunConfig(_Section):
         if self.data.retrieval is not None and kind not in RETRIEVAL_METHODS:
             raise ValueError(f"data.retrieval trains prompts that carry their nearest training rows, with method.kind "
                              f"{', '.join(RETRIEVAL_METHODS)}, not {kind!r}; remove data.retrieval")
+        if kind != "classifier" and (self.method.window is not None or self.method.pooling != "last"):
+            raise ValueError(f"method.window and method.pooling shape a classifier's head, not method.kind {kind!r}; "
+                             "remove them")
+        if self.method.window is not None and self.method.window > self.training.max_length:
+            raise ValueError(f"method.window {self.method.window} is longer than training.max_length "
+                             f"{self.training.max_length}, so every input is one window; lower it, or remove it")
         return self
 
     @model_validator(mode="after")

@@ -30,7 +30,14 @@ import torch
 from transformers import Trainer
 
 from specialist.config import MethodConfig, TrainingConfig
-from specialist.classify import LabelClassifier, classifier_from_causal, encode_input, right_pad, save_labels
+from specialist.classify import (
+    HeadSpec,
+    LabelClassifier,
+    classifier_from_causal,
+    encode_input,
+    save_labels,
+    windowed_batch,
+)
 from specialist.data import Example, PromptTemplate
 from specialist.errors import DataError
 from specialist.ranks import is_main_process
@@ -108,15 +115,16 @@ def encode_rows(examples: Sequence[Example], template: PromptTemplate, tokenizer
 
 
 class PadCollator:
-    """Right-pads a batch of encoded rows (ids, mask, label)."""
+    """Right-pads a batch of encoded rows (ids, mask, label); with a window, each row is cut into windows and
+    `window_row` says whose each is."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, window: int | None = None) -> None:
+        self.pad_id, self.window = pad_id, window
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = right_pad([r["input_ids"] for r in rows], self.pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long)}
+        batch = windowed_batch([r["input_ids"] for r in rows], self.pad_id, self.window)
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+        return batch
 
 
 def weighted_loss(weights: list[float]) -> Callable:
@@ -146,7 +154,9 @@ def train_classifier(model, tokenizer, template: PromptTemplate, train: list[Exa
 
     labels = class_labels(run.config().data.labels, [*train, *val])
     weights = class_weights(labels, train, method.class_weights)
-    classifier, head = classifier_from_causal(model, len(labels), tokenizer.pad_token_id)
+    asked = HeadSpec.for_method(method)
+    classifier, head = classifier_from_causal(model, len(labels), tokenizer.pad_token_id, asked.head, asked.pooling)
+    spec = HeadSpec(head, asked.pooling, asked.window)
     classifier = with_adapter(classifier, method)
     train_rows = encode_rows(train, template, tokenizer, labels, training.max_length)
     val_rows = encode_rows(val, template, tokenizer, labels, training.max_length) if val else None
@@ -155,15 +165,15 @@ def train_classifier(model, tokenizer, template: PromptTemplate, train: list[Exa
                              remove_unused_columns=False)
     trainer = ClassifierTrainer(
         model=classifier, args=args, train_dataset=train_rows, eval_dataset=val_rows,
-        data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=PadCollator(tokenizer.pad_token_id, spec.window), processing_class=tokenizer,
         compute_loss_func=weighted_loss(weights),
         callbacks=callbacks(training, run.metrics_log, args,
-                            selection_answers(template, tokenizer, labels, val, training, run),
+                            selection_answers(template, tokenizer, labels, val, training, run, spec.window),
                             forward_evaluation_steps(training, len(val_rows)) if val_rows else 0.0))
     seconds, tokens = run_trainer(trainer, resume_from)
     save_trained(trainer, run.adapter)  # on every rank: under FSDP the gather is collective
     if is_main_process():
-        save_labels(run, labels, head, weights)
+        save_labels(run, labels, spec, weights)
     return TrainResult(model=trainer.model, output_dir=run.adapter, log_history=list(trainer.state.log_history),
                        train_tokens=tokens, seconds=seconds, steps=trainer.state.global_step,
                        best_checkpoint=trainer.state.best_model_checkpoint, epochs=args.num_train_epochs,
@@ -183,7 +193,7 @@ def save_trained(trainer, output_dir: Path) -> None:
 
 
 def selection_answers(template: PromptTemplate, tokenizer, labels: list[str], val: list[Example],
-                      training: TrainingConfig, run: RunFolder):
+                      training: TrainingConfig, run: RunFolder, window: int | None = None):
     """training.select_by's view of the classifier: each validation row's predicted label, rendered."""
     if not training.select_by:
         return None
@@ -192,7 +202,7 @@ def selection_answers(template: PromptTemplate, tokenizer, labels: list[str], va
     label_template = run.config().data.label_template
 
     def answer(model, prompts: list[str]) -> list[str]:
-        found = LabelClassifier(model, tokenizer, template, labels, max_length=training.max_length)
+        found = LabelClassifier(model, tokenizer, template, labels, max_length=training.max_length, window=window)
         return found.answers(prompts, label_template)
 
     return SelectionRows.of(training.select_by, run, val, answer)
