@@ -136,7 +136,22 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-StopString = Annotated[Text, Field(min_length=1, max_length=256)]  # bounded: every token is checked against each
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; the length bounds the check every token makes against each
+
+
+def _stop_strings(value: Any) -> tuple[str, ...] | None:
+    """`stop` as a tuple: a string or a list of up to MAX_STOPS non-empty strings (an empty one would end every
+    answer before it began), each valid Unicode of at most MAX_STOP_CHARS characters."""
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS:
+        raise ValueError(f"must be a string or a list of 1 to {MAX_STOPS} strings")
+    for stop in stops:
+        if not isinstance(stop, str) or not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise ValueError(f"each stop must be a string of 1 to {MAX_STOP_CHARS} characters")
+        _valid_unicode(stop)
+    return tuple(stops)
 
 
 class _StreamOptions(BaseModel):
@@ -159,7 +174,7 @@ class _Body(BaseModel):
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    stop: Annotated[Any, AfterValidator(_stop_strings)] = None
     seed: Seed | None = None
     user: Annotated[Text, Field(max_length=256)] | None = None
     # accepted and ignored: they ask nothing of the answer
@@ -571,7 +586,7 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
     # response_format's schema compiles into a grammar here, so a schema that cannot is this request's 400
     prompt_ids = await asyncio.to_thread(_encode_within_limit, arm, text, max_tokens, state.settings)
     constraint = await asyncio.to_thread(response_constraint, body, arm)
-    row = GenerationRequest(prompt_ids, max_tokens, stop=_stops(body), constraint=constraint,
+    row = GenerationRequest(prompt_ids, max_tokens, stop=body.stop or (), constraint=constraint,
                             logprobs=_logprobs_asked(body, arm))
     job = _new_job(row, Sampling.of(body.temperature, body.top_p, body.seed), stream=body.stream)
     started = time.perf_counter()
@@ -583,10 +598,6 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
     request_id = new_request_id(kind)
     await record(state, request_id, arm_name, kind, body, text, result, time.perf_counter() - started)
     return JSONResponse(openai_body(kind, request_id, arm_name, result, choice_logprobs(arm.tokenizer, result)))
-
-
-def _stops(body: _Body) -> tuple[str, ...]:
-    return () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
 
 
 def _logprobs_asked(body: _Body, arm: ServedArm) -> int | None:
