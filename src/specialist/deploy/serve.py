@@ -13,6 +13,12 @@ be plain (no NaN, no huge integers, bounded nesting), every field must have its 
 Unicode, and the prompt must fit `max_prompt_tokens`. Each failure is a 4xx in OpenAI's error shape, counted in
 /metrics by kind, and costs the other clients nothing.
 
+OpenAI's request fields are honoured or refused, never silently dropped: `response_format` (json_object, json_schema)
+decodes through `specialist.constrain`, `stop`, `seed`, `logprobs`/`top_logprobs` and `stream_options.include_usage`
+reach the engine and the response; fields it cannot honour (tools, penalties, logit_bias, n > 1, ...) are a 400
+naming the field unless they hold their no-op value (UNSUPPORTED); fields OpenAI does not define are ignored with a
+warning in the log, as vLLM does.
+
 Batching: each arm has a bounded queue and one worker that takes up to `max_batch` waiting requests (streamed or
 not, waiting at most `max_wait_ms` for company) and answers them together through the shared generation engine
 (`specialist.generation`), each row ending on its own. A full queue answers 503 with Retry-After at once. A batch
