@@ -195,3 +195,92 @@ def test_rows_sharing_a_prefix_answer_as_they_would_alone(babbler):
     alone = [babbler.run([Request(ids, 12)])[0] for ids in encoded]
     assert [g.text for g in together] == [g.text for g in alone]
     assert shared_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2 and shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
+
+
+# ---- per-request settings (issue 27): stop strings, a seed, log-probabilities, an output language --------------
+
+
+def test_a_request_stop_string_ends_only_its_own_row(babbler):
+    babbler.stop_ids = set()
+    first = babbler.answer(PROMPTS[0], 20)
+    marker = first.text[4:6]
+    assert len(marker.strip()) == 2, first.text
+    ids = babbler.encode(PROMPTS[0])
+    stopped, free = babbler.run([Request(ids, 20, stop=(marker, "never-written")), Request(ids, 20)])
+    assert stopped.finish_reason == "stop" and stopped.text == cut_at_stop(first.text, (marker,))
+    assert free.text == first.text and free.finish_reason == "length"
+    never = babbler.run([Request(ids, 20, stop=("\x00never\x00",))])[0]  # a stop that never appears changes nothing
+    assert never.text == first.text and never.finish_reason == "length"
+
+
+def test_a_stop_string_is_held_back_from_the_stream(babbler):
+    babbler.stop_ids = set()
+    first = babbler.answer(PROMPTS[1], 24)
+    marker = first.text[6:9]
+    pieces: list[str] = []
+    streamed = babbler.run([Request(babbler.encode(PROMPTS[1]), 24, on_text=pieces.append, stop=(marker,))])[0]
+    assert "".join(pieces) == streamed.text == cut_at_stop(first.text, (marker,)) and marker not in streamed.text
+
+
+def test_a_seed_repeats_its_draw_whatever_is_batched_beside_it(babbler):
+    """Each seeded row draws from its own generator: the same seed gives the same answer alone, beside other rows
+    and after the global generator has moved; other seeds give other answers; the global generator is untouched."""
+    babbler.stop_ids = set()
+    ids = [babbler.encode(p) for p in PROMPTS]
+    seeded = Sampling.of(1.0, 1.0, seed=7)
+    alone = babbler.run([Request(ids[0], 12)], seeded)[0].text
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    batched = babbler.run([Request(i, 12) for i in (ids[1], ids[0], ids[2])], seeded)[1].text
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert batched == alone
+    others = {babbler.run([Request(ids[0], 12)], Sampling.of(1.0, 1.0, seed=s))[0].text for s in range(4)}
+    assert len(others) > 1
+    cold = babbler.run([Request(ids[0], 12)], Sampling.of(1e-4, 1.0, seed=3))[0].text
+    assert cold == babbler.answer(PROMPTS[0], 12).text  # near-zero temperature: the greedy answer
+    assert Sampling.of(0, 0.5, seed=3) == Sampling() and Sampling.of(None) == Sampling()
+
+
+def test_logprobs_are_the_models_own_and_add_up_streamed_or_not(babbler):
+    babbler.stop_ids = set()
+    ids = babbler.encode(PROMPTS[0])
+    whole = babbler.run([Request(ids, 10, logprobs=3)])[0]
+    assert len(whole.logprobs) == whole.completion_tokens == 10
+    with torch.inference_mode():  # greedy: each token is the likeliest, its logprob the top one
+        prefix = list(ids)
+        for entry in whole.logprobs:
+            expected = torch.log_softmax(babbler.model(torch.tensor([prefix])).logits[0, -1].float(), -1)
+            assert entry.token_id == int(expected.argmax()) == entry.top[0][0]
+            assert abs(entry.logprob - float(expected[entry.token_id])) < 1e-4 and len(entry.top) == 3
+            assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+            prefix.append(entry.token_id)
+    pieces: list[tuple[str, tuple]] = []
+    streamed = babbler.run([Request(ids, 10, logprobs=0, on_text=lambda text, lps: pieces.append((text, lps)))])[0]
+    assert "".join(text for text, _ in pieces) == streamed.text == whole.text
+    assert [e.token_id for _, lps in pieces for e in lps] == [e.token_id for e in streamed.logprobs][:sum(
+        len(lps) for _, lps in pieces)]
+    assert all(e.top == () for e in streamed.logprobs) and babbler.run([Request(ids, 4)])[0].logprobs is None
+
+
+def test_a_stop_string_leaves_its_tokens_out_of_the_logprobs(babbler):
+    babbler.stop_ids = set()
+    first = babbler.answer(PROMPTS[0], 20)
+    marker = first.text[5:7]
+    stopped = babbler.run([Request(babbler.encode(PROMPTS[0]), 20, logprobs=0, stop=(marker,))])[0]
+    spelled = babbler.tokenizer.decode([e.token_id for e in stopped.logprobs]).strip()
+    assert marker not in spelled and stopped.text.startswith(spelled) and len(stopped.logprobs) < 20
+
+
+def test_rows_with_their_own_output_language_are_each_kept_inside_it(babbler):
+    pytest.importorskip("xgrammar")
+    from specialist.constrain import Constraint
+
+    schema = Constraint.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                                     "additionalProperties": False})
+    labels = Constraint.labels(["yes", "no"])
+    ids = [babbler.encode(p) for p in PROMPTS]
+    results = babbler.run([Request(ids[0], 30, constraint=schema), Request(ids[1], 30, constraint=labels),
+                           Request(ids[2], 30), Request(ids[0], 30, constraint=schema)], Sampling.of(1.0, seed=1))
+    assert set(json.loads(results[0].text)) == {"n"} and results[1].text in ("yes", "no")
+    assert results[3].text == results[0].text  # same prompt, same seed: the batch split changes nothing
+    assert results[2].text == babbler.run([Request(ids[2], 30)], Sampling.of(1.0, seed=1))[0].text

@@ -272,7 +272,8 @@ def test_a_generation_error_ends_its_stream_with_an_error_event(arms, tmp_path, 
     with BackgroundServer(app) as server:
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=chat(stream=True), timeout=10) as reply:
             events = [line for line in reply.iter_lines() if line.startswith("data: ")]
-        assert json.loads(events[0][6:])["choices"][0]["delta"]["content"] == "partial"
+        assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert json.loads(events[1][6:])["choices"][0]["delta"]["content"] == "partial"
         assert "the model fell over" in json.loads(events[-1][6:])["error"]["message"]
         monkeypatch.undo()
         assert post(f"{server.url}/v1/chat/completions", GOOD).status_code == 200  # still serving

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from specialist.constrain import Constraint
     from specialist.data import Example, PromptTemplate
 
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
@@ -33,14 +34,28 @@ _INCOMPLETE_CHARACTER = "\ufffd"  # a byte-level token that ends inside a multi-
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is picked: greedy by default, or sampled with temperature and nucleus (top-p)."""
+    """How the next token is picked: greedy by default, or sampled with temperature and nucleus (top-p). The one
+    sampling type: evaluation builds it from its config, `serve` from each request (`Sampling.of`).
+
+    Unseeded sampling draws from torch's global generator through transformers' own sampler (what evaluation has
+    always done). A `seed` gives every row of the batch a generator of its own, seeded with it, so a seeded request
+    answers the same whatever else is generated at the same time, in this thread or another."""
 
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> Sampling:
+        """Greedy when `temperature` is 0 or unset (a seed is then moot and dropped, so greedy requests batch
+        together); else sampled at `temperature` with nucleus `top_p` (1: the whole distribution)."""
+        if not temperature:
+            return GREEDY
+        return cls(True, float(temperature), float(1.0 if top_p is None else top_p), seed)
 
     def generate_kwargs(self) -> dict:
-        if not self.do_sample:
+        if not self.do_sample or self.seed is not None:  # a seeded draw is made by _SeededDraw, then taken greedily
             return {"do_sample": False}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
@@ -55,8 +70,21 @@ class Request:
 
     prompt_ids: list[int]
     max_new_tokens: int
-    on_text: Callable[[str], None] | None = None
+    on_text: Callable[..., None] | None = None  # (piece, logprobs of the tokens the piece completes)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stop: tuple[str, ...] = ()  # the caller's own stop strings, beside the prompt format's
+    constraint: Constraint | None = None  # this row's output language, in place of the engine's
+    logprobs: int | None = None  # None: none; k >= 0: each answer token's log-probability and the k likeliest
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token's log-probability under the model (before temperature, top-p and any constraint: the
+    model's own distribution, as vLLM reports by default) and the `top` likeliest tokens there, (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +94,7 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop" (stop token or string), "length" (token limit) or "cancelled"
     probabilities: dict[str, float] | None = None  # a classifier's answer: every label's probability
+    logprobs: tuple[TokenLogprob, ...] | None = None  # the answer's tokens, where the request asked for them
 
     @property
     def stopped(self) -> bool:
@@ -145,22 +174,28 @@ def default_max_new_tokens(tokenizer, train: list[Example]) -> int:
 
 
 class _Row:
-    """One request's answer as it grows: its tokens, its text, what has been streamed, and why it ended."""
+    """One request's answer as it grows: its tokens (and their log-probabilities, where asked), its text, what has
+    been streamed, and why it ended."""
 
     def __init__(self, request: Request, engine: Engine) -> None:
         self.request, self.engine = request, engine
+        self.stops = engine.stop_strings + tuple(request.stop)
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.finish: str | None = None
         self.sent = ""
+        self.released = 0  # log-probabilities handed to the streaming callback so far
 
-    def add(self, token: int) -> bool:
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Take the next token; True once the row has ended."""
         if self.finish is not None:
             return True
         self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token in self.engine.stop_ids:
             self.finish = "stop"
-        elif self.engine.stop_strings and self._stop_string_reached():
+        elif self.stops and self._stop_string_reached():
             self.finish = "stop"
         elif self.request.cancelled.is_set():
             self.finish = "cancelled"
@@ -170,27 +205,52 @@ class _Row:
             self._stream()
         return self.finish is not None
 
-    def raw_text(self) -> str:
-        return self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def raw_text(self, tokens: int | None = None) -> str:
+        return self.engine.tokenizer.decode(self.tokens[:tokens], skip_special_tokens=True)
 
     def text(self) -> str:
-        return cut_at_stop(self.raw_text(), self.engine.stop_strings)
+        return cut_at_stop(self.raw_text(), self.stops)
 
     def _stop_string_reached(self) -> bool:
         raw = self.raw_text()
-        return any(stop in raw for stop in self.engine.stop_strings)
+        return any(stop in raw for stop in self.stops)
+
+    def answer_tokens(self) -> int:
+        """How many tokens the answer is made of: not a closing stop token, nor the tokens from the one where a
+        stop string begins (the text leaves the stop string out, so its log-probabilities leave it out too)."""
+        count = len(self.tokens) - (bool(self.tokens) and self.tokens[-1] in self.engine.stop_ids)
+        if self.finish != "stop" or not self.stops or not self._stop_string_reached():
+            return count
+        cut = len(self.text())
+        while count and len(self.raw_text(count).strip()) > cut:
+            count -= 1
+        return count
 
     def _stream(self) -> None:
         final = self.text() if self.finish is not None else self._stable_text()
         if final.startswith(self.sent) and len(final) > len(self.sent):
             piece, self.sent = final[len(self.sent):], final
-            self.request.on_text(piece)
+            if self.request.logprobs is None:
+                self.request.on_text(piece)
+            else:
+                self.request.on_text(piece, self._release())
+
+    def _release(self) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities of the tokens the text streamed so far is made of, not yet handed over."""
+        if self.finish is not None:
+            upto = self.answer_tokens()
+        else:
+            upto = self.released
+            while upto < len(self.tokens) and len(self.raw_text(upto + 1).lstrip()) <= len(self.sent):
+                upto += 1
+        released, self.released = tuple(self.logprobs[self.released:upto]), max(self.released, upto)
+        return released
 
     def _stable_text(self) -> str:
         """The part of the answer no later token can change: leading space stripped; trailing space, a partial
         character and the start of a possible stop string held back."""
         text = self.raw_text().lstrip().rstrip(_INCOMPLETE_CHARACTER)
-        for stop in self.engine.stop_strings:
+        for stop in self.stops:
             for size in range(min(len(stop), len(text)), 0, -1):
                 if text.endswith(stop[:size]):
                     text = text[:-size]
@@ -198,21 +258,84 @@ class _Row:
         return text.rstrip()
 
     def result(self) -> Generation:
-        return Generation(self.text(), len(self.request.prompt_ids), len(self.tokens), self.finish or "length")
+        logprobs = None if self.request.logprobs is None else tuple(self.logprobs[:self.answer_tokens()])
+        return Generation(self.text(), len(self.request.prompt_ids), len(self.tokens), self.finish or "length",
+                          logprobs=logprobs)
 
 
 class _RowStops:
-    """transformers' per-row stopping hook: feeds each row its new token and reports which rows are done."""
+    """transformers' per-row stopping hook: feeds each row its new token (with its log-probability, where the row
+    asked for it) and reports which rows are done."""
 
-    def __init__(self, rows: list[_Row]) -> None:
-        self.rows = rows
+    def __init__(self, rows: list[_Row], capture: _LogprobCapture | None = None) -> None:
+        self.rows, self.capture = rows, capture
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         last = input_ids[:, -1].tolist()
-        return torch.tensor([row.add(token) for row, token in zip(self.rows, last)], dtype=torch.bool,
-                            device=input_ids.device)
+        done = [row.add(token, self.capture.take(n, token) if self.capture is not None else None)
+                for n, (row, token) in enumerate(zip(self.rows, last))]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _LogprobCapture:
+    """The first of generate's logits processors: keeps this step's log-probabilities for the rows that asked
+    (the model's own distribution: before the constraint masks it and temperature or top-p reshape it). The token
+    is picked after every processor has run; `_RowStops` then takes its entry."""
+
+    def __init__(self, tops: list[int | None]) -> None:
+        self.tops = tops
+        self.rows = [n for n, top in enumerate(tops) if top is not None]
+        self.position = {row: j for j, row in enumerate(self.rows)}
+        self.step = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        logprobs = torch.log_softmax(scores[self.rows].float(), dim=-1)
+        most = max(self.tops[n] for n in self.rows)
+        self.step = (logprobs, logprobs.topk(most, dim=-1) if most else None)
+        return scores
+
+    def take(self, row: int, token: int) -> TokenLogprob | None:
+        if self.tops[row] is None or self.step is None:
+            return None
+        logprobs, top = self.step
+        j, k = self.position[row], self.tops[row]
+        best = tuple(zip(top.indices[j, :k].tolist(), top.values[j, :k].tolist())) if k else ()
+        return TokenLogprob(token, float(logprobs[j, token]), best)
+
+
+class _SeededDraw:
+    """The last of generate's logits processors for a seeded Sampling: each row draws its next token with a
+    generator of its own, seeded with the seed, from the distribution transformers' sampler would use
+    (temperature, the model's top-k, top-p, the model's min-p, in its order); only the drawn token is left, and
+    greedy decoding takes it. A row's draws depend on its own scores only, not on the batch around it."""
+
+    def __init__(self, sampling: Sampling, rows: int, model_config) -> None:
+        from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        top_k, min_p = getattr(model_config, "top_k", None), getattr(model_config, "min_p", None)
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        self.warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        self.warpers += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []
+        self.warpers += [MinPLogitsWarper(min_p)] if min_p is not None else []
+        self.seed, self.rows, self.generators = int(sampling.seed) % 2**64, rows, None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(self.seed) for _ in range(self.rows)]
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probabilities = torch.softmax(scores, dim=-1)
+        picks = [torch.multinomial(row, 1, generator=generator) if torch.isfinite(row).all() and row.sum() > 0
+                 else torch.zeros(1, dtype=torch.long, device=row.device)  # a row with nothing left: padded anyway
+                 for row, generator in zip(probabilities, self.generators)]
+        drawn = torch.full_like(scores, float("-inf"))
+        return drawn.scatter_(1, torch.stack(picks), 0.0)
 
 
 _MODEL_LOCKS: dict[int, threading.Lock] = {}
@@ -252,20 +375,34 @@ class Engine:
         return encode_prompt(self.template, self.tokenizer, text, shots, max_new_tokens)
 
     def run(self, requests: list[Request], sampling: Sampling = GREEDY) -> list[Generation]:
-        """Answer `requests` as one batch; the rows end independently (see the module docstring)."""
+        """Answer `requests` as one batch; the rows end independently (see the module docstring). Rows held to
+        different output languages (a request's own constraint, else the engine's) are generated in turn, a batch
+        per language: one generate call keeps one grammar."""
+        groups: dict[Constraint | None, list[int]] = {}
+        for n, request in enumerate(requests):
+            groups.setdefault(request.constraint or self.constraint, []).append(n)
+        results: list[Generation | None] = [None] * len(requests)
+        for constraint, members in groups.items():
+            for n, result in zip(members, self._run_batch([requests[n] for n in members], sampling, constraint)):
+                results[n] = result
+        return [r for r in results if r is not None]
+
+    def _run_batch(self, requests: list[Request], sampling: Sampling, constraint) -> list[Generation]:
         import torch
         from transformers import StoppingCriteriaList
 
         rows = [_Row(request, self) for request in requests]
+        wanted = [request.logprobs for request in requests]
+        capture = _LogprobCapture(wanted) if any(top is not None for top in wanted) else None
         with self.lock, self.context(), torch.inference_mode():
             self.busy = True
             try:
                 self.model.generate(
                     **self._inputs([r.prompt_ids for r in requests]),
                     max_new_tokens=max(r.max_new_tokens for r in requests),
-                    stopping_criteria=StoppingCriteriaList([_RowStops(rows)]), eos_token_id=sorted(self.stop_ids),
-                    pad_token_id=self.tokenizer.pad_token_id, **self._constrained(requests),
-                    **sampling.generate_kwargs())
+                    stopping_criteria=StoppingCriteriaList([_RowStops(rows, capture)]),
+                    eos_token_id=sorted(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
+                    **self._processors(requests, sampling, constraint, capture), **sampling.generate_kwargs())
             finally:
                 self.busy = False
         return [self._finished(row) for row in rows]
@@ -281,19 +418,26 @@ class Engine:
         prefix = torch.tensor([prompts[0][:shared]], device=rest_ids.device).expand(len(prompts), -1)
         return {"input_ids": torch.cat([prefix, rest_ids], dim=1), "attention_mask": mask, "cache": cache}
 
-    def _constrained(self, requests: list[Request]) -> dict:
-        """generate's logits_processor keeping every row inside the engine's constraint (none without one), each
-        row closing its answer within its own token budget."""
-        if self.constraint is None:
-            return {}
+    def _processors(self, requests: list[Request], sampling: Sampling, constraint,
+                    capture: _LogprobCapture | None) -> dict:
+        """generate's logits processors, in the order they must run: the log-probabilities are read from the
+        model's scores, the constraint masks them, and a seeded draw picks among what is left."""
         from transformers import LogitsProcessorList
 
+        processors: list = [capture] if capture is not None else []
+        if constraint is not None:
+            processors.append(self._constrained(requests, constraint))
+        if sampling.do_sample and sampling.seed is not None:
+            processors.append(_SeededDraw(sampling, len(requests), getattr(self.model, "generation_config", None)))
+        return {"logits_processor": LogitsProcessorList(processors)} if processors else {}
+
+    def _constrained(self, requests: list[Request], constraint):
+        """A processor keeping every row inside `constraint`, each row closing its answer within its own token
+        budget."""
         from specialist.constrain import logits_processor
 
-        processor = logits_processor(self.constraint, self.tokenizer, len(requests),
-                                     [len(r.prompt_ids) for r in requests], sorted(self.stop_ids),
-                                     max_new_tokens=[r.max_new_tokens for r in requests])
-        return {"logits_processor": LogitsProcessorList([processor])}
+        return logits_processor(constraint, self.tokenizer, len(requests), [len(r.prompt_ids) for r in requests],
+                                sorted(self.stop_ids), max_new_tokens=[r.max_new_tokens for r in requests])
 
     def _finished(self, row: _Row) -> Generation:
         if row.finish is None:

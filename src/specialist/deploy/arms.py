@@ -29,6 +29,12 @@ class ServedArm:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def answers_labels(self) -> bool:
+        """A classifier run's arm: it answers a label from its head, so output formats and log-probabilities of
+        generated tokens do not apply."""
+        return hasattr(self.engine, "classifier")
+
 
 def load_arms(specs: list[tuple[str, str]], pool: ModelPool | None = None,
               constrain: bool = False) -> dict[str, ServedArm]:

@@ -13,6 +13,12 @@ be plain (no NaN, no huge integers, bounded nesting), every field must have its 
 Unicode, and the prompt must fit `max_prompt_tokens`. Each failure is a 4xx in OpenAI's error shape, counted in
 /metrics by kind, and costs the other clients nothing.
 
+OpenAI's request fields are honoured or refused, never silently dropped: `response_format` (json_object, json_schema)
+decodes through `specialist.constrain`, `stop`, `seed`, `logprobs`/`top_logprobs` and `stream_options.include_usage`
+reach the engine and the response; fields it cannot honour (tools, penalties, logit_bias, n > 1, ...) are a 400
+naming the field unless they hold their no-op value (UNSUPPORTED); fields OpenAI does not define are ignored with a
+warning in the log, as vLLM does.
+
 Batching: each arm has a bounded queue and one worker that takes up to `max_batch` waiting requests (streamed or
 not, waiting at most `max_wait_ms` for company) and answers them together through the shared generation engine
 (`specialist.generation`), each row ending on its own. A full queue answers 503 with Retry-After at once. A batch
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import random
 import secrets
@@ -134,9 +141,36 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class _Body(BaseModel):
-    # strict: `true` is not 1 and "0.5" is not 0.5; unknown fields (stream_options, presence_penalty, ...) ignored
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; the length bounds the check every token makes against each
+
+
+def _stop_strings(value: Any) -> tuple[str, ...] | None:
+    """`stop` as a tuple: a string or a list of up to MAX_STOPS non-empty strings (an empty one would end every
+    answer before it began), each valid Unicode of at most MAX_STOP_CHARS characters."""
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS:
+        raise ValueError(f"must be a string or a list of 1 to {MAX_STOPS} strings")
+    for stop in stops:
+        if not isinstance(stop, str) or not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise ValueError(f"each stop must be a string of 1 to {MAX_STOP_CHARS} characters")
+        _valid_unicode(stop)
+    return tuple(stops)
+
+
+class _StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    # strict: `true` is not 1 and "0.5" is not 0.5. Fields OpenAI defines that this server cannot honour are
+    # declared so `refuse_unsupported` can refuse them by name; fields OpenAI does not define are ignored with a
+    # warning in the log, as vLLM does (clients send their own extensions)
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: Annotated[Text, Field(max_length=256)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -145,7 +179,18 @@ class _Body(BaseModel):
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     stream: bool = False
+    stream_options: _StreamOptions | None = None
+    stop: Annotated[Any, AfterValidator(_stop_strings)] = None
+    seed: Seed | None = None
     user: Annotated[Text, Field(max_length=256)] | None = None
+    # accepted and ignored: they ask nothing of the answer
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    # refused unless they hold their no-op value (UNSUPPORTED)
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    logit_bias: Any = None
 
 
 class _TextPart(BaseModel):
@@ -160,17 +205,56 @@ class _Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | Annotated[list[_TextPart], Field(min_length=1)]
+    tool_calls: Any = None  # refused: this server runs no tools
+    function_call: Any = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
+class _JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the answer is held to the schema either way
+
+
+class _ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchemaFormat | None = None
+
+
 class ChatBody(_Body):
     messages: Annotated[list[_Message], Field(min_length=1, max_length=512)]
+    response_format: _ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    parallel_tool_calls: Any = None  # without tools (refused) it asks for nothing
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    prompt_cache_retention: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
 
 
 class CompletionBody(_Body):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    logprobs: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
 
 
 class FeedbackBody(BaseModel):
@@ -179,6 +263,67 @@ class FeedbackBody(BaseModel):
     id: Annotated[Text, Field(min_length=1, max_length=128)]
     score: Number
     comment: Text | None = None
+
+
+# OpenAI fields this server cannot honour, each with the values that ask for nothing (what a client sends by default):
+# any other value is a 400 naming the field, never silence
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "verbosity": (None,), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+_WHY = {"tools": "this server runs no tools", "tool_choice": "this server runs no tools",
+        "functions": "this server runs no functions", "function_call": "this server runs no functions",
+        "logprobs": "log-probabilities are served on /v1/chat/completions only"}
+
+
+def refuse_unsupported(body: _Body) -> None:
+    """A 400 naming the first field (the request's, then its messages') that asks for what this server does not
+    do; fields OpenAI does not define are logged once each and ignored."""
+    fields = type(body).model_fields
+    for name, allowed in UNSUPPORTED.items():
+        value = getattr(body, name, None) if name in fields else None
+        if not any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in allowed):
+            _refuse(name, value)
+    if isinstance(body, CompletionBody) and body.logprobs is not None:
+        _refuse("logprobs", body.logprobs)
+    for n, message in enumerate(getattr(body, "messages", [])):
+        for name in ("tool_calls", "function_call"):
+            if getattr(message, name) not in (None, []):
+                _refuse(f"messages.{n}.{name}", getattr(message, name))
+    _warn_ignored(sorted(body.model_extra or {}))
+
+
+def check_combinations(body: _Body) -> None:
+    """Fields that only mean something beside another, refused alone as OpenAI refuses them."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options: only allowed with stream: true", "invalid_value", param="stream_options")
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", "invalid_value", param="top_logprobs")
+        form = body.response_format
+        if form is not None and form.type == "json_schema" and form.json_schema is None:
+            raise ApiError(400, "response_format.json_schema: required when type is json_schema", "invalid_value",
+                           param="response_format.json_schema")
+
+
+def _refuse(name: str, value: Any) -> None:
+    why = _WHY.get(name.rsplit(".", 1)[-1], "this server does not support it")
+    raise ApiError(400, f"{name}: {why}; leave it out (got {json.dumps(value, default=str)[:80]})",
+                   "unsupported_parameter", param=name)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_ignored(names: list[str]) -> None:
+    new = [name for name in names if name not in _WARNED][:20]
+    if new and len(_WARNED) < 1000:  # bounded: a client inventing names cannot grow it or flood the log
+        _WARNED.update(new)
+        logging.getLogger("specialist.serve").warning("ignored request field(s) this server does not know: %s",
+                                                      ", ".join(name[:64] for name in new))
 
 
 def parse_body(model: type[BaseModel], data: Any) -> Any:
@@ -436,14 +581,20 @@ def serve_state(request: Request) -> ServeState:
 
 async def answer(request: Request, body: ChatBody | CompletionBody, text: str, kind: str) -> Response:
     state = serve_state(request)
+    refuse_unsupported(body)
+    check_combinations(body)
     arm_name = state.router.pick(body.model, body.user)
     if arm_name is None:
         raise ApiError(404, f"model {body.model!r} does not exist; see /v1/models", "model_not_found", param="model")
     arm = state.arms[arm_name]
     max_tokens = _answer_limit(body, arm, state.settings)
-    # off the event loop: a chat template is code, and a hostile one runs until its deadline (bounded.TimedOut)
+    # off the event loop: a chat template is code (a hostile one runs until its deadline: bounded.TimedOut), and a
+    # response_format's schema compiles into a grammar here, so a schema that cannot is this request's 400
     prompt_ids = await asyncio.to_thread(_encode_within_limit, arm, text, max_tokens, state.settings)
-    job = _new_job(GenerationRequest(prompt_ids, max_tokens), _sampling(body), stream=body.stream)
+    constraint = await asyncio.to_thread(response_constraint, body, arm)
+    row = GenerationRequest(prompt_ids, max_tokens, stop=body.stop or (), constraint=constraint,
+                            logprobs=_logprobs_asked(body, arm))
+    job = _new_job(row, Sampling.of(body.temperature, body.top_p, body.seed), stream=body.stream)
     started = time.perf_counter()
     state.workers[arm_name].submit(job)
     if body.stream:
@@ -452,7 +603,39 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
     result = await _wait_for(job, request)
     request_id = new_request_id(kind)
     await record(state, request_id, arm_name, kind, body, text, result, time.perf_counter() - started)
-    return JSONResponse(openai_body(kind, request_id, arm_name, result))
+    return JSONResponse(openai_body(kind, request_id, arm_name, result, choice_logprobs(arm.tokenizer, result)))
+
+
+def _logprobs_asked(body: _Body, arm: ServedArm) -> int | None:
+    """How many alternatives each answer token's log-probability comes with (None: no log-probabilities)."""
+    if not isinstance(body, ChatBody) or not body.logprobs:
+        return None
+    if arm.answers_labels:
+        raise ApiError(400, f"logprobs: arm {arm.name!r} is a classifier; its answer carries every label's "
+                            "probability instead", "unsupported_parameter", param="logprobs")
+    return body.top_logprobs or 0
+
+
+def response_constraint(body: _Body, arm: ServedArm):
+    """The output language `response_format` asks for, compiled for the arm's tokenizer (None: free text)."""
+    form = getattr(body, "response_format", None)
+    if form is None or form.type == "text":
+        return None
+    from specialist.constrain import Constraint, grammars_for
+    from specialist.errors import ConfigError
+
+    param = "response_format.json_schema.schema" if form.type == "json_schema" else "response_format"
+    if arm.answers_labels:
+        raise ApiError(400, f"response_format: arm {arm.name!r} is a classifier; it answers one of its labels",
+                       "unsupported_parameter", param="response_format")
+    try:
+        # json_object: any JSON object, as OpenAI's JSON mode promises
+        constraint = Constraint.json_schema(form.json_schema.schema_ if form.type == "json_schema" else
+                                            {"type": "object"})
+        grammars_for(arm.tokenizer).compiled(constraint)  # cached: the batch that answers it does not compile again
+    except ConfigError as exc:
+        raise ApiError(400, f"{param}: {str(exc).splitlines()[0]}", "invalid_schema", param=param) from None
+    return constraint
 
 
 def _answer_limit(body: _Body, arm: ServedArm, settings: ServeSettings) -> int:
@@ -481,20 +664,13 @@ def _encode_within_limit(arm: ServedArm, text: str, max_tokens: int, settings: S
     return ids
 
 
-def _sampling(body: _Body) -> Sampling:
-    temperature = body.temperature if body.temperature is not None else 0.0
-    if temperature == 0:
-        return Sampling()
-    return Sampling(True, float(temperature), float(body.top_p if body.top_p is not None else 1.0))
-
-
 def _new_job(request: GenerationRequest, sampling: Sampling, stream: bool) -> Job:
     loop = asyncio.get_running_loop()
     job = Job(request, sampling, loop.create_future(), asyncio.Queue() if stream else None)
     if stream:
-        def hand_over(piece: str) -> None:  # called on the generation thread
+        def hand_over(piece: str, logprobs: tuple = ()) -> None:  # called on the generation thread
             job.streamed_any = True
-            loop.call_soon_threadsafe(job.events.put_nowait, ("piece", piece))
+            loop.call_soon_threadsafe(job.events.put_nowait, ("piece", (piece, logprobs)))
 
         request.on_text = hand_over
     return job
@@ -522,19 +698,21 @@ async def _wait_for(job: Job, request: Request) -> Generation:
 
 async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str, text: str, kind: str,
                          started: float):
-    request_id = new_request_id(kind)  # the id the client sees in every chunk is the one logged
+    chunks = ChunkWriter(kind, new_request_id(kind), arm_name, state.arms[arm_name].tokenizer, body)
     try:
+        if kind == "chat":  # OpenAI's first chunk names the speaker; clients build the message from it
+            yield _sse(chunks.chunk({"role": "assistant", "content": ""}))
         while True:
             what, value = await job.events.get()
             if what == "piece":
-                yield _sse(openai_chunk(kind, request_id, arm_name, value, None))
+                yield _sse(chunks.piece(*value))
             elif what == "done":
                 # recorded before the last chunk, so feedback sent on [DONE] finds the request
-                await record(state, request_id, arm_name, kind, body, text, value, time.perf_counter() - started)
-                last = openai_chunk(kind, request_id, arm_name, "", value.finish_reason)
-                if value.probabilities is not None:  # a classifier arm: its probabilities ride on the last chunk
-                    last["choices"][0]["probabilities"] = value.probabilities
-                yield _sse(last)
+                await record(state, chunks.request_id, arm_name, kind, body, text, value,
+                             time.perf_counter() - started)
+                yield _sse(chunks.last(value))
+                if chunks.include_usage:
+                    yield _sse(chunks.usage(value))
                 yield "data: [DONE]\n\n"
                 return
             else:
@@ -586,29 +764,77 @@ def _finish_reason(result: Generation) -> str:
     return "stop" if result.finish_reason == "stop" else "length"
 
 
-def openai_body(kind: str, request_id: str, arm: str, result: Generation) -> dict[str, Any]:
+def usage_of(result: Generation) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def openai_body(kind: str, request_id: str, arm: str, result: Generation,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """OpenAI's response shape; a classifier arm's choice also carries `probabilities` ({label: probability})."""
-    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-             "total_tokens": result.prompt_tokens + result.completion_tokens}
-    head = {"id": request_id, "created": int(time.time()), "model": arm, "usage": usage}
+    head = {"id": request_id, "created": int(time.time()), "model": arm, "usage": usage_of(result)}
     extra = {"probabilities": result.probabilities} if result.probabilities is not None else {}
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": _finish_reason(result), "logprobs": None, **extra}
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                  "finish_reason": _finish_reason(result), "logprobs": logprobs, **extra}
         return {**head, "object": "chat.completion", "choices": [choice]}
     choice = {"index": 0, "text": result.text, "finish_reason": _finish_reason(result), "logprobs": None, **extra}
     return {**head, "object": "text_completion", "choices": [choice]}
 
 
-def openai_chunk(kind: str, request_id: str, arm: str, piece: str, finish: str | None) -> dict[str, Any]:
-    finish = None if finish is None else ("stop" if finish == "stop" else "length")
-    head = {"id": request_id, "created": int(time.time()), "model": arm}
-    if kind == "chat":
-        delta = {"content": piece} if piece else {}
-        return {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-    return {**head, "object": "text_completion",
-            "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]}
+def choice_logprobs(tokenizer, result: Generation) -> dict[str, Any] | None:
+    """A chat choice's `logprobs`: {"content": [one entry per answer token], "refusal": None}, or None unasked."""
+    if result.logprobs is None:
+        return None
+    return {"content": token_logprobs(tokenizer, result.logprobs), "refusal": None}
+
+
+def token_logprobs(tokenizer, entries) -> list[dict[str, Any]]:
+    """OpenAI's ChatCompletionTokenLogprob for each entry: the token's text and UTF-8 bytes, its log-probability
+    (-9999.0 for one too small for a float, as OpenAI writes it: JSON has no -Infinity) and its top alternatives."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        token = tokenizer.decode([token_id])
+        return {"token": token, "logprob": max(logprob, -9999.0), "bytes": list(token.encode("utf-8"))}
+
+    return [{**one(entry.token_id, entry.logprob), "top_logprobs": [one(i, lp) for i, lp in entry.top]}
+            for entry in entries]
+
+
+class ChunkWriter:
+    """The chunks of one streamed answer in OpenAI's shape, all with the same id and time: pieces (with their
+    tokens' log-probabilities, where asked), the last chunk (finish reason, the log-probabilities not yet sent),
+    and with `stream_options.include_usage` the usage chunk after it (no choices), every other chunk carrying
+    `usage: null`."""
+
+    def __init__(self, kind: str, request_id: str, arm: str, tokenizer, body: _Body) -> None:
+        self.kind, self.request_id, self.tokenizer = kind, request_id, tokenizer
+        self.head = {"id": request_id, "created": int(time.time()), "model": arm,
+                     "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+        self.include_usage = body.stream_options is not None and body.stream_options.include_usage
+        self.logprobs = kind == "chat" and bool(getattr(body, "logprobs", None))
+        self.sent_logprobs = 0
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs=()) -> dict[str, Any]:
+        if self.kind == "chat":
+            listed = {"content": token_logprobs(self.tokenizer, logprobs), "refusal": None} if self.logprobs else None
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": listed}
+        else:
+            choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": None}
+        return {**self.head, "choices": [choice], **({"usage": None} if self.include_usage else {})}
+
+    def piece(self, text: str, logprobs=()) -> dict[str, Any]:
+        self.sent_logprobs += len(logprobs)
+        return self.chunk({"content": text}, logprobs=logprobs)
+
+    def last(self, result: Generation) -> dict[str, Any]:
+        rest = result.logprobs[self.sent_logprobs:] if result.logprobs else ()
+        data = self.chunk({}, _finish_reason(result), rest)
+        if result.probabilities is not None:  # a classifier arm: its probabilities ride on the last chunk
+            data["choices"][0]["probabilities"] = result.probabilities
+        return data
+
+    def usage(self, result: Generation) -> dict[str, Any]:
+        return {**self.head, "choices": [], "usage": usage_of(result)}
 
 
 # ---- handlers -------------------------------------------------------------------------------------------------

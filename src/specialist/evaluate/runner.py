@@ -37,7 +37,7 @@ from specialist.data import Example
 from specialist.errors import ConfigError
 from specialist.evaluate.baseline_arms import baseline_index, best_baselines, default_retrieval_k, no_model_baselines
 from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
-from specialist.generation import GREEDY, Engine, Sampling, default_max_new_tokens
+from specialist.generation import Engine, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
 
 
@@ -98,9 +98,8 @@ class Arms:
 
 
 def sampling_of(evaluation) -> Sampling:
-    if not evaluation.do_sample:
-        return GREEDY
-    return Sampling(True, evaluation.temperature, evaluation.top_p)
+    """The evaluation's decoding as the engine's one sampling type: greedy unless do_sample."""
+    return Sampling.of(evaluation.temperature if evaluation.do_sample else None, evaluation.top_p)
 
 
 def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[str, Path] | None = None):
