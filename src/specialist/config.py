@@ -129,8 +129,10 @@ class DataConfig(_Section):
         "(prompt_completion, labelled and preference rows; replaces prompt_column / text_column).",
     )
     csv_max_field_lines: int = Field(
-        default=200, ge=1, description="CSV/TSV: a quoted field spanning more lines (or a quote left open at the end "
-        "of the file) is a bad row at the line where the quote opened; reading resumes on the next line.",
+        default=200, ge=1, description="CSV/TSV: lines of a record held in memory while its closing quote is looked "
+        "for. A quoted field that closes is one field however many lines it spans (a longer one is read again from "
+        "the file); a quote that never closes is a bad row at the line where it opened, and reading resumes on the "
+        "line after it.",
     )
     max_examples: int | None = Field(default=None, gt=0, description="Use only N rows (after shuffling).")
     split_by: Literal["random", "stratified", "grouped"] = Field(
