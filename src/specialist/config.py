@@ -128,6 +128,11 @@ class DataConfig(_Section):
         default=None, description="Build the input from several columns, e.g. '{title}\\n\\n{body}' "
         "(prompt_completion, labelled and preference rows; replaces prompt_column / text_column).",
     )
+    train_on: Literal["all", "last"] = Field(
+        default="all", description="Chat rows (messages, ShareGPT): all learns every assistant turn (except those "
+        "with weight 0), each from the turns before it, as TRL and OpenAI fine-tuning do; last learns only the final "
+        "assistant turn. Single-turn rows are the same either way.",
+    )
     csv_max_field_lines: int = Field(
         default=200, ge=1, description="CSV/TSV: lines of a record held in memory while its closing quote is looked "
         "for. A quoted field that closes is one field however many lines it spans (a longer one is read again from "

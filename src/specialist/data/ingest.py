@@ -205,8 +205,9 @@ class RowWorker:
             text = normalize_text(text) if self.normalize else text
             return scrubber(text) if scrubber.patterns else text
 
+        turns = tuple((role, fix(content), learned) for role, content, learned in example.turns)
         return Example(fix(example.prompt), fix(example.completion), example.line, fix(example.rejected),
-                       example.label, example.group)
+                       example.label, example.group, turns=turns)
 
 
 def _spool_line(example: Example) -> bytes:
@@ -217,6 +218,8 @@ def _spool_line(example: Example) -> bytes:
         record["label"] = example.label
     if example.group is not None:
         record["group"] = example.group
+    if example.turns:
+        record["turns"] = [list(turn) for turn in example.turns]
     record["source_line"] = example.line
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
