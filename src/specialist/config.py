@@ -90,7 +90,12 @@ class DataConfig(_Section):
     """Where the examples are, their shape, and how `prepare` cleans, dedupes, balances and splits them."""
 
     path: Path = Field(description="Data file (JSONL, JSON array, CSV/TSV, Parquet), a `datasets` save_to_disk "
-                       "folder, or a folder written by `specialist prepare`; relative to the config file.")
+                       "folder, or a folder written by `specialist prepare`; relative to the config file. Or a "
+                       "Hugging Face hub dataset as org/name, loaded through `datasets` (a local path that exists "
+                       "always wins).")
+    split: str | None = Field(default=None, min_length=1, description="Hub dataset only: the split to read (train), "
+                              "in `datasets` syntax (e.g. train[:1000]); prepare still splits it train/val/test.")
+    subset: str | None = Field(default=None, min_length=1, description="Hub dataset only: the subset (config name).")
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "arrow"] = "auto"
     shape: Literal["auto", "prompt_completion", "messages", "text", "preference", "labelled"] = Field(
         default="auto", description="auto: told by the columns present (and the method)."
@@ -651,7 +656,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     for key in ("path", "test_path", "val_path"):
         value = getattr(config.data, key)
         if value is not None and not value.is_absolute():
-            setattr(config.data, key, _resolve(folder_of(f"data.{key}") / value))
+            local = _resolve(folder_of(f"data.{key}") / value)
+            if not (key == "path" and _names_hub_dataset(value, local)):
+                setattr(config.data, key, local)
     adapter = config.method.from_adapter
     if adapter is not None and not adapter.is_absolute():
         config.method.from_adapter = (folder_of("method.from_adapter") / adapter).resolve()
@@ -660,6 +667,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         if value is not None and not value.is_absolute():
             setattr(config.evaluation, key, (folder_of(f"evaluation.{key}") / value).resolve())
     return config
+
+
+def _names_hub_dataset(value: Path, local: Path) -> bool:
+    """data.path as written names a hub dataset (org/name) and no local file or folder of that name exists."""
+    from specialist.data.readers import is_hub_dataset
+
+    return not os.path.lexists(local) and is_hub_dataset(value)
 
 
 def _resolve(path: Path) -> Path:

@@ -34,7 +34,7 @@ import numpy as np
 from specialist.data.dedupe import leaking_rows, near_duplicate_roots
 from specialist.data.ingest import UNSPLIT, Problems, Rows, Source, SourceRead, ingest, load_signatures, signature_path
 from specialist.data.load import Rejection
-from specialist.data.readers import detect_format
+from specialist.data.readers import HUB, detect_format, is_hub_dataset
 from specialist.data.split import Split, read_split
 from specialist.errors import DataError
 from specialist.manifest import sha256_of
@@ -130,7 +130,12 @@ def _with_truncation(template, data, max_length: int):
 
 
 def _sources(data, path: Path) -> list[Source]:
-    sources = [Source("data", path, detect_format(path) if data.format == "auto" else data.format)]
+    hub = is_hub_dataset(path)
+    if not hub and (data.split is not None or data.subset is not None):
+        raise DataError(f"data.split and data.subset choose a part of a Hugging Face hub dataset; data.path {path} is "
+                        "a local path", hint="remove data.split and data.subset, or name a hub dataset as org/name")
+    fmt = HUB if hub else detect_format(path) if data.format == "auto" else data.format
+    sources = [Source("data", path, fmt)]
     for name, part, fixed in (("val", 1, data.val_path), ("test", 2, data.test_path)):
         if fixed is not None:
             fixed = Path(fixed)

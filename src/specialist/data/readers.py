@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 from specialist.errors import DataError
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "arrow")
+HUB = "hub"  # the format of a Hugging Face hub dataset named by data.path (org/name)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
              ".parquet": "parquet", ".pq": "parquet"}
 CSV_MAX_FIELD_LINES = 200
@@ -36,6 +38,39 @@ class RawRow:
     problem: str = ""  # why `row` is None
     kind: str = ""  # short name of the problem, for counting
     span: int = 1  # physical lines the row took (CSV quoted fields may span several); the bad-row share counts them
+
+
+def is_hub_dataset(path: Path | str) -> bool:
+    """Whether `path` names a Hugging Face hub dataset (org/name) rather than a local file: a local path that
+    exists always wins, so a folder called org/name next to the config is read as it is."""
+    text = Path(path).as_posix()
+    return (not Path(path).is_absolute() and _HUB_ID.fullmatch(text) is not None and ".." not in text
+            and not os.path.lexists(path))
+
+
+def load_hub_dataset(name: str, split: str | None, subset: str | None):
+    """The `datasets.Dataset` for split `split` (train) of hub dataset `name` (config `subset`), through
+    `datasets.load_dataset` and its cache; a DataError naming the cache when it cannot be had."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split or "train")
+    except ConnectionError as exc:  # datasets' offline mode, or no network at all
+        raise DataError(f"the Hugging Face dataset {name} cannot be downloaded ({_first_line(exc)}) and is not in the "
+                        f"datasets cache {datasets.config.HF_DATASETS_CACHE}",
+                        hint=f"run once with a network (the dataset is then cached for offline runs), or download it "
+                        f"elsewhere (`hf download {name} --repo-type dataset --local-dir DIR`) and point data.path "
+                        "at DIR's data file") from None
+    except Exception as exc:  # not found, gated, an unknown split or subset: datasets says which
+        raise DataError(f"the Hugging Face dataset {name} (data.subset {subset}, data.split {split or 'train'}) "
+                        f"cannot be loaded: {_first_line(exc)}",
+                        hint="check data.path (org/name on huggingface.co/datasets), data.subset and data.split; a "
+                        "gated or private dataset needs `hf auth login`") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:300] if text else type(exc).__name__)
 
 
 def check_readable(path: Path) -> None:
@@ -84,7 +119,12 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-def iter_rows(path: Path, fmt: str = "auto", *, csv_max_field_lines: int = CSV_MAX_FIELD_LINES) -> Iterator[RawRow]:
+def iter_rows(path: Path, fmt: str = "auto", *, csv_max_field_lines: int = CSV_MAX_FIELD_LINES,
+              hub_split: str | None = None, hub_subset: str | None = None) -> Iterator[RawRow]:
+    if fmt == HUB:
+        for number, row in enumerate(load_hub_dataset(Path(path).as_posix(), hub_split, hub_subset), start=1):
+            yield RawRow(number, dict(row))
+        return
     check_readable(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt != "arrow" and path.is_dir():
