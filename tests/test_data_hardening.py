@@ -142,7 +142,7 @@ def test_one_unclosed_quote_costs_one_line_not_the_file(tmp_path):
     dropped = prepared.report["dropped"]
     assert list(dropped) == ["unclosed_quote"] and dropped["unclosed_quote"]["count"] == 1
     assert dropped["unclosed_quote"]["first"][0]["line"] == 7
-    assert "csv_max_field_lines" in dropped["unclosed_quote"]["first"][0]["problem"]
+    assert "reading resumed on line 8" in dropped["unclosed_quote"]["first"][0]["problem"]
     assert sum(prepared.report["splits"].values()) == 20_000
 
 
@@ -151,18 +151,29 @@ def test_a_quote_open_at_the_end_of_the_file_is_one_bad_row(tmp_path):
     path.write_text("prompt,completion\n" + "".join(f"p {i} x{i},c{i}\n" for i in range(20)) + '"last row,c\n')
     rows = list(iter_rows(path))
     assert [r.line for r in rows if r.row is None] == [22]
-    assert "the end of the file" in rows[-1].problem and len([r for r in rows if r.row]) == 20
+    assert "the file ends inside it" in rows[-1].problem and len([r for r in rows if r.row]) == 20
 
 
-def test_a_field_over_the_line_limit_is_bad_and_one_within_it_is_kept(tmp_path):
+def test_a_closed_field_longer_than_the_held_lines_is_one_field(tmp_path):
+    """csv_max_field_lines only bounds what is held in memory: a longer field that closes is read again, whole."""
     path = tmp_path / "d.csv"
-    path.write_text('prompt,completion\n"three\nline\nfield",ok\n"four\nline\nquoted\nfield",bad\nnext,row\n')
+    path.write_text('prompt,completion\n"three\nline\nfield",ok\n"four\nline\nquoted\nfield",long\nnext,row\n')
     rows = list(iter_rows(path, csv_max_field_lines=3))
     assert rows[0].row == {"prompt": "three\nline\nfield", "completion": "ok"} and rows[0].span == 3
-    assert rows[1].row is None and rows[1].kind == "unclosed_quote" and rows[1].line == 5
-    assert "more than 3 lines" in rows[1].problem
+    assert rows[1].row == {"prompt": "four\nline\nquoted\nfield", "completion": "long"} and rows[1].line == 5
+    assert rows[1].span == 4
     assert rows[-1].row == {"prompt": "next", "completion": "row"} and rows[-1].line == 9
-    assert list(iter_rows(path, csv_max_field_lines=4))[1].row["prompt"] == "four\nline\nquoted\nfield"
+
+
+def test_a_quote_that_never_closes_resumes_on_the_next_line_past_the_held_lines(tmp_path):
+    path = tmp_path / "d.csv"
+    body = "".join(f"p {i},c{i}\n" for i in range(50))
+    path.write_text('prompt,completion\nfirst,row\n"never closed,x\n' + body)
+    rows = list(iter_rows(path, csv_max_field_lines=3))
+    bad = [r for r in rows if r.row is None]
+    assert [(r.line, r.kind) for r in bad] == [(3, "unclosed_quote")] and "resumed on line 4" in bad[0].problem
+    assert [r.row["completion"] for r in rows if r.row] == ["row", *(f"c{i}" for i in range(50))]
+    assert rows[2].line == 4
 
 
 def test_quote_rules_follow_the_csv_module(tmp_path):
@@ -288,3 +299,47 @@ def test_a_damaged_manifest_is_named_and_never_taken_for_a_prepared_folder(tmp_p
         read_manifest(first.folder)
     with pytest.raises(DataError, match="not empty"):  # no longer recognised as an earlier output: kept, not replaced
         run_prepare(tmp_path / "out", tmp_path / "d.jsonl")
+
+
+def _issue_report_csv(path, n=40, bad_at=None):
+    """A GitHub issue-report export: title, body (stack traces up to 300 lines, with quotes and commas), label."""
+    handle = io.StringIO()
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(["title", "body", "label"])
+    labels = ["bug", "feature", "question"]
+    for i in range(n):
+        depth = 300 if i % 4 == 0 else 230 if i % 4 == 1 else 5 + i
+        trace = "\n".join(f'  File "/srv/app{i}/mod{k}.py", line {k}, in _fp_read_{i}_{k}, x="{k}"'
+                          for k in range(depth))
+        writer.writerow([f"crash {i} in reader{i}", f'Traceback for issue{i}, "{i}":\n{trace}\nValueError: v{i}',
+                         labels[i % 3]])
+    text = handle.getvalue()
+    if bad_at is not None:  # a row whose quote never closes, written by hand after the good rows
+        text += f'"unclosed title {bad_at}, body,bug\n' + "".join(f"after{k} t{k},b{k} w{k},bug\n" for k in range(3))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_an_issue_report_csv_with_long_quoted_bodies_reads_with_no_junk_row(tmp_path):
+    path = _issue_report_csv(tmp_path / "issues.csv")
+    prepared = run_prepare(tmp_path / "out", path, prompt_template="{title}\n\n{body}", labels=["bug", "feature",
+                           "question"], label_column="label")
+    assert prepared.report["dropped"] == {} and sum(prepared.report["splits"].values()) == 40
+    rows = {r["source_line"]: r for name in ("train", "val", "test")
+            for r in map(json.loads, (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines())}
+    assert sorted(r["label"] for r in rows.values()) == sorted(["bug", "feature", "question"] * 13 + ["bug"])
+    longest = max(rows.values(), key=lambda r: len(r["prompt"]))
+    assert longest["prompt"].count("\n") == 2 + 300 + 1 and 'x="299"' in longest["prompt"]
+
+
+def test_an_unclosed_quote_in_an_issue_report_costs_that_row_only(tmp_path):
+    path = _issue_report_csv(tmp_path / "issues.csv", n=40, bad_at=41)
+    lines = path.read_text().count("\n")
+    prepared = run_prepare(tmp_path / "out", path, prompt_template="{title}\n\n{body}", labels=["bug", "feature",
+                           "question"], label_column="label")
+    dropped = prepared.report["dropped"]
+    bad_line = lines - 3
+    assert list(dropped) == ["unclosed_quote"] and dropped["unclosed_quote"]["count"] == 1
+    assert dropped["unclosed_quote"]["first"][0]["line"] == bad_line
+    assert f"reading resumed on line {bad_line + 1}" in dropped["unclosed_quote"]["first"][0]["problem"]
+    assert sum(prepared.report["splits"].values()) == 43  # the 40 issues and the 3 rows after the broken one

@@ -42,8 +42,9 @@ def test_a_fixed_test_file_is_used_as_is_and_its_leaks_are_reported_not_removed(
     prepared = run_prepare(tmp_path, data, test_path=str(test), val_fraction=0.1)
     split = prepared.split
     # every distinct test-file row is the test split, the two copies of training rows included
-    assert sorted(e.prompt for e in split.test) == sorted({r["prompt"] for r in fixed})
-    assert sorted(e.line for e in split.test) == list(range(1, 11))  # line 11 repeats line 1: deduped in-file
+    assert sorted(e.prompt for e in split.test) == sorted(r["prompt"] for r in fixed)
+    assert sorted(e.line for e in split.test) == list(range(1, 12))  # line 11 repeats line 1: reported, kept
+    assert prepared.report["duplicates"]["fixed_kept"]["exact"] == 1
     train_and_val = {e.prompt for e in split.train + split.val}
     assert main[3]["prompt"] not in train_and_val and main[17]["prompt"] not in train_and_val
     assert len(train_and_val) == 58 and len(split.val) == 6
@@ -58,6 +59,35 @@ def test_a_fixed_test_file_is_used_as_is_and_its_leaks_are_reported_not_removed(
     print_prepare_report(prepared.report)
     printed = " ".join(capsys.readouterr().err.split())
     assert "fixed test set" in printed and "2 fixed test rows (lines [9, 10]) matched a training row" in printed
+    assert "duplicates in the fixed val/test set: 1 exact, 0 near, kept" in printed, printed
+
+
+def test_a_fixed_test_file_with_near_duplicates_is_kept_whole_and_its_duplicates_reported(tmp_path):
+    """150 log lines, a published test set: near dedupe finds the near-identical lines and removes none of them."""
+    def log_line(i, user):
+        return {"prompt": f"2024-05-0{i % 9 + 1} sshd[{i}]: Failed password for {user} from 10.0.{i}.9 port 22 ssh2",
+                "completion": json.dumps({"event": "auth_failure", "user": user})}
+
+    test_rows = [log_line(i, f"user{i}") for i in range(144)]
+    test_rows += [{**test_rows[k], "prompt": test_rows[k]["prompt"] + " retry"} for k in range(6)]  # near copies
+    test = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    data = write_jsonl(tmp_path / "train.jsonl", pairs(80))
+    prepared = run_prepare(tmp_path, data, test_path=str(test), dedupe={"threshold": 0.7})
+    assert len(prepared.split.test) == 150 and sorted(e.line for e in prepared.split.test) == list(range(1, 151))
+    duplicates = prepared.report["duplicates"]
+    assert duplicates["near"] == 0 and duplicates["fixed_kept"]["near"] >= 6
+    fixed_clusters = [c for c in duplicates["largest_clusters"] if c.get("kept_in_fixed_split")]
+    assert fixed_clusters and all("duplicate_lines" in c and "dropped_lines" not in c for c in fixed_clusters)
+    assert prepared.report["fixed_sources"]["test"]["rows_kept"] == 150
+
+
+def test_duplicates_in_the_training_file_are_still_removed_beside_a_fixed_test_file(tmp_path):
+    rows = pairs(40)
+    data = write_jsonl(tmp_path / "train.jsonl", rows + rows[:3])
+    test = write_jsonl(tmp_path / "test.jsonl", pairs(10, prefix="held out") * 2)
+    prepared = run_prepare(tmp_path, data, test_path=str(test))
+    assert prepared.report["duplicates"]["exact"] == 3 and prepared.report["duplicates"]["fixed_kept"]["exact"] == 10
+    assert len(prepared.split.train) + len(prepared.split.val) == 40 and len(prepared.split.test) == 20
 
 
 def test_fixed_split_leakage_can_drop_from_the_test_set_or_keep_both(tmp_path):

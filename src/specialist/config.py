@@ -90,7 +90,12 @@ class DataConfig(_Section):
     """Where the examples are, their shape, and how `prepare` cleans, dedupes, balances and splits them."""
 
     path: Path = Field(description="Data file (JSONL, JSON array, CSV/TSV, Parquet), a `datasets` save_to_disk "
-                       "folder, or a folder written by `specialist prepare`; relative to the config file.")
+                       "folder, or a folder written by `specialist prepare`; relative to the config file. Or a "
+                       "Hugging Face hub dataset as org/name, loaded through `datasets` (a local path that exists "
+                       "always wins).")
+    split: str | None = Field(default=None, min_length=1, description="Hub dataset only: the split to read (train), "
+                              "in `datasets` syntax (e.g. train[:1000]); prepare still splits it train/val/test.")
+    subset: str | None = Field(default=None, min_length=1, description="Hub dataset only: the subset (config name).")
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "arrow"] = "auto"
     shape: Literal["auto", "prompt_completion", "messages", "text", "preference", "labelled"] = Field(
         default="auto", description="auto: told by the columns present (and the method)."
@@ -128,9 +133,16 @@ class DataConfig(_Section):
         default=None, description="Build the input from several columns, e.g. '{title}\\n\\n{body}' "
         "(prompt_completion, labelled and preference rows; replaces prompt_column / text_column).",
     )
+    train_on: Literal["all", "last"] = Field(
+        default="all", description="Chat rows (messages, ShareGPT): all learns every assistant turn (except those "
+        "with weight 0), each from the turns before it, as TRL and OpenAI fine-tuning do; last learns only the final "
+        "assistant turn. Single-turn rows are the same either way.",
+    )
     csv_max_field_lines: int = Field(
-        default=200, ge=1, description="CSV/TSV: a quoted field spanning more lines (or a quote left open at the end "
-        "of the file) is a bad row at the line where the quote opened; reading resumes on the next line.",
+        default=200, ge=1, description="CSV/TSV: lines of a record held in memory while its closing quote is looked "
+        "for. A quoted field that closes is one field however many lines it spans (a longer one is read again from "
+        "the file); a quote that never closes is a bad row at the line where it opened, and reading resumes on the "
+        "line after it.",
     )
     max_examples: int | None = Field(default=None, gt=0, description="Use only N rows (after shuffling).")
     split_by: Literal["random", "stratified", "grouped"] = Field(
@@ -659,7 +671,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     for key in ("path", "test_path", "val_path"):
         value = getattr(config.data, key)
         if value is not None and not value.is_absolute():
-            setattr(config.data, key, _resolve(folder_of(f"data.{key}") / value))
+            local = _resolve(folder_of(f"data.{key}") / value)
+            if not (key == "path" and _names_hub_dataset(value, local)):
+                setattr(config.data, key, local)
     adapter = config.method.from_adapter
     if adapter is not None and not adapter.is_absolute():
         config.method.from_adapter = (folder_of("method.from_adapter") / adapter).resolve()
@@ -668,6 +682,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         if value is not None and not value.is_absolute():
             setattr(config.evaluation, key, (folder_of(f"evaluation.{key}") / value).resolve())
     return config
+
+
+def _names_hub_dataset(value: Path, local: Path) -> bool:
+    """data.path as written names a hub dataset (org/name) and no local file or folder of that name exists."""
+    from specialist.data.readers import is_hub_dataset
+
+    return not os.path.lexists(local) and is_hub_dataset(value)
 
 
 def _resolve(path: Path) -> Path:

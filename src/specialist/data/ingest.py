@@ -205,8 +205,9 @@ class RowWorker:
             text = normalize_text(text) if self.normalize else text
             return scrubber(text) if scrubber.patterns else text
 
+        turns = tuple((role, fix(content), learned) for role, content, learned in example.turns)
         return Example(fix(example.prompt), fix(example.completion), example.line, fix(example.rejected),
-                       example.label, example.group)
+                       example.label, example.group, turns=turns)
 
 
 def _spool_line(example: Example) -> bytes:
@@ -217,6 +218,8 @@ def _spool_line(example: Example) -> bytes:
         record["label"] = example.label
     if example.group is not None:
         record["group"] = example.group
+    if example.turns:
+        record["turns"] = [list(turn) for turn in example.turns]
     record["source_line"] = example.line
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -236,7 +239,7 @@ def _ingest_source(data, method_kind: str, source: Source, number: int, rows: Ro
     shape = _shape_of_first_good_row(source, data, method_kind)
     read = SourceRead(source, shape)
     if shape is None:  # no readable row at all: count the problems for the report and the error
-        for raw in iter_rows(source.path, source.fmt, csv_max_field_lines=data.csv_max_field_lines):
+        for raw in _source_rows(source, data):
             read.read, read.lines, read.bad_lines = read.read + 1, read.lines + raw.span, read.bad_lines + raw.span
             read.problems.add(Rejection(raw.kind, raw.line, raw.problem, file=source.path))
         return read
@@ -270,7 +273,7 @@ def _worker_blocks(worker: RowWorker, source: Source, data, shape: Shape, method
                           initargs=(data, shape, method_kind, source.part)) as pool:
             yield from pool.imap(_pool_jsonl_block, jsonl_line_chunks(path, _BLOCK), chunksize=1)
         return
-    for raws in _blocks(iter_rows(path, source.fmt, csv_max_field_lines=data.csv_max_field_lines)):
+    for raws in _blocks(_source_rows(source, data)):
         yield worker.rows_block(raws)
 
 
@@ -287,6 +290,11 @@ def _pool_jsonl_block(block: tuple[int, list[bytes]]) -> _Block:
     return _POOL_WORKER.jsonl_block(block)
 
 
+def _source_rows(source: Source, data) -> Iterator[RawRow]:
+    return iter_rows(source.path, source.fmt, csv_max_field_lines=data.csv_max_field_lines, hub_split=data.split,
+                     hub_subset=data.subset)
+
+
 def _blocks(rows: Iterable[RawRow]) -> Iterator[list[RawRow]]:
     block: list[RawRow] = []
     for row in rows:
@@ -299,7 +307,7 @@ def _blocks(rows: Iterable[RawRow]) -> Iterator[list[RawRow]]:
 
 
 def _shape_of_first_good_row(source: Source, data, method_kind: str) -> Shape | None:
-    for raw in iter_rows(source.path, source.fmt, csv_max_field_lines=data.csv_max_field_lines):
+    for raw in _source_rows(source, data):
         if raw.row is not None:
             try:
                 return detect_shape(list(raw.row), data, method_kind)

@@ -19,6 +19,9 @@ class Example:
     group: str | None = None  # rows sharing a group stay in one split (split_by=grouped)
     # (input, answer) examples shown before the prompt: data.retrieval's nearest training rows (never stored)
     shots: tuple[tuple[str, str], ...] = ()
+    # a chat row's turns before the answer as (role, content, learned): set only when some earlier assistant turn
+    # is learned too (data.train_on: all); shapes.training_pairs turns them into (prompt, answer) pairs
+    turns: tuple[tuple[str, str, bool], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ The output folder must be new, empty, or an earlier prepare output (it is replac
 holds, or lies inside, the config or the data: that is checked before anything is written.
 
 Fixed splits: data.test_path / data.val_path (files read like data.path) or data.split_column (a train/val/test
-column) fix which rows are val and test. Those rows are cleaned and deduped among themselves but never cut by
-length, max_examples or leakage unless data.dedupe.fixed_split_leakage asks; training rows that copy one of them
-are dropped from train instead.
+column) fix which rows are val and test. Those rows are cleaned, and their duplicates among themselves reported,
+but never cut by dedupe, length, max_examples or leakage unless data.dedupe.fixed_split_leakage asks; training rows
+that copy one of them are dropped from train instead.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from specialist.data.dedupe import leaking_rows, near_duplicate_roots
 from specialist.data.ingest import UNSPLIT, Problems, Rows, Source, SourceRead, ingest, load_signatures, signature_path
 from specialist.data.load import Rejection
-from specialist.data.readers import detect_format
+from specialist.data.readers import HUB, detect_format, is_hub_dataset
 from specialist.data.split import Split, read_split
 from specialist.errors import DataError
 from specialist.manifest import sha256_of
@@ -130,7 +130,12 @@ def _with_truncation(template, data, max_length: int):
 
 
 def _sources(data, path: Path) -> list[Source]:
-    sources = [Source("data", path, detect_format(path) if data.format == "auto" else data.format)]
+    hub = is_hub_dataset(path)
+    if not hub and (data.split is not None or data.subset is not None):
+        raise DataError(f"data.split and data.subset choose a part of a Hugging Face hub dataset; data.path {path} is "
+                        "a local path", hint="remove data.split and data.subset, or name a hub dataset as org/name")
+    fmt = HUB if hub else detect_format(path) if data.format == "auto" else data.format
+    sources = [Source("data", path, fmt)]
     for name, part, fixed in (("val", 1, data.val_path), ("test", 2, data.test_path)):
         if fixed is not None:
             fixed = Path(fixed)
@@ -160,7 +165,7 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
     fixed = _fixed_parts(data)
     keys = np.frombuffer(rows.keys, dtype=np.uint64)
     signatures = load_signatures(spool_path, rows)
-    duplicates = _dedupe(data.dedupe, keys, signatures, alive, rows, parts, steps)
+    duplicates = _dedupe(data.dedupe, keys, signatures, alive, rows, parts, fixed, steps)
     _cap_examples(data, alive, ~np.isin(parts, list(fixed)), seed, steps)
     lengths = None
     if tokenizer is not None and template is not None and max_length is not None:
@@ -278,41 +283,55 @@ def _cap_examples(data, alive: np.ndarray, cuttable: np.ndarray, seed: int, step
 
 
 def _dedupe(options, keys: np.ndarray, signatures: np.ndarray | None, alive: np.ndarray, rows: Rows,
-            parts: np.ndarray, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exact, then near-duplicate removal, the first row of each cluster kept. Rows of a fixed split are deduped
-    among themselves only: a copy across splits is leakage, handled after the split."""
+            parts: np.ndarray, fixed: set[int], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact, then near-duplicate removal, the first row of each cluster kept. Rows of a fixed split are compared
+    among themselves only (a copy across splits is leakage, handled after the split) and never removed: a fixed
+    val or test set is someone's benchmark, so its duplicates are reported under `fixed_kept` and stay."""
     lines = np.frombuffer(rows.lines, dtype=np.int64)
-    result: dict[str, Any] = {"exact": 0, "near": 0, "largest_clusters": []}
+    removable = ~np.isin(parts, list(fixed))
+    result: dict[str, Any] = {"exact": 0, "near": 0, "largest_clusters": [], "fixed_kept": {"exact": 0, "near": 0}}
     clusters: list[dict[str, Any]] = []
+    copies = np.zeros(len(keys), dtype=bool)  # exact copies: a kept one (fixed split) is not counted again as near
     if options.exact and len(keys):
         before = int(alive.sum())
         for part in np.unique(parts).tolist():
             members = np.flatnonzero(parts == part)
             _, first, inverse = np.unique(keys[members], return_index=True, return_inverse=True)
-            alive[np.setdiff1d(members, members[first])] = False
-            clusters += _largest_clusters(members, members[first][inverse.ravel()], lines, "exact")
+            copies[np.setdiff1d(members, members[first])] = True
+            clusters += _largest_clusters(members, members[first][inverse.ravel()], lines, "exact", part in fixed)
+        result["fixed_kept"]["exact"] = int((copies & alive & ~removable).sum())
+        alive &= ~(copies & removable)
         result["exact"] = before - int(alive.sum())
         steps.append({"step": "exact dedupe", "rows_in": before, "rows_out": int(alive.sum())})
     if options.near and signatures is not None and len(keys):
         before = int(alive.sum())
         active = alive.copy()
         roots = near_duplicate_roots(signatures, options.threshold, active, parts.astype(np.int64))
-        alive &= roots == np.arange(len(roots))
+        near = active & (roots != np.arange(len(roots))) & ~copies
+        result["fixed_kept"]["near"] = int((near & ~removable).sum())
+        alive &= ~(near & removable)
         result["near"] = before - int(alive.sum())
-        members = np.flatnonzero(active)
-        clusters += _largest_clusters(members, roots[members], lines, "near")
+        for part in np.unique(parts[active]).tolist():
+            members = np.flatnonzero(active & (parts == part))
+            clusters += _largest_clusters(members, roots[members], lines, "near", part in fixed)
         steps.append({"step": "near dedupe", "rows_in": before, "rows_out": int(alive.sum())})
     result["largest_clusters"] = sorted(clusters, key=lambda c: -c["size"])[:5]
     return result
 
 
-def _largest_clusters(members: np.ndarray, root_of: np.ndarray, lines: np.ndarray, kind: str) -> list[dict]:
-    """The five biggest clusters among `members` (`root_of`: each member's kept row), with their lines."""
+def _largest_clusters(members: np.ndarray, root_of: np.ndarray, lines: np.ndarray, kind: str,
+                      fixed: bool = False) -> list[dict]:
+    """The five biggest clusters among `members` (`root_of`: each member's first row), with their lines; a fixed
+    split's clusters are reported with `kept_in_fixed_split`, their duplicates under `duplicate_lines`."""
     roots, sizes = np.unique(root_of, return_counts=True)
     biggest = np.argsort(-sizes, kind="stable")[:5]
-    return [{"kind": kind, "size": int(sizes[k]), "kept_line": int(lines[roots[k]]),
-             "dropped_lines": lines[members[(root_of == roots[k]) & (members != roots[k])]][:10].tolist()}
-            for k in biggest.tolist() if sizes[k] > 1]
+    others = "duplicate_lines" if fixed else "dropped_lines"
+    found = [{"kind": kind, "size": int(sizes[k]), "kept_line": int(lines[roots[k]]),
+              others: lines[members[(root_of == roots[k]) & (members != roots[k])]][:10].tolist()}
+             for k in biggest.tolist() if sizes[k] > 1]
+    for cluster in found if fixed else ():
+        cluster["kept_in_fixed_split"] = True
+    return found
 
 
 def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, cuttable: np.ndarray, tokenizer, template,

@@ -19,11 +19,13 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from specialist.errors import DataError
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "arrow")
+HUB = "hub"  # the format of a Hugging Face hub dataset named by data.path (org/name)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
              ".parquet": "parquet", ".pq": "parquet"}
 CSV_MAX_FIELD_LINES = 200
@@ -36,6 +38,39 @@ class RawRow:
     problem: str = ""  # why `row` is None
     kind: str = ""  # short name of the problem, for counting
     span: int = 1  # physical lines the row took (CSV quoted fields may span several); the bad-row share counts them
+
+
+def is_hub_dataset(path: Path | str) -> bool:
+    """Whether `path` names a Hugging Face hub dataset (org/name) rather than a local file: a local path that
+    exists always wins, so a folder called org/name next to the config is read as it is."""
+    text = Path(path).as_posix()
+    return (not Path(path).is_absolute() and _HUB_ID.fullmatch(text) is not None and ".." not in text
+            and not os.path.lexists(path))
+
+
+def load_hub_dataset(name: str, split: str | None, subset: str | None):
+    """The `datasets.Dataset` for split `split` (train) of hub dataset `name` (config `subset`), through
+    `datasets.load_dataset` and its cache; a DataError naming the cache when it cannot be had."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split or "train")
+    except ConnectionError as exc:  # datasets' offline mode, or no network at all
+        raise DataError(f"the Hugging Face dataset {name} cannot be downloaded ({_first_line(exc)}) and is not in the "
+                        f"datasets cache {datasets.config.HF_DATASETS_CACHE}",
+                        hint=f"run once with a network (the dataset is then cached for offline runs), or download it "
+                        f"elsewhere (`hf download {name} --repo-type dataset --local-dir DIR`) and point data.path "
+                        "at DIR's data file") from None
+    except Exception as exc:  # not found, gated, an unknown split or subset: datasets says which
+        raise DataError(f"the Hugging Face dataset {name} (data.subset {subset}, data.split {split or 'train'}) "
+                        f"cannot be loaded: {_first_line(exc)}",
+                        hint="check data.path (org/name on huggingface.co/datasets), data.subset and data.split; a "
+                        "gated or private dataset needs `hf auth login`") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:300] if text else type(exc).__name__)
 
 
 def check_readable(path: Path) -> None:
@@ -84,7 +119,12 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-def iter_rows(path: Path, fmt: str = "auto", *, csv_max_field_lines: int = CSV_MAX_FIELD_LINES) -> Iterator[RawRow]:
+def iter_rows(path: Path, fmt: str = "auto", *, csv_max_field_lines: int = CSV_MAX_FIELD_LINES,
+              hub_split: str | None = None, hub_subset: str | None = None) -> Iterator[RawRow]:
+    if fmt == HUB:
+        for number, row in enumerate(load_hub_dataset(Path(path).as_posix(), hub_split, hub_subset), start=1):
+            yield RawRow(number, dict(row))
+        return
     check_readable(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt != "arrow" and path.is_dir():
@@ -259,24 +299,45 @@ def _scan_quotes(line: str, state: int, delimiter: str) -> tuple[int, int]:
     return state, opened
 
 
+class _Line(NamedTuple):
+    number: int
+    start: int  # byte offset of the line in the file
+    end: int  # byte offset just past it
+    text: str
+
+
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # a line ending in a lone \r, as text mode with newline="" splits lines
+
+
 class _Lines:
-    """Numbered physical lines of a text file, with lines that must be read again pushed back in front."""
+    """Numbered physical lines of a binary file, decoded as UTF-8 (a bad byte kept as a surrogate, so one broken
+    row is reported instead of the whole file), with the byte offsets needed to read a stretch of lines again."""
 
     def __init__(self, handle) -> None:
-        self._handle, self._next, self._again = handle, 1, deque()
+        self._handle, self._next, self._offset, self._pending = handle, 1, 0, deque()
 
     def __iter__(self) -> _Lines:
         return self
 
-    def __next__(self) -> tuple[int, str]:
-        if self._again:
-            return self._again.popleft()
-        text = next(self._handle)
-        self._next += 1
-        return self._next - 1, text
+    def __next__(self) -> _Line:
+        if self._pending:
+            piece = self._pending.popleft()
+        else:
+            piece = self._handle.readline()
+            if not piece:
+                raise StopIteration
+            if b"\r" in piece[:-2]:  # rare: old Mac line ends inside what readline took for one line
+                self._pending.extend(part for part in _LONE_CR.split(piece) if part)
+                piece = self._pending.popleft()
+        line = _Line(self._next, self._offset, self._offset + len(piece),
+                     piece.decode("utf-8", errors="surrogateescape"))
+        self._next, self._offset = self._next + 1, line.end
+        return line
 
-    def read_again(self, lines: list[tuple[int, str]]) -> None:
-        self._again.extendleft(reversed(lines))
+    def go_back(self, number: int, offset: int) -> None:
+        """Read on from line `number`, which starts at byte `offset`."""
+        self._handle.seek(offset)
+        self._next, self._offset, self._pending = number, offset, deque()
 
 
 @dataclass
@@ -284,40 +345,49 @@ class _Record:
     first_line: int
     lines: list[str]
     open_at: int = 0  # line where a quote opened and never closed (0: the record is complete)
-    reason: str = ""
+    span: int = 0  # physical lines of a record whose quote never closed (its text is not kept)
 
 
-def _csv_records(lines: _Lines, delimiter: str, max_field_lines: int) -> Iterator[_Record]:
-    """Complete records (their physical lines), or a bad one where a quote stays open past `max_field_lines`
-    lines or to the end of the file; reading then resumes on the line after the quote opened."""
-    for number, text in lines:
-        taken: list[tuple[int, str]] = [(number, text)]
-        state, opened = _scan_quotes(text, _START, delimiter)
-        open_line = number
+def _csv_records(lines: _Lines, delimiter: str, held_lines: int) -> Iterator[_Record]:
+    """Complete records (their physical lines): a quoted field ends where its quote closes, however many lines
+    later. A quote that never closes makes one bad record, from its first line to the line where the quote
+    opened, and reading goes back to the line after that one, so no other row is lost.
+
+    Up to `held_lines` lines of a record are kept while its end is looked for; a longer record is read again
+    from the file once its quote closes, so a stray quote early in a big file does not pull the file into memory.
+    """
+    for first in lines:
+        state, opened = _scan_quotes(first.text, _START, delimiter)
+        held, open_line, last = [first.text], first, first
         while state == _QUOTED:
-            if len(taken) - (open_line - number) >= max_field_lines:
-                reason = f"more than {max_field_lines} lines (data.csv_max_field_lines)"
-                break
             follow = next(lines, None)
             if follow is None:
-                reason = "the end of the file"
                 break
-            taken.append(follow)
-            state, opened_here = _scan_quotes(follow[1], state, delimiter)
-            if opened_here >= 0:
-                open_line = follow[0]
-        if state != _QUOTED:
-            yield _Record(number, [t for _, t in taken])
+            last = follow
+            if len(held) < held_lines:
+                held.append(follow.text)
+            state, opened = _scan_quotes(follow.text, state, delimiter)
+            if opened >= 0:
+                open_line = follow
+        if state == _QUOTED:  # the file ended inside the quote
+            lines.go_back(open_line.number + 1, open_line.end)
+            yield _Record(first.number, [], open_line.number, open_line.number - first.number + 1)
             continue
-        keep = open_line - number + 1
-        lines.read_again(taken[keep:])
-        yield _Record(number, [t for _, t in taken[:keep]], open_line, reason)
+        if last.number - first.number + 1 > len(held):
+            held = _read_again(lines, first, last)
+        yield _Record(first.number, held)
+
+
+def _read_again(lines: _Lines, first: _Line, last: _Line) -> list[str]:
+    """The text of lines first..last, read again from the file; reading then goes on after `last`."""
+    lines.go_back(first.number, first.start)
+    held = [next(lines).text for _ in range(last.number - first.number + 1)]
+    return held
 
 
 def _csv(path: Path, max_field_lines: int, delimiter: str) -> Iterator[RawRow]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long completions are normal in fine-tuning data
-    # surrogateescape keeps reading past a bad byte, so one broken row is reported instead of the whole file
-    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with path.open("rb") as handle:  # binary: a record whose quote never closes is read again from its offsets
         records = _csv_records(_Lines(handle), delimiter, max_field_lines)
         header = _csv_header(path, next(records, None), delimiter)
         for record in records:
@@ -352,8 +422,9 @@ def _parse_record(record: _Record, delimiter: str) -> list[str] | str:
 def _csv_row(record: _Record, header: list[str], delimiter: str) -> RawRow | None:
     line, span = record.first_line, len(record.lines)
     if record.open_at:
-        return RawRow(record.open_at, None, f"a quote opened on this line is still open after {record.reason}; "
-                      'close it, or double a quote inside a quoted field ("")', "unclosed_quote", span)
+        return RawRow(record.open_at, None, "a quote opened on this line never closes (the file ends inside it); "
+                      f"this row is skipped and reading resumed on line {record.open_at + 1}: close the quote, or "
+                      'double a quote inside a quoted field ("")', "unclosed_quote", record.span)
     fields = _parse_record(record, delimiter)
     if isinstance(fields, str):
         return RawRow(line, None, fields, "malformed_row", span)

@@ -88,6 +88,10 @@ def _notes(report: dict[str, Any]) -> list[str]:
         biggest = duplicates["largest_clusters"][0] if duplicates["largest_clusters"] else None
         where = f"; largest cluster {biggest['size']} rows, kept line {biggest['kept_line']}" if biggest else ""
         notes.append(f"duplicates: {duplicates['exact']} exact, {duplicates['near']} near removed{where}")
+    kept = duplicates.get("fixed_kept") or {}
+    if kept.get("exact") or kept.get("near"):
+        notes.append(f"[yellow]duplicates in the fixed val/test set:[/] {kept['exact']} exact, {kept['near']} near, "
+                     "kept (a fixed set is used as it is; see report.json duplicates.largest_clusters)")
     for name, entry in report["leakage"].items():
         if entry["rows"]:
             extra = f" ({entry['train_rows']} training rows, lines {entry['train_lines']})" \

@@ -1,11 +1,15 @@
 """The shapes fine-tuning data comes in, told apart by their columns and turned into Examples.
 
 - prompt_completion: prompt/completion, or the aliases input/output, instruction/response (an Alpaca-style
-  `input` beside `instruction` is appended to it), question/answer.
-- messages: OpenAI chat rows, `[{"role": "system"|"user"|"assistant", "content": ...}, ...]`, ending with the
-  assistant turn that is learned; earlier turns become the prompt.
+  `input` beside `instruction` is appended to it), question/answer. TRL's conversational form, a `prompt` list of
+  messages ending with the user's turn and a `completion` list holding one assistant message, reads the same.
+- messages: chat rows, OpenAI's `messages: [{"role": "system"|"user"|"assistant", "content": ..., "weight": 0|1}]`
+  or ShareGPT's `conversations: [{"from": "system"|"human"|"gpt", "value": ...}]`, ending with an assistant turn.
+  The last learned assistant turn is the answer and the turns before it the prompt; with data.train_on all (the
+  default) every assistant turn is learned, each from the turns before it, except those with weight 0 (context).
 - text: plain text for continued pretraining.
-- preference: prompt/chosen/rejected (DPO; supervised methods learn `chosen`).
+- preference: prompt/chosen/rejected (DPO; supervised methods learn `chosen`), as text or as TRL's conversational
+  message lists; OpenAI's `input: {messages}`, `preferred_output`, `non_preferred_output` too.
 - labelled: text/label, turned into prompt/completion through `data.label_template`.
 
 `data.prompt_template` ("{title}\\n\\n{body}") builds the input of prompt_completion, labelled and preference rows
@@ -34,6 +38,8 @@ Converter = Callable[[dict[str, Any], int], "tuple[Example | None, str, str]"]
 
 
 TEMPLATED_SHAPES = ("prompt_completion", "labelled", "preference")
+# OpenAI's preference fine-tuning rows: field -> column
+OPENAI_PREFERENCE = {"prompt": "input", "chosen": "preferred_output", "rejected": "non_preferred_output"}
 
 
 @dataclass(frozen=True)
@@ -157,8 +163,10 @@ def _guess_shape_name(keys: set[str], data, method_kind: str) -> str:
             return "labelled"
         if data.chosen_column in keys:
             return "preference"
-    if data.messages_column in keys:
+    if data.messages_column in keys or _sharegpt_column(keys, data):
         return "messages"
+    if set(OPENAI_PREFERENCE.values()) <= keys:
+        return "preference"
     if _pick(keys, data.prompt_column, PROMPT_ALIASES) and _pick(keys, data.completion_column, COMPLETION_ALIASES):
         return "prompt_completion"
     if data.text_column in keys and data.label_column in keys:
@@ -194,6 +202,14 @@ def _pick(keys: set[str], configured: str, aliases: tuple[str, ...]) -> str | No
     return next((alias for alias in aliases if alias in keys), None)
 
 
+def _sharegpt_column(keys: set[str], data) -> str | None:
+    """ShareGPT's `conversations`, when the messages column is left at its default and the data has no `messages`."""
+    default = type(data).model_fields["messages_column"].default
+    if data.messages_column == default and default not in keys and "conversations" in keys:
+        return "conversations"
+    return None
+
+
 def _columns_for(name: str, keys: set[str], data) -> dict[str, str]:
     columns = _columns_of_shape(name, keys, data)
     if data.prompt_template:  # the template replaces the prompt (or labelled text) column
@@ -211,10 +227,12 @@ def _columns_of_shape(name: str, keys: set[str], data) -> dict[str, str]:
             columns["input"] = "input"
         return columns
     if name == "messages":
-        return {"messages": data.messages_column}
+        return {"messages": _sharegpt_column(keys, data) or data.messages_column}
     if name == "text":
         return {"text": data.text_column}
     if name == "preference":
+        if data.chosen_column not in keys and set(OPENAI_PREFERENCE.values()) <= keys:
+            return dict(OPENAI_PREFERENCE)
         chosen = data.chosen_column if data.chosen_column in keys else data.completion_column
         return {"prompt": prompt, "chosen": chosen, "rejected": data.rejected_column}
     return {"text": data.text_column, "label": data.label_column}
@@ -228,7 +246,12 @@ def row_to_example(row: dict[str, Any], line: int, shape: Shape, data, keep_reje
         return Rejection("missing_field", line, f"missing column(s) {missing}; the row has {sorted(row)}")
     if shape.name == "messages":
         return _messages_to_example(row[columns["messages"]], line, row, data)
-    values = {field: as_text(row[column]) for field, column in columns.items() if column in row}
+    values = {}
+    for field, column in columns.items():
+        if column in row:
+            values[field], problem = field_text(field, row[column])
+            if problem:
+                return Rejection("bad_message", line, problem)
     required = [f for f in columns if f != "input"]
     empty = [columns[f] for f in required if not values.get(f, "").strip()]
     if empty:
@@ -269,14 +292,39 @@ def _group_of(row: dict[str, Any], data) -> str | None:
 
 
 def _messages_to_example(messages: Any, line: int, row: dict[str, Any], data) -> Example | Rejection:
-    problem = check_role_order(messages)
+    """A chat row: the last learned assistant turn is the answer, earlier turns its prompt; with data.train_on all
+    (the default) every earlier assistant turn without `weight: 0` is learned too, each from the turns before it."""
+    turns, problem = read_turns(messages, "messages")
+    if problem:
+        return Rejection("bad_message", line, problem)
+    problem = role_order_problem([turn.role for turn in turns], last="assistant")
     if problem:
         return Rejection("role_order", line, problem)
-    turns = [(m["role"], as_text(m["content"])) for m in messages]
-    if not turns[-1][1].strip():
-        return Rejection("empty_field", line, "the last assistant message is empty")
-    group = _group_of(row, data)
-    return Example(fold_chat(turns[:-1]), turns[-1][1], line, label=_label_of(row, data), group=group)
+    learned = [i for i, turn in enumerate(turns) if turn.role == "assistant" and turn.weight != 0]
+    if not learned:
+        return Rejection("no_answer", line, "every assistant message has weight 0, so the row teaches nothing; set "
+                         "weight 1 (or leave weight out) on the answers to learn")
+    learned = learned[-1:] if data.train_on == "last" else learned
+    if len(learned) > MAX_LEARNED_TURNS:  # each learned turn re-reads the turns before it: bound the square
+        return Rejection("too_many_turns", line, f"{len(learned)} assistant turns to learn, over {MAX_LEARNED_TURNS}; "
+                         "split the conversation into shorter rows, or set data.train_on: last")
+    empty = next((i for i in learned if not turns[i].content.strip()), None)
+    if empty is not None:
+        return Rejection("empty_field", line, f"assistant message {empty} is empty")
+    last, earlier = learned[-1], set(learned[:-1])
+    context = tuple((turn.role, turn.content, i in earlier) for i, turn in enumerate(turns[:last])) if earlier else ()
+    return Example(fold_chat([(t.role, t.content) for t in turns[:last]]), turns[last].content, line,
+                   label=_label_of(row, data), group=_group_of(row, data), turns=context)
+
+
+def training_pairs(example: Example) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs a supervised method learns from `example`: one per learned assistant turn of a
+    chat row, each prompt folded from the turns before it as serving folds a chat request, so a multi-turn row
+    trains every answer with its context masked, in the one prompt format training, evaluation and serving share.
+    The cost: a conversation's early turns are read once per later answer (tokens grow with the square of turns)."""
+    pairs = [(fold_chat([(role, content) for role, content, _ in example.turns[:i]]), content)
+             for i, (role, content, learned) in enumerate(example.turns) if learned]
+    return [*pairs, (example.prompt, example.completion)]
 
 
 def fold_chat(turns: list[tuple[str, str]]) -> str:
@@ -291,23 +339,124 @@ def fold_chat(turns: list[tuple[str, str]]) -> str:
     return f"{system[0]}\n\n{prompt}" if system else prompt
 
 
+@dataclass(frozen=True)
+class Turn:
+    role: str  # system, user or assistant
+    content: str
+    weight: int | None = None  # OpenAI's per-message weight: 0 makes an assistant turn context, not a target
+
+
+MAX_LEARNED_TURNS = 256  # far past any conversation that fits a training context; bounds one row's training pairs
+SHAREGPT_SPEAKERS = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def read_turns(messages: Any, where: str) -> tuple[list[Turn], str]:
+    """(turns, "") from a list of OpenAI/TRL `{role, content[, weight]}` or ShareGPT `{from, value}` messages, or
+    ([], why not) naming the message (`where[n]`) and the fix."""
+    if not isinstance(messages, list) or not messages:
+        return [], f"{where} must be a non-empty list of {{role, content}} messages, not {_kind(messages)}"
+    turns = []
+    for n, message in enumerate(messages):
+        turn = _read_turn(message, f"{where}[{n}]")
+        if isinstance(turn, str):
+            return [], turn
+        turns.append(turn)
+    return turns, ""
+
+
+def _read_turn(message: Any, where: str) -> Turn | str:
+    """One message as a Turn, or why it cannot be read."""
+    if not isinstance(message, dict):
+        return f"{where} is {_kind(message)}, not a {{role, content}} object"
+    if "role" in message:
+        role, key = message["role"], "content"
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system message
+    elif "from" in message:
+        key = "value"
+        role = SHAREGPT_SPEAKERS.get(message["from"]) if isinstance(message["from"], str) else None
+        if role is None:
+            return f"{where} is from {message['from']!r}; ShareGPT speakers are {list(SHAREGPT_SPEAKERS)}"
+    else:
+        return f"{where} has no role (OpenAI/TRL {{role, content}}) or from (ShareGPT {{from, value}})"
+    if role not in ROLES:
+        return f"{where} has role {_short(role)}; roles are {list(ROLES)}"
+    if key not in message:
+        return f"{where} ({role}) has no {key!r}"
+    content = _content_text(message[key])
+    if content is None:
+        return f"{where} ({role}) {key} is {_kind(message[key])}; only text is read (a string or text parts)"
+    weight = message.get("weight")
+    if weight is not None and (role != "assistant" or weight not in (0, 1) or isinstance(weight, (bool, float))):
+        return f"{where} ({role}) has weight {_short(weight)}; weight is 0 or 1, on assistant messages only"
+    return Turn(role, content, weight)
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's text: a string, or OpenAI content parts that are all text; None for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content):
+        return "".join(part["text"] for part in content)
+    return None
+
+
+def role_order_problem(roles: list[str], last: str) -> str:
+    """'' when `roles` run [system,] user, assistant, user, ... ending with `last`; else why not."""
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    expected = ["user" if n % 2 == 0 else "assistant" for n in range(len(body))]
+    ending = "the assistant's answer" if last == "assistant" else "the user's question"
+    if body != expected or not body:
+        return f"wrong role order {_roles(roles)}; expected [system,] user, assistant, user, ... ending with {ending}"
+    if body[-1] != last:
+        return f"wrong role order {_roles(roles)}: the last message must be {ending}"
+    return ""
+
+
 def check_role_order(messages: Any) -> str:
     """'' when `messages` is [system?] user, assistant, user, assistant, ... ending with assistant; else why not."""
-    if not isinstance(messages, list) or not messages:
-        return "messages must be a non-empty list of {role, content}"
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return f"message {n} is not a {{role, content}} object"
-        if message["role"] not in ROLES:
-            return f"message {n} has role {message['role']!r}; roles are {list(ROLES)}"
-    roles = [m["role"] for m in messages]
-    body = roles[1:] if roles[0] == "system" else roles
-    expected = ["user" if n % 2 == 0 else "assistant" for n in range(len(body))]
-    if body != expected or not body:
-        return f"wrong role order {roles}; expected [system,] user, assistant, user, assistant, ... "
-    if body[-1] != "assistant":
-        return f"wrong role order {roles}: the last message must be the assistant's answer"
-    return ""
+    turns, problem = read_turns(messages, "messages")
+    return problem or role_order_problem([turn.role for turn in turns], last="assistant")
+
+
+def _roles(roles: list[str]) -> str:
+    """The roles for a message; a huge conversation shows its first few and its length."""
+    return str(roles) if len(roles) <= 8 else f"[{', '.join(roles[:6])}, ... ({len(roles)} messages)]"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def field_text(field: str, value: Any) -> tuple[str | None, str]:
+    """A prompt_completion or preference field as text, or (None, why not). A TRL conversational field (a list of
+    messages) becomes the text it stands for: a prompt folds like a chat row's earlier turns and must end with the
+    user's turn; an answer (completion, chosen, rejected) is one assistant message. An OpenAI preference `input`
+    is `{messages: [...]}`. Anything else reads as before (a JSON answer stays compact JSON text)."""
+    if field == "prompt" and isinstance(value, dict) and "messages" in value:
+        value = value["messages"] if value["messages"] != [] else None
+    if isinstance(value, list) and not value:
+        return "", ""  # an empty conversation is an empty field
+    if not (isinstance(value, list) and isinstance(value[0], dict) and ("role" in value[0] or "from" in value[0])):
+        return as_text(value), ""
+    turns, problem = read_turns(value, field)
+    if problem:
+        return None, problem
+    roles = [turn.role for turn in turns]
+    if field == "prompt":
+        problem = role_order_problem(roles, last="user")
+        return (None, f"prompt: {problem}") if problem else (fold_chat([(t.role, t.content) for t in turns]), "")
+    if roles != ["assistant"]:
+        return None, f"{field} must be one assistant message, not {_roles(roles)}"
+    return turns[0].content, ""
 
 
 def as_text(value: Any) -> str:

@@ -43,7 +43,7 @@ def read_answers(path: Path) -> Iterator[str]:
 
 def _example(row: dict) -> Example:
     return Example(row["prompt"], row["completion"], row.get("source_line", 0), row.get("rejected"),
-                   row.get("label"), row.get("group"))
+                   row.get("label"), row.get("group"), turns=tuple(tuple(turn) for turn in row.get("turns", ())))
 
 
 def read_split(folder: Path) -> Split:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from specialist.config import MethodConfig, TrainingConfig
 from specialist.console import console
-from specialist.data import Example, PromptTemplate, encode_for_training
+from specialist.data import Example, PromptTemplate, encode_for_training, training_pairs
 from specialist.errors import DataError
 from specialist.run_folder import RunFolder
 from specialist.ranks import is_main_process
@@ -43,7 +43,9 @@ def build_dataset(examples: list[Example], template: PromptTemplate | None, toke
     if template is None:
         rows = [_encode_text(tokenizer, ex.completion) for ex in examples]
     else:
-        rows = [encode_for_training(template, tokenizer, ex.prompt, ex.completion, ex.shots) for ex in examples]
+        # a multi-turn chat row gives one sequence per learned assistant turn (data.train_on: all)
+        rows = [encode_for_training(template, tokenizer, prompt, completion, ex.shots)
+                for ex in examples for prompt, completion in training_pairs(ex)]
     return Dataset.from_list(rows)
 
 
