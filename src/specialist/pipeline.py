@@ -103,11 +103,10 @@ def train_only(config: RunConfig, config_name: str = "run", resume: bool = False
 
 def train(config: RunConfig, model, tokenizer, template, split: Split, run: RunFolder,
           resume_from: Path | None = None) -> TrainResult:
-    from specialist.train import train_model
+    from specialist.train import TrainJob, train_model
 
     split = with_retrieval(config, split, run)
-    return train_model(model, tokenizer, template, split.train, split.val, config.method, config.training,
-                       run, resume_from)
+    return train_model(TrainJob(config, model, tokenizer, template, split, run, resume_from))
 
 
 def with_retrieval(config: RunConfig, split: Split, run: RunFolder) -> Split:
