@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from specialist.cli import app
 from specialist.core.gates import GateResult
 from specialist.core.stats import Interval, PairedComparison
-from specialist.deploy.export import export_run
+from specialist.deploy.export import ExportOptions, export_run
 from specialist.deploy.model_card import GEMMA_TERMS, render_model_card, write_model_card
 from specialist.deploy.push import PushError, push_export
 from specialist.errors import ConfigError, SpecialistError
@@ -74,7 +74,7 @@ def write_eval(run: RunFolder, arm_names=("base", "tuned"), gates=None, forgetti
 
 
 def test_an_export_gets_a_card_with_the_hub_header_data_and_loading(run_copy, tmp_path):
-    result = export_run(run_copy.path, "merged", tmp_path / "merged", golden=1, max_new_tokens=4)
+    result = export_run(run_copy.path, "merged", tmp_path / "merged", ExportOptions(golden=1, max_new_tokens=4))
     card = ExportFolder(result.folder).model_card.read_text()
     header = front_matter(card)
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-generation"

@@ -232,13 +232,14 @@ def test_report_md_escapes_a_hostile_run_name(tmp_path):
 
 
 def test_the_request_log_and_its_wal_are_private(tmp_path):
-    from specialist.deploy.records import RequestLog
+    from specialist.deploy.records import LoggedRequest, RequestLog
 
     old = os.umask(0o022)
     try:
         log = RequestLog(tmp_path / "serve.sqlite")
-        log.add(request_id="r1", arm="a", endpoint="chat", user="u", latency_s=0.1, tokens_in=1, tokens_out=1,
-                format_ok=True, finish_reason="stop", prompt="secret prompt", output="secret answer")
+        log.add(LoggedRequest(request_id="r1", arm="a", endpoint="chat", user="u", latency_s=0.1, tokens_in=1,
+                              tokens_out=1, format_ok=True, finish_reason="stop", prompt="secret prompt",
+                              output="secret answer"))
         files = sorted(p.name for p in tmp_path.iterdir())
         assert {"serve.sqlite", "serve.sqlite-wal"} <= set(files)
         for name in files:

@@ -20,7 +20,7 @@ from specialist.train.loop import fit, use_bf16_autocast
 from specialist.train.select_by import SelectionRows, generated_answers
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 
 def build_dataset(examples: list[Example], template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase):
