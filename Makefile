@@ -30,8 +30,10 @@ $(CONSTRAIN_STAMP): $(STAMP)
 	$(VENV)/bin/pip install --quiet --no-deps -c constraints.txt xgrammar apache-tvm-ffi
 	touch $(CONSTRAIN_STAMP)
 
+# test-tools is the test extra less xgrammar (installed above without triton); `pip install -e '.[test]'` alone
+# gets the same set with triton.
 $(TEST_STAMP): $(CONSTRAIN_STAMP)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(VENV)/bin/pip install --quiet -c constraints.txt -e '.[embedded,serve,test]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(VENV)/bin/pip install --quiet -c constraints.txt -e '.[embedded,serve,test-tools]'
 	touch $(TEST_STAMP)
 
 demo: $(STAMP) sandbox

@@ -49,10 +49,11 @@ def llama_cpp(gguf: Path, prompt_ids: list[list[int]], max_new_tokens: int, batc
 
 
 def export_f16(run_dir: Path, work: Path) -> Path:
-    from specialist.deploy.export import export_run
+    from specialist.deploy.export import ExportOptions, export_run
     from specialist.run_folder import ExportFolder
 
-    folder = export_run(run_dir, "gguf", work / "gguf-f16", golden=2, max_new_tokens=8, quantize="f16").folder
+    options = ExportOptions(golden=2, max_new_tokens=8, quantize="f16")
+    folder = export_run(run_dir, "gguf", work / "gguf-f16", options).folder
     return ExportFolder(folder).file(ExportFolder(folder).meta()["gguf_file"])
 
 

@@ -60,14 +60,14 @@ def mean_scores(outputs: list[str], expected: list[str], scorers: dict, prompts:
 
 def measure_type(run, reference, spec: str, work: Path, data: dict, args) -> dict:
     from specialist.deploy import llamacpp
-    from specialist.deploy.export import ExportMismatch, export_run
+    from specialist.deploy.export import ExportMismatch, ExportOptions, export_run
     from specialist.run_folder import ExportFolder, read_json
 
     qtype, _, layout = spec.partition("/")
     out = work / spec.replace("/", "-")
     started = time.perf_counter()
     try:
-        export_run(run.path, "gguf", out, quantize=qtype, lora=layout or "auto")
+        export_run(run.path, "gguf", out, ExportOptions(quantize=qtype, lora=layout or "auto"))
     except ExportMismatch:  # strict types (f32/f16) raise on a golden difference; the check is written first
         pass
     export_seconds = time.perf_counter() - started

@@ -205,7 +205,7 @@ def test_eval_of_labelled_rows_scores_majority_and_linear_on_the_training_split_
 def retrieval_run(tmp_path_factory, tiny_model_dir):
     """A tiny LoRA run trained with data.retrieval (k=2), evaluated one row at a time (no padding), exported."""
     from specialist.config import validate_config
-    from specialist.deploy.export import export_run
+    from specialist.deploy.export import ExportOptions, export_run
     from specialist.evaluate.runner import evaluate_run
     from specialist.pipeline import train_only
     from tests.conftest import LOG_EXAMPLES
@@ -223,7 +223,7 @@ def retrieval_run(tmp_path_factory, tiny_model_dir):
         "output": {"dir": str(tmp / "runs"), "run_name": "retrieval"}})
     run = train_only(config, "retrieval").run_dir
     report = evaluate_run(run, config)
-    export = export_run(run, "adapter", out=tmp / "export", golden=3, max_new_tokens=6)
+    export = export_run(run, "adapter", out=tmp / "export", options=ExportOptions(golden=3, max_new_tokens=6))
     return run, report, export.folder
 
 

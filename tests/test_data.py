@@ -7,7 +7,7 @@ import pytest
 
 from conftest import build_tiny_tokenizer
 from specialist.config import DataConfig
-from specialist.data import PromptTemplate, prepare
+from specialist.data import Measuring, PromptTemplate, prepare
 from specialist.data.clean import Scrubber, normalize_text
 from specialist.data.dedupe import MinHasher, near_duplicate_roots
 from specialist.errors import DataError
@@ -26,8 +26,8 @@ def pairs(n, prefix="question"):
 def run_prepare(tmp_path, data_path, method="lora", seed=0, tokenizer=None, max_length=None, **options):
     data = DataConfig.model_validate({"path": str(data_path), **options})
     template = PromptTemplate.for_tokenizer(tokenizer) if tokenizer is not None else None
-    return prepare(data, method, tmp_path / "out", seed, tokenizer=tokenizer, template=template,
-                   max_length=max_length, show_progress=False)
+    measuring = Measuring(tokenizer, template, max_length) if tokenizer is not None and max_length is not None else None
+    return prepare(data, method, tmp_path / "out", seed, measuring=measuring, show_progress=False)
 
 
 def all_rows(prepared):

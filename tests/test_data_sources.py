@@ -8,7 +8,7 @@ import yaml
 
 from conftest import build_tiny_tokenizer
 from specialist.config import DataConfig, load_config, validate_config
-from specialist.data import PromptTemplate, encode_for_training, prepare
+from specialist.data import Measuring, PromptTemplate, encode_for_training, prepare
 from specialist.data.report import print_prepare_report
 from specialist.data.template import FittedPrompt
 from specialist.errors import ConfigError, DataError, SpecialistError
@@ -27,8 +27,8 @@ def run_prepare(tmp_path, data_path, method="lora", tokenizer=None, max_length=N
     data = DataConfig.model_validate({"path": str(data_path), **options})
     if tokenizer is not None and template is None:
         template = PromptTemplate.for_tokenizer(tokenizer)
-    return prepare(data, method, tmp_path / "out", 0, tokenizer=tokenizer, template=template, max_length=max_length,
-                   show_progress=False)
+    measuring = Measuring(tokenizer, template, max_length) if tokenizer is not None and max_length is not None else None
+    return prepare(data, method, tmp_path / "out", 0, measuring=measuring, show_progress=False)
 
 
 # ---- a fixed test / val set ----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import yaml
 
 from specialist.artifacts import load_exported
 from specialist.deploy.ab import ab_report, pass_rate_interval, two_proportion_test
-from specialist.deploy.export import ExportMismatch, compare_outputs, export_run
+from specialist.deploy.export import ExportMismatch, ExportOptions, compare_outputs, export_run
 from specialist.errors import ConfigError
 from specialist.generation import Engine
 from specialist.run_folder import ExportFolder, RunFolder
@@ -27,7 +27,7 @@ def run_dir(tiny_run_dir):
 
 @pytest.mark.parametrize("fmt", ["merged", "adapter"])
 def test_export_loads_back_and_answers_the_golden_prompts_like_the_run(run_dir, tmp_path, fmt):
-    result = export_run(run_dir, fmt, tmp_path / fmt, golden=4, max_new_tokens=8)
+    result = export_run(run_dir, fmt, tmp_path / fmt, ExportOptions(golden=4, max_new_tokens=8))
     check = json.loads((result.folder / "export_check.json").read_text())
     assert check["prompts"] == 4 and check["mismatches"] == [] and len(check["answers"]) == 4
     assert (result.folder / "template.json").is_file() and (result.folder / "tokenizer_config.json").is_file()
@@ -47,7 +47,8 @@ def test_export_loads_back_and_answers_the_golden_prompts_like_the_run(run_dir, 
 def test_a_different_model_is_reported_as_a_mismatch(run_dir, tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    exported = load_exported(export_run(run_dir, "merged", tmp_path / "m", golden=2, max_new_tokens=6).folder)
+    exported = load_exported(export_run(run_dir, "merged", tmp_path / "m",
+                                        ExportOptions(golden=2, max_new_tokens=6)).folder)
     other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for param in other.parameters():
         param.data.normal_(std=0.5)
@@ -76,7 +77,7 @@ def test_an_export_that_answers_differently_fails_the_cli_with_exit_1_naming_the
     monkeypatch.setattr(export_module, "merged_copy", scrambled)
     out = tmp_path / "m"
     with pytest.raises(ExportMismatch, match=r"of 2 golden prompts answer differently after export"):
-        export_run(run_dir, "merged", out, golden=2, max_new_tokens=6)
+        export_run(run_dir, "merged", out, ExportOptions(golden=2, max_new_tokens=6))
     result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), "--golden", "2"], terminal_width=200)
     assert result.exit_code == 1, result.output
     assert "golden prompts answer differently after export" in result.output and "Traceback" not in result.output
@@ -95,7 +96,7 @@ def test_an_export_killed_mid_write_leaves_the_earlier_export_whole(run_dir, tmp
     import specialist.deploy.export as export_module
 
     out = tmp_path / "m"
-    first = export_run(run_dir, "merged", out, golden=1, max_new_tokens=4)
+    first = export_run(run_dir, "merged", out, ExportOptions(golden=1, max_new_tokens=4))
     before = {p.name: p.read_bytes() for p in first.folder.iterdir() if p.is_file()}
 
     def killed(*args, **kwargs):  # the process dies after the weights are written, before the export is whole
@@ -103,12 +104,12 @@ def test_an_export_killed_mid_write_leaves_the_earlier_export_whole(run_dir, tmp
 
     monkeypatch.setattr(export_module, "write_model_card", killed)
     with pytest.raises(KeyboardInterrupt):
-        export_run(run_dir, "merged", out, golden=1, max_new_tokens=4)
+        export_run(run_dir, "merged", out, ExportOptions(golden=1, max_new_tokens=4))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert load_exported(out).tokenizer.eos_token  # the earlier export still loads
 
     monkeypatch.undo()  # the next export clears the killed one's leftovers and replaces the earlier export whole
-    again = export_run(run_dir, "adapter", out, golden=1, max_new_tokens=4)
+    again = export_run(run_dir, "adapter", out, ExportOptions(golden=1, max_new_tokens=4))
     assert again.folder == out and ExportFolder(out).meta()["format"] == "adapter"
     assert not (out / "model.safetensors").exists() and (out / "adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging or replaced folder left beside it
@@ -119,20 +120,21 @@ def test_export_refuses_to_replace_a_folder_that_is_not_an_export(run_dir, tmp_p
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="is not an export"):
-        export_run(run_dir, "merged", mine, golden=1, max_new_tokens=4)
+        export_run(run_dir, "merged", mine, ExportOptions(golden=1, max_new_tokens=4))
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is not an export"):
-        export_run(run_dir, "merged", tmp_path / "file", golden=1, max_new_tokens=4)
+        export_run(run_dir, "merged", tmp_path / "file", ExportOptions(golden=1, max_new_tokens=4))
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert export_run(run_dir, "merged", empty, golden=1, max_new_tokens=4).folder == empty
+    assert export_run(run_dir, "merged", empty, ExportOptions(golden=1, max_new_tokens=4)).folder == empty
 
 
 def test_export_writes_every_golden_replay_as_a_junit_case(run_dir, tmp_path):
     import xml.etree.ElementTree as ET
 
-    export_run(run_dir, "merged", tmp_path / "m", golden=3, max_new_tokens=6, junit=tmp_path / "export.xml")
+    export_run(run_dir, "merged", tmp_path / "m",
+               ExportOptions(golden=3, max_new_tokens=6, junit=tmp_path / "export.xml"))
     suite = ET.parse(tmp_path / "export.xml").getroot().find("testsuite")
     cases = suite.findall("testcase")
     assert len(cases) == 3 and suite.get("failures") == "0"
@@ -144,7 +146,7 @@ def test_int8_export_is_safetensors_int8_and_scores_as_an_eval_arm(run_dir, tmp_
 
     from specialist.evaluate.runner import evaluate_run
 
-    result = export_run(run_dir, "int8", tmp_path / "q8", golden=4, max_new_tokens=8)
+    result = export_run(run_dir, "int8", tmp_path / "q8", ExportOptions(golden=4, max_new_tokens=8))
     meta = json.loads((result.folder / "export.json").read_text())
     assert meta["int8_mode"] == "weight_only" and result.check["logits"]["max_relative_l2"] < 0.1
     assert not list(result.folder.glob("*.pt")) and not list(result.folder.glob("*.bin"))
@@ -164,7 +166,7 @@ def test_int8_export_is_safetensors_int8_and_scores_as_an_eval_arm(run_dir, tmp_
 
 def test_an_export_whose_metadata_names_a_file_outside_it_or_a_pickle_is_refused(run_dir, tmp_path):
     """A planted pickle never runs: no loader of ours unpickles, and file names must stay inside the folder."""
-    folder = export_run(run_dir, "int8", tmp_path / "q8", golden=1, max_new_tokens=4).folder
+    folder = export_run(run_dir, "int8", tmp_path / "q8", ExportOptions(golden=1, max_new_tokens=4)).folder
     marker = tmp_path / "payload-ran"
 
     class Payload:
@@ -189,7 +191,7 @@ def test_an_export_whose_metadata_names_a_file_outside_it_or_a_pickle_is_refused
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0", "q4_k_m"])
 def test_gguf_export_replays_in_llama_cpp_with_its_own_tokenizer(run_dir, tmp_path, qtype):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the test extra")
-    result = export_run(run_dir, "gguf", tmp_path / qtype, golden=4, max_new_tokens=8, quantize=qtype)
+    result = export_run(run_dir, "gguf", tmp_path / qtype, ExportOptions(golden=4, max_new_tokens=8, quantize=qtype))
     check = result.check
     assert check["runtime"] == "llama.cpp" and check["prompt_token_mismatches"] == []
     assert check["prompts"] == 4 and len(check["answers"]) == 4
@@ -210,21 +212,23 @@ def test_gguf_export_replays_in_llama_cpp_with_its_own_tokenizer(run_dir, tmp_pa
 def test_a_separate_lora_gguf_answers_like_the_run_in_llama_cpp_and_through_transformers(run_dir, tmp_path):
     """Base + adapter files: llama.cpp applies the adapter; without llama.cpp the loader adds it to the weights."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the test extra")
-    result = export_run(run_dir, "gguf", tmp_path / "sep", golden=4, max_new_tokens=8, quantize="f16", lora="separate")
+    result = export_run(run_dir, "gguf", tmp_path / "sep",
+                        ExportOptions(golden=4, max_new_tokens=8, quantize="f16", lora="separate"))
     assert result.check["runtime"] == "llama.cpp" and result.check["mismatches"] == []
     assert sorted(p.name for p in result.folder.glob("*.gguf")) == ["adapter.gguf", "base-f16.gguf"]
     loaded = load_exported(result.folder)  # transformers' GGUF reader + the adapter merged in
-    merged = load_exported(export_run(run_dir, "merged", tmp_path / "m", golden=1, max_new_tokens=4).folder)
+    merged = load_exported(export_run(run_dir, "merged", tmp_path / "m",
+                                      ExportOptions(golden=1, max_new_tokens=4)).folder)
     for name, weight in merged.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], weight, rtol=2e-3, atol=2e-3, msg=name)
 
 
 def test_lora_layouts_are_checked_before_anything_is_written(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown LoRA layout 'both'"):
-        export_run(run_dir, "gguf", tmp_path / "x", quantize="q4_0", lora="both")
+        export_run(run_dir, "gguf", tmp_path / "x", ExportOptions(quantize="q4_0", lora="both"))
     for rank in (-1, 10**9):
         with pytest.raises(ConfigError, match="compensation rank"):
-            export_run(run_dir, "gguf", tmp_path / "x", quantize="q4_0", compensation_rank=rank)
+            export_run(run_dir, "gguf", tmp_path / "x", ExportOptions(quantize="q4_0", compensation_rank=rank))
     assert not (tmp_path / "x").exists()
 
 
@@ -240,14 +244,14 @@ def test_wilson_interval_and_two_proportion_test_match_known_values():
 
 
 def test_ab_report_counts_arms_latency_pass_rates_and_feedback(tmp_path):
-    from specialist.deploy.records import RequestLog
+    from specialist.deploy.records import LoggedRequest, RequestLog
 
     log = RequestLog(tmp_path / "log.sqlite")
     for i in range(20):
         arm = "tuned" if i < 12 else "base"
-        log.add(request_id=f"r{i}", arm=arm, endpoint="chat", user=None, latency_s=0.1 * (i % 4 + 1),
-                tokens_in=10, tokens_out=5, format_ok=(i % 6 != 0) if arm == "tuned" else (i % 2 == 0),
-                finish_reason="stop", prompt=None, output=None)
+        log.add(LoggedRequest(request_id=f"r{i}", arm=arm, endpoint="chat", user=None,
+                              latency_s=0.1 * (i % 4 + 1), tokens_in=10, tokens_out=5,
+                              format_ok=(i % 6 != 0) if arm == "tuned" else (i % 2 == 0), finish_reason="stop"))
     assert log.add_feedback("r1", 1.0, "good") and not log.add_feedback("missing", 0.0, None)
     log.close()
     report = ab_report(tmp_path / "log.sqlite")
@@ -278,12 +282,12 @@ def test_psi_and_js_distance_are_zero_for_the_same_data_and_grow_with_shift():
 
 
 def fill_log(path, rows):
-    from specialist.deploy.records import RequestLog
+    from specialist.deploy.records import LoggedRequest, RequestLog
 
     log = RequestLog(path)
     for i, (prompt, tokens_in, ok) in enumerate(rows):
-        log.add(request_id=f"r{i}", arm="tuned", endpoint="chat", user=None, latency_s=0.1, tokens_in=tokens_in,
-                tokens_out=5, format_ok=ok, finish_reason="stop", prompt=prompt, output=None)
+        log.add(LoggedRequest(request_id=f"r{i}", arm="tuned", endpoint="chat", user=None, latency_s=0.1,
+                              tokens_in=tokens_in, tokens_out=5, format_ok=ok, finish_reason="stop", prompt=prompt))
     log.close()
 
 
@@ -332,20 +336,20 @@ def test_a_second_export_to_one_destination_is_refused_while_the_first_runs(run_
 
     monkeypatch.setattr(export_module, "write_model_card", slow_card)
     results = []
-    first = threading.Thread(target=lambda: results.append(export_run(run_dir, "merged", out, golden=1,
-                                                                      max_new_tokens=4)))
+    options = ExportOptions(golden=1, max_new_tokens=4)
+    first = threading.Thread(target=lambda: results.append(export_run(run_dir, "merged", out, options)))
     first.start()
     try:
         assert writing.wait(120)
         monkeypatch.setattr(export_module, "write_model_card", card)
         with pytest.raises(ConfigError, match="another export is writing"):
-            export_run(run_dir, "adapter", out, golden=1, max_new_tokens=4)
+            export_run(run_dir, "adapter", out, ExportOptions(golden=1, max_new_tokens=4))
     finally:
         finish.set()
         first.join(120)
     assert results and results[0].folder == out and ExportFolder(out).meta()["format"] == "merged"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no lock, staging or replaced folder left
-    again = export_run(run_dir, "adapter", out, golden=1, max_new_tokens=4)  # the lock was released
+    again = export_run(run_dir, "adapter", out, ExportOptions(golden=1, max_new_tokens=4))  # the lock was released
     assert ExportFolder(again.folder).meta()["format"] == "adapter"
 
 

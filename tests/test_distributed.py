@@ -58,8 +58,8 @@ FSDP_ON_CPU_SCRIPT = textwrap.dedent("""
 
     state.AcceleratorState.__init__ = init
 
-    import specialist.train.sft as sft
-    run_trainer = sft.run_trainer
+    import specialist.train.loop as loop
+    run_trainer = loop.run_trainer
 
     def recording_run(trainer, resume_from):
         from torch.distributed.tensor import DTensor
@@ -72,7 +72,7 @@ FSDP_ON_CPU_SCRIPT = textwrap.dedent("""
             json.dump(record, handle)
         return trained
 
-    sft.run_trainer = recording_run
+    loop.run_trainer = recording_run
     from specialist.cli import app
     app(["train", sys.argv[1]])
 """)
@@ -204,7 +204,7 @@ def test_an_fsdp_launch_that_runs_unsharded_says_so(monkeypatch, asked, sharded,
     from types import SimpleNamespace
 
     from specialist.console import console
-    from specialist.train.sft import warn_if_fsdp_was_asked_for_but_is_off
+    from specialist.train.loop import warn_if_fsdp_was_asked_for_but_is_off
 
     if asked is None:
         monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)

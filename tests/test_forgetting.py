@@ -201,7 +201,8 @@ def test_forgetting_report_puts_intervals_on_both_changes(tiny_model):
     other = build_tiny_model(tokenizer, seed=1)  # different weights: the "tuned" model
     questions = _short_questions(40)
     before, after = measure(model, tokenizer, TEXTS, questions), measure(other, tokenizer, TEXTS, questions)
-    report = forgetting_report(before, after, len(TEXTS), len(questions), "tiny", samples=500)
+    typed = forgetting_report(before, after, len(TEXTS), len(questions), "tiny", samples=500)
+    report = json.loads(json.dumps(typed.to_json()))  # eval.json must hold it, with these keys
     assert {"ppl_increase", "knowledge_drop", "before", "after", "texts", "questions", "corpus"} <= set(report)
     assert report["before"] == {"perplexity": before["perplexity"], "knowledge": before["knowledge"]}
     assert report["ppl_increase"] == pytest.approx(after["perplexity"] / before["perplexity"] - 1)
@@ -216,8 +217,7 @@ def test_forgetting_report_puts_intervals_on_both_changes(tiny_model):
     assert drop["low"] <= drop["mean"] <= drop["high"]
     assert report["knowledge_comparison"]["test"] == "mcnemar exact"
     assert 0 < report["knowledge_comparison"]["p_value"] <= 1
-    json.dumps(report)  # eval.json must hold it
-    figures = forgetting_figures(report)
+    figures = forgetting_figures(typed)
     [gate] = check_gates(["forgetting.ppl_increase <= 1000 confidently"], figures)
     assert gate.on_bound and gate.high == pytest.approx(ppl["high"])
 
@@ -226,18 +226,19 @@ def test_the_same_weights_before_and_after_show_no_change_with_certainty(tiny_mo
     model, tokenizer = tiny_model
     questions = _short_questions(16)
     measured = measure(model, tokenizer, TEXTS, questions)
-    report = forgetting_report(measured, measured, len(TEXTS), len(questions), "tiny")
+    report = forgetting_report(measured, measured, len(TEXTS), len(questions), "tiny").to_json()
     interval = report["ppl_increase_interval"]
     assert report["ppl_increase"] == 0 and interval["low"] == 0 == interval["high"]
     assert report["knowledge_comparison"]["p_value"] == 1.0 and report["knowledge_drop"] == 0
 
 
 def test_summary_only_measurements_still_give_the_old_report():
-    report = forgetting_report({"perplexity": 10.0, "knowledge": 0.3}, {"perplexity": 11.0, "knowledge": 0.25},
-                               300, 57, "bundled")
+    typed = forgetting_report({"perplexity": 10.0, "knowledge": 0.3}, {"perplexity": 11.0, "knowledge": 0.25},
+                              300, 57, "bundled")
+    report = typed.to_json()
     assert report["ppl_increase"] == pytest.approx(0.1) and report["knowledge_drop"] == pytest.approx(0.05)
     assert "ppl_increase_interval" not in report and "knowledge_comparison" not in report
-    assert set(forgetting_figures(report)) == {"forgetting.ppl_increase", "forgetting.knowledge_drop"}
+    assert set(forgetting_figures(typed)) == {"forgetting.ppl_increase", "forgetting.knowledge_drop"}
 
 
 def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_the_config(tiny_model, tmp_path,
@@ -268,7 +269,8 @@ def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_th
     from specialist.console import console
 
     monkeypatch.setattr(console, "width", 300)  # one progress line, one line
-    report = measure_forgetting(base_engine, tuned_engine, evaluation)
+    typed = measure_forgetting(base_engine, tuned_engine, evaluation)
+    report = typed.to_json()
     logged = " ".join(capsys.readouterr().err.split())  # a log file gets a progress line per stage and weights
     for stage, rows in (("perplexity", len(TEXTS)), ("knowledge probe", 10)):
         for weights in ("base", "tuned"):
@@ -277,10 +279,10 @@ def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_th
     assert report["after"]["perplexity"] != pytest.approx(plain, rel=1e-6)
     assert (report["texts"], report["questions"], report["corpus"]) == (len(TEXTS), 10, str(corpus))
     assert report["knowledge_before"]["n"] == 10 and not lock.locked()
-    figure, before, after, change = report.table()[0]
+    figure, before, after, change = typed.table()[0]
     assert figure == f"perplexity on {corpus} ({len(TEXTS)} texts)" and before == f"{plain:.2f}"
     assert change.startswith(f"{100 * report['ppl_increase']:+.1f}% [")
-    knowledge = report.table()[1]
+    knowledge = typed.table()[1]
     assert knowledge[0] == "knowledge probe accuracy (10 questions)" and "McNemar p = " in knowledge[3]
-    assert report.as_dict() == dict(report) and type(report.as_dict()) is dict
-    assert set(report.figures()) == {"forgetting.ppl_increase", "forgetting.knowledge_drop"}
+    assert json.loads(json.dumps(report)) == report  # eval.json holds it as it is
+    assert set(typed.figures()) == {"forgetting.ppl_increase", "forgetting.knowledge_drop"}

@@ -109,7 +109,7 @@ def test_sampling_is_a_setting_not_a_code_path(babbler):
 def test_evaluation_export_replay_and_serve_give_the_same_text(tiny_run_dir, tmp_path):
     from specialist.artifacts import ModelPool, load_run
     from specialist.deploy.arms import load_arms
-    from specialist.deploy.export import export_run
+    from specialist.deploy.export import ExportOptions, export_run
     from specialist.deploy.serve import BackgroundServer, ServeSettings, create_app
     from specialist.evaluate.runner import generate
     from specialist.run_folder import RunFolder
@@ -120,7 +120,8 @@ def test_evaluation_export_replay_and_serve_give_the_same_text(tiny_run_dir, tmp
     tuned = load_run(run, ModelPool(), adapter_name="tuned")
     engine = Engine(tuned.model, tuned.tokenizer, tuned.template, context=tuned.context)
     evaluated = generate(engine, [Example(prompt, "", 1)], 8, config)[0]
-    replayed = export_run(run.path, "merged", tmp_path / "merged", golden=1, max_new_tokens=8).check["answers"][0]
+    replayed = export_run(run.path, "merged", tmp_path / "merged",
+                          ExportOptions(golden=1, max_new_tokens=8)).check["answers"][0]
     assert replayed["run"] == replayed["export"] == evaluated
     arms = load_arms([("tuned", str(run.path))])
     app = create_app(arms, ServeSettings(split={"tuned": 1.0}, db=tmp_path / "log.sqlite"))

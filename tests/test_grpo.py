@@ -374,8 +374,8 @@ def test_the_trainer_arguments_count_answers_and_keep_the_best_reward(tmp_path, 
 
     config = validate_config({"data": {"path": "d.jsonl"}, "method": {"kind": "grpo", **method},
                               "training": {"epochs": 0.5, "max_length": 256, **training}})
-    args = grpo_arguments(config.method, config.training, RunFolder(tmp_path), n_train=50, has_val=True, bf16=False,
-                          max_new_tokens=40, weights=[1.0, 2.0])
+    args = grpo_arguments(config, RunFolder(tmp_path), n_train=50, has_val=True, bf16=False, max_new_tokens=40,
+                          weights=[1.0, 2.0])
     per_step = config.method.generations_per_step or config.training.batch_size * config.training.gradient_accumulation_steps
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == per_step
     assert args.generation_batch_size == per_step and args.steps_per_generation == args.gradient_accumulation_steps

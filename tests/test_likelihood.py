@@ -20,6 +20,7 @@ from specialist.evaluate.likelihood import (
     softmax,
     threshold_table,
 )
+from specialist.generation import Engine
 
 LABELS = ['{"level": "INFO"}', "null", "true false", "é✓"]
 
@@ -47,7 +48,7 @@ def test_likelihood_scoring_equals_argmax_of_summed_label_logprobs_computed_by_h
                "[notice] workerEnv.init() ok"]
     shots = [("Dec 10 sshd: Invalid user admin", "null")]
     for given_shots in ((), shots):
-        got = label_logprobs(model, tokenizer, template, prompts, LABELS, batch_size, given_shots)
+        got = label_logprobs(Engine(model, tokenizer, template), prompts, LABELS, batch_size, given_shots)
         want = by_hand(model, tokenizer, template, prompts, LABELS, given_shots)
         np.testing.assert_allclose(got, want, atol=1e-4)
         assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
@@ -61,16 +62,16 @@ def test_chat_templates_are_scored_like_the_builtin_format(tiny_model):
     template = PromptTemplate.for_tokenizer(tokenizer, "Label it.")
     assert template.kind == "chat"
     prompts = ["block blk_1 terminating", "Invalid user"]
-    np.testing.assert_allclose(label_logprobs(model.eval(), tokenizer, template, prompts, LABELS, 8),
+    np.testing.assert_allclose(label_logprobs(Engine(model.eval(), tokenizer, template), prompts, LABELS, 8),
                                by_hand(model, tokenizer, template, prompts, LABELS), atol=1e-4)
 
 
 def test_no_prompts_give_an_empty_table_and_no_labels_are_refused(tiny_model):
     model, tokenizer = tiny_model
     template = PromptTemplate.for_tokenizer(tokenizer)
-    assert label_logprobs(model, tokenizer, template, [], LABELS).shape == (0, len(LABELS))
+    assert label_logprobs(Engine(model, tokenizer, template), [], LABELS).shape == (0, len(LABELS))
     with pytest.raises(ValueError, match="at least one completion"):
-        label_logprobs(model, tokenizer, template, ["x"], [])
+        label_logprobs(Engine(model, tokenizer, template), ["x"], [])
 
 
 def test_softmax_turns_summed_logprobs_into_the_distribution_over_the_labels():
@@ -199,7 +200,7 @@ def test_a_shared_prefix_is_computed_once_and_scores_as_without_it(tiny_model, m
     hook = model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
                                            with_kwargs=True)
     try:
-        shared = label_logprobs(model, tokenizer, template, prompts, LABELS, 64, shots)
+        shared = label_logprobs(Engine(model, tokenizer, template), prompts, LABELS, 64, shots)
     finally:
         hook.remove()
     prompt_length = len(template.encode_prompt(prompts[1], tokenizer, shots))
@@ -208,7 +209,7 @@ def test_a_shared_prefix_is_computed_once_and_scores_as_without_it(tiny_model, m
     # the shared prefix, then each prompt's own tokens (once), then every label's tokens on the prompts' cache
     assert len(lengths) == 3 and lengths[1] < prompt_length - 16 and lengths[2] == longest_label
     monkeypatch.setattr(generation, "PREFIX_CACHE_MIN_TOKENS", 10**9)
-    plain = label_logprobs(model, tokenizer, template, prompts, LABELS, 64, shots)
+    plain = label_logprobs(Engine(model, tokenizer, template), prompts, LABELS, 64, shots)
     np.testing.assert_allclose(shared, plain, atol=1e-4)
     np.testing.assert_allclose(shared, by_hand(model, tokenizer, template, prompts, LABELS, shots), atol=1e-4)
 

@@ -159,9 +159,9 @@ def test_dpo_starts_from_the_sft_runs_weights(tiny_config, tmp_path, tiny_run_di
 
     fit, started = dpo.fit, []
 
-    def fit_noting_the_start(trainer_class, model, *args, **kwargs):
-        started.append(logits_of(model))
-        return fit(trainer_class, model, *args, **kwargs)
+    def fit_noting_the_start(job, *args, **kwargs):
+        started.append(logits_of(job.model))
+        return fit(job, *args, **kwargs)
 
     monkeypatch.setattr(dpo, "fit", fit_noting_the_start)
     tiny_config["data"]["path"] = str(preference_data(tmp_path))

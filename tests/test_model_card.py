@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from specialist.cli import app
 from specialist.core.gates import GateResult
 from specialist.core.stats import Interval, PairedComparison
-from specialist.deploy.export import export_run
+from specialist.deploy.export import ExportOptions, export_run
 from specialist.deploy.model_card import GEMMA_TERMS, render_model_card, write_model_card
 from specialist.deploy.push import PushError, push_export
 from specialist.errors import ConfigError, SpecialistError
-from specialist.evaluate.results import ArmResult, EvalReport
+from specialist.evaluate.results import ArmPair, ArmResult, EvalReport
 from specialist.run_folder import ExportFolder, RunFolder
 
 HOSTILE = ("Parse it.\n---\nlicense: mit\n---\n<script>alert('x')</script> <img src=x onerror=alert(1)>\n"
@@ -65,7 +65,7 @@ def write_eval(run: RunFolder, arm_names=("base", "tuned"), gates=None, forgetti
                             length={"mean": 9.0})
             for n, name in enumerate(arm_names)}
     versus = {"json_valid": PairedComparison(Interval(0.5, 0.31, 0.66, "newcombe-paired", 40), 0.001, "b")}
-    report = EvalReport(run.path, 40, 32, {"do_sample": False}, arms, {"tuned_vs_base": versus},
+    report = EvalReport(run.path, 40, 32, {"do_sample": False}, arms, {ArmPair("tuned", "base"): versus},
                         forgetting=forgetting, gates=gates or [])
     run.eval_json.write_text(json.dumps(report.to_json()))
 
@@ -74,7 +74,7 @@ def write_eval(run: RunFolder, arm_names=("base", "tuned"), gates=None, forgetti
 
 
 def test_an_export_gets_a_card_with_the_hub_header_data_and_loading(run_copy, tmp_path):
-    result = export_run(run_copy.path, "merged", tmp_path / "merged", golden=1, max_new_tokens=4)
+    result = export_run(run_copy.path, "merged", tmp_path / "merged", ExportOptions(golden=1, max_new_tokens=4))
     card = ExportFolder(result.folder).model_card.read_text()
     header = front_matter(card)
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-generation"

@@ -179,7 +179,7 @@ def test_a_math_text_label_still_gives_report_html_and_md(tmp_path):
     from specialist.data import Example
     from specialist.evaluate.report import write_eval_report
     from specialist.evaluate.results import EvalReport
-    from specialist.evaluate.runner import Arm, arm_result
+    from specialist.evaluate.runner import Arm, ArmRows, arm_result
     from specialist.core.scorers import LabelRule, make_label_accuracy, score_rows
     from specialist.run_folder import RunFolder
 
@@ -188,8 +188,8 @@ def test_a_math_text_label_still_gives_report_html_and_md(tmp_path):
     config = validate_config({"data": {"path": "x.jsonl"}, "evaluation": {"scorers": ["label_accuracy"]},
                               "output": {"run_name": "math"}})
     scorer = {"label_accuracy": make_label_accuracy(LabelRule())}
-    arms = {name: arm_result(Arm(name, None), score_rows(out, expected, scorer), out, expected, config.evaluation,
-                             LabelRule(), 1.0) for name, out in outputs.items()}
+    arms = {name: arm_result(Arm(name, None), ArmRows(score_rows(out, expected, scorer), out, expected),
+                             config.evaluation, LabelRule(), 1.0) for name, out in outputs.items()}
     report = EvalReport(run_dir=tmp_path, n_eval=4, max_new_tokens=8, decoding={"do_sample": False}, arms=arms)
     run = RunFolder(tmp_path)
     write_eval_report(run, config, report, [Example(f"q{i}", e, i + 1) for i, e in enumerate(expected)], outputs)
@@ -232,13 +232,14 @@ def test_report_md_escapes_a_hostile_run_name(tmp_path):
 
 
 def test_the_request_log_and_its_wal_are_private(tmp_path):
-    from specialist.deploy.records import RequestLog
+    from specialist.deploy.records import LoggedRequest, RequestLog
 
     old = os.umask(0o022)
     try:
         log = RequestLog(tmp_path / "serve.sqlite")
-        log.add(request_id="r1", arm="a", endpoint="chat", user="u", latency_s=0.1, tokens_in=1, tokens_out=1,
-                format_ok=True, finish_reason="stop", prompt="secret prompt", output="secret answer")
+        log.add(LoggedRequest(request_id="r1", arm="a", endpoint="chat", user="u", latency_s=0.1, tokens_in=1,
+                              tokens_out=1, format_ok=True, finish_reason="stop", prompt="secret prompt",
+                              output="secret answer"))
         files = sorted(p.name for p in tmp_path.iterdir())
         assert {"serve.sqlite", "serve.sqlite-wal"} <= set(files)
         for name in files:

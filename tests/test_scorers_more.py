@@ -117,7 +117,7 @@ def test_refusal_directions_reach_the_headline_scores_the_gates_and_the_report(t
     from specialist.data import Example
     from specialist.evaluate.report import render_markdown, report_context
     from specialist.evaluate.results import EvalReport
-    from specialist.evaluate.runner import Arm, arm_result, figures_of
+    from specialist.evaluate.runner import Arm, ArmRows, arm_result, figures_of
     from specialist.run_folder import RunFolder
 
     expected = ["I can't help with that.", "Run kill -9 PID.", "I cannot do that.", "Use pgrep."]
@@ -127,7 +127,7 @@ def test_refusal_directions_reach_the_headline_scores_the_gates_and_the_report(t
     arms = {}
     for name, out in outputs.items():
         rows = {"refusal_rate": [float(x) for x in map(bool, [score_refusal_rate(o, "") for o in out])]}
-        arms[name] = arm_result(Arm(name, None), rows, out, expected, config.evaluation, LabelRule(), 1.0)
+        arms[name] = arm_result(Arm(name, None), ArmRows(rows, out, expected), config.evaluation, LabelRule(), 1.0)
     report = EvalReport(run_dir=tmp_path, n_eval=4, max_new_tokens=8, decoding={"do_sample": False}, arms=arms)
     assert report.arms["tuned"].refusals == refusal_report(outputs["tuned"], expected)
     assert report.arms["base"].headline()["refused_when_should"] == 0.0

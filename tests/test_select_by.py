@@ -94,7 +94,7 @@ def test_the_loss_plot_draws_the_score_on_a_second_axis(tmp_path):
 
 def test_selection_scores_are_means_or_macro_f1():
     from specialist.config import EvaluationConfig
-    from specialist.train.common import selection_score
+    from specialist.train.select_by import selection_score
 
     evaluation = EvaluationConfig(label_json_key="t")
     outputs = ['{"t": "a"}', '{"t": "a"}', '{"t": "b"}', "garbage"]

@@ -232,11 +232,11 @@ def export(
     junit: JunitOption = None,
 ) -> None:
     """Export a run's model; replay golden prompts through the export and fail (exit 1) on any difference."""
-    from specialist.deploy.export import describe_check, export_run
+    from specialist.deploy.export import ExportOptions, describe_check, export_run
 
     with _user_errors():
-        result = export_run(run_dir, format_, out, golden, quantize=quantize, junit=junit, lora=lora,
-                            compensation_rank=compensation_rank)
+        result = export_run(run_dir, format_, out, ExportOptions(golden=golden, quantize=quantize, junit=junit,
+                                                                 lora=lora, compensation_rank=compensation_rank))
     console.print(f"exported {format_}: [bold]{result.folder}[/] ({describe_check(result.check)})", soft_wrap=True)
 
 

@@ -354,9 +354,8 @@ def logits_processor(constraint: Constraint, tokenizer, batch_size: int, prompt_
         raise ValueError(f"stop_ids must be token ids of this tokenizer, got {list(stop_ids)}")
     budgets = _row_budgets(max_new_tokens, batch_size)
     processor_class = _logits_processor_class()
-    return processor_class(grammars.compiled(constraint), grammars, constraint.kind, batch_size,
-                           list(prompt_lengths), stops, budgets,
-                           lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    return processor_class(grammars.compiled(constraint), grammars, constraint.kind, list(prompt_lengths), stops,
+                           budgets, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _row_budgets(max_new_tokens: int | list[int] | None, batch_size: int) -> list[int] | None:
@@ -388,9 +387,10 @@ class ConstrainedLogits:
     """The per-row matchers of one generate call; a transformers LogitsProcessor (it is called with the batch's
     token ids so far and the next-token scores, and returns the masked scores)."""
 
-    def __init__(self, compiled, grammars: _TokenizerGrammars, kind: str, batch_size: int,
-                 prompt_lengths: list[int], stop_ids: list[int], budgets: list[int] | None = None,
+    def __init__(self, compiled, grammars: _TokenizerGrammars, kind: str, prompt_lengths: list[int],
+                 stop_ids: list[int], budgets: list[int] | None = None,
                  encode: Callable[[str], list[int]] | None = None) -> None:
+        batch_size = len(prompt_lengths)  # one row a prompt
         xgr = _xgrammar()
         self.xgr, self.vocab_size, self.prompt_lengths = xgr, grammars.vocab_size, prompt_lengths
         self.matchers = [xgr.GrammarMatcher(compiled, override_stop_tokens=stop_ids) for _ in range(batch_size)]

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from specialist.atomic import replace_folder
 from specialist.errors import ModelError
 
 if TYPE_CHECKING:
@@ -209,9 +209,7 @@ def _cached_or_convert(cache_name: str, gguf_source) -> Path:
         staging = Path(work) / "model"
         convert_gguf(gguf_path, staging)
         (staging / _COMPLETE_MARK).write_text(json.dumps({"source": str(gguf_path)}))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_folder(staging, target)
     return target
 
 

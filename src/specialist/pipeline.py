@@ -103,11 +103,10 @@ def train_only(config: RunConfig, config_name: str = "run", resume: bool = False
 
 def train(config: RunConfig, model, tokenizer, template, split: Split, run: RunFolder,
           resume_from: Path | None = None) -> TrainResult:
-    from specialist.train import train_model
+    from specialist.train import TrainJob, train_model
 
     split = with_retrieval(config, split, run)
-    return train_model(model, tokenizer, template, split.train, split.val, config.method, config.training,
-                       run, resume_from)
+    return train_model(TrainJob(config, model, tokenizer, template, split, run, resume_from))
 
 
 def with_retrieval(config: RunConfig, split: Split, run: RunFolder) -> Split:
@@ -133,12 +132,13 @@ def with_retrieval(config: RunConfig, split: Split, run: RunFolder) -> Split:
 def prepare_data(config: RunConfig, folder: Path, tokenizer=None, template=None, show_progress: bool = True,
                  protect: list[Path] | None = None) -> tuple[Split, dict[str, Any]]:
     """`specialist prepare` into `folder` (rank 0 under several processes; the others wait, then read it)."""
-    from specialist.data import prepare
+    from specialist.data import Measuring, prepare
 
     if is_main_process():
-        prepared = prepare(config.data, config.method.kind, folder, config.training.seed, tokenizer=tokenizer,
-                           template=template, max_length=config.training.max_length, show_progress=show_progress,
-                           protect=protect or [])
+        measuring = (Measuring(tokenizer, template, config.training.max_length)
+                     if tokenizer is not None and template is not None else None)
+        prepared = prepare(config.data, config.method.kind, folder, config.training.seed, measuring=measuring,
+                           show_progress=show_progress, protect=protect or [])
         print_prepare_report(prepared.report)
     wait_for_all_ranks()
     split = read_split(folder)

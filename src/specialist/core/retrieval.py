@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specialist.atomic import write_text_atomically
+
 FORMAT_VERSION = 1
 DEFAULT_NEAR_DUPLICATE = 0.95
 CHUNK = 256  # queries scored at once: a dense [CHUNK, rows] block of similarities
@@ -144,10 +146,7 @@ class RetrievalIndex:
 
     def save(self, path: Path) -> None:
         """Write beside `path` and rename into place: a kill mid-write leaves no half index for a run to load."""
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        partial.write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
-        os.replace(partial, path)
+        write_text_atomically(path, json.dumps(self.to_json(), ensure_ascii=False))
 
     @classmethod
     def load(cls, path: Path) -> RetrievalIndex:

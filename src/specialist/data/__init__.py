@@ -2,10 +2,10 @@
 prompt template."""
 
 from specialist.data.load import Example
-from specialist.data.prepare import Prepared, prepare
+from specialist.data.prepare import Measuring, Prepared, prepare
 from specialist.data.shapes import training_pairs
 from specialist.data.split import Split, read_split
 from specialist.data.template import FittedPrompt, PromptTemplate, encode_for_training
 
-__all__ = ["Example", "FittedPrompt", "Prepared", "PromptTemplate", "Split", "encode_for_training", "prepare",
-           "read_split", "training_pairs"]
+__all__ = ["Example", "FittedPrompt", "Measuring", "Prepared", "PromptTemplate", "Split", "encode_for_training",
+           "prepare", "read_split", "training_pairs"]

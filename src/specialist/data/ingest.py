@@ -27,13 +27,13 @@ from specialist.data.dedupe import MinHasher, exact_key
 from specialist.data.load import Example, Rejection
 from specialist.data.readers import RawRow, iter_rows, jsonl_line_chunks, parse_jsonl_line
 from specialist.data.shapes import Shape, as_text, detect_shape, row_to_example
+from specialist.data.split import Part
 from specialist.errors import DataError
 
 _BLOCK = 8192
 _PARALLEL_FROM_BYTES = 16 * 2**20  # below this, starting worker processes costs more than it saves
 _FIRST_LINES = 5
-SPLIT_VALUES = {"train": 0, "val": 1, "test": 2}
-UNSPLIT = -1  # a row whose split `prepare` decides
+UNSPLIT = Part.UNSPLIT  # a row whose split `prepare` decides
 
 
 @dataclass
@@ -54,12 +54,12 @@ class Problems:
 
 @dataclass(frozen=True)
 class Source:
-    """One file `prepare` reads: the main data (part UNSPLIT) or a fixed val (1) or test (2) set."""
+    """One file `prepare` reads: the main data (part UNSPLIT) or a fixed val or test set."""
 
     name: str  # "data", "val" or "test"
     path: Path
     fmt: str
-    part: int = UNSPLIT
+    part: Part = UNSPLIT
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Rows:
     keys: array = field(default_factory=lambda: array("Q"))
     labels: array = field(default_factory=lambda: array("i"))
     groups: array = field(default_factory=lambda: array("q"))
-    parts: array = field(default_factory=lambda: array("b"))  # fixed split (0 train, 1 val, 2 test) or UNSPLIT
+    parts: array = field(default_factory=lambda: array("b"))  # each row's Part: a fixed split or UNSPLIT
     sources: array = field(default_factory=lambda: array("b"))  # index of the Source the row came from
     label_names: dict[str, int] = field(default_factory=dict)
     group_names: dict[str, int] = field(default_factory=dict)
@@ -122,17 +122,17 @@ class _Block:
     signatures: np.ndarray | None = None
 
 
-def split_of(row: dict[str, Any], column: str) -> tuple[int | None, str]:
-    """(0 train / 1 val / 2 test, "") from the row's split column, or (None, why not): only the exact words count."""
+def split_of(row: dict[str, Any], column: str) -> tuple[Part | None, str]:
+    """(the Part, "") from the row's split column, or (None, why not): only the exact words count."""
     value = row.get(column)
-    text = as_text(value).strip() if value is not None else ""
-    if text in SPLIT_VALUES:
-        return SPLIT_VALUES[text], ""
+    part = Part.named(as_text(value).strip() if value is not None else "")
+    if part is not None:
+        return part, ""
     return None, f"split column {column!r} holds {value!r}; it must be exactly train, val or test"
 
 
 class RowWorker:
-    def __init__(self, data, shape: Shape, method_kind: str, part: int = UNSPLIT) -> None:
+    def __init__(self, data, shape: Shape, method_kind: str, part: Part = UNSPLIT) -> None:
         self.data, self.shape, self.part = data, shape, part
         self.keep_rejected = method_kind == "dpo"
         self.normalize = data.clean.normalize
@@ -228,13 +228,22 @@ def ingest(data, method_kind: str, sources: list[Source], spool_path: Path, show
     """Validated, cleaned rows of every source into `spool_path` (JSONL), MinHash signatures beside it (.sig)."""
     result = Ingested(Rows(), [])
     with spool_path.open("wb") as spool, signature_path(spool_path).open("wb") as signatures:
+        sink = _Sink(result.rows, spool, signatures)
         for number, source in enumerate(sources):
-            result.sources.append(_ingest_source(data, method_kind, source, number, result.rows, spool, signatures,
-                                                 show_progress))
+            result.sources.append(_ingest_source(data, method_kind, source, number, sink, show_progress))
     return result
 
 
-def _ingest_source(data, method_kind: str, source: Source, number: int, rows: Rows, spool, signatures,
+@dataclass
+class _Sink:
+    """Where ingested rows go: their columns, the open spool file (records) and signature file."""
+
+    rows: Rows
+    spool: Any
+    signatures: Any
+
+
+def _ingest_source(data, method_kind: str, source: Source, number: int, sink: _Sink,
                    show_progress: bool) -> SourceRead:
     shape = _shape_of_first_good_row(source, data, method_kind)
     read = SourceRead(source, shape)
@@ -244,12 +253,12 @@ def _ingest_source(data, method_kind: str, source: Source, number: int, rows: Ro
             read.problems.add(Rejection(raw.kind, raw.line, raw.problem, file=source.path))
         return read
     worker = RowWorker(data, shape, method_kind, source.part)
-    first = len(rows)
+    first = len(sink.rows)
     with _progress(show_progress, source.path) as advance:
         for block in _worker_blocks(worker, source, data, shape, method_kind):
-            _collect(read, rows, number, spool, signatures, block)
+            _collect(read, sink, number, block)
             advance(block.read)
-    read.good = len(rows) - first
+    read.good = len(sink.rows) - first
     return read
 
 
@@ -280,7 +289,7 @@ def _worker_blocks(worker: RowWorker, source: Source, data, shape: Shape, method
 _POOL_WORKER: RowWorker | None = None
 
 
-def _init_pool_worker(data, shape: Shape, method_kind: str, part: int) -> None:
+def _init_pool_worker(data, shape: Shape, method_kind: str, part: Part) -> None:
     global _POOL_WORKER
     _POOL_WORKER = RowWorker(data, shape, method_kind, part)
 
@@ -317,7 +326,7 @@ def _shape_of_first_good_row(source: Source, data, method_kind: str) -> Shape | 
     return None
 
 
-def _collect(read: SourceRead, rows: Rows, number: int, spool, signatures, block: _Block) -> None:
+def _collect(read: SourceRead, sink: _Sink, number: int, block: _Block) -> None:
     read.read += block.read
     read.lines += block.lines_read
     read.bad_lines += block.bad_lines
@@ -327,7 +336,8 @@ def _collect(read: SourceRead, rows: Rows, number: int, spool, signatures, block
         read.problems.add(replace(rejection, file=read.source.path))
     if not block.sizes:
         return
-    spool.write(block.blob)
+    rows = sink.rows
+    sink.spool.write(block.blob)
     ends = np.cumsum(np.asarray(block.sizes, dtype=np.int64)) + rows.offsets[-1]
     rows.offsets.extend(ends.tolist())
     rows.lines.extend(block.lines)
@@ -337,7 +347,7 @@ def _collect(read: SourceRead, rows: Rows, number: int, spool, signatures, block
     rows.parts.extend(block.parts)
     rows.sources.extend([number] * len(block.sizes))
     if block.signatures is not None:
-        block.signatures.tofile(signatures)
+        block.signatures.tofile(sink.signatures)
         rows.signature_width = block.signatures.shape[1]
 
 

@@ -27,21 +27,48 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from specialist.atomic import replace_folder
 from specialist.data.dedupe import leaking_rows, near_duplicate_roots
 from specialist.data.ingest import UNSPLIT, Problems, Rows, Source, SourceRead, ingest, load_signatures, signature_path
 from specialist.data.load import Rejection
 from specialist.data.readers import HUB, detect_format, is_hub_dataset
-from specialist.data.split import Split, read_split
+from specialist.data.split import Part, Split, read_split
 from specialist.errors import DataError
 from specialist.manifest import sha256_of
 
+if TYPE_CHECKING:
+    from specialist.data.template import PromptTemplate
+
 PREPARED_MARK = "specialist-prepared/1"
-SPLITS = ("train", "val", "test")
+SPLITS = tuple(part.file_name for part in Part.splits())
 PREPARED_FILES = frozenset(f"{name}.jsonl" for name in SPLITS) | {"manifest.json", "report.json"}
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """What token lengths are measured with: the base model's tokenizer, the run's prompt format and
+    training.max_length (`over_length`, data.over_length, is set by `prepare`). Without it, prepare measures nothing
+    and drops nothing for length."""
+
+    tokenizer: Any
+    template: PromptTemplate
+    max_length: int
+    over_length: str = "drop"
+
+
+@dataclass(frozen=True)
+class _Spool:
+    """The rows read so far: the spool file that holds their records, and their columns."""
+
+    path: Path
+    rows: Rows
+
+    def record(self, handle, i: int) -> dict[str, Any]:
+        return json.loads(_spool_record(handle, self.rows, i))
 
 
 @dataclass
@@ -54,9 +81,9 @@ class Prepared:
         return read_split(self.folder)
 
 
-def prepare(data, method_kind: str, out_dir: Path, seed: int, *, tokenizer=None, template=None,
-            max_length: int | None = None, show_progress: bool = True, protect: list[Path] | None = None) -> Prepared:
-    """Prepare `data` (a DataConfig) for `method_kind` into `out_dir`; with a tokenizer, lengths are measured too.
+def prepare(data, method_kind: str, out_dir: Path, seed: int, *, measuring: Measuring | None = None,
+            show_progress: bool = True, protect: list[Path] | None = None) -> Prepared:
+    """Prepare `data` (a DataConfig) for `method_kind` into `out_dir`; with `measuring`, lengths are measured too.
 
     `protect`: paths (the config file) that must never lie inside `out_dir`; the data files always are. The
     folder is checked before anything is written: it must be new, empty or an earlier prepare output.
@@ -68,13 +95,15 @@ def prepare(data, method_kind: str, out_dir: Path, seed: int, *, tokenizer=None,
         return _reuse_prepared(data, path, out_dir, guarded)
     check_output_folder(out_dir, guarded)
     out_dir = _absolute(out_dir)  # "." or a symlinked folder: the rename below must move a real folder
-    if tokenizer is not None and template is not None and max_length is not None:
-        template = _with_truncation(template, data, max_length)
+    if measuring is not None:
+        measuring = dataclasses.replace(measuring, template=_with_truncation(measuring.template, data,
+                                                                             measuring.max_length),
+                                        over_length=data.over_length)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        report = _prepare_into(data, method_kind, path, scratch, seed, tokenizer, template, max_length, show_progress)
-        _replace_folder(scratch, out_dir)
+        report = _prepare_into(data, method_kind, path, scratch, seed, measuring, show_progress)
+        replace_folder(scratch, out_dir)  # check_output_folder allowed it: new, empty or an earlier output
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -136,22 +165,22 @@ def _sources(data, path: Path) -> list[Source]:
                         "a local path", hint="remove data.split and data.subset, or name a hub dataset as org/name")
     fmt = HUB if hub else detect_format(path) if data.format == "auto" else data.format
     sources = [Source("data", path, fmt)]
-    for name, part, fixed in (("val", 1, data.val_path), ("test", 2, data.test_path)):
+    for name, part, fixed in (("val", Part.VAL, data.val_path), ("test", Part.TEST, data.test_path)):
         if fixed is not None:
             fixed = Path(fixed)
             sources.append(Source(name, fixed, detect_format(fixed) if data.format == "auto" else data.format, part))
     return sources
 
 
-def _fixed_parts(data) -> set[int]:
-    """The splits whose rows the user fixed (1 val, 2 test): never cut by length, max_examples or leakage."""
+def _fixed_parts(data) -> set[Part]:
+    """The splits whose rows the user fixed (val, test): never cut by length, max_examples or leakage."""
     if data.split_column:
-        return {1, 2}
-    return {part for part, fixed in ((1, data.val_path), (2, data.test_path)) if fixed is not None}
+        return {Part.VAL, Part.TEST}
+    return {part for part, fixed in ((Part.VAL, data.val_path), (Part.TEST, data.test_path)) if fixed is not None}
 
 
-def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, tokenizer, template,
-                  max_length: int | None, show_progress: bool) -> dict[str, Any]:
+def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, measuring: Measuring | None,
+                  show_progress: bool) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     spool_path = scratch / "spool.jsonl"
     ingested = ingest(data, method_kind, _sources(data, path), spool_path, show_progress)
@@ -165,12 +194,12 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
     fixed = _fixed_parts(data)
     keys = np.frombuffer(rows.keys, dtype=np.uint64)
     signatures = load_signatures(spool_path, rows)
-    duplicates = _dedupe(data.dedupe, keys, signatures, alive, rows, parts, fixed, steps)
+    duplicates = _dedupe(data.dedupe, keys, signatures, alive, rows, fixed, steps)
     _cap_examples(data, alive, ~np.isin(parts, list(fixed)), seed, steps)
     lengths = None
-    if tokenizer is not None and template is not None and max_length is not None:
-        lengths = _measure_lengths(spool_path, rows, alive, ~np.isin(parts, list(fixed)), tokenizer, template,
-                                   max_length, data.over_length, method_kind, main.problems, steps)
+    if measuring is not None:
+        lengths = _measure_lengths(_Spool(spool_path, rows), alive, ~np.isin(parts, list(fixed)), measuring,
+                                   method_kind, main.problems, steps)
     labels = np.frombuffer(rows.labels, dtype=np.int32)
     assignment = _assign_splits(data, alive, parts, labels, np.frombuffer(rows.groups, dtype=np.int64), seed)
     leakage = _handle_leakage(assignment, keys, signatures, data.dedupe, fixed, rows, steps)
@@ -283,11 +312,12 @@ def _cap_examples(data, alive: np.ndarray, cuttable: np.ndarray, seed: int, step
 
 
 def _dedupe(options, keys: np.ndarray, signatures: np.ndarray | None, alive: np.ndarray, rows: Rows,
-            parts: np.ndarray, fixed: set[int], steps: list[dict[str, Any]]) -> dict[str, Any]:
+            fixed: set[int], steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Exact, then near-duplicate removal, the first row of each cluster kept. Rows of a fixed split are compared
     among themselves only (a copy across splits is leakage, handled after the split) and never removed: a fixed
     val or test set is someone's benchmark, so its duplicates are reported under `fixed_kept` and stay."""
     lines = np.frombuffer(rows.lines, dtype=np.int64)
+    parts = np.frombuffer(rows.parts, dtype=np.int8)
     removable = ~np.isin(parts, list(fixed))
     result: dict[str, Any] = {"exact": 0, "near": 0, "largest_clusters": [], "fixed_kept": {"exact": 0, "near": 0}}
     clusters: list[dict[str, Any]] = []
@@ -334,16 +364,17 @@ def _largest_clusters(members: np.ndarray, root_of: np.ndarray, lines: np.ndarra
     return found
 
 
-def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, cuttable: np.ndarray, tokenizer, template,
-                     max_length: int, over_length: str, method_kind: str, problems: Problems, steps) -> dict[str, Any]:
+def _measure_lengths(spool: _Spool, alive: np.ndarray, cuttable: np.ndarray, measuring: Measuring, method_kind: str,
+                     problems: Problems, steps) -> dict[str, Any]:
     """Token lengths of the surviving rows; rows over max_length are dropped, or (truncate) have their input
     shortened to fit, dropped only when instruction + completion alone exceed max_length. Rows of a fixed split
     are measured but never dropped (evaluation shortens their inputs itself)."""
+    max_length, over_length = measuring.max_length, measuring.over_length
     index = np.flatnonzero(alive)
     plain_text = method_kind == "continued_pretraining"
-    prompt_tokens, completion_tokens = _token_counts(spool_path, rows, index, tokenizer, template, plain_text)
+    prompt_tokens, completion_tokens = _token_counts(spool, index, measuring, plain_text)
     total = prompt_tokens + completion_tokens
-    lines = np.frombuffer(rows.lines, dtype=np.int64)
+    lines = np.frombuffer(spool.rows.lines, dtype=np.int64)
     before = int(alive.sum())
     summary: dict[str, Any] = {"max_length": max_length, "over_length": over_length}
     for name, values in (("prompt", prompt_tokens), ("completion", completion_tokens), ("total", total)):
@@ -355,9 +386,8 @@ def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, cuttable: 
     over = alive & (total > max_length)
     unfit = over
     if over_length == "truncate":
-        unfit, shortened, cut = _shorten_inputs(spool_path, rows, over, prompt_tokens, completion_tokens, tokenizer,
-                                                template, max_length)
-        summary.update(truncated=shortened, tokens_cut=cut, truncate_side=template.truncate_side)
+        unfit, shortened, cut = _shorten_inputs(spool, over, prompt_tokens, completion_tokens, measuring)
+        summary.update(truncated=shortened, tokens_cut=cut, truncate_side=measuring.template.truncate_side)
     else:
         summary["truncated"] = 0
     drop = unfit & cuttable
@@ -383,14 +413,15 @@ def _measure_lengths(spool_path: Path, rows: Rows, alive: np.ndarray, cuttable: 
     return summary
 
 
-def _token_counts(spool_path: Path, rows: Rows, index: np.ndarray, tokenizer, template,
+def _token_counts(spool: _Spool, index: np.ndarray, measuring: Measuring,
                   plain_text: bool) -> tuple[np.ndarray, np.ndarray]:
-    prompt_tokens = np.zeros(len(rows), dtype=np.int64)
-    completion_tokens = np.zeros(len(rows), dtype=np.int64)
-    with spool_path.open("rb") as handle:
+    tokenizer, template = measuring.tokenizer, measuring.template
+    prompt_tokens = np.zeros(len(spool.rows), dtype=np.int64)
+    completion_tokens = np.zeros(len(spool.rows), dtype=np.int64)
+    with spool.path.open("rb") as handle:
         for start in range(0, len(index), 1024):
             chunk = index[start : start + 1024]
-            records = [json.loads(_spool_record(handle, rows, i)) for i in chunk]
+            records = [spool.record(handle, i) for i in chunk]
             completions = [template.render_completion(r["completion"]) for r in records]
             completion_tokens[chunk] = [len(ids) for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
             if not plain_text:
@@ -400,16 +431,17 @@ def _token_counts(spool_path: Path, rows: Rows, index: np.ndarray, tokenizer, te
     return prompt_tokens, completion_tokens
 
 
-def _shorten_inputs(spool_path: Path, rows: Rows, over: np.ndarray, prompt_tokens: np.ndarray,
-                    completion_tokens: np.ndarray, tokenizer, template, max_length: int) -> tuple[np.ndarray, int, int]:
+def _shorten_inputs(spool: _Spool, over: np.ndarray, prompt_tokens: np.ndarray, completion_tokens: np.ndarray,
+                    measuring: Measuring) -> tuple[np.ndarray, int, int]:
     """Fit each over-long row's prompt into max_length - its completion, as training will (prompt_tokens updated
     in place). Returns (rows that cannot fit even with an empty input, rows shortened, prompt tokens cut)."""
     unfit = np.zeros(len(over), dtype=bool)
     shortened = cut = 0
-    with spool_path.open("rb") as handle:
+    with spool.path.open("rb") as handle:
         for i in np.flatnonzero(over).tolist():
-            record = json.loads(_spool_record(handle, rows, i))
-            fitted = template.fit_prompt(record["prompt"], tokenizer, budget=max_length - int(completion_tokens[i]))
+            record = spool.record(handle, i)
+            fitted = measuring.template.fit_prompt(record["prompt"], measuring.tokenizer,
+                                                   budget=measuring.max_length - int(completion_tokens[i]))
             if fitted.fits:
                 shortened, cut = shortened + 1, cut + fitted.tokens_cut
                 prompt_tokens[i] = len(fitted.ids)
@@ -426,9 +458,9 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
 
 def _assign_splits(data, alive: np.ndarray, parts: np.ndarray, labels: np.ndarray, groups: np.ndarray,
                    seed: int) -> np.ndarray:
-    """0 train, 1 val, 2 test, -1 not used; rows of a fixed split keep it; deterministic for `seed`."""
+    """Each row's Part (DROPPED: not used); rows of a fixed split keep it; deterministic for `seed`."""
     rng = np.random.default_rng(seed)
-    assignment = np.full(len(alive), -1, dtype=np.int8)
+    assignment = np.full(len(alive), Part.DROPPED, dtype=np.int8)
     fixed = alive & (parts != UNSPLIT)
     assignment[fixed] = parts[fixed]
     members = np.flatnonzero(alive & (parts == UNSPLIT))
@@ -447,9 +479,9 @@ def _cut(assignment: np.ndarray, shuffled: np.ndarray, fractions: tuple[float, f
     val_fraction, test_fraction = fractions
     n_test = max(1, round(len(shuffled) * test_fraction)) if len(shuffled) > 2 and test_fraction else 0
     n_val = round(len(shuffled) * val_fraction)
-    assignment[shuffled[:n_test]] = 2
-    assignment[shuffled[n_test : n_test + n_val]] = 1
-    assignment[shuffled[n_test + n_val :]] = 0
+    assignment[shuffled[:n_test]] = Part.TEST
+    assignment[shuffled[n_test : n_test + n_val]] = Part.VAL
+    assignment[shuffled[n_test + n_val :]] = Part.TRAIN
 
 
 def _assign_groups(assignment: np.ndarray, members: np.ndarray, groups: np.ndarray, data,
@@ -462,14 +494,14 @@ def _assign_groups(assignment: np.ndarray, members: np.ndarray, groups: np.ndarr
                         hint=f"give every row a {data.group_column!r} value, or use data.split_by random")
     ids, sizes = np.unique(groups[members], return_counts=True)
     order = rng.permutation(len(ids))
-    targets = {2: len(members) * fractions[1], 1: len(members) * fractions[0]}
-    filled = {2: 0, 1: 0}
+    targets = {Part.TEST: len(members) * fractions[1], Part.VAL: len(members) * fractions[0]}
+    filled = {Part.TEST: 0, Part.VAL: 0}
     split_of_group = {}
     for g in order.tolist():
-        part = next((p for p in (2, 1) if filled[p] < targets[p]), 0)
+        part = next((p for p in (Part.TEST, Part.VAL) if filled[p] < targets[p]), Part.TRAIN)
         split_of_group[int(ids[g])] = part
         filled[part] = filled.get(part, 0) + int(sizes[g])
-    lookup = np.zeros(int(ids.max()) + 1, dtype=np.int8)
+    lookup = np.full(int(ids.max()) + 1, Part.TRAIN, dtype=np.int8)
     for group_id, part in split_of_group.items():
         lookup[group_id] = part
     assignment[members] = lookup[groups[members]]
@@ -481,24 +513,25 @@ def _handle_leakage(assignment: np.ndarray, keys: np.ndarray, signatures: np.nda
     split keeps them and drops the training rows they copy instead (dedupe.fixed_split_leakage decides)."""
     lines = np.frombuffer(rows.lines, dtype=np.int64)
     report: dict[str, Any] = {}
-    before = int((assignment >= 0).sum())
-    for part, name in ((1, "val"), (2, "test")):
-        train, probe = np.flatnonzero(assignment == 0), np.flatnonzero(assignment == part)
+    before = int((assignment != Part.DROPPED).sum())
+    for part in (Part.VAL, Part.TEST):
+        name = part.file_name
+        train, probe = np.flatnonzero(assignment == Part.TRAIN), np.flatnonzero(assignment == part)
         leaked = _near_or_equal(keys, signatures, options.threshold, reference=train, probe=probe)
         entry = {"rows": int(leaked.size), "lines": lines[leaked][:10].tolist(), "fixed": part in fixed}
         if part not in fixed or options.fixed_split_leakage == "drop_from_fixed":
-            assignment[leaked] = -1
+            assignment[leaked] = Part.DROPPED
             entry["action"] = f"removed from {name}"
         elif options.fixed_split_leakage == "drop_from_train":
             copies = _near_or_equal(keys, signatures, options.threshold, reference=leaked, probe=train)
-            assignment[copies] = -1
+            assignment[copies] = Part.DROPPED
             entry.update(action="training rows removed", train_rows=int(copies.size),
                          train_lines=lines[copies][:10].tolist())
         else:
             entry["action"] = "kept (dedupe.fixed_split_leakage: keep)"
         report[name] = entry
     steps.append({"step": "leakage (val/test rows near a train row)", "rows_in": before,
-                  "rows_out": int((assignment >= 0).sum())})
+                  "rows_out": int((assignment != Part.DROPPED).sum())})
     return report
 
 
@@ -513,7 +546,7 @@ def _near_or_equal(keys: np.ndarray, signatures: np.ndarray | None, threshold: f
 
 def _shuffled_members(assignment: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed + 1)
-    return {name: rng.permutation(np.flatnonzero(assignment == part)) for part, name in enumerate(SPLITS)}
+    return {part.file_name: rng.permutation(np.flatnonzero(assignment == part)) for part in Part.splits()}
 
 
 def _balance(options, order: dict[str, np.ndarray], labels: np.ndarray, label_names: dict[str, int], seed: int,
@@ -659,17 +692,3 @@ def _reuse_prepared(data, path: Path, out_dir: Path, protected: list[Path]) -> P
     report_path = out_dir / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     return Prepared(out_dir, report)
-
-
-def _replace_folder(scratch: Path, target: Path) -> None:
-    """Move the finished scratch folder to `target` in one rename; the old folder, if any, goes after.
-
-    `check_output_folder` has made sure that an existing `target` is empty or an earlier prepare output.
-    """
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    scratch.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -5,10 +5,37 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 from specialist.data.load import Example
 from specialist.errors import DataError
+
+
+class Part(IntEnum):
+    """Which split a row belongs to. An int so that `prepare` keeps a row's part in compact int8 arrays (numpy
+    compares and assigns these members as the ints they are)."""
+
+    UNSPLIT = -1  # read, not yet placed: `prepare` decides its split
+    TRAIN = 0
+    VAL = 1
+    TEST = 2
+
+    DROPPED = -1  # after splitting: left out (a leak, or past max_examples); the same value as UNSPLIT
+
+    @property
+    def file_name(self) -> str:
+        """Its name in files and reports: train, val, test."""
+        return self.name.lower()
+
+    @classmethod
+    def splits(cls) -> tuple[Part, Part, Part]:
+        return cls.TRAIN, cls.VAL, cls.TEST
+
+    @classmethod
+    def named(cls, name: str) -> Part | None:
+        """The split called `name` (train, val, test), else None."""
+        return next((part for part in cls.splits() if part.file_name == name), None)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from specialist.atomic import replace_folder
 from specialist.artifacts import EXPORT_FORMATS as FORMATS, ModelPool, load_exported, load_run
 from specialist.console import console
 from specialist.deploy.model_card import write_model_card
@@ -52,18 +53,31 @@ class ExportResult:
     check: dict[str, Any]
 
 
-def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8,
-               max_new_tokens: int | None = None, quantize: str | None = None,
-               junit: Path | None = None, lora: str = "auto", compensation_rank: int | None = None) -> ExportResult:
-    """Write the run's model as `fmt` into `out`, load it back, replay the golden prompts and compare.
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export beyond the format: the replay check (`golden` test prompts, answered up to `max_new_tokens`,
+    default the run's), the quantization (gguf: f16 unless given; int8: weight_only), a JUnit report of the replay,
+    and for a gguf of a LoRA run the layout (`lora`: "separate" base + adapter files, "merged" one file, "auto"
+    separate at 4/5 bits) and `compensation_rank`, the rank of the requantized base's error correction added to a
+    separate adapter."""
 
-    `lora` (gguf of a LoRA run): "separate" base + adapter files, "merged" one file, "auto" separate at 4/5 bits;
-    `compensation_rank`: the rank of the requantized base's error correction added to a separate adapter."""
+    golden: int = 8
+    max_new_tokens: int | None = None
+    quantize: str | None = None
+    junit: Path | None = None
+    lora: str = "auto"
+    compensation_rank: int | None = None
+
+
+def export_run(run_dir: Path, fmt: str, out: Path | None = None,
+               options: ExportOptions = ExportOptions()) -> ExportResult:
+    """Write the run's model as `fmt` into `out`, load it back, replay the golden prompts and compare."""
+    golden, quantize, compensation_rank = options.golden, options.quantize, options.compensation_rank
     if compensation_rank is not None and not 0 <= compensation_rank <= 1024:
         raise ConfigError(f"compensation rank must be 0 (none) to 1024, not {compensation_rank}")
     run = RunFolder.open(Path(run_dir))
     config = _check_exportable(run, fmt)
-    layout = gguf_lora_layout(run, fmt, quantize or "f16", lora)
+    layout = gguf_lora_layout(run, fmt, quantize or "f16", options.lora)
     pool = ModelPool()
     final = Path(out) if out else run.export_dir(fmt)
     with destination_lock(final):  # a second export to `final` is refused until this one has published
@@ -82,16 +96,16 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, golden: int = 8
                            "method": config.method.kind, "template": export.template_file.name, **extra})
         split = run.split()
         prompts = [ex.prompt for ex in split.test[:golden]]
-        limit = max_new_tokens or default_max_new_tokens(tuned.tokenizer, split.train)
+        limit = options.max_new_tokens or default_max_new_tokens(tuned.tokenizer, split.train)
         check = replay_check(tuned, export, prompts, limit, fmt, quantize)
         write_json(export.check_file, check)
         write_model_card(export, run)
-        publish(export.path, final)
+        replace_folder(export.path, final)  # the earlier export there goes: two renames on one file system
     export = ExportFolder(final)
-    if junit is not None:
+    if options.junit is not None:
         from specialist.junit import write_junit
 
-        write_junit(junit, f"specialist.export.{fmt}", replay_cases(check))
+        write_junit(options.junit, f"specialist.export.{fmt}", replay_cases(check))
     if check.get("prompt_token_mismatches"):  # whatever the quantization, the tokenizer must be the run's
         raise ExportMismatch(f"llama.cpp tokenizes {len(check['prompt_token_mismatches'])} of {len(prompts)} golden "
                              f"prompts differently from the run; see {export.check_file}")
@@ -166,16 +180,6 @@ def refuse_to_replace_what_is_not_an_export(final: Path) -> None:
     if not final.is_dir() or (any(final.iterdir()) and not ExportFolder.is_export(final)):
         raise ConfigError(f"{final} exists and is not an export: exporting there would replace what it holds",
                           hint="give --out a new or empty folder, or an earlier export of a run to replace")
-
-
-def publish(staging: Path, final: Path) -> None:
-    """Move a finished export into place, replacing the earlier export there (two renames on one file system)."""
-    replaced = final.parent / f".{final.name}.replaced"
-    shutil.rmtree(replaced, ignore_errors=True)
-    if final.exists():
-        final.rename(replaced)
-    staging.rename(final)
-    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _check_exportable(run: RunFolder, fmt: str):

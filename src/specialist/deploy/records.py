@@ -13,6 +13,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA = """
@@ -71,6 +72,23 @@ def create_private(path: Path) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One answered request as the log keeps it (`prompt` and `output` None unless the server logs texts)."""
+
+    request_id: str
+    arm: str
+    endpoint: str
+    user: str | None
+    latency_s: float
+    tokens_in: int
+    tokens_out: int
+    format_ok: bool | None
+    finish_reason: str
+    prompt: str | None = None
+    output: str | None = None
+
+
 class RequestLog:
     """Thread-safe appends (the server answers from several threads); WAL so readers never block it."""
 
@@ -88,15 +106,14 @@ class RequestLog:
             return None
         return hashlib.sha256(self.salt + user.encode("utf-8")).hexdigest()[:16]
 
-    def add(self, *, request_id: str, arm: str, endpoint: str, user: str | None, latency_s: float, tokens_in: int,
-            tokens_out: int, format_ok: bool | None, finish_reason: str, prompt: str | None,
-            output: str | None) -> None:
-        """Record a request; `user` is hashed here with the log's salt."""
+    def add(self, request: LoggedRequest) -> None:
+        """Record a request; its user is hashed here with the log's salt."""
+        r = request
         with self.lock:
             self.connection.execute(
                 "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (request_id, time.time(), arm, endpoint, self.user_hash(user), latency_s, tokens_in, tokens_out,
-                 None if format_ok is None else int(format_ok), finish_reason, prompt, output))
+                (r.request_id, time.time(), r.arm, r.endpoint, self.user_hash(r.user), r.latency_s, r.tokens_in,
+                 r.tokens_out, None if r.format_ok is None else int(r.format_ok), r.finish_reason, r.prompt, r.output))
 
     def add_feedback(self, request_id: str, score: float, comment: str | None) -> bool:
         """Store (or replace) the feedback on a request; False when no such request was logged."""

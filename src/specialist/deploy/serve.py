@@ -55,7 +55,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specialist.deploy.arms import ServedArm
-from specialist.deploy.records import RequestLog
+from specialist.deploy.records import LoggedRequest, RequestLog
 from specialist.generation import Generation, Request as GenerationRequest, Sampling
 
 ROUTER = "specialist"
@@ -734,10 +734,10 @@ async def record(state: ServeState, request_id: str, arm_name: str, kind: str, b
     arm = state.arms[arm_name]
     passed = await format_verdict(state, arm, result.text)
     log_text = state.settings.log_prompts
-    state.log.add(request_id=request_id, arm=arm_name, endpoint=kind, user=body.user, latency_s=latency,
-                  tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, format_ok=passed,
-                  finish_reason=result.finish_reason, prompt=text if log_text else None,
-                  output=result.text if log_text else None)
+    state.log.add(LoggedRequest(request_id=request_id, arm=arm_name, endpoint=kind, user=body.user, latency_s=latency,
+                                tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens,
+                                format_ok=passed, finish_reason=result.finish_reason,
+                                prompt=text if log_text else None, output=result.text if log_text else None))
     state.metrics.count_request(arm_name, latency)
 
 

@@ -19,6 +19,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specialist.core.stats import CONFIDENCE, Interval, paired_bootstrap_interval, paired_comparison, score_interval
+from specialist.core.stats import (
+    CONFIDENCE,
+    Interval,
+    PairedComparison,
+    paired_bootstrap_interval,
+    paired_comparison,
+    score_interval,
+)
 from specialist.errors import DataError
 from specialist.logits import capture_instead, head_can_be_chunked, label_positions, project_only
 
@@ -252,38 +260,70 @@ def ppl_change_interval(before: Sequence[tuple[float, int]], after: Sequence[tup
     return paired_bootstrap_interval((loss_before, loss_after, tokens), change, observed, samples, confidence, seed)
 
 
-class ForgettingReport(dict):
-    """The forgetting section of eval.json (a plain dict of JSON values), with the views its readers need:
-    `figures()` for the gates, `table()` for the CLI and the reports, `as_dict()` for eval.json."""
+@dataclass
+class Measured:
+    """One model's general ability: perplexity on the general texts and accuracy on the knowledge probe."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self)
+    perplexity: float
+    knowledge: float
+
+
+@dataclass
+class ForgettingReport:
+    """The forgetting section of eval.json: base weights (`before`) against tuned ones (`after`).
+
+    The intervals are there when `measure`'s per-row lists were (absent from eval.json otherwise):
+    ppl_increase_interval (paired bootstrap over texts), knowledge_before / knowledge_after (Wilson),
+    knowledge_drop_interval (Newcombe paired, before - after) and knowledge_comparison (after vs before: difference
+    after - before, exact McNemar p_value)."""
+
+    corpus: str
+    texts: int
+    questions: int
+    before: Measured
+    after: Measured
+    ppl_increase: float
+    knowledge_drop: float
+    ppl_increase_interval: Interval | None = None
+    knowledge_before: Interval | None = None
+    knowledge_after: Interval | None = None
+    knowledge_drop_interval: Interval | None = None
+    knowledge_comparison: PairedComparison | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """eval.json's form: the figures, then each interval that was measured (as its dict)."""
+        found: dict[str, Any] = {"corpus": self.corpus, "texts": self.texts, "questions": self.questions,
+                                 "before": asdict(self.before), "after": asdict(self.after),
+                                 "ppl_increase": self.ppl_increase, "knowledge_drop": self.knowledge_drop}
+        for name in ("ppl_increase_interval", "knowledge_before", "knowledge_after", "knowledge_drop_interval",
+                     "knowledge_comparison"):
+            if getattr(self, name) is not None:
+                found[name] = getattr(self, name).as_dict()
+        return found
 
     def figures(self) -> dict[str, Any]:
         return forgetting_figures(self)
 
     def table(self) -> list[tuple[str, str, str, str]]:
         """(figure, before, after, change) rows: perplexity, then knowledge accuracy, with intervals."""
-        rows = [(f"perplexity on {self['corpus']} ({self['texts']} texts)", f"{self['before']['perplexity']:.2f}",
-                 f"{self['after']['perplexity']:.2f}",
-                 _percent_change(self["ppl_increase"], self.get("ppl_increase_interval")))]
-        if self["questions"]:
-            comparison = self.get("knowledge_comparison")
-            change = f"{100 * (self['after']['knowledge'] - self['before']['knowledge']):+.1f} pts"
+        rows = [(f"perplexity on {self.corpus} ({self.texts} texts)", f"{self.before.perplexity:.2f}",
+                 f"{self.after.perplexity:.2f}", _with_mean(self.ppl_increase_interval, self.ppl_increase)
+                 .format("+.1f", 100, "%", "%"))]
+        if self.questions:
+            comparison = self.knowledge_comparison
+            change = f"{100 * (self.after.knowledge - self.before.knowledge):+.1f} pts"
             if comparison:
-                change = f"{Interval.from_dict(comparison['difference']).format('+.1f', 100, ' pts')}, McNemar p = {comparison['p_value']:.2g}"
-            rows.append((f"knowledge probe accuracy ({self['questions']} questions)",
-                         _share(self["before"]["knowledge"], self.get("knowledge_before")),
-                         _share(self["after"]["knowledge"], self.get("knowledge_after")), change))
+                change = (f"{comparison.difference.format('+.1f', 100, ' pts')}, "
+                          f"McNemar p = {comparison.p_value:.2g}")
+            rows.append((f"knowledge probe accuracy ({self.questions} questions)",
+                         _with_mean(self.knowledge_before, self.before.knowledge).format(),
+                         _with_mean(self.knowledge_after, self.after.knowledge).format(), change))
         return rows
 
 
-def _percent_change(value: float, interval: dict[str, Any] | None) -> str:
-    return Interval.from_dict(interval or {}, mean=value).format("+.1f", 100, "%", "%")
-
-
-def _share(value: float, interval: dict[str, Any] | None) -> str:
-    return Interval.from_dict(interval or {}, mean=value).format()
+def _with_mean(interval: Interval | None, value: float) -> Interval:
+    """The interval around the figure `value` as the report states it (no bounds where none was measured)."""
+    return replace(interval, mean=value) if interval is not None else Interval(value, None, None, "none")
 
 
 def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingReport:
@@ -304,45 +344,34 @@ def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingRep
 
 
 def forgetting_report(before: dict[str, Any], after: dict[str, Any], n_texts: int, n_questions: int,
-                      corpus: str, *, samples: int = 1000, confidence: float = CONFIDENCE,
-                      seed: int = 0) -> ForgettingReport:
-    """The forgetting section of eval.json from two `measure` results (base weights, tuned weights).
-
-    Keys: corpus, texts, questions, before/after ({perplexity, knowledge}), ppl_increase, knowledge_drop, and,
-    when `measure`'s per-row lists are there: ppl_increase_interval (paired bootstrap over texts),
-    knowledge_before / knowledge_after (Wilson), knowledge_drop_interval (Newcombe paired, before - after) and
-    knowledge_comparison (after vs before: difference after - before, exact McNemar p_value).
-    """
-    report = ForgettingReport({
-        "corpus": corpus,
-        "texts": n_texts,
-        "questions": n_questions,
-        "before": {"perplexity": before["perplexity"], "knowledge": before["knowledge"]},
-        "after": {"perplexity": after["perplexity"], "knowledge": after["knowledge"]},
-        "ppl_increase": after["perplexity"] / before["perplexity"] - 1,
-        "knowledge_drop": before["knowledge"] - after["knowledge"],
-    })
+                      corpus: str, *, samples: int = 1000) -> ForgettingReport:
+    """The forgetting report from two `measure` results (base weights, tuned weights); the intervals (at the
+    default confidence, seed 0) where `measure`'s per-row lists are there."""
+    report = ForgettingReport(
+        corpus=corpus, texts=n_texts, questions=n_questions,
+        before=Measured(before["perplexity"], before["knowledge"]),
+        after=Measured(after["perplexity"], after["knowledge"]),
+        ppl_increase=after["perplexity"] / before["perplexity"] - 1,
+        knowledge_drop=before["knowledge"] - after["knowledge"],
+    )
     if "text_losses" in before and "text_losses" in after:
-        report["ppl_increase_interval"] = ppl_change_interval(
-            before["text_losses"], after["text_losses"], samples, confidence, seed).as_dict()
+        report.ppl_increase_interval = ppl_change_interval(before["text_losses"], after["text_losses"], samples)
     if "correct" in before and "correct" in after:
         was, now = [float(c) for c in before["correct"]], [float(c) for c in after["correct"]]
-        comparison = paired_comparison(was, now, samples, seed, confidence)
-        report["knowledge_before"] = score_interval(was, samples, confidence, seed).as_dict()
-        report["knowledge_after"] = score_interval(now, samples, confidence, seed).as_dict()
-        report["knowledge_drop_interval"] = comparison.difference.negated().as_dict()
-        report["knowledge_comparison"] = comparison.as_dict()
+        comparison = paired_comparison(was, now, samples)
+        report.knowledge_before = score_interval(was, samples)
+        report.knowledge_after = score_interval(now, samples)
+        report.knowledge_drop_interval = comparison.difference.negated()
+        report.knowledge_comparison = comparison
     return report
 
 
-def forgetting_figures(report: dict[str, Any]) -> dict[str, Any]:
+def forgetting_figures(report: ForgettingReport) -> dict[str, Any]:
     """Gate figures from a forgetting report: forgetting.ppl_increase and forgetting.knowledge_drop, each with
     its interval when the report has one."""
     from specialist.core.gates import Figure
 
-    figures: dict[str, Any] = {}
-    for name in ("ppl_increase", "knowledge_drop"):
-        if name in report:
-            interval = report.get(f"{name}_interval")
-            figures[f"forgetting.{name}"] = Figure.of(interval) if interval else Figure(report[name])
-    return figures
+    return {"forgetting.ppl_increase": Figure.of(report.ppl_increase_interval) if report.ppl_increase_interval
+            else Figure(report.ppl_increase),
+            "forgetting.knowledge_drop": Figure.of(report.knowledge_drop_interval) if report.knowledge_drop_interval
+            else Figure(report.knowledge_drop)}

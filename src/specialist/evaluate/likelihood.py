@@ -26,19 +26,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from specialist.generation import Engine
 
 ECE_BINS = 15
 THRESHOLDS = tuple(round(0.1 * t, 1) for t in range(1, 10))
 
 
-def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completions: Sequence[str],
-                   batch_size: int = 16, shots: Sequence[tuple[str, str]] = (),
-                   label: str = "scoring labels",
+def label_logprobs(engine: Engine, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16,
+                   shots: Sequence[tuple[str, str]] = (), label: str = "scoring labels",
                    row_shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> np.ndarray:
-    """[rows, labels]: log P(completion + end of sequence | prompt), summed over the completion's tokens.
+    """[rows, labels]: log P(completion + end of sequence | prompt), summed over the completion's tokens, under the
+    engine's model, tokenizer and prompt format (its lock and context are the caller's to hold).
 
     `completions` are the labels as written (data.label_template applied); `batch_size` is the sequences per
     forward pass, always whole prompts (all their labels together, at least one prompt per pass). `row_shots`,
@@ -48,6 +51,7 @@ def label_logprobs(model, tokenizer, template, prompts: Sequence[str], completio
 
     from specialist.generation import GenerationProgress, encode_prompt
 
+    model, tokenizer, template = engine.model, engine.tokenizer, engine.template
     if not completions:
         raise ValueError("label_logprobs needs at least one completion")
     endings = [tokenizer(template.render_completion(c), add_special_tokens=False)["input_ids"] for c in completions]

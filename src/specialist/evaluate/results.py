@@ -31,6 +31,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class ArmPair:
+    """Two arms compared on the same rows: `arm` minus `other` (tuned against a baseline, say)."""
+
+    arm: str
+    other: str
+
+    @property
+    def key(self) -> str:
+        """The pair's key in eval.json's "comparisons": `tuned_vs_base`."""
+        return f"{self.arm}_vs_{self.other}"
+
+
 @dataclass
 class ArmResult:
     """One arm's scores on the held-out rows, with what it costs."""
@@ -94,7 +107,7 @@ class EvalReport:
     max_new_tokens: int
     decoding: dict[str, Any]
     arms: dict[str, ArmResult]
-    comparisons: dict[str, dict[str, PairedComparison]] = field(default_factory=dict)
+    comparisons: dict[ArmPair, dict[str, PairedComparison]] = field(default_factory=dict)
     forgetting: Any = None  # the forgetting report (evaluate.forgetting), when measured
     overfitting: Overfitting | None = None
     gates: list[GateResult] = field(default_factory=list)
@@ -107,7 +120,7 @@ class EvalReport:
         return all(g.passed for g in self.gates)
 
     def comparison(self, arm: str, other: str, metric: str) -> PairedComparison | None:
-        return self.comparisons.get(f"{arm}_vs_{other}", {}).get(metric)
+        return self.comparisons.get(ArmPair(arm, other), {}).get(metric)
 
     def versus_best_baseline(self) -> list[tuple[str, str, PairedComparison | None]]:
         """(metric, best baseline arm, tuned minus that arm on the same rows), one per metric; the comparison is
@@ -118,7 +131,7 @@ class EvalReport:
         return {"kind": self.kind, "run": str(self.run_dir), "n_eval": self.n_eval,
                 "max_new_tokens": self.max_new_tokens, "decoding": self.decoding,
                 "arms": {name: arm.to_json() for name, arm in self.arms.items()},
-                "comparisons": _plain(self.comparisons),
+                "comparisons": {pair.key: _plain(per_metric) for pair, per_metric in self.comparisons.items()},
                 "best_baseline": {metric: {"arm": arm, "tuned": self.arms["tuned"].headline()[metric],
                                            "baseline": self.arms[arm].headline()[metric],
                                            "comparison": _plain(comparison)}

@@ -36,7 +36,7 @@ from specialist.core.stats import paired_comparison, score_interval
 from specialist.data import Example
 from specialist.errors import ConfigError
 from specialist.evaluate.baseline_arms import baseline_index, best_baselines, default_retrieval_k, no_model_baselines
-from specialist.evaluate.results import ArmResult, EvalReport, Overfitting
+from specialist.evaluate.results import ArmPair, ArmResult, EvalReport, Overfitting
 from specialist.generation import Engine, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
 
@@ -103,56 +103,108 @@ def sampling_of(evaluation) -> Sampling:
 
 
 def evaluate_run(run_dir: Path, config: RunConfig | None = None, others: dict[str, Path] | None = None):
-    """Score every arm on the run's test split; write eval.json, report.md and report.html; check the gates."""
+    """Score every arm on the run's test split; write eval.json, report.md and report.html; check the gates.
+
+    The steps: the arms (`build_arms`), what they are scored under (`Setting`), each arm's answers (`answer`),
+    their scores and comparisons (`scored_report`), forgetting and overfitting (`add_side_reports`), the gates,
+    and the files (`write_eval_outputs`)."""
     run = RunFolder.open(Path(run_dir))
     config = config or run.config()
     if config.method.kind == "continued_pretraining":  # plain text: no prompts to answer, see evaluate.domain
         from specialist.evaluate.domain import evaluate_domain
 
         return evaluate_domain(run, config, others)
-    evaluation = config.evaluation
     split = run.split()
-    test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
-    pool = ModelPool(config.model.dtype)
     scoring = label_scoring(run, config, split.train)
-    arms = build_arms(run, config, pool, split.train, others or {})
-    refuse_gates_on_arms_left_out(evaluation.gates, [arm.name for arm in arms.arms], list(others or {}))
-    max_new_tokens = evaluation.max_new_tokens or default_max_new_tokens(arms.base.tokenizer, split.train)
-    rule = label_rule(evaluation)
-    scorers = resolve_scorers(evaluation.scorers, rule, evaluation.json_schema)
-    answers = {arm.name: answer(arm, test, max_new_tokens, config, scoring, f"evaluating {arm.name}")
-               for arm in arms.arms}
+    arms = build_arms(run, config, ModelPool(config.model.dtype), split.train, others or {})
+    refuse_gates_on_arms_left_out(config.evaluation.gates, [arm.name for arm in arms.arms], list(others or {}))
+    setting = Setting.of(config, split, arms.base.tokenizer, scoring)
+    answers = {arm.name: answer(arm, setting.test, setting.max_new_tokens, config, scoring,
+                                f"evaluating {arm.name}") for arm in arms.arms}
+    rows = {name: setting.score(found.texts) for name, found in answers.items()}
+    report = scored_report(run.path, arms, answers, rows, setting)
+    add_side_reports(report, arms, answers, rows, setting, split)
+    report.gates = check_gates(config.evaluation.gates, figures_of(report), config.evaluation)
     outputs = {name: found.texts for name, found in answers.items()}
-    expected, prompts = [ex.completion for ex in test], [ex.prompt for ex in test]
-    rows = {name: score_rows(out, expected, scorers, prompts) for name, out in outputs.items()}
+    write_eval_outputs(run, config, report, setting.test, outputs, probabilities_of(answers))
+    return report
+
+
+@dataclass
+class Setting:
+    """What every arm is scored under: the held-out rows, the token limit, the scorers and the label rules."""
+
+    config: RunConfig
+    test: list[Example]
+    max_new_tokens: int
+    rule: LabelRule
+    scorers: dict[str, Callable]
+    scoring: LabelScoring
+
+    @classmethod
+    def of(cls, config: RunConfig, split, tokenizer, scoring: LabelScoring) -> Setting:
+        evaluation = config.evaluation
+        rule = label_rule(evaluation)
+        return cls(config, held_out(split, evaluation),
+                   evaluation.max_new_tokens or default_max_new_tokens(tokenizer, split.train), rule,
+                   resolve_scorers(evaluation.scorers, rule, evaluation.json_schema), scoring)
+
+    def score(self, outputs: list[str]) -> dict[str, list[float]]:
+        """Each scorer's value on each held-out row."""
+        return score_rows(outputs, [ex.completion for ex in self.test], self.scorers, [ex.prompt for ex in self.test])
+
+    def decoding(self) -> dict[str, Any]:
+        """What eval.json's decoding notes: the sampling settings, label scoring and calibration."""
+        evaluation = self.config.evaluation
+        return (sampling_of(evaluation).generate_kwargs() | scoring_of(self.scoring)
+                | ({"label_calibration": "batch"} if evaluation.label_calibration == "batch" else {}))
+
+
+def held_out(split, evaluation) -> list[Example]:
+    """The test rows the arms answer (the first evaluation.max_examples of them when set)."""
+    return split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
+
+
+def scored_report(run_dir: Path, arms: Arms, answers: dict[str, Answers], rows: dict[str, dict[str, list[float]]],
+                  setting: Setting) -> EvalReport:
+    """Every arm's scores (`rows`: per arm, each scorer's value per row) with intervals, the paired comparisons of
+    tuned against each arm, the best baselines."""
+    evaluation, test = setting.config.evaluation, setting.test
+    expected = [ex.completion for ex in test]
     report = EvalReport(
-        run_dir=run.path, n_eval=len(test), max_new_tokens=max_new_tokens,
-        decoding=sampling_of(evaluation).generate_kwargs() | scoring_of(scoring)
-        | ({"label_calibration": "batch"} if evaluation.label_calibration == "batch" else {}),
-        arms={arm.name: arm_result(arm, rows[arm.name], outputs[arm.name], expected, evaluation, rule,
-                                   answers[arm.name].seconds,
-                                   scoring.calibration(answers[arm.name], test, evaluation.escalation_label))
+        run_dir=run_dir, n_eval=len(test), max_new_tokens=setting.max_new_tokens, decoding=setting.decoding(),
+        arms={arm.name: arm_result(arm, ArmRows(rows[arm.name], answers[arm.name].texts, expected),
+                                   evaluation, setting.rule, answers[arm.name].seconds,
+                                   setting.scoring.calibration(answers[arm.name], test, evaluation.escalation_label))
               for arm in arms.arms},
         comparisons=compare_arms(rows, evaluation.bootstrap_samples))
     report.best_baseline = best_baselines(report.arms)
-    if arms.tuned is not None and evaluation.forgetting:
-        report.forgetting = forgetting(arms, evaluation)
-    tuned = next((arm for arm in arms.arms if arm.name == "tuned"), None)
-    if tuned is not None:
-        def answer_train(examples: list[Example]) -> list[str]:
-            return answer(tuned, examples, max_new_tokens, config, scoring, "evaluating tuned on train rows").texts
-
-        report.overfitting = overfitting(answer_train, split, rows["tuned"], outputs["tuned"], scorers, config)
-    report.gates = check_gates(evaluation.gates, figures_of(report), evaluation)
-    write_eval_outputs(run, config, report, test, outputs, probabilities_of(answers))
     return report
+
+
+def add_side_reports(report: EvalReport, arms: Arms, answers: dict[str, Answers],
+                     rows: dict[str, dict[str, list[float]]], setting: Setting, split) -> None:
+    """Forgetting (base weights against tuned ones) and overfitting (tuned on train rows against test rows)."""
+    config = setting.config
+    if arms.tuned is not None and config.evaluation.forgetting:
+        report.forgetting = forgetting(arms, config.evaluation)
+    tuned = next((arm for arm in arms.arms if arm.name == "tuned"), None)
+    if tuned is None:
+        return
+
+    def answer_train(examples: list[Example]) -> list[str]:
+        return answer(tuned, examples, setting.max_new_tokens, config, setting.scoring,
+                      "evaluating tuned on train rows").texts
+
+    report.overfitting = overfitting(answer_train, split, rows["tuned"], answers["tuned"].texts, setting.scorers,
+                                     config)
 
 
 def evaluate_baselines(config: RunConfig, split) -> EvalReport:
     """The baselines that need no model (nearest, majority, linear) on `split`'s test rows, scored like `evaluate_run`
     scores its arms: what a fine-tune has to beat, known in seconds before any training."""
     evaluation = config.evaluation
-    test = split.test[: evaluation.max_examples] if evaluation.max_examples else split.test
+    test = held_out(split, evaluation)
     index = baseline_index(config, split.train)
     found = no_model_baselines(evaluation.model_copy(update={"baselines": ["nearest", "majority", "linear"]}), index,
                                lambda label: render_label(label, config.data.label_template))
@@ -163,7 +215,7 @@ def evaluate_baselines(config: RunConfig, split) -> EvalReport:
     for name, baseline in found.items():
         texts, seconds, _ = baseline(prompts)
         rows = score_rows(texts, expected, scorers, prompts)
-        arms[name] = arm_result(Arm(name, None), rows, texts, expected, evaluation, rule, seconds)
+        arms[name] = arm_result(Arm(name, None), ArmRows(rows, texts, expected), evaluation, rule, seconds)
     return EvalReport(run_dir=Path("."), n_eval=len(test), max_new_tokens=0, decoding={}, arms=arms)
 
 
@@ -328,8 +380,7 @@ def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelS
     # an engine with a retrieval index (a retrieval-trained model, the retrieval arm) shows each prompt its rows
     row_shots = engine.retrieval.prompt_shots(prompts) if engine.retrieval is not None and not shots else None
     with engine.lock, engine.context():
-        return softmax(label_logprobs(engine.model, engine.tokenizer, engine.template, prompts, completions,
-                                      batch_size, shots, label, row_shots))
+        return softmax(label_logprobs(engine, prompts, completions, batch_size, shots, label, row_shots))
 
 
 def generate(engine: Engine, examples: list[Example], max_new_tokens: int, config: RunConfig,
@@ -339,8 +390,20 @@ def generate(engine: Engine, examples: list[Example], max_new_tokens: int, confi
     return [answer.text for answer in answers]
 
 
-def arm_result(arm: Arm, rows: dict[str, list[float]], outputs: list[str], expected: list[str], evaluation,
-               rule: LabelRule, seconds: float, calibration: dict[str, Any] | None = None) -> ArmResult:
+@dataclass
+class ArmRows:
+    """One arm on the held-out rows: each scorer's value per row, the arm's answers, the expected answers."""
+
+    scores: dict[str, list[float]]
+    outputs: list[str]
+    expected: list[str]
+
+
+def arm_result(arm: Arm, found: ArmRows, evaluation, rule: LabelRule, seconds: float,
+               calibration: dict[str, Any] | None = None) -> ArmResult:
+    """The arm's scores with intervals, lengths and cost, and the label, refusal and per-key reports its scorers
+    ask for."""
+    rows, outputs, expected = found.scores, found.outputs, found.expected
     result = ArmResult(arm.name, {name: score_interval(values, evaluation.bootstrap_samples)
                                   for name, values in rows.items()},
                        length_report(outputs), generation_seconds=seconds, weights_bytes=arm.weights_bytes,
@@ -354,11 +417,11 @@ def arm_result(arm: Arm, rows: dict[str, list[float]], outputs: list[str], expec
     return result
 
 
-def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[str, Any]:
+def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[ArmPair, dict[str, Any]]:
     """Paired comparisons of `tuned` against each other arm, per scorer, on the same rows."""
     if "tuned" not in rows:
         return {}
-    return {f"tuned_vs_{other}": {metric: paired_comparison(rows[other][metric], rows["tuned"][metric], samples)
+    return {ArmPair("tuned", other): {metric: paired_comparison(rows[other][metric], rows["tuned"][metric], samples)
                                   for metric in rows["tuned"] if metric != "length"}
             for other in rows if other != "tuned"}
 
@@ -403,9 +466,8 @@ def figures_of(report: EvalReport):
     if report.overfitting is not None:
         values.update({f"overfitting.gap.{m}": Figure(v) for m, v in report.overfitting.gap.items()})
         values["overfitting.memorisation_rate"] = Figure(report.overfitting.memorisation_rate)
-    differences = {(a, b, metric): comparison.difference
-                   for key, per_metric in report.comparisons.items() for metric, comparison in per_metric.items()
-                   for a, b in [key.split("_vs_", 1)]}
+    differences = {(pair.arm, pair.other, metric): comparison.difference
+                   for pair, per_metric in report.comparisons.items() for metric, comparison in per_metric.items()}
     for metric, arm in report.best_baseline.items():
         if f"{arm}.{metric}" in values:
             values[f"{BEST_BASELINE}.{metric}"] = values[f"{arm}.{metric}"]

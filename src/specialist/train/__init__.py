@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from collections.abc import Callable
 
-from specialist.config import MethodConfig, TrainingConfig
-from specialist.data import Example, PromptTemplate
+from specialist.config import MethodConfig
 from specialist.errors import ConfigError
-from specialist.run_folder import RunFolder
 from specialist.train.common import TrainResult, latest_complete_checkpoint
+from specialist.train.job import TrainJob
 
 
 def check_method_runs_here(method: MethodConfig) -> None:
@@ -34,26 +34,29 @@ def check_method_runs_here(method: MethodConfig) -> None:
                           hint="pip install 'specialist[qlora]'") from exc
 
 
-def train_model(model, tokenizer, template: PromptTemplate, train: list[Example], val: list[Example],
-                method: MethodConfig, training: TrainingConfig, run: RunFolder | Path,
-                resume_from: Path | None = None) -> TrainResult:
-    """Train with the method the config names into the run folder `run`; returns the trained model and figures."""
-    run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
-    if method.kind == "dpo":
-        from specialist.train.dpo import train_dpo
-
-        return train_dpo(model, tokenizer, template, train, val, method, training, run, resume_from)
-    if method.kind == "grpo":
-        from specialist.train.grpo import train_grpo
-
-        return train_grpo(model, tokenizer, template, train, val, method, training, run, resume_from)
-    if method.kind == "classifier":
-        from specialist.train.classifier import train_classifier
-
-        return train_classifier(model, tokenizer, template, train, val, method, training, run, resume_from)
-    from specialist.train.sft import train_sft
-
-    return train_sft(model, tokenizer, template, train, val, method, training, run, resume_from)
+# method.kind -> (module under train/, its trainer): every trainer takes one TrainJob and returns a TrainResult.
+# Modules are imported when their method runs, so a run of one method never imports TRL's other trainers.
+TRAINERS: dict[str, tuple[str, str]] = {
+    "lora": ("sft", "train_sft"),
+    "full": ("sft", "train_sft"),
+    "qlora": ("sft", "train_sft"),
+    "continued_pretraining": ("sft", "train_sft"),
+    "dpo": ("dpo", "train_dpo"),
+    "grpo": ("grpo", "train_grpo"),
+    "classifier": ("classifier", "train_classifier"),
+}
 
 
-__all__ = ["TrainResult", "check_method_runs_here", "latest_complete_checkpoint", "train_model"]
+def trainer_for(kind: str) -> Callable[[TrainJob], TrainResult]:
+    """The trainer of method.kind `kind` (a new kind: its module under train/ and a row in TRAINERS)."""
+    module, function = TRAINERS[kind]
+    return getattr(importlib.import_module(f"specialist.train.{module}"), function)
+
+
+def train_model(job: TrainJob) -> TrainResult:
+    """Train with the method the job's config names into its run folder; returns the trained model and figures."""
+    return trainer_for(job.method.kind)(job)
+
+
+__all__ = ["TRAINERS", "TrainJob", "TrainResult", "check_method_runs_here", "latest_complete_checkpoint",
+           "train_model", "trainer_for"]

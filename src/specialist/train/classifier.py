@@ -23,13 +23,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from specialist.config import MethodConfig, TrainingConfig
+from specialist.config import MethodConfig
 from specialist.classify import (
     HeadSpec,
     LabelClassifier,
@@ -41,16 +40,11 @@ from specialist.classify import (
 from specialist.data import Example, PromptTemplate
 from specialist.errors import DataError
 from specialist.ranks import is_main_process
-from specialist.run_folder import RunFolder
 from specialist.train.checkpoints import DurableCheckpoints
-from specialist.train.common import (
-    TrainResult,
-    budget_choice,
-    callbacks,
-    common_arguments,
-    forward_evaluation_steps,
-    run_trainer,
-)
+from specialist.train.common import TrainResult, common_arguments, forward_evaluation_steps
+from specialist.train.job import TrainJob
+from specialist.train.loop import callbacks, run_trainer, save_trained, trained_result, use_bf16_autocast
+from specialist.train.select_by import SelectionRows
 
 
 # -- the classes ------------------------------------------------------------------------------------------------
@@ -146,66 +140,49 @@ class ClassifierTrainer(DurableCheckpoints, Trainer):
     """transformers' Trainer with checkpoints that survive a kill at any instant."""
 
 
-def train_classifier(model, tokenizer, template: PromptTemplate, train: list[Example], val: list[Example],
-                     method: MethodConfig, training: TrainingConfig, run: RunFolder,
-                     resume_from: Path | None = None) -> TrainResult:
-    """Train the head and a LoRA adapter on `train` (validating on `val`); save adapter/ and labels.json."""
+def train_classifier(job: TrainJob) -> TrainResult:
+    """Train the head and a LoRA adapter on the job's train rows (validating on its val rows); save adapter/ and
+    labels.json."""
     from transformers import TrainingArguments
 
-    labels = class_labels(run.config().data.labels, [*train, *val])
-    weights = class_weights(labels, train, method.class_weights)
+    method, training, run, tokenizer = job.method, job.training, job.run, job.tokenizer
+    labels = class_labels(job.config.data.labels, [*job.train, *job.val])
+    weights = class_weights(labels, job.train, method.class_weights)
     asked = HeadSpec.for_method(method)
-    classifier, head = classifier_from_causal(model, len(labels), tokenizer.pad_token_id, asked.head, asked.pooling)
+    classifier, head = classifier_from_causal(job.model, len(labels), tokenizer.pad_token_id, asked.head,
+                                              asked.pooling)
     spec = HeadSpec(head, asked.pooling, asked.window)
     classifier = with_adapter(classifier, method)
-    train_rows = encode_rows(train, template, tokenizer, labels, training.max_length)
-    val_rows = encode_rows(val, template, tokenizer, labels, training.max_length) if val else None
+    train_rows = encode_rows(job.train, job.template, tokenizer, labels, training.max_length)
+    val_rows = encode_rows(job.val, job.template, tokenizer, labels, training.max_length) if job.val else None
     args = TrainingArguments(**common_arguments(training, run.checkpoints, len(train_rows), bool(val_rows),
-                                                _bf16(classifier), tensorboard_dir=run.tensorboard),
+                                                use_bf16_autocast(classifier), tensorboard_dir=run.tensorboard),
                              remove_unused_columns=False)
     trainer = ClassifierTrainer(
         model=classifier, args=args, train_dataset=train_rows, eval_dataset=val_rows,
         data_collator=PadCollator(tokenizer.pad_token_id, spec.window), processing_class=tokenizer,
         compute_loss_func=weighted_loss(weights),
-        callbacks=callbacks(training, run.metrics_log, args,
-                            selection_answers(template, tokenizer, labels, val, training, run, spec.window),
+        callbacks=callbacks(training, run.metrics_log, args, selection_answers(job, labels, spec.window),
                             forward_evaluation_steps(training, len(val_rows)) if val_rows else 0.0))
-    seconds, tokens = run_trainer(trainer, resume_from)
+    seconds, tokens = run_trainer(trainer, job.resume_from)
     save_trained(trainer, run.adapter)  # on every rank: under FSDP the gather is collective
     if is_main_process():
         save_labels(run, labels, spec, weights)
-    return TrainResult(model=trainer.model, output_dir=run.adapter, log_history=list(trainer.state.log_history),
-                       train_tokens=tokens, seconds=seconds, steps=trainer.state.global_step,
-                       best_checkpoint=trainer.state.best_model_checkpoint, epochs=args.num_train_epochs,
-                       time_budget=budget_choice(trainer))
+    return trained_result(trainer, run.adapter, seconds, tokens)
 
 
-def _bf16(model) -> bool:
-    from specialist.train.sft import use_bf16_autocast
-
-    return use_bf16_autocast(model)
-
-
-def save_trained(trainer, output_dir: Path) -> None:
-    from specialist.train.sft import save_trained as save_as_sft_does
-
-    save_as_sft_does(trainer, output_dir)
-
-
-def selection_answers(template: PromptTemplate, tokenizer, labels: list[str], val: list[Example],
-                      training: TrainingConfig, run: RunFolder, window: int | None = None):
+def selection_answers(job: TrainJob, labels: list[str], window: int | None = None) -> SelectionRows | None:
     """training.select_by's view of the classifier: each validation row's predicted label, rendered."""
+    training = job.training
     if not training.select_by:
         return None
-    from specialist.train.common import SelectionRows
-
-    label_template = run.config().data.label_template
+    template, tokenizer, label_template = job.template, job.tokenizer, job.config.data.label_template
 
     def answer(model, prompts: list[str]) -> list[str]:
         found = LabelClassifier(model, tokenizer, template, labels, max_length=training.max_length, window=window)
         return found.answers(prompts, label_template)
 
-    return SelectionRows.of(training.select_by, run, val, answer)
+    return SelectionRows.of(training.select_by, job.config.evaluation, job.val, answer)
 
 
 __all__ = ["class_labels", "class_weights", "train_classifier"]

@@ -1,21 +1,16 @@
-"""What every method shares: Trainer arguments, callbacks, checkpoint discovery, the training result.
+"""What every method shares: the Trainer arguments, the LoRA settings, checkpoint discovery, the training result.
 
-Methods differ in the model they prepare and the trainer class; the loop, logging, checkpoints, early stopping
-and resume are the Trainer's own, configured here once.
+Methods differ in the model they prepare and the trainer class; the loop (`loop.py`), logging, checkpoints, early
+stopping and resume are the Trainer's own, configured here once.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import EarlyStoppingCallback, TrainerCallback
-
-from specialist.config import TrainingConfig
+from specialist.config import MethodConfig, TrainingConfig
 from specialist.console import console
 from specialist.ranks import is_main_process, world_size
 from specialist.train.checkpoints import CHECKPOINT_PREFIX, COMPLETE_MARK, latest_complete_checkpoint
@@ -154,165 +149,22 @@ def common_arguments(
     )
 
 
-def callbacks(training: TrainingConfig, metrics_log: Path, args, selection: SelectionRows | None = None,
-              evaluation_steps: float = 0.0) -> list[TrainerCallback]:
-    """`evaluation_steps`: what one evaluation costs in optimizer steps (estimated), which the time budget keeps
-    for the evaluation of the last step."""
-    from specialist.train.progress import RichProgressCallback
-
-    metrics = MetricsJsonlCallback(metrics_log)
-    found: list[TrainerCallback] = [RichProgressCallback(), metrics]
-    if selection is not None:  # before early stopping, which reads the score it adds
-        if not args.load_best_model_at_end:
-            from specialist.errors import ConfigError
-
-            raise ConfigError("training.select_by needs checkpoints at evaluation steps",
-                              hint="set training.save_steps to a multiple of training.eval_steps (or leave both "
-                              "unset)")
-        found.append(SelectByCallback(selection, record=metrics.write))
-    if training.early_stopping_patience:
-        if not args.load_best_model_at_end:
-            from specialist.errors import ConfigError
-
-            raise ConfigError(
-                "early stopping needs validation rows and checkpoints at evaluation steps",
-                hint="set data.val_fraction > 0 and training.save_steps to a multiple of training.eval_steps",
-            )
-        found.append(EarlyStoppingCallback(training.early_stopping_patience, training.early_stopping_min_delta))
-    if training.time_budget:  # last: an evaluation it times includes select_by's scoring, which runs before it
-        from specialist.train.budget import TimeBudgetCallback
-
-        found.append(TimeBudgetCallback(training, record=metrics.write, evaluation_steps=evaluation_steps))
-    return found
-
-
-def budget_choice(trainer) -> dict | None:
-    """What training.time_budget chose for this trainer's run (None without a budget)."""
-    from specialist.train.budget import TimeBudgetCallback
-
-    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimeBudgetCallback)]
-    return found[0].choice if found else None
-
-
 def forward_evaluation_steps(training: TrainingConfig, val_rows: int) -> float:
     """One loss-only evaluation in optimizer steps: a forward pass (about a third of a training step's forward and
     backward) over the validation rows, `batch_size x gradient_accumulation_steps` rows a step."""
     return val_rows / (training.batch_size * training.gradient_accumulation_steps) / 3
 
 
-@dataclass
-class SelectionRows:
-    """What `training.select_by` scores at each evaluation: the validation rows, how the model in training answers
-    them (`answer(model, prompts) -> texts`), and the scorer's value over all of them (higher is better)."""
+def lora_config(method: MethodConfig):
+    """The adapter a LoRA method trains on a causal LM (r, alpha, dropout, target modules, DoRA, rsLoRA)."""
+    from peft import LoraConfig
 
-    name: str
-    prompts: list[str]
-    expected: list[str]
-    answer: Callable[[Any, list[str]], list[str]]
-    score: Callable[[list[str], list[str], list[str]], float]
-
-    @classmethod
-    def of(cls, name: str, run, val: list, answer: Callable[[Any, list[str]], list[str]]) -> SelectionRows:
-        if not val:
-            from specialist.errors import ConfigError
-
-            raise ConfigError("training.select_by scores the validation rows, and this run has none",
-                              hint="set data.val_fraction above 0 (or data.val_path), or remove training.select_by")
-        return cls(name, [ex.prompt for ex in val], [ex.completion for ex in val], answer,
-                   selection_score(name, run.config().evaluation))
-
-
-def selection_score(name: str, evaluation) -> Callable[[list[str], list[str], list[str]], float]:
-    """The select_by figure over a set of rows: a scorer's mean, or macro_f1 (labels read as label_accuracy does)."""
-    from specialist.core.labels import label_rule
-    from specialist.core.scorers import label_report, resolve_scorers, score_rows
-
-    rule = label_rule(evaluation)
-    if name == "macro_f1":
-        return lambda outputs, expected, prompts: float(label_report(outputs, expected, rule)["macro_f1"])
-    scorer = resolve_scorers([name], rule, evaluation.json_schema)
-
-    def mean_score(outputs: list[str], expected: list[str], prompts: list[str]) -> float:
-        values = score_rows(outputs, expected, scorer, prompts)[name]
-        return sum(values) / len(values) if values else 0.0
-
-    return mean_score
-
-
-def generated_answers(template, tokenizer, train: list, evaluation,
-                      shots_of: dict[str, list[tuple[str, str]]] | None = None) -> Callable[[Any, list[str]], list[str]]:
-    """select_by's answers for generative methods: greedy generation through the engine evaluation uses; `shots_of`
-    gives a prompt its retrieved examples (data.retrieval)."""
-    from specialist.generation import GREEDY, Engine, default_max_new_tokens
-
-    max_new_tokens = evaluation.max_new_tokens or default_max_new_tokens(tokenizer, train)
-
-    def answer(model, prompts: list[str]) -> list[str]:
-        engine = Engine(model, tokenizer, template)
-        row_shots = [shots_of.get(p, []) for p in prompts] if shots_of else None
-        found = engine.generate(prompts, max_new_tokens, GREEDY, evaluation.batch_size, label="select_by",
-                                row_shots=row_shots)
-        return [g.text for g in found]
-
-    return answer
-
-
-class SelectByCallback(TrainerCallback):
-    """At each evaluation: the model in training answers the validation rows, and their score goes into the
-    metrics as `eval_<scorer>`, where the Trainer's best-checkpoint choice (and early stopping) read it.
-
-    The Trainer logs its evaluation metrics before callbacks see them, so the score is logged here: into the
-    training log history (the loss plot draws it) and metrics.jsonl.
-    """
-
-    def __init__(self, rows: SelectionRows, record: Callable[[dict[str, Any]], None]) -> None:
-        self.rows, self.record = rows, record
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        if metrics is None or model is None:
-            return
-        was_training = model.training
-        model.eval()
-        try:
-            outputs = self.rows.answer(model, self.rows.prompts)
-        finally:
-            model.train(was_training)
-        value = self.rows.score(outputs, self.rows.expected, self.rows.prompts)
-        key = f"eval_{self.rows.name}"
-        metrics[key] = value
-        entry = {"step": state.global_step, "epoch": state.epoch, key: value, "select_by": self.rows.name}
-        state.log_history.append(entry)
-        if state.is_world_process_zero:
-            self.record(entry)
-            console.log(f"step {state.global_step}: validation {self.rows.name} {value:.4f}")
-
-
-class MetricsJsonlCallback(TrainerCallback):
-    """Every Trainer log (loss, lr, eval loss, ...) as one JSON line with step, epoch and wall time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.started = time.time()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        self.write({"step": state.global_step, "epoch": state.epoch,
-                    **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}})
-
-    def write(self, row: dict[str, Any]) -> None:
-        """Append one row (with the wall time since training began); the caller is rank 0."""
-        row = {**row, "time": round(time.time() - self.started, 2)}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-
-
-def run_trainer(trainer, resume_from: Path | None) -> tuple[float, int]:
-    """Train (from a checkpoint when given); return (seconds, tokens seen)."""
-    from transformers.trainer_callback import PrinterCallback
-
-    # The Rich bar replaces the Trainer's plain-text dict printer.
-    trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    return time.perf_counter() - started, int(trainer.state.num_input_tokens_seen or 0)
+    return LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules,
+        use_dora=method.use_dora,
+        use_rslora=method.use_rslora,
+        task_type="CAUSAL_LM",
+    )

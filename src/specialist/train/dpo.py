@@ -7,16 +7,14 @@ what DPO's KL pull should point at.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from trl import DPOTrainer
 
-from specialist.config import MethodConfig, TrainingConfig
 from specialist.data import Example, PromptTemplate
-from specialist.run_folder import RunFolder, merge_adapter
+from specialist.run_folder import merge_adapter
 from specialist.train.checkpoints import DurableCheckpoints
 from specialist.train.common import TrainResult, common_arguments
-from specialist.train.sft import fit, use_bf16_autocast
+from specialist.train.job import TrainJob
+from specialist.train.loop import fit, use_bf16_autocast
 
 
 class DurableDPOTrainer(DurableCheckpoints, DPOTrainer):
@@ -32,29 +30,21 @@ def preference_dataset(examples: list[Example], template: PromptTemplate, tokeni
     ])
 
 
-def train_dpo(
-    model,
-    tokenizer,
-    template: PromptTemplate,
-    train: list[Example],
-    val: list[Example],
-    method: MethodConfig,
-    training: TrainingConfig,
-    run: RunFolder,
-    resume_from: Path | None = None,
-) -> TrainResult:
+def train_dpo(job: TrainJob) -> TrainResult:
+    """Preference-tune on the job's prompt/chosen/rejected rows (from its SFT adapter, merged, when it names one)."""
     from trl import DPOConfig
 
+    method, training, run = job.method, job.training, job.run
     if method.from_adapter is not None:
-        model = merge_adapter(model, method.from_adapter)
-    train_ds = preference_dataset(train, template, tokenizer)
-    val_ds = preference_dataset(val, template, tokenizer) if val else None
+        job = job.with_model(merge_adapter(job.model, method.from_adapter))
+    train_ds = preference_dataset(job.train, job.template, job.tokenizer)
+    val_ds = preference_dataset(job.val, job.template, job.tokenizer) if job.val else None
     args = DPOConfig(
         **common_arguments(training, run.checkpoints, len(train_ds), val_ds is not None,
-                           use_bf16_autocast(model), tensorboard_dir=run.tensorboard,
+                           use_bf16_autocast(job.model), tensorboard_dir=run.tensorboard,
                            sequence_length=2 * training.max_length),  # chosen and rejected in one forward
         beta=method.beta,
         max_length=training.max_length,
     )
     args.prediction_loss_only = False  # DPO's eval reports reward margins and accuracy alongside the loss
-    return fit(DurableDPOTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run, resume_from)
+    return fit(job, DurableDPOTrainer, args, train_ds, val_ds)

@@ -36,7 +36,6 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from trl import GRPOTrainer
@@ -47,7 +46,8 @@ from specialist.errors import ConfigError
 from specialist.run_folder import RunFolder, merge_adapter
 from specialist.train.checkpoints import DurableCheckpoints
 from specialist.train.common import TrainResult, common_arguments
-from specialist.train.sft import fit, use_bf16_autocast
+from specialist.train.job import TrainJob
+from specialist.train.loop import fit, use_bf16_autocast
 
 GROUP_SPREAD = "reward_group_std"
 FORMAT_REWARD = "format"
@@ -230,12 +230,13 @@ def eval_generations(method: MethodConfig) -> int:
     return method.eval_generations or method.num_generations
 
 
-def grpo_arguments(method: MethodConfig, training: TrainingConfig, run: RunFolder, n_train: int, has_val: bool,
-                   bf16: bool, max_new_tokens: int, weights: list[float]):
+def grpo_arguments(config: RunConfig, run: RunFolder, n_train: int, has_val: bool, bf16: bool, max_new_tokens: int,
+                   weights: list[float]):
     """GRPOConfig: the shared Trainer arguments, counted in answers (a step is `generations_per_step` answers, an
     epoch `num_generations` answers to every prompt), and the sampling and KL settings."""
     from trl import GRPOConfig
 
+    method, training = config.method, config.training
     per_step = answers_per_step(method, training)
     counted_in_answers = training.model_copy(update={"batch_size": per_step, "gradient_accumulation_steps": 1})
     shared = common_arguments(counted_in_answers, run.checkpoints, n_train * method.num_generations, has_val, bf16,
@@ -257,35 +258,25 @@ def grpo_arguments(method: MethodConfig, training: TrainingConfig, run: RunFolde
     )
 
 
-def train_grpo(
-    model,
-    tokenizer,
-    template: PromptTemplate,
-    train: list[Example],
-    val: list[Example],
-    method: MethodConfig,
-    training: TrainingConfig,
-    run: RunFolder,
-    resume_from: Path | None = None,
-) -> TrainResult:
-    """Reward fine-tuning on the prompts of `train` (their completions are what the scorers compare against);
-    the run folder's config supplies the evaluation's scorer settings and the output format."""
+def train_grpo(job: TrainJob) -> TrainResult:
+    """Reward fine-tuning on the prompts of the job's train rows (their completions are what the scorers compare
+    against); the job's config supplies the evaluation's scorer settings and the output format."""
     from specialist.generation import stop_token_ids
 
-    config = run.config()  # the evaluation's scorers and format, as the run folder holds them
-    rewards, weights = reward_functions(method, config, train, template)
-    if method.from_adapter is not None:
-        model = merge_adapter(model, method.from_adapter)
+    config, tokenizer, template = job.config, job.tokenizer, job.template
+    rewards, weights = reward_functions(config.method, config, job.train, template)
+    if config.method.from_adapter is not None:
+        job = job.with_model(merge_adapter(job.model, config.method.from_adapter))
     # TRL samples until one of the model's EOS ids and masks what follows: make them the engine's stop ids
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    max_new_tokens = completion_limit(config, tokenizer, train)
-    train_ds, prompt_ids = prompt_dataset(train, template, tokenizer, max_new_tokens)
-    val_ds, val_ids = prompt_dataset(val, template, tokenizer, max_new_tokens) if val else (None, {})
-    args = grpo_arguments(method, training, run, len(train_ds), val_ds is not None, use_bf16_autocast(model),
+    job.model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    max_new_tokens = completion_limit(config, tokenizer, job.train)
+    train_ds, prompt_ids = prompt_dataset(job.train, template, tokenizer, max_new_tokens)
+    val_ds, val_ids = prompt_dataset(job.val, template, tokenizer, max_new_tokens) if job.val else (None, {})
+    args = grpo_arguments(config, job.run, len(train_ds), val_ds is not None, use_bf16_autocast(job.model),
                           max_new_tokens, weights)
     trainer_class = functools.partial(DurableGRPOTrainer, reward_funcs=rewards, prompt_ids=prompt_ids | val_ids)
     with warnings.catch_warnings():
         # TRL switches activation checkpointing off for every generation through names transformers 5 deprecates
         warnings.filterwarnings("ignore", r".*gradient_checkpointing\w*` is deprecated", FutureWarning)
-        return fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method, training, run, resume_from,
-                   evaluation_steps=sampled_evaluation_steps(method, training, len(val_ds) if val_ds else 0))
+        return fit(job, trainer_class, args, train_ds, val_ds, evaluation_steps=sampled_evaluation_steps(
+            config.method, config.training, len(val_ds) if val_ds else 0))

@@ -11,25 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from specialist.config import MethodConfig, TrainingConfig
-from specialist.console import console
+from specialist.config import TrainingConfig
 from specialist.data import Example, PromptTemplate, encode_for_training, training_pairs
 from specialist.errors import DataError
-from specialist.run_folder import RunFolder
-from specialist.ranks import is_main_process
-from specialist.train.common import (
-    SelectionRows,
-    TrainResult,
-    budget_choice,
-    callbacks,
-    common_arguments,
-    forward_evaluation_steps,
-    generated_answers,
-    run_trainer,
-)
+from specialist.train.common import TrainResult, common_arguments, lora_config
+from specialist.train.job import TrainJob
+from specialist.train.loop import fit, use_bf16_autocast
+from specialist.train.select_by import SelectionRows, generated_answers
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 
 def build_dataset(examples: list[Example], template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase):
@@ -54,20 +45,6 @@ def _encode_text(tokenizer, text: str) -> dict[str, list[int]]:
     return {"input_ids": ids, "completion_mask": [1] * len(ids)}
 
 
-def lora_config(method: MethodConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=method.target_modules,
-        use_dora=method.use_dora,
-        use_rslora=method.use_rslora,
-        task_type="CAUSAL_LM",
-    )
-
-
 def sft_config(training: TrainingConfig, output_dir: Path, n_train: int, bf16: bool, has_val: bool,
                plain_text: bool = False, tensorboard_dir: Path | None = None):
     from trl import SFTConfig
@@ -84,98 +61,32 @@ def sft_config(training: TrainingConfig, output_dir: Path, n_train: int, bf16: b
     )
 
 
-def train_sft(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    train: list[Example],
-    val: list[Example],
-    method: MethodConfig,
-    training: TrainingConfig,
-    run: RunFolder,
-    resume_from: Path | None = None,
-) -> TrainResult:
-    """Fine-tune on `train`, validating on `val`; save the adapter (or the full model) into the run folder."""
+def train_sft(job: TrainJob) -> TrainResult:
+    """Fine-tune on the job's train rows, validating on its val rows; save the adapter (or the full model) into the
+    run folder."""
     from specialist.train.fast_loss import CompletionOnlySFTTrainer
 
-    plain_text = method.kind == "continued_pretraining"
-    data_template = None if plain_text else template
-    train_ds = build_dataset(train, data_template, tokenizer)
-    val_ds = build_dataset(val, data_template, tokenizer) if val else None
+    training, tokenizer = job.training, job.tokenizer
+    plain_text = job.method.kind == "continued_pretraining"
+    data_template = None if plain_text else job.template
+    train_ds = build_dataset(job.train, data_template, tokenizer)
+    val_ds = build_dataset(job.val, data_template, tokenizer) if job.val else None
     if not plain_text:
         refuse_examples_without_completion(train_ds, training.max_length)
-    args = sft_config(training, run.checkpoints, len(train_ds), bf16=use_bf16_autocast(model),
-                      has_val=val_ds is not None, plain_text=plain_text, tensorboard_dir=run.tensorboard)
-    selection = None
-    if training.select_by:  # the best checkpoint by a scorer on generated validation answers (config refuses CPT)
-        evaluation = run.config().evaluation
-        selection = SelectionRows.of(training.select_by, run, val,
-                                     generated_answers(template, tokenizer, train, evaluation,
-                                                       {ex.prompt: list(ex.shots) for ex in val if ex.shots}))
-    return fit(CompletionOnlySFTTrainer, model, args, train_ds, val_ds, tokenizer, method, training, run,
-               resume_from, selection)
+    args = sft_config(training, job.run.checkpoints, len(train_ds), bf16=use_bf16_autocast(job.model),
+                      has_val=val_ds is not None, plain_text=plain_text, tensorboard_dir=job.run.tensorboard)
+    return fit(job, CompletionOnlySFTTrainer, args, train_ds, val_ds, selection_rows(job))
 
 
-def fit(trainer_class, model, args, train_ds, val_ds, tokenizer, method: MethodConfig, training: TrainingConfig,
-        run: RunFolder, resume_from: Path | None, selection: SelectionRows | None = None,
-        evaluation_steps: float | None = None) -> TrainResult:
-    """Build the method's trainer, run it, and save what it trained: `adapter/` (LoRA) or `model/` (all weights).
-
-    `selection` (training.select_by): the validation rows scored at each evaluation to pick the best checkpoint.
-    `evaluation_steps`: one evaluation's cost in optimizer steps, for the time budget; None: a forward pass over
-    the validation rows.
-    """
-    if evaluation_steps is None:
-        evaluation_steps = forward_evaluation_steps(training, len(val_ds)) if val_ds is not None else 0.0
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(method) if method.uses_lora else None,
-        callbacks=callbacks(training, run.metrics_log, args, selection, evaluation_steps),
-    )
-    warn_if_fsdp_was_asked_for_but_is_off(trainer)
-    seconds, tokens = run_trainer(trainer, resume_from)
-    output_dir = run.trained_output(method.uses_lora)
-    save_trained(trainer, output_dir, None if method.uses_lora else tokenizer)
-    return TrainResult(
-        model=trainer.model,
-        output_dir=output_dir,
-        log_history=list(trainer.state.log_history),
-        train_tokens=tokens,
-        seconds=seconds,
-        steps=trainer.state.global_step,
-        best_checkpoint=trainer.state.best_model_checkpoint,
-        epochs=args.num_train_epochs,
-        time_budget=budget_choice(trainer),
-    )
-
-
-def save_trained(trainer, output_dir: Path, tokenizer=None) -> None:
-    """Save the trained adapter or model (and the tokenizer with a full model) into `output_dir`.
-
-    Called on every rank: under FSDP (or ZeRO-3) the weights are sharded and gathering them is a collective that
-    every process must join; the Trainer writes the files on the main process only. A sharded state-dict setting
-    (what a checkpoint wants) would make `save_model` write nothing, so the final save asks for the full one.
-    """
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(output_dir))
-    if tokenizer is not None and is_main_process():
-        tokenizer.save_pretrained(output_dir)
-
-
-def warn_if_fsdp_was_asked_for_but_is_off(trainer) -> None:
-    """accelerate 1.15 runs an FSDP launch on CPU as plain data parallel (it switches to FSDP only on GPUs and
-    other accelerators): say so rather than let a user believe the model is sharded."""
-    import os
-
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if asked and not trainer.is_fsdp_enabled and is_main_process():
-        console.print("[yellow]warning:[/] FSDP was asked for, but accelerate runs this launch as data parallel "
-                      "(no sharding): FSDP needs GPUs (or other accelerators) with accelerate 1.15")
+def selection_rows(job: TrainJob) -> SelectionRows | None:
+    """training.select_by's rows for a generative method: the best checkpoint by a scorer on generated validation
+    answers (the config refuses it for continued pretraining)."""
+    if not job.training.select_by:
+        return None
+    evaluation = job.config.evaluation
+    shots_of = {ex.prompt: list(ex.shots) for ex in job.val if ex.shots}
+    return SelectionRows.of(job.training.select_by, evaluation, job.val,
+                            generated_answers(job.template, job.tokenizer, job.train, evaluation, shots_of))
 
 
 def refuse_examples_without_completion(dataset, max_length: int) -> None:
@@ -188,10 +99,4 @@ def refuse_examples_without_completion(dataset, max_length: int) -> None:
         )
 
 
-def use_bf16_autocast(model) -> bool:
-    """bf16 autocast where the weights are bf16 or the hardware runs bf16 fast (fp32 weights stay the master copy)."""
-    import torch
-
-    from specialist.models import bf16_is_fast
-
-    return next(model.parameters()).dtype == torch.bfloat16 or bf16_is_fast()
+__all__ = ["build_dataset", "lora_config", "sft_config", "train_sft", "use_bf16_autocast"]
