@@ -53,7 +53,7 @@ def test_a_fixed_test_file_is_used_as_is_and_its_leaks_are_reported_not_removed(
     assert leak["action"] == "training rows removed" and sorted(leak["train_lines"]) == [4, 18]
     fixed_report = prepared.report["fixed_sources"]["test"]
     assert fixed_report["path"] == str(test) and fixed_report["rows_read"] == 11 and fixed_report["rows_kept"] == 11
-    assert prepared.report["split"] == {"by": "random", "fixed": ["test"], "ignored": ["test_fraction"]}
+    assert prepared.report["split"] == {"by": "random", "fixed": ["test"], "ignored": ["test_fraction"], "extra_paths": []}
     manifest = json.loads((prepared.folder / "manifest.json").read_text())
     assert manifest["fixed_sources"]["test"]["sha256"] == fixed_report["sha256"]
     print_prepare_report(prepared.report)

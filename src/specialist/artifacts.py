@@ -165,12 +165,17 @@ class ModelPool:
         switches that adapter on)."""
         from peft import PeftModel
 
+        from specialist.generation import model_lock
+
         model, tokenizer = self.base(name, merged_adapter)
-        if not isinstance(model, PeftModel):
-            model = PeftModel.from_pretrained(model, adapter, adapter_name=adapter_name).eval()
-            self._bases[(name, str(merged_adapter) if merged_adapter else None)] = (model, tokenizer)
-        elif adapter_name not in model.peft_config:
-            model.load_adapter(adapter, adapter_name=adapter_name)
+        # under the model's generation lock: a server swapping in a promoted adapter adds layers to weights that
+        # another arm may be generating with; the load waits for that batch and the next one waits for the load
+        with model_lock(model):
+            if not isinstance(model, PeftModel):
+                model = PeftModel.from_pretrained(model, adapter, adapter_name=adapter_name).eval()
+                self._bases[(name, str(merged_adapter) if merged_adapter else None)] = (model, tokenizer)
+            elif adapter_name not in model.peft_config:
+                model.load_adapter(adapter, adapter_name=adapter_name)
         return model, adapter_switch(model, adapter_name)
 
     def base_context(self, name: str, merged_adapter: Path | None = None) -> Callable[[], AbstractContextManager]:

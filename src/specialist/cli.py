@@ -273,22 +273,57 @@ def serve(
     drain_seconds: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long requests in flight may finish.")] = 5.0,
     constrain: Annotated[bool, typer.Option(help="Arms from runs decode inside the run's output language (JSON "
                                                  "schema, labels or regex: evaluation.constraint).")] = False,
+    shadow: Annotated[list[str] | None, typer.Option(help="NAME=SOURCE answering in the background only: logged "
+                                                          "beside the live answer, never returned (repeatable).")] = None,
+    shadow_share: Annotated[float, typer.Option(min=0, max=1, help="Share of requests the shadows answer.")] = 1.0,
+    shadow_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for the shadows before new ones are dropped.")] = 32,
+    admin_key: Annotated[str | None, typer.Option(envvar="SPECIALIST_ADMIN_KEY", help="Turns on POST /admin/arms/NAME "
+                                                  "(arm swaps) for Authorization: Bearer KEY; a key of its own.")] = None,
+    admin_root: Annotated[list[Path] | None, typer.Option(help="Folder an admin swap may load runs from (repeatable; "
+                                                              "default: the folders holding the served runs).")] = None,
+    scrub_logs: Annotated[bool, typer.Option(help="Scrub secrets and personal data from logged prompts and answers "
+                                                  "(the rules of data.clean.scrub).")] = False,
+    log_max_rows: Annotated[int | None, typer.Option(min=1, help="Keep the newest N requests in the log.")] = None,
+    log_max_age: Annotated[float | None, typer.Option(min=1, help="Delete logged requests older than this many hours.")] = None,
 ) -> None:
     """Serve the arms behind an OpenAI-compatible API with A/B routing, batching and a request log."""
-    from specialist.deploy.arms import load_arms, parse_arms, parse_split
-    from specialist.deploy.serve import ServeSettings, create_app, run_server
+    from specialist.deploy.serve import run_server
 
     with _user_errors():
-        specs = parse_arms(arm)
-        weights = parse_split(split, [name for name, _ in specs])
-        loaded = load_arms(specs, constrain=constrain)
-        settings = ServeSettings(split=weights, db=db, api_key=api_key, log_prompts=log_prompts,
-                                 max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                                 max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                                 drain_seconds=drain_seconds)
-        app = create_app(loaded, settings)
-    console.print(f"serving {list(loaded)} on http://{host}:{port}/v1 (split {weights}); log {db}", soft_wrap=True)
+        app, settings, names = _serve_app(arm, shadow or [], split, constrain, dict(
+            db=db, api_key=api_key, log_prompts=log_prompts, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            queue_size=queue_size, max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens,
+            drain_seconds=drain_seconds, admin_key=admin_key, admin_roots=tuple(admin_root or ()),
+            scrub_logs=scrub_logs, log_max_rows=log_max_rows,
+            log_max_age_s=None if log_max_age is None else log_max_age * 3600),
+            shadow_share, shadow_queue)
+    console.print(f"serving {names} on http://{host}:{port}/v1 (split {settings.split}); log {db}"
+                  + (f"; shadows {[s.partition('=')[0] for s in shadow]}" if shadow else ""), soft_wrap=True)
     run_server(app, host, port, settings)
+
+
+def _serve_app(arm: list[str], shadow: list[str], split: str | None, constrain: bool, options: dict,
+               shadow_share: float, shadow_queue: int):
+    """Load live and shadow arms into one model pool (a shadow run on the live base adds only its adapter), and
+    the app with a loader for admin swaps; `options` are ServeSettings fields passed as given."""
+    from specialist.artifacts import ModelPool
+    from specialist.deploy.arms import load_arms, load_replacement, parse_arms, parse_split
+    from specialist.deploy.serve import ServeSettings, create_app
+    from specialist.deploy.shadow import ShadowSettings
+
+    specs, shadow_specs = parse_arms(arm), parse_arms(shadow) if shadow else []
+    weights = parse_split(split, [name for name, _ in specs])
+    pool = ModelPool()
+    loaded = load_arms(specs + shadow_specs, pool, constrain=constrain)
+    live = {name: loaded[name] for name, _ in specs}
+    shadows = {name: loaded[name] for name, _ in shadow_specs}
+    roots = options.pop("admin_roots") or tuple({Path(source).resolve().parent for _, source in specs
+                                                 if Path(source).is_dir()})
+    settings = ServeSettings(split=weights, shadow=ShadowSettings(share=shadow_share, queue_size=shadow_queue),
+                             admin_roots=roots, **options)
+    app = create_app(live, settings, shadows,
+                     lambda name, source: load_replacement(name, source, pool, constrain))
+    return app, settings, list(live)
 
 
 @app.command("ab-report")
@@ -315,8 +350,102 @@ def ab_report_command(
     for test in report["format_pass_tests"]:
         console.print(f"format pass rate {test['arms'][0]} - {test['arms'][1]}: {100 * test['difference']:+.1f} pts, "
                       f"z = {test['z']:.2f}, p = {test['p_value']:.4f}", soft_wrap=True)
+    if report["shadows"]:
+        console.print(_shadow_table(report["shadows"]))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+def _shadow_table(shadows: dict) -> Table:
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    table = Table(title="shadow arms against the live answers to the same requests")
+    for column in ("shadow", "requests", "agreement", "format live / shadow", "p50 s live / shadow",
+                   "rated: live right / shadow agreed", "live wrong / shadow differed"):
+        table.add_column(column, justify="left" if column == "shadow" else "right")
+    for name, s in shadows.items():
+        fb = s["on_feedback"]
+        table.add_row(name, str(s["requests"]), percent(s["agreement"]),
+                      f"{percent(s['live_format_pass_rate'])} / {percent(s['shadow_format_pass_rate'])}",
+                      f"{s['live_latency_p50_s']:.3f} / {s['shadow_latency_p50_s']:.3f}",
+                      f"{fb['live_right']} / {fb['both_right']}", f"{fb['live_wrong']} / {fb['shadow_maybe_right']}")
+    return table
+
+
+@app.command()
+def harvest(
+    db: Annotated[Path, typer.Argument(help="The SQLite request log a `specialist serve --log-prompts` wrote.")],
+    run: Annotated[Path, typer.Option(help="The run whose data the queue is measured against (and shaped like).")],
+    out: Annotated[Path, typer.Option(help="The labelling queue (JSONL) to write.")] = Path("queue.jsonl"),
+    max_rows: Annotated[int, typer.Option("--max", min=1, help="Rows in the queue at most.")] = 200,
+    mix: Annotated[str | None, typer.Option(help="Share of the budget per reason, e.g. negative_feedback=0.5,"
+                                                 "format_failure=0.3,far_from_training=0.2 (default: all five).")] = None,
+    arm: Annotated[str | None, typer.Option(help="Only this live arm's requests (default: all).")] = None,
+    far: Annotated[float, typer.Option(min=0, max=1, help="Nearest training row similarity below this is far.")] = 0.2,
+    low_confidence: Annotated[float, typer.Option(min=0, max=1, help="Classifier probability below this is low.")] = 0.6,
+) -> None:
+    """The logged requests worth labelling, each with why, as the run's rows with the model's answer as a draft."""
+    from specialist.deploy.harvest import HarvestOptions, harvest as harvest_log, write_queue
+
+    with _user_errors():
+        options = HarvestOptions(max_rows=max_rows, arm=arm, far_similarity=far, low_confidence=low_confidence,
+                                 **({"mix": _parse_mix(mix)} if mix else {}))
+        rows, report = harvest_log(db, run, options)
+        write_queue(rows, out)
+    console.print(f"{report['chosen']} of {report['requests']} requests to label -> {out} "
+                  f"(by reason {report['by_reason']}; {report['in_run_data']} already in the run's data, "
+                  f"{report['duplicates_collapsed']} near duplicates collapsed)", soft_wrap=True)
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    from specialist.errors import ConfigError
+
+    mix = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            mix[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--mix part {part!r} is not REASON=WEIGHT") from None
+    return mix
+
+
+@app.command()
+def promote(
+    candidate: Annotated[Path, typer.Argument(help="The retrained run to promote.")],
+    over: Annotated[Path, typer.Option(help="The run serving now.")],
+    db: Annotated[Path | None, typer.Option(help="Request log whose traffic is replayed through both.")] = None,
+    replay: Annotated[int, typer.Option(min=0, help="Logged requests replayed at most.")] = 50,
+    test_max: Annotated[int | None, typer.Option(min=1, help="Test rows scored at most (default: all).")] = None,
+    tolerance: Annotated[float, typer.Option(min=0, help="How far the candidate may trail on a score.")] = 0.0,
+    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="Replay agreement with the current run required.")] = 0.0,
+    server: Annotated[str | None, typer.Option(help="A running `specialist serve` to swap the arm on, e.g. http://127.0.0.1:8000.")] = None,
+    arm: Annotated[str, typer.Option(help="The live arm the candidate replaces on --server.")] = "tuned",
+    admin_key: Annotated[str | None, typer.Option(envvar="SPECIALIST_ADMIN_KEY", help="The server's --admin-key.")] = None,
+    record: Annotated[Path | None, typer.Option(help="Where to write the promotion record (default: CANDIDATE/promotion.json).")] = None,
+) -> None:
+    """Gate CANDIDATE against the run serving (fixed test set, replayed traffic), record it, swap it in; exit 1 on a failed gate."""
+    import json
+
+    from specialist.deploy.promote import PromoteOptions, promote_gates, swap_on_server
+    from specialist.run_folder import RunFolder
+
+    with _user_errors():
+        if server and not admin_key:
+            swap_on_server(server, arm, candidate, admin_key)  # refuses before minutes of gating
+        result = promote_gates(candidate, over, PromoteOptions(db=db, replay=replay, test_max=test_max,
+                                                               tolerance=tolerance, min_agreement=min_agreement))
+        result["swap"] = swap_on_server(server, arm, candidate, admin_key) if server and result["passed"] else None
+        path = record or RunFolder.open(candidate).promotion_record
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    for gate in result["gates"]:
+        mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
+        console.print(f"{mark}  {gate['name']}: {gate['detail']}", soft_wrap=True)
+    swapped = f"; arm {arm!r} on {server} now serves it" if result["swap"] else ""
+    console.print(f"record: {path}{swapped}", soft_wrap=True)
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -125,6 +125,11 @@ class DataConfig(_Section):
     val_path: Path | None = Field(
         default=None, description="A fixed validation set, like test_path; data.path then supplies no val rows.",
     )
+    extra_paths: list[Path] = Field(
+        default_factory=list, description="Files of corrected rows (e.g. a `specialist harvest` queue, reviewed) "
+        "added to training only: never to val or test, so a retrained model is compared on the same test set. "
+        "Rows copying a val/test row are dropped from them; relative to the config file.",
+    )
     split_column: str | None = Field(
         default=None, description="A column holding each row's split: exactly train, val or test (any other value "
         "is a bad row); the fractions and split_by are not used then.",
@@ -674,6 +679,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             local = _resolve(folder_of(f"data.{key}") / value)
             if not (key == "path" and _names_hub_dataset(value, local)):
                 setattr(config.data, key, local)
+    config.data.extra_paths = [p if p.is_absolute() else _resolve(folder_of("data.extra_paths") / p)
+                               for p in config.data.extra_paths]
     adapter = config.method.from_adapter
     if adapter is not None and not adapter.is_absolute():
         config.method.from_adapter = (folder_of("method.from_adapter") / adapter).resolve()

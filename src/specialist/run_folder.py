@@ -121,6 +121,11 @@ class RunFolder:
         return self.path / "eval.json"
 
     @property
+    def promotion_record(self) -> Path:
+        """What `specialist promote` decided about this run as a candidate: its gates and the swap."""
+        return self.path / "promotion.json"
+
+    @property
     def predictions(self) -> Path:
         return self.path / "predictions.jsonl"
 

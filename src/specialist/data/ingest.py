@@ -56,7 +56,7 @@ class Problems:
 class Source:
     """One file `prepare` reads: the main data (part UNSPLIT) or a fixed val or test set."""
 
-    name: str  # "data", "val" or "test"
+    name: str  # "data", "val", "test" or "extra" (data.extra_paths: training rows only)
     path: Path
     fmt: str
     part: Part = UNSPLIT
@@ -179,7 +179,7 @@ class RowWorker:
         if raw.row is None:
             return Rejection(raw.kind, raw.line, raw.problem)
         part = self.part
-        if self.data.split_column:
+        if self.data.split_column and part == UNSPLIT:  # extra_paths rows are training rows whatever they hold
             part, problem = split_of(raw.row, self.data.split_column)
             if part is None:
                 return Rejection("bad_split_value", raw.line, problem)

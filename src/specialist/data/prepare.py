@@ -15,6 +15,10 @@ Fixed splits: data.test_path / data.val_path (files read like data.path) or data
 column) fix which rows are val and test. Those rows are cleaned, and their duplicates among themselves reported,
 but never cut by dedupe, length, max_examples or leakage unless data.dedupe.fixed_split_leakage asks; training rows
 that copy one of them are dropped from train instead.
+
+Extra training rows: data.extra_paths (files read like data.path, e.g. corrected harvest rows) only ever join
+train. The split of data.path's rows does not depend on them, and an extra row that copies a val or test row is
+dropped from train (never the other way round), so a retrained model faces the test set its predecessor faced.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ def prepare(data, method_kind: str, out_dir: Path, seed: int, *, measuring: Meas
 
 
 def _protected_paths(data, protect: list[Path] | None) -> list[Path]:
-    fixed = [Path(p) for p in (data.path, data.test_path, data.val_path) if p is not None]
+    fixed = [Path(p) for p in (data.path, data.test_path, data.val_path, *data.extra_paths) if p is not None]
     return fixed + [Path(p) for p in protect or []]
 
 
@@ -169,6 +173,9 @@ def _sources(data, path: Path) -> list[Source]:
         if fixed is not None:
             fixed = Path(fixed)
             sources.append(Source(name, fixed, detect_format(fixed) if data.format == "auto" else data.format, part))
+    for extra in data.extra_paths:  # part 0: train, decided here, never by the split
+        extra = Path(extra)
+        sources.append(Source("extra", extra, detect_format(extra) if data.format == "auto" else data.format, 0))
     return sources
 
 
@@ -202,8 +209,11 @@ def _prepare_into(data, method_kind: str, path: Path, scratch: Path, seed: int, 
                                    method_kind, main.problems, steps)
     labels = np.frombuffer(rows.labels, dtype=np.int32)
     assignment = _assign_splits(data, alive, parts, labels, np.frombuffer(rows.groups, dtype=np.int64), seed)
+    extra_step = _drop_extra_leakage(spool_path, assignment, keys, signatures, data.dedupe, rows, ingested.sources)
+    if extra_step is not None:
+        steps.append(extra_step)
     leakage = _handle_leakage(assignment, keys, signatures, data.dedupe, fixed, rows, steps)
-    order = _shuffled_members(assignment, seed)
+    order = _shuffled_members(assignment, seed, _extra_mask(rows, ingested.sources))
     balance = _balance(data.balance, order, labels, rows.label_names, seed, steps)
     _refuse_empty_split(order, data)
     written = _write_outputs(spool_path, rows, order, scratch)
@@ -535,6 +545,37 @@ def _handle_leakage(assignment: np.ndarray, keys: np.ndarray, signatures: np.nda
     return report
 
 
+def _drop_extra_leakage(spool_path: Path, assignment: np.ndarray, keys: np.ndarray, signatures: np.ndarray | None,
+                        options, rows: Rows, sources: list[SourceRead]) -> dict[str, Any] | None:
+    """Extra rows (data.extra_paths) equal or near-equal to a val/test row, or asking its very input (a corrected
+    answer to a held-out question is still its answer), leave train: the held-out rows stay as the split made them,
+    so the old and the new model are compared on the same test set. Returns the step for the report, None when
+    there are no extra rows."""
+    mask = _extra_mask(rows, sources)
+    if mask is None:
+        return None
+    extra = np.flatnonzero((assignment == Part.TRAIN) & mask)
+    held_out = np.flatnonzero(assignment > 0)
+    leaked = _near_or_equal(keys, signatures, options.threshold, reference=held_out, probe=extra)
+    with spool_path.open("rb") as handle:
+        def prompt(i: int) -> str:
+            return json.loads(_spool_record(handle, rows, i)).get("prompt", "")
+
+        asked = {prompt(i) for i in held_out.tolist()}
+        leaked = np.union1d(leaked, [i for i in extra.tolist() if prompt(i) in asked]).astype(np.int64)
+    assignment[leaked] = Part.DROPPED
+    return {"step": "extra rows copying a val/test row", "rows_in": int(extra.size),
+            "rows_out": int(extra.size - leaked.size)}
+
+
+def _extra_mask(rows: Rows, sources: list[SourceRead]) -> np.ndarray | None:
+    """Which rows came from data.extra_paths; None when none did."""
+    extra_sources = [n for n, read in enumerate(sources) if read.source.name == "extra"]
+    if not extra_sources:
+        return None
+    return np.isin(np.frombuffer(rows.sources, dtype=np.int8), extra_sources)
+
+
 def _near_or_equal(keys: np.ndarray, signatures: np.ndarray | None, threshold: float, reference: np.ndarray,
                    probe: np.ndarray) -> np.ndarray:
     """The rows of `probe` that equal (exact key) or nearly equal (MinHash, when computed) a `reference` row."""
@@ -544,9 +585,16 @@ def _near_or_equal(keys: np.ndarray, signatures: np.ndarray | None, threshold: f
     return found
 
 
-def _shuffled_members(assignment: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+def _shuffled_members(assignment: np.ndarray, seed: int, extra: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each split's rows in a seeded order. Extra rows (`extra`, a mask) are shuffled into train with a generator of
+    their own afterwards, so val and test come out in the order they would have without them."""
     rng = np.random.default_rng(seed + 1)
-    return {part.file_name: rng.permutation(np.flatnonzero(assignment == part)) for part in Part.splits()}
+    extra = np.zeros(len(assignment), dtype=bool) if extra is None else extra
+    order = {part.file_name: rng.permutation(np.flatnonzero((assignment == part) & ~extra)) for part in Part.splits()}
+    if extra.any():
+        added = np.flatnonzero((assignment == Part.TRAIN) & extra)
+        order["train"] = np.random.default_rng(seed + 2).permutation(np.concatenate([order["train"], added]))
+    return order
 
 
 def _balance(options, order: dict[str, np.ndarray], labels: np.ndarray, label_names: dict[str, int], seed: int,
@@ -653,7 +701,8 @@ def _describe_split(data) -> dict[str, Any]:
     if data.split_column:
         return {"by": f"column {data.split_column!r}", "ignored": ["val_fraction", "test_fraction", "split_by"]}
     fixed = [name for name in ("val", "test") if getattr(data, f"{name}_path") is not None]
-    return {"by": data.split_by, "fixed": fixed, "ignored": [f"{name}_fraction" for name in fixed]}
+    return {"by": data.split_by, "fixed": fixed, "ignored": [f"{name}_fraction" for name in fixed],
+            "extra_paths": [str(p) for p in data.extra_paths]}
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -679,9 +728,9 @@ def _is_prepared_folder(path: Path) -> bool:
 
 def _reuse_prepared(data, path: Path, out_dir: Path, protected: list[Path]) -> Prepared:
     """A folder `specialist prepare` wrote: use its split as it is (copied, so the run folder stays whole)."""
-    if data.test_path or data.val_path or data.split_column:
+    if data.test_path or data.val_path or data.split_column or data.extra_paths:
         raise DataError(f"data.path {path} is a prepared folder, whose split is already fixed",
-                        hint="remove data.test_path / data.val_path / data.split_column, or point data.path at "
+                        hint="remove data.test_path / data.val_path / data.split_column / data.extra_paths, or point data.path at "
                         "the raw data")
     if _absolute(out_dir) != _absolute(path):
         check_output_folder(out_dir, protected)

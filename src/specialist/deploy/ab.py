@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from specialist.core.stats import wilson_interval
-from specialist.deploy.records import read_requests
+from specialist.deploy.records import read_requests, read_shadows
 
 
 def pass_rate_interval(passed: int, total: int) -> tuple[float, float]:
@@ -72,4 +72,38 @@ def ab_report(db: Path) -> dict[str, Any]:
                 tests.append({"arms": [a, b], **result})
     for figures in arms.values():
         figures.pop("_passed")
-    return {"db": str(db), "requests": len(rows), "arms": arms, "format_pass_tests": tests}
+    return {"db": str(db), "requests": len(rows), "arms": arms, "format_pass_tests": tests,
+            "shadows": shadow_report(read_shadows(db))}
+
+
+def shadow_report(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """Each shadow arm against the live answers to the same requests: agreement, format pass rates and latency on
+    those requests, and on the ones with feedback which answer was right (feedback > 0: the live answer was right,
+    < 0: wrong; a shadow agreeing with a right answer is right too, one differing from a wrong answer may be right)."""
+    report = {}
+    for name in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == name]
+        report[name] = {"requests": len(mine), "live_arms": sorted({r["live_arm"] for r in mine}),
+                        "agreement": sum(r["agrees"] for r in mine) / len(mine),
+                        "shadow_format_pass_rate": _rate([r["format_ok"] for r in mine]),
+                        "live_format_pass_rate": _rate([r["live_format_ok"] for r in mine]),
+                        "shadow_latency_p50_s": _quantile([r["latency_s"] for r in mine], 0.5),
+                        "live_latency_p50_s": _quantile([r["live_latency_s"] for r in mine], 0.5),
+                        "on_feedback": _who_was_right(mine)}
+    return report
+
+
+def _rate(verdicts: list[int | None]) -> float | None:
+    checked = [v for v in verdicts if v is not None]
+    return sum(checked) / len(checked) if checked else None
+
+
+def _who_was_right(rows: list[dict]) -> dict[str, int]:
+    rated = [r for r in rows if r["feedback"] is not None and math.isfinite(r["feedback"]) and r["feedback"] != 0]
+    right = [r for r in rated if r["feedback"] > 0]
+    wrong = [r for r in rated if r["feedback"] < 0]
+    return {"rated": len(rated), "live_right": len(right), "live_wrong": len(wrong),
+            "both_right": sum(r["agrees"] for r in right),          # the shadow said the same right thing
+            "shadow_wrong": sum(not r["agrees"] for r in right),    # it differed from a right answer
+            "both_wrong": sum(r["agrees"] for r in wrong),          # it repeated the wrong answer
+            "shadow_maybe_right": sum(not r["agrees"] for r in wrong)}

@@ -118,3 +118,11 @@ def parse_split(spec: str | None, arm_names: list[str]) -> dict[str, float]:
     if not all(w >= 0 and w == w and w != float("inf") for w in weights.values()) or total <= 0:
         raise ConfigError("--split weights must be finite, non-negative and not all zero")
     return {name: w / total for name, w in weights.items()}
+
+
+def load_replacement(name: str, source: str, pool: ModelPool, constrain: bool = False) -> ServedArm:
+    """The arm a running server swaps in as `name`: a run or export folder (never a bare model name, which could
+    fetch from a hub), its adapter attached to the pooled base copy the old arm shares, probed like at start-up."""
+    if _is_bare_model(source):
+        raise ConfigError(f"{source} is not a run or export folder", hint="promote a run folder or an export")
+    return served_arm(name, source, load_source(source, pool), constrain)

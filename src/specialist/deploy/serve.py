@@ -27,7 +27,13 @@ with an error event; a client that hangs up cancels its own row at the next toke
 taking requests, lets the ones in flight finish for up to `drain_seconds`, cancels the rest and exits.
 
 Every request is recorded in SQLite (`--db`): arm, latency, tokens in/out, whether the output passed the run's
-format check, the user (salted hash), and with `--log-prompts` the prompt and output.
+format check, the user (salted hash), and with `--log-prompts` the prompt and output (with `--scrub-logs` scrubbed
+of secrets and personal data first; `--log-max-rows` / `--log-max-age` bound the log).
+
+Shadow arms (`specialist.deploy.shadow`) answer a share of the requests after their live answer, in the background;
+their answers go to the log only. `POST /admin/arms/{name}` (bearer `--admin-key`, a key of its own) replaces a live
+arm with a run or export folder under an `--admin-root`: the new model loads beside the old one, requests queued
+or generating finish on the old arm (each job carries the arm it was encoded for), and later ones go to the new.
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ import json
 import logging
 import math
 import random
+import re
 import secrets
 import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -56,9 +64,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specialist.deploy.arms import ServedArm
 from specialist.deploy.records import LoggedRequest, RequestLog
+from specialist.deploy.shadow import ShadowJob, ShadowRunner, ShadowSettings
 from specialist.generation import Generation, Request as GenerationRequest, Sampling
 
 ROUTER = "specialist"
+ADMIN_PREFIX = "/admin/"
 OPEN_PATHS = ("/health",)  # liveness probes answer without the key; everything else needs it when one is set
 
 
@@ -78,9 +88,16 @@ class ServeSettings:
     drain_seconds: float = 5.0
     feedback_range: tuple[float, float] = (-1.0, 1.0)
     max_comment_chars: int = 2000
+    shadow: ShadowSettings = field(default_factory=ShadowSettings)
+    admin_key: str | None = None  # POST /admin/arms/{name}; None: the admin endpoint answers 403
+    admin_roots: tuple[Path, ...] = ()  # the folders an admin swap may load a run or export from
+    scrub_logs: bool = False
+    log_max_rows: int | None = None
+    log_max_age_s: float | None = None
 
     def __post_init__(self) -> None:
         check_api_key(self.api_key)
+        check_admin_key(self.admin_key, self.api_key)
 
 
 def check_api_key(key: str | None) -> None:
@@ -99,6 +116,25 @@ def check_api_key(key: str | None) -> None:
         raise ConfigError("--api-key holds characters a client cannot send in an Authorization header "
                           "(spaces, control or non-ASCII characters)",
                           hint="use printable ASCII only, e.g. `openssl rand -hex 32`")
+
+
+MIN_ADMIN_KEY_CHARS = 16
+
+
+def check_admin_key(key: str | None, api_key: str | None) -> None:
+    """The admin key swaps the models users are served: it must be long, sendable, and not the API key (every
+    client holds that one)."""
+    if key is None:
+        return
+    from specialist.errors import ConfigError
+
+    check_api_key(key)
+    if len(key) < MIN_ADMIN_KEY_CHARS:
+        raise ConfigError(f"--admin-key is under {MIN_ADMIN_KEY_CHARS} characters",
+                          hint="use e.g. `openssl rand -hex 32`")
+    if api_key is not None and secrets.compare_digest(key, api_key):
+        raise ConfigError("--admin-key equals --api-key: every API client could swap the served models",
+                          hint="give the admin endpoint a key of its own")
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -466,6 +502,7 @@ class Job:
     events: asyncio.Queue | None = None
     streamed_any: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
+    arm: ServedArm | None = None  # the arm it was encoded for: a swap lets queued jobs finish on it
 
     def finish(self, result: Generation | BaseException) -> None:
         if self.events is not None:
@@ -480,8 +517,9 @@ class Job:
 class ArmWorker:
     """One arm's bounded queue and the batching loop that drains it, on a generation thread of its own."""
 
-    def __init__(self, arm: ServedArm, settings: ServeSettings) -> None:
+    def __init__(self, arm: ServedArm, settings: ServeSettings, on_submit: Callable[[], None] | None = None) -> None:
         self.arm, self.settings = arm, settings
+        self.on_submit = on_submit  # a live request arrived: shadows yield
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.queue_size)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"arm-{arm.name}")
         self.in_flight: set[Job] = set()
@@ -492,18 +530,21 @@ class ArmWorker:
     def submit(self, job: Job) -> None:
         if self.closing:
             raise busy_error(self.settings, "server is shutting down")
+        job.arm = job.arm or self.arm
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise busy_error(self.settings) from None
+        if self.on_submit is not None:
+            self.on_submit()
 
     async def run(self) -> None:
         while True:
             batch = await self._next_batch()
-            groups: dict[Sampling, list[Job]] = defaultdict(list)
-            for job in batch:
-                groups[job.sampling].append(job)
-            for sampling, jobs in groups.items():
+            groups: dict[tuple[int, Sampling], list[Job]] = defaultdict(list)
+            for job in batch:  # after a swap a batch may hold jobs for the old arm and the new: one call each
+                groups[(id(job.arm), job.sampling)].append(job)
+            for (_, sampling), jobs in groups.items():
                 await self._generate(jobs, sampling)
 
     async def _next_batch(self) -> list[Job]:
@@ -527,7 +568,7 @@ class ArmWorker:
         self.in_flight.update(live)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.arm.engine.run, [job.request for job in live], sampling)
+                self.executor, live[0].arm.engine.run, [job.request for job in live], sampling)
         except Exception as exc:  # noqa: BLE001 - one request must not fail another: retry each alone
             await self._retry_alone(live, sampling, exc)
             return
@@ -563,13 +604,35 @@ class ArmWorker:
 class ServeState:
     """Everything the handlers share: arms, router, workers, log, metrics, settings."""
 
-    def __init__(self, arms: dict[str, ServedArm], settings: ServeSettings) -> None:
-        self.arms, self.settings = arms, settings
+    def __init__(self, arms: dict[str, ServedArm], settings: ServeSettings,
+                 shadows: dict[str, ServedArm] | None = None, loader: ArmLoader | None = None) -> None:
+        self.arms, self.settings, self.loader = arms, settings, loader
         self.router = Router(arms, settings.split)
-        self.workers = {name: ArmWorker(arm, settings) for name, arm in arms.items()}
-        self.log = RequestLog(settings.db)
+        self.log = RequestLog(settings.db, scrub=settings.scrub_logs, max_rows=settings.log_max_rows,
+                              max_age_s=settings.log_max_age_s)
+        self.shadow = ShadowRunner(shadows, self.log, settings.shadow, self.live_busy,
+                                   settings.log_prompts) if shadows else None
+        on_submit = self.shadow.preempt if self.shadow else None
+        self.workers = {name: ArmWorker(arm, settings, on_submit) for name, arm in arms.items()}
         self.metrics = Metrics()
         self.started = time.time()
+        self.swap_lock = asyncio.Lock()
+        self.swaps = 0
+
+    def live_busy(self) -> bool:
+        """Whether any live arm has a request waiting or generating (shadows wait for a gap)."""
+        return any(worker.queue.qsize() or worker.in_flight for worker in self.workers.values())
+
+    def swap(self, name: str, arm: ServedArm) -> ServedArm:
+        """Serve `arm` as `name` from the next request on; jobs already queued keep the arm they were encoded for."""
+        old = self.arms[name]
+        self.arms[name] = arm
+        self.workers[name].arm = arm
+        self.swaps += 1
+        return old
+
+
+ArmLoader = Callable[[str, str], ServedArm]  # (arm name, source folder) -> a loaded arm, on a worker thread
 
 
 def serve_state(request: Request) -> ServeState:
@@ -595,6 +658,7 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
     row = GenerationRequest(prompt_ids, max_tokens, stop=body.stop or (), constraint=constraint,
                             logprobs=_logprobs_asked(body, arm))
     job = _new_job(row, Sampling.of(body.temperature, body.top_p, body.seed), stream=body.stream)
+    job.arm = arm
     started = time.perf_counter()
     state.workers[arm_name].submit(job)
     if body.stream:
@@ -602,7 +666,7 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
                                  media_type="text/event-stream")
     result = await _wait_for(job, request)
     request_id = new_request_id(kind)
-    await record(state, request_id, arm_name, kind, body, text, result, time.perf_counter() - started)
+    await record(state, request_id, job, kind, body, text, result, time.perf_counter() - started)
     return JSONResponse(openai_body(kind, request_id, arm_name, result, choice_logprobs(arm.tokenizer, result)))
 
 
@@ -698,7 +762,7 @@ async def _wait_for(job: Job, request: Request) -> Generation:
 
 async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str, text: str, kind: str,
                          started: float):
-    chunks = ChunkWriter(kind, new_request_id(kind), arm_name, state.arms[arm_name].tokenizer, body)
+    chunks = ChunkWriter(kind, new_request_id(kind), arm_name, job.arm.tokenizer, body)
     try:
         if kind == "chat":  # OpenAI's first chunk names the speaker; clients build the message from it
             yield _sse(chunks.chunk({"role": "assistant", "content": ""}))
@@ -708,7 +772,7 @@ async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str
                 yield _sse(chunks.piece(*value))
             elif what == "done":
                 # recorded before the last chunk, so feedback sent on [DONE] finds the request
-                await record(state, chunks.request_id, arm_name, kind, body, text, value,
+                await record(state, chunks.request_id, job, kind, body, text, value,
                              time.perf_counter() - started)
                 yield _sse(chunks.last(value))
                 if chunks.include_usage:
@@ -729,16 +793,29 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def record(state: ServeState, request_id: str, arm_name: str, kind: str, body: _Body, text: str,
+async def record(state: ServeState, request_id: str, job: Job, kind: str, body: _Body, text: str,
                  result: Generation, latency: float) -> None:
-    arm = state.arms[arm_name]
+    """Log the live answer (judged by the arm that gave it, even if swapped out since), then offer the request to
+    the shadows: they start only once it is answered."""
+    arm = job.arm
     passed = await format_verdict(state, arm, result.text)
     log_text = state.settings.log_prompts
-    state.log.add(LoggedRequest(request_id=request_id, arm=arm_name, endpoint=kind, user=body.user, latency_s=latency,
-                                tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens,
-                                format_ok=passed, finish_reason=result.finish_reason,
-                                prompt=text if log_text else None, output=result.text if log_text else None))
-    state.metrics.count_request(arm_name, latency)
+    # scrubbing runs regexes over the text: off the event loop, like the format check
+    await asyncio.to_thread(state.log.add, LoggedRequest(
+        request_id=request_id, arm=arm.name, endpoint=kind, user=body.user, latency_s=latency,
+        tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, format_ok=passed,
+        finish_reason=result.finish_reason, prompt=text if log_text else None,
+        output=result.text if log_text else None, confidence=confidence_of(result)))
+    state.metrics.count_request(arm.name, latency)
+    if state.shadow is not None and result.finish_reason != "cancelled":
+        state.shadow.offer(ShadowJob(request_id, text, result.text, job.request.max_new_tokens, job.sampling))
+
+
+def confidence_of(result: Generation) -> float | None:
+    """A classifier arm's probability of the label it answered (what `harvest` ranks low confidence by)."""
+    if not result.probabilities:
+        return None
+    return max(result.probabilities.values())
 
 
 async def format_verdict(state: ServeState, arm: ServedArm, output: str) -> bool | None:
@@ -879,14 +956,92 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = serve_state(request)
-    return PlainTextResponse(state.metrics.render(state.workers), media_type="text/plain; version=0.0.4")
+    text = state.metrics.render(state.workers)
+    if state.shadow is not None:
+        text += "\n".join(state.shadow.render()) + "\n"
+    text += f"# TYPE specialist_arm_swaps_total counter\nspecialist_arm_swaps_total {state.swaps}\n"
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class SwapBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    source: Annotated[Text, Field(min_length=1, max_length=1024)]
+
+
+async def swap_arm(request: Request) -> Response:
+    """POST /admin/arms/{name} {"source": FOLDER}: serve the run or export FOLDER as live arm `name`. The key is
+    checked before the body is read; the name must be a served arm; the folder must lie under an --admin-root.
+    One swap at a time (a second answers 409); the model loads on a thread while the old arm keeps answering."""
+    state = serve_state(request)
+    check_admin(request, state.settings)
+    name = request.path_params["name"]
+    if not ARM_NAME.fullmatch(name):
+        raise ApiError(400, "arm name: letters, digits, '.', '_' or '-', at most 64", "invalid_value", param="name")
+    if name not in state.arms:
+        raise ApiError(404, f"no live arm {name!r}; arms: {sorted(state.arms)}", "not_found", param="name")
+    body = parse_body(SwapBody, await read_json_body(request, state.settings))
+    source = admin_source(body.source, state.settings.admin_roots)
+    if state.loader is None:
+        raise ApiError(503, "this server was started without a loader for swaps", "swap_unavailable",
+                       kind="server_error")
+    if state.swap_lock.locked():
+        raise ApiError(409, "another swap is loading; retry when it is done", "swap_in_progress")
+    async with state.swap_lock:
+        new_arm = await _load_for_swap(state, name, source)
+        old = state.swap(name, new_arm)
+    logging.getLogger("specialist.serve").warning("arm %s now served from %s (was %s)", name, source, old.source)
+    return JSONResponse({"ok": True, "arm": name, "source": str(source), "previous": old.source})
+
+
+async def _load_for_swap(state: ServeState, name: str, source: Path) -> ServedArm:
+    from specialist.errors import SpecialistError
+
+    try:
+        return await asyncio.to_thread(state.loader, name, str(source))
+    except SpecialistError as exc:
+        raise ApiError(400, f"source: cannot serve it: {str(exc).splitlines()[0][:300]}", "invalid_source",
+                       param="source") from None
+    except Exception as exc:  # noqa: BLE001 - the old arm keeps serving; the admin gets the reason
+        raise ApiError(500, f"loading the new arm failed: {type(exc).__name__}: {str(exc)[:300]}",
+                       "swap_failed", kind="server_error") from None
+
+
+def check_admin(request: Request, settings: ServeSettings) -> None:
+    """403 when the server has no admin key (the endpoint is off), 401 for a missing or wrong one."""
+    if settings.admin_key is None:
+        raise ApiError(403, "the admin endpoint is off: start the server with --admin-key (SPECIALIST_ADMIN_KEY)",
+                       "admin_disabled", kind="permission_error")
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {settings.admin_key}".encode()):
+        raise ApiError(401, "invalid or missing admin key (Authorization: Bearer ...)", "invalid_admin_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def admin_source(text: str, roots: tuple[Path, ...]) -> Path:
+    """The folder a swap may load: resolved (links followed), inside one of `roots`, and a run or export folder;
+    a 400 naming the reason otherwise, so a leaked admin key cannot make the server read arbitrary paths."""
+    from specialist.run_folder import ExportFolder, RunFolder
+
+    if "\x00" in text:
+        raise ApiError(400, "source: holds a NUL character", "invalid_source", param="source")
+    path = Path(text).expanduser().resolve()
+    if not any(path == root.resolve() or root.resolve() in path.parents for root in roots):
+        raise ApiError(400, "source: not under an --admin-root of this server", "invalid_source", param="source")
+    if not (RunFolder.is_run(path) or ExportFolder.is_export(path)):
+        raise ApiError(400, "source: not a run or export folder", "invalid_source", param="source")
+    return path
 
 
 async def require_key(request: Request, call_next):
     """Every path but /health needs the key when one is set (the API, /metrics, /docs, /openapi.json)."""
     state = serve_state(request)
     key = state.settings.api_key
-    if key and request.url.path not in OPEN_PATHS:
+    # the admin endpoint checks its own key (the API key would let every client swap the models)
+    if key and request.url.path not in OPEN_PATHS and not request.url.path.startswith(ADMIN_PREFIX):
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode()):
             return error_response(state, ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
@@ -912,20 +1067,31 @@ async def on_unexpected(request: Request, error: Exception) -> Response:
 async def lifespan(app: FastAPI):
     state: ServeState = app.state.serve
     tasks = [asyncio.create_task(worker.run()) for worker in state.workers.values()]
+    if state.shadow is not None:
+        tasks.append(asyncio.create_task(state.shadow.run()))
     try:
         yield
     finally:
         for worker in state.workers.values():
             worker.cancel_all()
+        if state.shadow is not None:
+            state.shadow.close()
         for task in tasks:
             task.cancel()
         state.log.close()
 
 
-def create_app(arms: dict[str, ServedArm], settings: ServeSettings) -> FastAPI:
-    """The FastAPI application; `specialist serve` runs it under uvicorn, tests and notebooks in a thread."""
+def create_app(arms: dict[str, ServedArm], settings: ServeSettings, shadows: dict[str, ServedArm] | None = None,
+               loader: ArmLoader | None = None) -> FastAPI:
+    """The FastAPI application; `specialist serve` runs it under uvicorn, tests and notebooks in a thread.
+    `shadows` answer in the background only; `loader` loads the arm an admin swap asks for."""
+    overlap = set(arms) & set(shadows or {})
+    if overlap:
+        from specialist.errors import ConfigError
+
+        raise ConfigError(f"arm name(s) {sorted(overlap)} are both live and shadow", hint="give each its own NAME")
     app = FastAPI(title="specialist", lifespan=lifespan)
-    app.state.serve = ServeState(arms, settings)
+    app.state.serve = ServeState(arms, settings, shadows, loader)
     app.state.workers = app.state.serve.workers
     app.middleware("http")(require_key)
     app.add_exception_handler(ApiError, on_api_error)
@@ -937,6 +1103,7 @@ def create_app(arms: dict[str, ServedArm], settings: ServeSettings) -> FastAPI:
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route(ADMIN_PREFIX + "arms/{name}", swap_arm, methods=["POST"])
     return app
 
 
