@@ -22,7 +22,8 @@ except ImportError:  # Python 3.10
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "specialist"
 # import names of optional packages that need not be installed here, so packages_distributions() cannot map them
-NOT_INSTALLED_HERE = {"bitsandbytes": "bitsandbytes", "llama_cpp": "llama-cpp-python", "xgrammar": "xgrammar"}
+NOT_INSTALLED_HERE = {"bitsandbytes": "bitsandbytes", "llama_cpp": "llama-cpp-python", "xgrammar": "xgrammar",
+                      "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "comet_ml": "comet_ml"}
 # modules that only run with an extra installed, and may import it at module scope
 EXTRA_MODULES = {"deploy/serve.py": "serve"}
 
