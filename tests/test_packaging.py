@@ -109,3 +109,13 @@ def test_the_code_extra_brings_what_the_sandboxed_code_scorers_import():
     assert {"pytest", "pluggy"} <= declared()["code"]
     # `make test` installs test-tools, not test: that is the extra that must pull code in
     assert any(Requirement(r).name == "specialist" and "code" in Requirement(r).extras for r in extras["test-tools"])
+
+
+def test_every_extra_the_readme_names_exists():
+    # the README's install section is how pip users choose extras: a renamed extra must not leave it stale
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = {extra for group in re.findall(r"(?:specialist|\.)\[([\w,-]+)\]", readme) for extra in group.split(",")}
+    in_table = set(re.findall(r"`([\w-]+)`", readme.split("## Install with pip")[1].split("\n## ")[0]))
+    extras = set(pyproject()["project"]["optional-dependencies"])
+    assert named - extras == set(), f"the README names extras pyproject.toml does not define: {named - extras}"
+    assert extras - {"test-tools"} <= in_table, f"extras missing from the install section: {extras - in_table}"
