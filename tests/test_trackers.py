@@ -174,7 +174,15 @@ def test_training_records_the_open_tracker_runs_and_nothing_without_one(tmp_path
     path = tmp_path / "trackers.json"
     record_tracker_runs(path, types.SimpleNamespace(project=None))
     assert json.loads(path.read_text()) == {"wandb": RECORDED["wandb"]}
+    trackio = Recorder("trackio")  # an unnamed run: trackio generated the name, and keeps it in its context
+    trackio.context_vars = types.SimpleNamespace(current_run=types.SimpleNamespace(
+        get=lambda: types.SimpleNamespace(project="triage", name="brisk-otter-3")))
+    monkeypatch.setitem(sys.modules, "trackio", trackio)
+    record_tracker_runs(path, types.SimpleNamespace(project="triage", run_name=None, trackio_space_id=None))
+    assert json.loads(path.read_text())["trackio"] == {"project": "triage", "name": "brisk-otter-3",
+                                                       "space_id": None}
     monkeypatch.delitem(sys.modules, "wandb")
+    monkeypatch.delitem(sys.modules, "trackio")
     record_tracker_runs(tmp_path / "none.json", types.SimpleNamespace(project=None))
     assert not (tmp_path / "none.json").exists()
 

@@ -35,13 +35,25 @@ def current_runs(args: Any) -> dict[str, dict[str, Any]]:
         found["wandb"] = {"id": wandb.run.id, "project": wandb.run.project, "entity": wandb.run.entity}
     if mlflow is not None and mlflow.active_run() is not None:
         found["mlflow"] = {"run_id": mlflow.active_run().info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
-    if "trackio" in sys.modules and getattr(args, "project", None):
-        found["trackio"] = {"project": args.project, "name": getattr(args, "run_name", None),
-                            "space_id": getattr(args, "trackio_space_id", None)}
+    trackio = _trackio_run(sys.modules["trackio"], args) if "trackio" in sys.modules else None
+    if trackio is not None:
+        found["trackio"] = trackio
     running = getattr(comet, "get_running_experiment", None) if comet is not None else None
     if running is not None and running() is not None:
         found["comet_ml"] = {"experiment_key": running().get_key()}
     return found
+
+
+def _trackio_run(trackio: Any, args: Any) -> dict[str, Any] | None:
+    """trackio's open run: its own record where it keeps one (context_vars.current_run: a run left unnamed gets
+    a generated name, which only it knows), else the names the Trainer gave it."""
+    context = getattr(trackio, "context_vars", None)
+    current = context.current_run.get() if hasattr(context, "current_run") else None
+    project = getattr(current, "project", None) or getattr(args, "project", None)
+    if not project:
+        return None
+    return {"project": project, "name": getattr(current, "name", None) or getattr(args, "run_name", None),
+            "space_id": getattr(args, "trackio_space_id", None)}
 
 
 def record_tracker_runs(path: Path, args: Any) -> None:
