@@ -17,7 +17,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "specialist"
 RUN_FOLDER_FILES = {"config.yaml", "manifest.json", "template.json", "metrics.jsonl", "metrics.json", "eval.json",
                     "predictions.jsonl", "loss.png", "report.html", "report.md", "export.json", "export_check.json",
                     "checkpoints", "figures", "Modelfile", "labels.json", "retrieval.json",
-                    "promotion.json"}
+                    "promotion.json", "trackers.json"}
 # the prepared-data folder (data/ in a run, or `specialist prepare --out`) is the data stage's own layout
 OWNED_ELSEWHERE = {("manifest.json", "data/prepare.py")}
 MAX_FUNCTION_LINES = 60

@@ -243,6 +243,16 @@ def test_wilson_interval_and_two_proportion_test_match_known_values():
     assert abs(test["z"] - 2.7914) < 1e-3 and abs(test["p_value"] - 0.00525) < 1e-4  # pooled: 0.15 / 0.053736
 
 
+def test_ab_pass_rate_interval_is_the_interval_evaluation_reports_for_the_same_rows():
+    # one Wilson implementation: a live pass rate and an evaluated one over the same 0/1 rows must not disagree
+    from specialist.core.stats import score_interval
+
+    for total in (1, 7, 60, 333):
+        for passed in sorted({0, 1, total // 2, total - 1, total}):
+            evaluated = score_interval([1.0] * passed + [0.0] * (total - passed))
+            assert pass_rate_interval(passed, total) == (evaluated.low, evaluated.high)
+
+
 def test_ab_report_counts_arms_latency_pass_rates_and_feedback(tmp_path):
     from specialist.deploy.records import LoggedRequest, RequestLog
 
@@ -279,6 +289,30 @@ def test_psi_and_js_distance_are_zero_for_the_same_data_and_grow_with_shift():
     assert population_stability_index(reference, rng.normal(140, 10, 2000)) > 1.0
     words = Counter({"block": 5, "datanode": 3})
     assert js_distance(words, words) == 0.0 and js_distance(words, Counter({"refund": 4})) == 1.0
+
+
+def test_js_distance_is_the_textbook_square_root_of_the_base_2_divergence():
+    import math
+    import random
+    from collections import Counter
+
+    from specialist.deploy.drift import js_distance
+
+    def by_hand(a: Counter, b: Counter) -> float:
+        total_a, total_b = sum(a.values()), sum(b.values())
+        divergence = 0.0
+        for word in set(a) | set(b):
+            p, q = a[word] / total_a, b[word] / total_b
+            m = (p + q) / 2
+            divergence += (p * math.log2(p / m) if p else 0.0) + (q * math.log2(q / m) if q else 0.0)
+        return math.sqrt(divergence / 2)
+
+    rng = random.Random(27)
+    vocabulary = [f"w{i}" for i in range(30)]
+    for _ in range(50):
+        a = Counter(rng.choices(vocabulary[:20], k=rng.randint(1, 60)))
+        b = Counter(rng.choices(vocabulary[10:], k=rng.randint(1, 60)))
+        assert js_distance(a, b) == pytest.approx(by_hand(a, b), abs=1e-9)
 
 
 def fill_log(path, rows):

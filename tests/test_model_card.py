@@ -155,7 +155,10 @@ def test_hostile_text_cannot_end_the_front_matter_or_inject_markup(run_copy, tmp
                                                                          reason="---\n<img src=x>")])
     card = render_model_card(fake_export(run_copy, tmp_path / "e"), run_copy)
     header = front_matter(card)
-    assert set(header) == {"library_name", "tags", "pipeline_tag"}  # nothing of the run's text in the header
+    # nothing of the run's text in the header: the hostile arm is left out of model-index, the plain one stays
+    assert set(header) == {"library_name", "tags", "pipeline_tag", "model-index"}
+    arms = {metric["args"]["arm"] for metric in header["model-index"][0]["results"][0]["metrics"]}
+    assert arms == {"base"} and "<b>" not in yaml.safe_dump(header)
     closing = card.splitlines().index("---", 1)
     assert [n for n, line in enumerate(card.splitlines()) if line == "---"] == [0, closing]
     assert "\x00" not in card and "\x1b" not in card
@@ -174,6 +177,75 @@ def test_the_instruction_is_shown_verbatim_in_an_indented_block(run_copy, tmp_pa
     set_config(run_copy, data__instruction="Line one.\n\n  indented <tag> & `code`")
     card = render_model_card(fake_export(run_copy, tmp_path / "e"), run_copy)
     assert "    Line one.\n    \n      indented <tag> & `code`" in card
+
+
+@pytest.mark.parametrize("fmt, relation", [("merged", "finetune"), ("gguf", "finetune"), ("int8", "finetune"),
+                                           ("adapter", "adapter")])
+def test_every_export_of_a_fine_tune_is_a_finetune_on_the_hub(run_copy, tmp_path, fmt, relation):
+    # a GGUF or int8 file holds the tuned weights: "quantized" would list it as a quantization of the base model
+    header = front_matter(render_model_card(fake_export(run_copy, tmp_path / fmt, fmt, base="acme/tiny-llama"),
+                                            run_copy))
+    assert header["base_model"] == "acme/tiny-llama" and header["base_model_relation"] == relation
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "int8"])
+def test_cards_download_with_hf_not_the_removed_huggingface_cli(run_copy, tmp_path, fmt):
+    from specialist.deploy import push
+
+    card = render_model_card(fake_export(run_copy, tmp_path / fmt, fmt), run_copy, "acme/triage")
+    assert "hf download acme/triage --local-dir model" in card and "huggingface-cli" not in card
+    assert "huggingface-cli" not in push._TOKEN_HINT and "hf auth login" in push._TOKEN_HINT
+
+
+def test_model_index_holds_every_arm_with_its_interval_and_reads_back_with_huggingface_hub(run_copy, tmp_path):
+    from huggingface_hub import ModelCard
+
+    write_eval(run_copy, ("base", "few_shot", "tuned"))
+    card = render_model_card(fake_export(run_copy, tmp_path / "e"), run_copy, "acme/triage")
+    header = front_matter(card)
+    assert header["model-index"][0]["name"] == "acme/triage"
+    results = ModelCard(card).data.eval_results  # the Hub library's own parser of model-index
+    figures = {(r.metric_args["arm"], r.metric_type): r for r in results}
+    assert set(figures) == {(arm, metric) for arm in ("base", "few_shot", "tuned")
+                            for metric in ("json_valid", "exact_match")}
+    assert results[0].metric_args["arm"] == "tuned"  # the exported model's own figures first
+    tuned = figures["tuned", "json_valid"]
+    assert tuned.metric_value == pytest.approx(1.25) and tuned.metric_args["ci95"] == pytest.approx([1.1, 1.4])
+    assert tuned.metric_args["interval"] == "wilson" and tuned.metric_args["n"] == 40
+    assert tuned.metric_name == "json_valid (tuned)" and tuned.verified is False
+    assert "ci95" not in figures["base", "exact_match"].metric_args  # no interval where none was computed
+    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in results} == {("text-generation", "json", "test")}
+    assert "datasets" not in header  # a local file is no Hub dataset
+
+
+def test_a_hub_training_dataset_is_named_in_datasets_and_in_model_index(run_copy, tmp_path):
+    manifest = json.loads(run_copy.data_manifest.read_text())
+    manifest["source"].update(path="acme/tickets", format="hub")  # as prepare writes it for data.path: org/name
+    run_copy.data_manifest.write_text(json.dumps(manifest))
+    write_eval(run_copy)
+    header = front_matter(render_model_card(fake_export(run_copy, tmp_path / "e"), run_copy))
+    assert header["datasets"] == ["acme/tickets"]
+    dataset = header["model-index"][0]["results"][0]["dataset"]
+    assert dataset["type"] == dataset["name"] == "acme/tickets" and dataset["split"] == "test"
+    assert header["model-index"][0]["name"] == run_copy.path.name  # no repo id given: the run's folder name
+
+
+def test_continued_pretraining_figures_go_into_model_index_too(run_copy, tmp_path):
+    accuracy = Interval(0.5, 0.3, 0.7, "wilson", 20).as_dict()
+    arms = {"base": {"doc_perplexity": 14.0, "general_perplexity": 20.0, "question_accuracy": accuracy},
+            "tuned": {"doc_perplexity": 9.5, "general_perplexity": float("nan"), "question_accuracy": accuracy}}
+    run_copy.eval_json.write_text(json.dumps({"kind": "domain_adaptation", "arms": arms}))
+    metrics = front_matter(render_model_card(fake_export(run_copy, tmp_path / "e"), run_copy))["model-index"][0][
+        "results"][0]["metrics"]
+    found = {(m["args"]["arm"], m["type"]): m for m in metrics}
+    assert found["tuned", "doc_perplexity"]["value"] == 9.5 and found["base", "question_accuracy"]["args"]["ci95"] == [
+        0.3, 0.7]
+    assert ("tuned", "general_perplexity") not in found  # NaN is no figure to publish
+
+
+def test_an_unevaluated_run_has_no_model_index(run_copy, tmp_path):
+    header = front_matter(render_model_card(fake_export(run_copy, tmp_path / "e"), run_copy))
+    assert "model-index" not in header and header["library_name"] == "transformers"
 
 
 def test_a_card_without_its_run_still_renders(run_copy, tmp_path):

@@ -1,6 +1,7 @@
 """The evaluation scorers beyond JSON, each on hand-made cases."""
 
 import json
+import random
 
 import pytest
 
@@ -32,6 +33,44 @@ def test_chrf_rewards_partial_character_overlap():
     assert score_chrf("connection refused", "connection refused") == pytest.approx(1.0)
     near, far = score_chrf("connection refuse", "connection refused"), score_chrf("disk full", "connection refused")
     assert 0.8 < near < 1.0 and far < 0.2
+
+
+def _random_texts(rng: random.Random, count: int) -> list[str]:
+    """Texts drawn from a small vocabulary (so pairs overlap) with case, punctuation, digits, non-ASCII words and
+    odd whitespace: where a hand-written tokenizer and the reference ones disagree."""
+    words = ["the", "Cat", "sat", "on", "mat", "disk", "full", "error:", "(null)", "404", "naïve", "café", "日本語",
+             "über", "x=1;", "—", "it's", "C++", "a.b.c", "!!", "ok", "timeout", "Timeout", "ёж"]
+    spaces = [" ", " ", " ", "  ", "\t", "\n", ""]
+    texts = []
+    for _ in range(count):
+        picked = [rng.choice(words) for _ in range(rng.randint(0, 12))]
+        texts.append("".join(word + rng.choice(spaces) for word in picked).strip(rng.choice(["", " "])))
+    return texts
+
+
+def test_rouge_l_and_chrf_equal_their_reference_packages_on_random_text():
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+
+    rng = random.Random(27)
+    outputs, expected = _random_texts(rng, 300), _random_texts(rng, 300)
+    expected[:20] = outputs[:20]  # identical pairs too
+    rouge, chrf = rouge_scorer.RougeScorer(["rougeL"]), CHRF()
+    for output, want in zip(outputs, expected):
+        assert score_rouge_l(output, want) == pytest.approx(rouge.score(want, output)["rougeL"].fmeasure, abs=1e-12)
+        assert score_chrf(output, want) == pytest.approx(chrf.sentence_score(output, [want]).score / 100, abs=1e-12)
+
+
+def test_chrf_counts_punctuation_and_non_ascii_while_rouge_l_ignores_them():
+    # sacrebleu's chrF drops all whitespace (newlines and tabs too, which the hand-written one kept as characters)
+    # and only whitespace: punctuation and accented letters are characters that must match
+    assert score_chrf("{\n  \"a\": 1\n}", '{"a": 1}') == 1.0
+    assert score_chrf("hello, world!", "hello world") < 0.7
+    assert score_chrf("cafe", "café") < 1.0
+    # rouge-score keeps [a-z0-9] runs only: punctuation is no token, and "café" reads as the token "caf"
+    assert score_rouge_l("hello, world!", "hello world") == 1.0
+    assert score_rouge_l("cafe", "café") == 0.0
+    assert score_rouge_l("日本語", "日本語") == 0.0  # no ASCII token at all: the reference scores 0
 
 
 def test_label_accuracy_reads_labels_by_json_key_or_pattern():

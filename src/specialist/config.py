@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from specialist.errors import ConfigError
 
 DEFAULT_MODEL = "gemma-3-270m"
+# The trackers transformers' TrainingArguments.report_to knows (transformers.integrations.INTEGRATION_TO_CALLBACK,
+# written out so validating a config does not import transformers; a test keeps the two equal), plus its "all"
+# (every one installed) and "none".
+TRACKERS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
+            "neptune", "swanlab", "tensorboard", "trackio", "wandb")
 
 
 class _Section(BaseModel):
@@ -419,8 +424,10 @@ class TrainingConfig(_Section):
         "quarter slower; turn off where memory is plentiful."
     )
     completion_only_loss: bool = True
-    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl."
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers besides metrics.jsonl, as TrainingArguments "
+        "takes them (wandb, trackio, comet_ml, mlflow, tensorboard, ..., all, or none); one name or a list. The "
+        "evaluation's figures go to the same ones (specialist.trackers).",
     )
     block_size: int = Field(default=256, gt=8, description="continued_pretraining: tokens per packed block.")
     select_by: str | None = Field(
@@ -428,6 +435,21 @@ class TrainingConfig(_Section):
         "(a built-in scorer, macro_f1, or package.module:function; higher is better), answered at every "
         "evaluation, instead of the lowest validation loss. None: validation loss.",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_names_trackers(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value  # pydantic says what is wrong with it
+        unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), TRACKERS, n=1)
+            raise ValueError(f"unknown tracker {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; known: {', '.join(TRACKERS)}, all, none")
+        if "none" in names and len(names) > 1:
+            raise ValueError("report_to: 'none' turns every tracker off, so it stands alone")
+        return [] if names == ["none"] else names
 
     @field_validator("select_by")
     @classmethod

@@ -11,7 +11,8 @@ layout is written down once, here, and can change in one place:
     labels.json        a classifier run's classes in head order, and which head it trained
     retrieval.json     data.retrieval runs: the training rows every prompt retrieves its examples from
     checkpoints/       the last `save_total_limit` checkpoints and the best one (marked complete when whole)
-    metrics.jsonl      every training log line; tensorboard/ the same as TensorBoard events
+    metrics.jsonl      every training log line; tensorboard/ the same as TensorBoard events (and the evaluation's)
+    trackers.json      the tracker runs training logged to (wandb, mlflow, trackio, comet_ml), for the evaluation
     metrics.json       training figures, split hashes, headline scores per arm
     eval.json          every score with its interval, paired tests, labels, overfitting, gates
     predictions.jsonl  every held-out example with each arm's output
@@ -111,6 +112,12 @@ class RunFolder:
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
+
+    @property
+    def tracker_runs(self) -> Path:
+        """Which run each tracker (wandb, mlflow, trackio, comet_ml) opened for training, so that the evaluation,
+        often a later process, logs its figures into that same run."""
+        return self.path / "trackers.json"
 
     @property
     def metrics(self) -> Path:

@@ -437,7 +437,7 @@ def require_pytest() -> None:
         import pytest  # noqa: F401
     except ImportError as exc:
         raise ConfigError("the tests_pass and mutation_kill scorers run pytest, which is not installed here",
-                          hint="pip install pytest") from exc
+                          hint="pip install 'specialist[code]'") from exc
 
 
 # -- mutants -------------------------------------------------------------------------------------------------

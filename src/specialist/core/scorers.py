@@ -10,11 +10,11 @@ A custom scorer is a `package.module:function` path to a function `(output: str,
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,46 +67,33 @@ def score_field_accuracy(output: str, expected: str) -> float:
     return sum(matches.values()) / len(matches) if matches else score_exact_match(output, expected)
 
 
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", text.lower())
+@functools.cache
+def _rouge_l_scorer() -> Any:
+    # Imported on first use: rouge_score pulls in nltk, which the CLI should not pay for on every start.
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
 
 
 def score_rouge_l(output: str, expected: str) -> float:
-    """ROUGE-L F1: longest common subsequence of word tokens, as F1 of its precision and recall."""
-    a, b = _tokens(output), _tokens(expected)
-    if not a or not b:
-        return float(a == b)
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 as the `rouge-score` package computes it (Google's reference implementation, no stemming), so the
+    figure compares with published ones. Its tokenizer lowercases and keeps only [a-z0-9] runs: punctuation is not
+    a token, and text with no ASCII letters or digits (or an empty answer) scores 0, even against itself."""
+    return float(_rouge_l_scorer().score(expected, output)["rougeL"].fmeasure)
+
+
+@functools.cache
+def _chrf_metric(char_order: int, beta: float) -> Any:
+    from sacrebleu.metrics import CHRF
+
+    return CHRF(char_order=char_order, beta=beta)
 
 
 def score_chrf(output: str, expected: str, max_n: int = 6, beta: float = 2.0) -> float:
-    """chrF (Popović 2015): character n-gram F-beta (n = 1..6, beta 2), spaces removed, averaged over n."""
-    hyp, ref = output.replace(" ", ""), expected.replace(" ", "")
-    if not hyp or not ref:
-        return float(hyp == ref)
-    precisions, recalls = [], []
-    for n in range(1, max_n + 1):
-        h = Counter(hyp[i : i + n] for i in range(len(hyp) - n + 1))
-        r = Counter(ref[i : i + n] for i in range(len(ref) - n + 1))
-        if not h or not r:
-            continue
-        overlap = sum((h & r).values())
-        precisions.append(overlap / sum(h.values()))
-        recalls.append(overlap / sum(r.values()))
-    if not precisions:
-        return 0.0
-    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
-    return 0.0 if p + r == 0 else (1 + beta**2) * p * r / (beta**2 * p + r)
+    """Sentence chrF as sacrebleu computes it (Popović 2015: character n-grams 1..6, beta 2, all whitespace
+    removed, punctuation and non-ASCII characters kept), on a 0-1 scale instead of sacrebleu's 0-100. An empty
+    output or reference scores 0, as in sacrebleu."""
+    return float(_chrf_metric(max_n, beta).sentence_score(output, [expected]).score) / 100
 
 
 REFUSAL_PATTERN = re.compile(

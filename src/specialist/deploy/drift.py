@@ -17,7 +17,6 @@ them those two are reported as not measured. Writes drift.json and drift.png bes
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.spatial.distance import jensenshannon
 
 from specialist.data.dedupe import MinHasher
 from specialist.deploy.records import read_requests
@@ -54,18 +54,13 @@ def population_stability_index(reference: np.ndarray, current: np.ndarray, bins:
 
 
 def js_distance(a: Counter, b: Counter) -> float:
-    """Jensen-Shannon distance (base 2, in [0, 1]) between two word-count distributions."""
+    """Jensen-Shannon distance (base 2, in [0, 1]) between two word-count distributions, by scipy (the square root
+    of the divergence, as scipy and the literature define the distance)."""
     words = sorted(set(a) | set(b))
     p = np.array([a[w] for w in words], dtype=float)
     q = np.array([b[w] for w in words], dtype=float)
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-
-    def kl(x: np.ndarray) -> float:
-        mask = x > 0
-        return float(np.sum(x[mask] * np.log2(x[mask] / m[mask])))
-
-    return math.sqrt(max(0.0, (kl(p) + kl(q)) / 2))
+    # scipy normalises p and q itself; clamp because rounding can leave 1 + 1e-16 for disjoint vocabularies
+    return float(min(1.0, jensenshannon(p, q, base=2)))
 
 
 def best_similarity(traffic: list[str], training: list[str], num_perm: int = 64) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The model card (README.md) of an export folder, in Hugging Face's format: a YAML header the Hub reads
-(base_model, library_name, license, tags, pipeline_tag), then what a reader needs before using the model: the task,
+(base_model, base_model_relation, library_name, license, tags, pipeline_tag, and from deploy.model_index the
+evaluation as `model-index` and a Hub training dataset as `datasets`), then what a reader needs before using the model: the task,
 the data it was trained and scored on (rows per split with their sha256, the preparation steps, training steps),
 the held-out evaluation (every arm's scores with 95% intervals, the gates, forgetting), the prompt format,
 intended use and limits, how to load the export's format, and the license terms.
@@ -21,13 +22,13 @@ from typing import Any
 import yaml
 
 from specialist.core.stats import Interval
+from specialist.deploy.model_index import HUB_ID, evaluation_header
 from specialist.run_folder import ExportFolder, RunFolder, read_json
 
 GEMMA_TERMS = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 # the embedded model's original on the Hub (what `base_model` must name: a Hub id, never a local folder)
 EMBEDDED_HUB_IDS = {"gemma-3-270m": "google/gemma-3-270m"}
 LIBRARIES = {"merged": "transformers", "adapter": "peft", "gguf": "gguf", "int8": "specialist"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -65,6 +66,7 @@ def render_model_card(export: ExportFolder, run: RunFolder | None, repo_id: str 
     base = meta.get("base_model") if isinstance(meta.get("base_model"), str) else None
     gemma = is_gemma_derivative(base, export.path)
     header = card_header(meta["format"], base, gemma, meta.get("method"))
+    header.update(evaluation_header(run, repo_id, header["pipeline_tag"]))
     sections = [
         title_section(meta, base, run, config),
         task_section(config),
@@ -87,8 +89,9 @@ def card_header(fmt: str, base: str | None, gemma: bool, method: Any) -> dict[st
     hub_base = hub_id_of(base)
     if hub_base:
         header["base_model"] = hub_base
-        header["base_model_relation"] = "adapter" if fmt == "adapter" else ("quantized" if fmt in ("gguf", "int8")
-                                                                            else "finetune")
+        # Every export is of a fine-tune: GGUF and int8 files too are the tuned weights (quantized or not), and
+        # "quantized" would list them on the Hub as a quantization of the base model.
+        header["base_model_relation"] = "adapter" if fmt == "adapter" else "finetune"
     header["library_name"] = LIBRARIES.get(fmt, "transformers")
     license_id = "gemma" if gemma else base_license(base)
     if license_id:
@@ -108,7 +111,7 @@ def hub_id_of(base: str | None) -> str | None:
         return None
     if base in EMBEDDED_HUB_IDS:
         return EMBEDDED_HUB_IDS[base]
-    return base if _HUB_ID.match(base) and not Path(base).expanduser().exists() else None
+    return base if HUB_ID.match(base) and not Path(base).expanduser().exists() else None
 
 
 def is_gemma_derivative(base: str | None, export_path: Path) -> bool:
@@ -369,15 +372,15 @@ def loading_section(meta: dict[str, Any], base: str | None, repo: str, export: E
                    f"base = AutoModelForCausalLM.from_pretrained(\"{base_id}\")\n"
                    f"model = PeftModel.from_pretrained(base, \"{repo}\")\n"
                    f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")",
-        "gguf": (f"# llama.cpp: the base file and the LoRA beside it\nhuggingface-cli download {repo} --local-dir model\n"
+        "gguf": (f"# llama.cpp: the base file and the LoRA beside it\nhf download {repo} --local-dir model\n"
                  f"llama-cli -m model/{name} --lora model/{meta['gguf_lora_file']} -p \"...\"\n"
                  if plain and _plain_gguf_name(meta.get("gguf_lora_file")) else
                  f"# llama.cpp\nllama-cli -hf {repo}{gguf_file} -p \"...\"\n")
                 + f"# Ollama (the Modelfile carries the prompt format)\n"
-                f"huggingface-cli download {repo} --local-dir model && cd model\n"
+                f"hf download {repo} --local-dir model && cd model\n"
                 f"ollama create my-specialist -f Modelfile && ollama run my-specialist",
         "int8": f"# int8 weights with a scale per row, read by specialist (kept int8 in memory)\n"
-                f"huggingface-cli download {repo} --local-dir model\n"
+                f"hf download {repo} --local-dir model\n"
                 f"specialist serve --arm tuned=model",
     }
     text = "## How to load\n\n" + code_block(snippets.get(fmt, f"specialist serve --arm tuned={repo}"))

@@ -20,7 +20,7 @@ from specialist.errors import ConfigError, SpecialistError
 from specialist.run_folder import ExportFolder, RunFolder
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_TOKEN_HINT = "run `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token"
+_TOKEN_HINT = "run `hf auth login`, set HF_TOKEN, or pass --token"  # huggingface-cli went in huggingface_hub 1.0
 
 
 class PushError(SpecialistError):

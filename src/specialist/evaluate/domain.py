@@ -32,6 +32,7 @@ from specialist.errors import DataError
 from specialist.evaluate.forgetting import general_text, perplexity
 from specialist.evaluate.results import DomainArm, DomainReport
 from specialist.run_folder import RunFolder
+from specialist.trackers import log_evaluation
 
 
 def read_questions(path: Path) -> list[dict[str, Any]]:
@@ -125,6 +126,7 @@ def evaluate_domain(run: RunFolder, config: RunConfig, others: dict[str, Path] |
     report = domain_report(run.path, measured, len(docs), len(general), evaluation, trained_on)
     report.gates = check_gates(evaluation.gates, domain_figures(report), evaluation)
     write_domain_outputs(run, report)
+    log_evaluation(run, config.training.report_to, report.to_json())  # the trackers training reported to
     return report
 
 

@@ -39,6 +39,7 @@ from specialist.evaluate.baseline_arms import baseline_index, best_baselines, de
 from specialist.evaluate.results import ArmPair, ArmResult, EvalReport, Overfitting
 from specialist.generation import Engine, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
+from specialist.trackers import log_evaluation
 
 
 @dataclass
@@ -480,7 +481,7 @@ def write_eval_outputs(run: RunFolder, config: RunConfig, report: EvalReport, te
                        outputs: dict[str, list[str]], probabilities: dict[str, list[dict[str, float]]] | None = None,
                        ) -> None:
     """eval.json, predictions.jsonl (each row with every arm's answer and, where arms have them, their class
-    probabilities under "probabilities"), report.md and report.html."""
+    probabilities under "probabilities"), report.md and report.html; then the figures to training's trackers."""
     from specialist.evaluate.report import write_eval_report
 
     run.eval_json.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
@@ -492,6 +493,7 @@ def write_eval_outputs(run: RunFolder, config: RunConfig, report: EvalReport, te
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_eval_report(run, config, report, test, outputs)
     console.log(f"evaluation written to {run.eval_json}")
+    log_evaluation(run, config.training.report_to, report.to_json())  # the trackers training reported to
 
 
 def _mean(values: list[float]) -> float:

@@ -162,7 +162,7 @@ def train_classifier(job: TrainJob) -> TrainResult:
         model=classifier, args=args, train_dataset=train_rows, eval_dataset=val_rows,
         data_collator=PadCollator(tokenizer.pad_token_id, spec.window), processing_class=tokenizer,
         compute_loss_func=weighted_loss(weights),
-        callbacks=callbacks(training, run.metrics_log, args, selection_answers(job, labels, spec.window),
+        callbacks=callbacks(training, run, args, selection_answers(job, labels, spec.window),
                             forward_evaluation_steps(training, len(val_rows)) if val_rows else 0.0))
     seconds, tokens = run_trainer(trainer, job.resume_from)
     save_trained(trainer, run.adapter)  # on every rank: under FSDP the gather is collective

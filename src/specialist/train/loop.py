@@ -17,6 +17,8 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from specialist.config import TrainingConfig
 from specialist.console import console
 from specialist.ranks import is_main_process
+from specialist.run_folder import RunFolder
+from specialist.trackers import record_tracker_runs
 from specialist.train.common import TrainResult, forward_evaluation_steps, lora_config
 from specialist.train.job import TrainJob
 from specialist.train.select_by import SelectByCallback, SelectionRows
@@ -40,7 +42,7 @@ def fit(job: TrainJob, trainer_class, args, train_ds, val_ds, selection: Selecti
         eval_dataset=val_ds,
         processing_class=job.tokenizer,
         peft_config=lora_config(method) if method.uses_lora else None,
-        callbacks=callbacks(training, job.run.metrics_log, args, selection, evaluation_steps),
+        callbacks=callbacks(training, job.run, args, selection, evaluation_steps),
     )
     warn_if_fsdp_was_asked_for_but_is_off(trainer)
     seconds, tokens = run_trainer(trainer, job.resume_from)
@@ -109,14 +111,14 @@ def use_bf16_autocast(model) -> bool:
     return next(model.parameters()).dtype == torch.bfloat16 or bf16_is_fast()
 
 
-def callbacks(training: TrainingConfig, metrics_log: Path, args, selection: SelectionRows | None = None,
+def callbacks(training: TrainingConfig, run: RunFolder, args, selection: SelectionRows | None = None,
               evaluation_steps: float = 0.0) -> list[TrainerCallback]:
     """`evaluation_steps`: what one evaluation costs in optimizer steps (estimated), which the time budget keeps
     for the evaluation of the last step."""
     from specialist.train.progress import RichProgressCallback
 
-    metrics = MetricsJsonlCallback(metrics_log)
-    found: list[TrainerCallback] = [RichProgressCallback(), metrics]
+    metrics = MetricsJsonlCallback(run.metrics_log)
+    found: list[TrainerCallback] = [RichProgressCallback(), metrics, TrackerRunsCallback(run.tracker_runs)]
     if selection is not None:  # before early stopping, which reads the score it adds
         if not args.load_best_model_at_end:
             from specialist.errors import ConfigError
@@ -147,6 +149,18 @@ def budget_choice(trainer) -> dict | None:
 
     found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimeBudgetCallback)]
     return found[0].choice if found else None
+
+
+class TrackerRunsCallback(TrainerCallback):
+    """Records which run each tracker opened (specialist.trackers), for the evaluation to log into. It runs after
+    the trackers' own callbacks, which the Trainer puts first, so their runs are open by on_train_begin."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            record_tracker_runs(self.path, args)
 
 
 class MetricsJsonlCallback(TrainerCallback):
