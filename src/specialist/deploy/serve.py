@@ -642,6 +642,17 @@ def serve_state(request: Request) -> ServeState:
 # ---- answering ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What a client asked, as the log keeps it: the endpoint (chat or completion), the input text, the caller, and
+    when the request was queued (`time.perf_counter()`, what its latency counts from)."""
+
+    kind: str
+    text: str
+    user: str | None
+    started: float
+
+
 async def answer(request: Request, body: ChatBody | CompletionBody, text: str, kind: str) -> Response:
     state = serve_state(request)
     refuse_unsupported(body)
@@ -659,14 +670,13 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
                             logprobs=_logprobs_asked(body, arm))
     job = _new_job(row, Sampling.of(body.temperature, body.top_p, body.seed), stream=body.stream)
     job.arm = arm
-    started = time.perf_counter()
+    asked = Asked(kind, text, body.user, time.perf_counter())
     state.workers[arm_name].submit(job)
     if body.stream:
-        return StreamingResponse(_stream_events(state, job, body, arm_name, text, kind, started),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_stream_events(state, job, body, arm_name, asked), media_type="text/event-stream")
     result = await _wait_for(job, request)
     request_id = new_request_id(kind)
-    await record(state, request_id, job, kind, body, text, result, time.perf_counter() - started)
+    await record(state, request_id, job, result, asked)
     return JSONResponse(openai_body(kind, request_id, arm_name, result, choice_logprobs(arm.tokenizer, result)))
 
 
@@ -760,11 +770,10 @@ async def _wait_for(job: Job, request: Request) -> Generation:
                        kind="server_error") from None
 
 
-async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str, text: str, kind: str,
-                         started: float):
-    chunks = ChunkWriter(kind, new_request_id(kind), arm_name, job.arm.tokenizer, body)
+async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str, asked: Asked):
+    chunks = ChunkWriter(asked.kind, new_request_id(asked.kind), arm_name, job.arm.tokenizer, body)
     try:
-        if kind == "chat":  # OpenAI's first chunk names the speaker; clients build the message from it
+        if asked.kind == "chat":  # OpenAI's first chunk names the speaker; clients build the message from it
             yield _sse(chunks.chunk({"role": "assistant", "content": ""}))
         while True:
             what, value = await job.events.get()
@@ -772,8 +781,7 @@ async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str
                 yield _sse(chunks.piece(*value))
             elif what == "done":
                 # recorded before the last chunk, so feedback sent on [DONE] finds the request
-                await record(state, chunks.request_id, job, kind, body, text, value,
-                             time.perf_counter() - started)
+                await record(state, chunks.request_id, job, value, asked)
                 yield _sse(chunks.last(value))
                 if chunks.include_usage:
                     yield _sse(chunks.usage(value))
@@ -793,22 +801,22 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def record(state: ServeState, request_id: str, job: Job, kind: str, body: _Body, text: str,
-                 result: Generation, latency: float) -> None:
+async def record(state: ServeState, request_id: str, job: Job, result: Generation, asked: Asked) -> None:
     """Log the live answer (judged by the arm that gave it, even if swapped out since), then offer the request to
-    the shadows: they start only once it is answered."""
+    the shadows: they start only once it is answered. The latency runs from queueing to this call."""
+    latency = time.perf_counter() - asked.started
     arm = job.arm
     passed = await format_verdict(state, arm, result.text)
     log_text = state.settings.log_prompts
     # scrubbing runs regexes over the text: off the event loop, like the format check
     await asyncio.to_thread(state.log.add, LoggedRequest(
-        request_id=request_id, arm=arm.name, endpoint=kind, user=body.user, latency_s=latency,
+        request_id=request_id, arm=arm.name, endpoint=asked.kind, user=asked.user, latency_s=latency,
         tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, format_ok=passed,
-        finish_reason=result.finish_reason, prompt=text if log_text else None,
+        finish_reason=result.finish_reason, prompt=asked.text if log_text else None,
         output=result.text if log_text else None, confidence=confidence_of(result)))
     state.metrics.count_request(arm.name, latency)
     if state.shadow is not None and result.finish_reason != "cancelled":
-        state.shadow.offer(ShadowJob(request_id, text, result.text, job.request.max_new_tokens, job.sampling))
+        state.shadow.offer(ShadowJob(request_id, asked.text, result.text, job.request.max_new_tokens, job.sampling))
 
 
 def confidence_of(result: Generation) -> float | None:
