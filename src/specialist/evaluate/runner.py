@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
+from specialist.artifacts import Loaded, ModelPool, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.constrain import constraint_of
 from specialist.core.gates import BEST_BASELINE, check_gates, refuse_gates_on_arms_left_out
 from specialist.core.labels import label_rule, render_label
 from specialist.core.scorers import (
