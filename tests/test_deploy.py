@@ -4,6 +4,7 @@ tiny model trained for two steps (the session's `tiny_run_dir`)."""
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,10 +254,11 @@ def test_ab_pass_rate_interval_is_the_interval_evaluation_reports_for_the_same_r
             assert pass_rate_interval(passed, total) == (evaluated.low, evaluated.high)
 
 
-def test_ab_report_counts_arms_latency_pass_rates_and_feedback(tmp_path):
+def ab_log(path: Path) -> Path:
+    """A request log of two arms: tuned passes the format check 10 times in 12, base 4 in 8; one feedback row."""
     from specialist.deploy.records import LoggedRequest, RequestLog
 
-    log = RequestLog(tmp_path / "log.sqlite")
+    log = RequestLog(path)
     for i in range(20):
         arm = "tuned" if i < 12 else "base"
         log.add(LoggedRequest(request_id=f"r{i}", arm=arm, endpoint="chat", user=None,
@@ -264,13 +266,29 @@ def test_ab_report_counts_arms_latency_pass_rates_and_feedback(tmp_path):
                               format_ok=(i % 6 != 0) if arm == "tuned" else (i % 2 == 0), finish_reason="stop"))
     assert log.add_feedback("r1", 1.0, "good") and not log.add_feedback("missing", 0.0, None)
     log.close()
-    report = ab_report(tmp_path / "log.sqlite")
+    return path
+
+
+def test_ab_report_counts_arms_latency_pass_rates_and_feedback(tmp_path):
+    report = ab_report(ab_log(tmp_path / "log.sqlite"))
     tuned, base = report["arms"]["tuned"], report["arms"]["base"]
     assert (tuned["requests"], base["requests"]) == (12, 8)
     assert tuned["format_pass_rate"] == 10 / 12 and base["format_pass_rate"] == 4 / 8
     assert tuned["feedback_count"] == 1 and tuned["feedback_mean"] == 1.0
     assert tuned["latency_p50_s"] <= tuned["latency_p95_s"]
     assert report["format_pass_tests"][0]["arms"] == ["tuned", "base"]
+
+
+def test_the_ab_report_command_prints_each_arms_pass_rate_with_its_wilson_interval(tmp_path):
+    from typer.testing import CliRunner
+
+    from specialist.cli import app
+
+    result = CliRunner().invoke(app, ["ab-report", str(ab_log(tmp_path / "log.sqlite"))], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for passed, total in ((10, 12), (4, 8)):  # "[low, high]" in percent, one decimal, as the table always printed
+        low, high = pass_rate_interval(passed, total)
+        assert f"{100 * passed / total:.1f}%" in result.output and f"[{100 * low:.1f}, {100 * high:.1f}]" in result.output
 
 
 # ---- drift ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 import pytest
 
 from specialist.core.scorers import (
+    format_check,
     per_key_accuracy,
     resolve_scorers,
     score_exact_match,
@@ -18,6 +19,16 @@ EXPECTED = '{"level": "INFO", "component": "dfs.DataNode", "template": "Receivin
 )
 def test_json_valid(output, valid):
     assert score_json_valid(output, EXPECTED) == valid
+
+
+def test_the_format_check_is_the_schema_before_plain_json_and_none_for_free_text(tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "required": ["level"]}', encoding="utf-8")
+    both = format_check(["exact_match", "json_valid", "json_schema"], schema)
+    assert both('{"level": "INFO"}') and not both('{"other": 1}') and not both("{")  # the schema decides
+    plain = format_check(["json_valid", "exact_match"])
+    assert plain('{"other": 1}') and plain("[1]") and not plain("Sure: {}")
+    assert format_check(["exact_match", "rouge_l"]) is None
 
 
 def test_exact_match_ignores_key_order_and_spacing_for_json():

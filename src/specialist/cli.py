@@ -334,6 +334,7 @@ def ab_report_command(
     """Per-arm requests, latency p50/p95, format pass rate (95% CI), feedback; a test between arms' pass rates."""
     import json
 
+    from specialist.core.stats import Interval
     from specialist.deploy.ab import ab_report
 
     with _user_errors():
@@ -343,7 +344,8 @@ def ab_report_command(
         table.add_column(column, justify="left" if column == "arm" else "right")
     for name, a in report["arms"].items():
         rate = "n/a" if a["format_pass_rate"] is None else f"{100 * a['format_pass_rate']:.1f}%"
-        ci = "" if a["format_pass_ci95"] is None else "[{:.1f}, {:.1f}]".format(*(100 * x for x in a["format_pass_ci95"]))
+        bounds = a["format_pass_ci95"]
+        ci = "" if bounds is None else Interval(a["format_pass_rate"], *bounds).format_bounds(".1f", 100)
         table.add_row(name, str(a["requests"]), f"{a['latency_p50_s']:.3f}", f"{a['latency_p95_s']:.3f}", rate, ci,
                       f"{100 * a['feedback_rate']:.1f}%")
     console.print(table)

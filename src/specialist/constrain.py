@@ -42,6 +42,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from specialist.core.labels import render_label
@@ -137,6 +138,29 @@ class Constraint:
             return False
         bounded.bound_jsonschema_patterns()
         return _bounded_check(lambda: _validator(self.spec).is_valid(value))
+
+
+def constraint_of(config):
+    """The output language of a run (evaluation.constraint) as a Constraint: what constrained decoding keeps the
+    answers inside (evaluation, serve) and what GRPO's format reward checks."""
+    evaluation, data = config.evaluation, config.data
+    kind = evaluation.constraint
+    if kind == "auto":
+        kind = next((k for k, given in (("json_schema", evaluation.json_schema), ("labels", data.labels),
+                                         ("regex", evaluation.constraint_regex)) if given), "json")
+    if kind == "json_schema":
+        if evaluation.json_schema is None:
+            raise ConfigError("evaluation.constraint json_schema needs evaluation.json_schema (a schema file)")
+        return Constraint.json_schema(json.loads(Path(evaluation.json_schema).read_text(encoding="utf-8")))
+    if kind == "labels":
+        if not data.labels:
+            raise ConfigError("evaluation.constraint labels needs data.labels (the label set)")
+        return Constraint.labels(list(data.labels), template=data.label_template)
+    if kind == "regex":
+        if not evaluation.constraint_regex:
+            raise ConfigError("evaluation.constraint regex needs evaluation.constraint_regex")
+        return Constraint.regex(evaluation.constraint_regex)
+    return Constraint.json_schema({})
 
 
 def _bounded_check(check: Callable[[], bool]) -> bool:

@@ -213,6 +213,16 @@ def resolve_scorers(names: list[str], label_rule: LabelRule | None = None,
     return resolved
 
 
+def format_check(scorers: list[str], json_schema: Path | None = None) -> Callable[[str], bool] | None:
+    """What "the output passed" means for answers judged by `scorers` (evaluation.scorers): the first format scorer
+    among them, json_schema before json_valid, giving full marks; None where they name neither (free text)."""
+    for name in ("json_schema", "json_valid"):
+        if name in scorers:
+            scorer = resolve_scorers([name], LabelRule(), json_schema)[name]
+            return lambda output, scorer=scorer: scorer(output, "") >= 1.0
+    return None
+
+
 def import_scorer(path: str) -> Scorer:
     module_name, sep, function_name = path.partition(":")
     if not sep:

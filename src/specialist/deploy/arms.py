@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from specialist.artifacts import Loaded, ModelPool, constraint_of, format_check_of_run, load_source
+from specialist.artifacts import Loaded, ModelPool, load_source
+from specialist.constrain import constraint_of
+from specialist.core.scorers import format_check
 from specialist.errors import ConfigError
 from specialist.generation import Engine, default_max_new_tokens
+
+if TYPE_CHECKING:
+    from specialist.run_folder import RunFolder
 
 BASE_MAX_NEW_TOKENS = 128
 
@@ -57,6 +63,15 @@ def served_arm(name: str, source: str, found: Loaded, constrain: bool = False) -
     engine = found.answering_engine(constraint)
     probe_template(name, source, engine)
     return ServedArm(name, engine, source, format_check_of_run(found.run), _answer_length(found))
+
+
+def format_check_of_run(run: RunFolder | None) -> Callable[[str], bool] | None:
+    """What 'the output passed' means for a run's traffic (core.scorers.format_check on its evaluation.scorers);
+    None for a bare model or an export without its run's config."""
+    if run is None or not run.config_file.is_file():
+        return None
+    evaluation = run.config().evaluation
+    return format_check(evaluation.scorers, evaluation.json_schema)
 
 
 PROBE_INPUT = "Hello! Can you summarise this line: user alice logged in at 10:02?"

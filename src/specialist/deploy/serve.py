@@ -34,120 +34,59 @@ Shadow arms (`specialist.deploy.shadow`) answer a share of the requests after th
 their answers go to the log only. `POST /admin/arms/{name}` (bearer `--admin-key`, a key of its own) replaces a live
 arm with a run or export folder under an `--admin-root`: the new model loads beside the old one, requests queued
 or generating finish on the old arm (each job carries the arm it was encoded for), and later ones go to the new.
+
+Where each part lives: this module holds the server's state, the answering and the handlers; the request bodies and
+their checks are serve_requests.py's, the settings serve_settings.py's, the error shape api_errors.py's, and the
+router, the arms' queues and batching workers and the /metrics counters dispatch.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
-import random
 import re
 import secrets
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from specialist.deploy.api_errors import ApiError
 from specialist.deploy.arms import ServedArm
+from specialist.deploy.dispatch import ROUTER, ArmWorker, Job, Metrics, Router
 from specialist.deploy.records import LoggedRequest, RequestLog
-from specialist.deploy.shadow import ShadowJob, ShadowRunner, ShadowSettings
+from specialist.deploy.serve_requests import (
+    ChatBody,
+    CompletionBody,
+    FeedbackBody,
+    RequestBody,
+    Text,
+    chat_input,
+    check_combinations,
+    parse_body,
+    read_json_body,
+    refuse_unsupported,
+)
+from specialist.deploy.serve_settings import ServeSettings
+from specialist.deploy.shadow import ShadowJob, ShadowRunner
 from specialist.generation import Generation, Request as GenerationRequest, Sampling
 
-ROUTER = "specialist"
 ADMIN_PREFIX = "/admin/"
 OPEN_PATHS = ("/health",)  # liveness probes answer without the key; everything else needs it when one is set
 
 
-@dataclass
-class ServeSettings:
-    split: dict[str, float]
-    db: Path
-    api_key: str | None = None
-    log_prompts: bool = False
-    max_batch: int = 8
-    max_wait_ms: float = 10.0
-    queue_size: int = 64
-    max_tokens_limit: int = 512
-    max_prompt_tokens: int = 2048
-    max_request_bytes: int = 64 * 1024
-    retry_after_s: int = 1
-    drain_seconds: float = 5.0
-    feedback_range: tuple[float, float] = (-1.0, 1.0)
-    max_comment_chars: int = 2000
-    shadow: ShadowSettings = field(default_factory=ShadowSettings)
-    admin_key: str | None = None  # POST /admin/arms/{name}; None: the admin endpoint answers 403
-    admin_roots: tuple[Path, ...] = ()  # the folders an admin swap may load a run or export from
-    scrub_logs: bool = False
-    log_max_rows: int | None = None
-    log_max_age_s: float | None = None
-
-    def __post_init__(self) -> None:
-        check_api_key(self.api_key)
-        check_admin_key(self.admin_key, self.api_key)
-
-
-def check_api_key(key: str | None) -> None:
-    """Refuse a key no client can send: empty (an unset variable expanded into --api-key would otherwise serve
-    with no authentication at all), or holding characters outside printable ASCII (headers travel as Latin-1 and
-    are stripped of surrounding blanks, so such a key never matches, yet the server would start)."""
-    if key is None:
-        return
-    from specialist.errors import ConfigError
-
-    if not key:
-        raise ConfigError("--api-key is empty: the server would answer without authentication",
-                          hint="give a key (e.g. `openssl rand -hex 32`), or leave --api-key and "
-                               "SPECIALIST_API_KEY out to serve without one on purpose")
-    if not all("!" <= ch <= "~" for ch in key):
-        raise ConfigError("--api-key holds characters a client cannot send in an Authorization header "
-                          "(spaces, control or non-ASCII characters)",
-                          hint="use printable ASCII only, e.g. `openssl rand -hex 32`")
-
-
-MIN_ADMIN_KEY_CHARS = 16
-
-
-def check_admin_key(key: str | None, api_key: str | None) -> None:
-    """The admin key swaps the models users are served: it must be long, sendable, and not the API key (every
-    client holds that one)."""
-    if key is None:
-        return
-    from specialist.errors import ConfigError
-
-    check_api_key(key)
-    if len(key) < MIN_ADMIN_KEY_CHARS:
-        raise ConfigError(f"--admin-key is under {MIN_ADMIN_KEY_CHARS} characters",
-                          hint="use e.g. `openssl rand -hex 32`")
-    if api_key is not None and secrets.compare_digest(key, api_key):
-        raise ConfigError("--admin-key equals --api-key: every API client could swap the served models",
-                          hint="give the admin endpoint a key of its own")
-
-
 # ---- errors ---------------------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An answer in OpenAI's error shape; `code` is also the kind counted in /metrics."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.kind, self.headers = (
-            status, message, code, param, kind, headers)
 
 
 def error_response(state: ServeState | None, error: ApiError) -> JSONResponse:
@@ -157,448 +96,7 @@ def error_response(state: ServeState | None, error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-def busy_error(settings: ServeSettings, message: str = "server busy: the queue is full, retry shortly") -> ApiError:
-    return ApiError(503, message, "queue_full", kind="server_error",
-                    headers={"Retry-After": str(settings.retry_after_s)})
-
-
-# ---- request bodies -------------------------------------------------------------------------------------------
-
-
-def _valid_unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text holds a lone surrogate (invalid Unicode)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
-Number = Annotated[float, Field(allow_inf_nan=False)]
-
-
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; the length bounds the check every token makes against each
-
-
-def _stop_strings(value: Any) -> tuple[str, ...] | None:
-    """`stop` as a tuple: a string or a list of up to MAX_STOPS non-empty strings (an empty one would end every
-    answer before it began), each valid Unicode of at most MAX_STOP_CHARS characters."""
-    if value is None:
-        return None
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS:
-        raise ValueError(f"must be a string or a list of 1 to {MAX_STOPS} strings")
-    for stop in stops:
-        if not isinstance(stop, str) or not 1 <= len(stop) <= MAX_STOP_CHARS:
-            raise ValueError(f"each stop must be a string of 1 to {MAX_STOP_CHARS} characters")
-        _valid_unicode(stop)
-    return tuple(stops)
-
-
-class _StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    include_usage: bool = False
-
-
-class _Body(BaseModel):
-    # strict: `true` is not 1 and "0.5" is not 0.5. Fields OpenAI defines that this server cannot honour are
-    # declared so `refuse_unsupported` can refuse them by name; fields OpenAI does not define are ignored with a
-    # warning in the log, as vLLM does (clients send their own extensions)
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    model: Annotated[Text, Field(max_length=256)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    stop: Annotated[Any, AfterValidator(_stop_strings)] = None
-    seed: Seed | None = None
-    user: Annotated[Text, Field(max_length=256)] | None = None
-    # accepted and ignored: they ask nothing of the answer
-    metadata: Any = None
-    store: Any = None
-    service_tier: Any = None
-    # refused unless they hold their no-op value (UNSUPPORTED)
-    frequency_penalty: Number | None = None
-    presence_penalty: Number | None = None
-    logit_bias: Any = None
-
-
-class _TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    type: Literal["text"]
-    text: Text
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[_TextPart], Field(min_length=1)]
-    tool_calls: Any = None  # refused: this server runs no tools
-    function_call: Any = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-
-
-class _JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-    description: Text | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None  # the answer is held to the schema either way
-
-
-class _ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: _JsonSchemaFormat | None = None
-
-
-class ChatBody(_Body):
-    messages: Annotated[list[_Message], Field(min_length=1, max_length=512)]
-    response_format: _ResponseFormat | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    parallel_tool_calls: Any = None  # without tools (refused) it asks for nothing
-    prompt_cache_key: Any = None
-    safety_identifier: Any = None
-    prompt_cache_retention: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-
-
-class CompletionBody(_Body):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
-    logprobs: Any = None
-    echo: Any = None
-    suffix: Any = None
-    best_of: Any = None
-
-
-class FeedbackBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    id: Annotated[Text, Field(min_length=1, max_length=128)]
-    score: Number
-    comment: Text | None = None
-
-
-# OpenAI fields this server cannot honour, each with the values that ask for nothing (what a client sends by default):
-# any other value is a 400 naming the field, never silence
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
-    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
-    "reasoning_effort": (None,), "verbosity": (None,), "echo": (None, False), "suffix": (None, ""),
-    "best_of": (None, 1),
-}
-_WHY = {"tools": "this server runs no tools", "tool_choice": "this server runs no tools",
-        "functions": "this server runs no functions", "function_call": "this server runs no functions",
-        "logprobs": "log-probabilities are served on /v1/chat/completions only"}
-
-
-def refuse_unsupported(body: _Body) -> None:
-    """A 400 naming the first field (the request's, then its messages') that asks for what this server does not
-    do; fields OpenAI does not define are logged once each and ignored."""
-    fields = type(body).model_fields
-    for name, allowed in UNSUPPORTED.items():
-        value = getattr(body, name, None) if name in fields else None
-        if not any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in allowed):
-            _refuse(name, value)
-    if isinstance(body, CompletionBody) and body.logprobs is not None:
-        _refuse("logprobs", body.logprobs)
-    for n, message in enumerate(getattr(body, "messages", [])):
-        for name in ("tool_calls", "function_call"):
-            if getattr(message, name) not in (None, []):
-                _refuse(f"messages.{n}.{name}", getattr(message, name))
-    _warn_ignored(sorted(body.model_extra or {}))
-
-
-def check_combinations(body: _Body) -> None:
-    """Fields that only mean something beside another, refused alone as OpenAI refuses them."""
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options: only allowed with stream: true", "invalid_value", param="stream_options")
-    if isinstance(body, ChatBody):
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs: needs logprobs: true", "invalid_value", param="top_logprobs")
-        form = body.response_format
-        if form is not None and form.type == "json_schema" and form.json_schema is None:
-            raise ApiError(400, "response_format.json_schema: required when type is json_schema", "invalid_value",
-                           param="response_format.json_schema")
-
-
-def _refuse(name: str, value: Any) -> None:
-    why = _WHY.get(name.rsplit(".", 1)[-1], "this server does not support it")
-    raise ApiError(400, f"{name}: {why}; leave it out (got {json.dumps(value, default=str)[:80]})",
-                   "unsupported_parameter", param=name)
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_ignored(names: list[str]) -> None:
-    new = [name for name in names if name not in _WARNED][:20]
-    if new and len(_WARNED) < 1000:  # bounded: a client inventing names cannot grow it or flood the log
-        _WARNED.update(new)
-        logging.getLogger("specialist.serve").warning("ignored request field(s) this server does not know: %s",
-                                                      ", ".join(name[:64] for name in new))
-
-
-def parse_body(model: type[BaseModel], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_" + _kind(first),
-                       param=param) from None
-
-
-def _kind(error: dict[str, Any]) -> str:
-    kind = error["type"]
-    if kind == "missing":
-        return "missing_field"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
-                "finite_number"):
-        return "value"
-    return "type" if kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid") else "value"
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-async def read_json_body(request: Request, settings: ServeSettings) -> Any:
-    """The request's JSON, read no further than the byte limit; plain JSON only (no NaN/Infinity)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > settings.max_request_bytes):
-        raise _too_large(settings)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > settings.max_request_bytes:
-            raise _too_large(settings)
-    try:
-        return json.loads(body, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc)[:200]
-        raise ApiError(400, f"request body is not valid JSON: {reason}", "invalid_json") from None
-
-
-def _too_large(settings: ServeSettings) -> ApiError:
-    return ApiError(413, f"request body over {settings.max_request_bytes} bytes", "request_too_large")
-
-
-def chat_input(messages: list[_Message]) -> str:
-    """The model input for a chat request: the last user turn, with a system message and earlier turns before it."""
-    from specialist.data.shapes import fold_chat
-
-    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in messages]
-    if turns[-1][0] == "assistant":  # a trailing assistant turn is not part of the question
-        turns = turns[:-1]
-    if not any(role == "user" for role, _ in turns):
-        raise ApiError(400, "messages: a chat request needs a user message", "invalid_value", param="messages")
-    return fold_chat(turns)
-
-
-# ---- routing, metrics, jobs -----------------------------------------------------------------------------------
-
-
-class Router:
-    def __init__(self, arms: dict[str, Any], split: dict[str, float]) -> None:
-        self.arms, self.split = arms, split
-
-    def pick(self, requested: str | None, user: str | None) -> str | None:
-        """The arm for a request: named directly, or drawn from the split (sticky per user)."""
-        if requested in self.arms:
-            return requested
-        if requested not in (None, "", ROUTER):
-            return None
-        draw = _user_fraction(user) if user else random.random()
-        cumulative = 0.0
-        for name, weight in self.split.items():
-            cumulative += weight
-            if draw < cumulative:
-                return name
-        return next(iter(self.split))
-
-
-def _user_fraction(user: str) -> float:
-    return int.from_bytes(hashlib.sha256(user.encode("utf-8")).digest()[:8], "big") / 2**64
-
-
-class Metrics:
-    """Counters for /metrics: requests per arm, errors per status and kind, latency quantiles per arm."""
-
-    def __init__(self) -> None:
-        self.requests: dict[str, int] = defaultdict(int)
-        self.errors: dict[tuple[int, str], int] = defaultdict(int)
-        self.latencies: dict[str, list[float]] = defaultdict(list)
-        self.format_failures: dict[str, int] = defaultdict(int)  # format checks that raised or timed out, by kind
-        self.lock = threading.Lock()
-
-    def count_request(self, arm: str, latency: float) -> None:
-        with self.lock:
-            self.requests[arm] += 1
-            self.latencies[arm] = self.latencies[arm][-999:] + [latency]
-
-    def count_error(self, status: int, kind: str) -> None:
-        with self.lock:
-            self.errors[(status, kind)] += 1
-
-    def count_format_failure(self, kind: str) -> None:
-        with self.lock:
-            self.format_failures[kind] += 1
-
-    def render(self, workers: dict[str, ArmWorker]) -> str:
-        with self.lock:
-            lines = ["# TYPE specialist_requests_total counter"]
-            lines += [f'specialist_requests_total{{arm="{arm}"}} {n}' for arm, n in sorted(self.requests.items())]
-            lines.append("# TYPE specialist_errors_total counter")
-            lines += [f'specialist_errors_total{{status="{status}",kind="{kind}"}} {n}'
-                      for (status, kind), n in sorted(self.errors.items())]
-            lines.append("# TYPE specialist_format_check_failures_total counter")
-            lines += [f'specialist_format_check_failures_total{{kind="{kind}"}} {n}'
-                      for kind, n in sorted(self.format_failures.items())]
-            lines.append("# TYPE specialist_latency_seconds summary")
-            for arm, values in sorted(self.latencies.items()):
-                ordered = sorted(values)
-                for q in (0.5, 0.95):
-                    value = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-                    lines.append(f'specialist_latency_seconds{{arm="{arm}",quantile="{q}"}} {value:.4f}')
-        lines.append("# TYPE specialist_queue_depth gauge")
-        for name, worker in workers.items():
-            lines.append(f'specialist_queue_depth{{arm="{name}"}} {worker.queue.qsize()}')
-            lines.append(f'specialist_batches_total{{arm="{name}"}} {worker.batches}')
-            lines.append(f'specialist_generating{{arm="{name}"}} {int(worker.arm.engine.busy)}')
-        return "\n".join(lines) + "\n"
-
-
-@dataclass(eq=False)
-class Job:
-    """One request waiting for, or in, a batch. A streamed job hands its pieces to `events` as they come."""
-
-    request: GenerationRequest
-    sampling: Sampling
-    future: asyncio.Future
-    events: asyncio.Queue | None = None
-    streamed_any: bool = False
-    enqueued: float = field(default_factory=time.perf_counter)
-    arm: ServedArm | None = None  # the arm it was encoded for: a swap lets queued jobs finish on it
-
-    def finish(self, result: Generation | BaseException) -> None:
-        if self.events is not None:
-            self.events.put_nowait(("error", result) if isinstance(result, BaseException) else ("done", result))
-        if not self.future.done():
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
-
-
-class ArmWorker:
-    """One arm's bounded queue and the batching loop that drains it, on a generation thread of its own."""
-
-    def __init__(self, arm: ServedArm, settings: ServeSettings, on_submit: Callable[[], None] | None = None) -> None:
-        self.arm, self.settings = arm, settings
-        self.on_submit = on_submit  # a live request arrived: shadows yield
-        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.queue_size)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"arm-{arm.name}")
-        self.in_flight: set[Job] = set()
-        self.batches = 0
-        self.batched_requests = 0
-        self.closing = False
-
-    def submit(self, job: Job) -> None:
-        if self.closing:
-            raise busy_error(self.settings, "server is shutting down")
-        job.arm = job.arm or self.arm
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise busy_error(self.settings) from None
-        if self.on_submit is not None:
-            self.on_submit()
-
-    async def run(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            groups: dict[tuple[int, Sampling], list[Job]] = defaultdict(list)
-            for job in batch:  # after a swap a batch may hold jobs for the old arm and the new: one call each
-                groups[(id(job.arm), job.sampling)].append(job)
-            for (_, sampling), jobs in groups.items():
-                await self._generate(jobs, sampling)
-
-    async def _next_batch(self) -> list[Job]:
-        batch = [await self.queue.get()]
-        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
-        while len(batch) < self.settings.max_batch:
-            remaining = deadline - time.perf_counter()
-            try:
-                job = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(), remaining)
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                break
-            batch.append(job)
-        return batch
-
-    async def _generate(self, jobs: list[Job], sampling: Sampling) -> None:
-        live = [job for job in jobs if not job.request.cancelled.is_set()]
-        for job in set(jobs) - set(live):
-            job.finish(asyncio.CancelledError("the client went away"))
-        if not live:
-            return
-        self.in_flight.update(live)
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, live[0].arm.engine.run, [job.request for job in live], sampling)
-        except Exception as exc:  # noqa: BLE001 - one request must not fail another: retry each alone
-            await self._retry_alone(live, sampling, exc)
-            return
-        finally:
-            self.in_flight.difference_update(live)
-        self.batches += 1
-        self.batched_requests += len(live)
-        for job, result in zip(live, results, strict=True):
-            job.finish(result)
-
-    async def _retry_alone(self, jobs: list[Job], sampling: Sampling, error: Exception) -> None:
-        if len(jobs) == 1:
-            jobs[0].finish(error)
-            return
-        for job in jobs:
-            if job.streamed_any:  # its client already has part of an answer: a second one would garble it
-                job.finish(error)
-            else:
-                await self._generate([job], sampling)
-
-    def cancel_all(self) -> None:
-        """Shutdown: queued jobs answer 503, running rows end at their next token."""
-        self.closing = True
-        while not self.queue.empty():
-            job = self.queue.get_nowait()
-            job.request.cancelled.set()
-            job.finish(busy_error(self.settings, "server is shutting down"))
-        for job in list(self.in_flight):
-            job.request.cancelled.set()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+# ---- the server's state ----------------------------------------------------------------------------------------
 
 
 class ServeState:
@@ -642,6 +140,17 @@ def serve_state(request: Request) -> ServeState:
 # ---- answering ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What a client asked, as the log keeps it: the endpoint (chat or completion), the input text, the caller, and
+    when the request was queued (`time.perf_counter()`, what its latency counts from)."""
+
+    kind: str
+    text: str
+    user: str | None
+    started: float
+
+
 async def answer(request: Request, body: ChatBody | CompletionBody, text: str, kind: str) -> Response:
     state = serve_state(request)
     refuse_unsupported(body)
@@ -659,18 +168,17 @@ async def answer(request: Request, body: ChatBody | CompletionBody, text: str, k
                             logprobs=_logprobs_asked(body, arm))
     job = _new_job(row, Sampling.of(body.temperature, body.top_p, body.seed), stream=body.stream)
     job.arm = arm
-    started = time.perf_counter()
+    asked = Asked(kind, text, body.user, time.perf_counter())
     state.workers[arm_name].submit(job)
     if body.stream:
-        return StreamingResponse(_stream_events(state, job, body, arm_name, text, kind, started),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_stream_events(state, job, body, arm_name, asked), media_type="text/event-stream")
     result = await _wait_for(job, request)
     request_id = new_request_id(kind)
-    await record(state, request_id, job, kind, body, text, result, time.perf_counter() - started)
+    await record(state, request_id, job, result, asked)
     return JSONResponse(openai_body(kind, request_id, arm_name, result, choice_logprobs(arm.tokenizer, result)))
 
 
-def _logprobs_asked(body: _Body, arm: ServedArm) -> int | None:
+def _logprobs_asked(body: RequestBody, arm: ServedArm) -> int | None:
     """How many alternatives each answer token's log-probability comes with (None: no log-probabilities)."""
     if not isinstance(body, ChatBody) or not body.logprobs:
         return None
@@ -680,7 +188,7 @@ def _logprobs_asked(body: _Body, arm: ServedArm) -> int | None:
     return body.top_logprobs or 0
 
 
-def response_constraint(body: _Body, arm: ServedArm):
+def response_constraint(body: RequestBody, arm: ServedArm):
     """The output language `response_format` asks for, compiled for the arm's tokenizer (None: free text)."""
     form = getattr(body, "response_format", None)
     if form is None or form.type == "text":
@@ -702,7 +210,7 @@ def response_constraint(body: _Body, arm: ServedArm):
     return constraint
 
 
-def _answer_limit(body: _Body, arm: ServedArm, settings: ServeSettings) -> int:
+def _answer_limit(body: RequestBody, arm: ServedArm, settings: ServeSettings) -> int:
     asked = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     if asked is None:
         return min(arm.max_new_tokens, settings.max_tokens_limit)
@@ -760,11 +268,10 @@ async def _wait_for(job: Job, request: Request) -> Generation:
                        kind="server_error") from None
 
 
-async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str, text: str, kind: str,
-                         started: float):
-    chunks = ChunkWriter(kind, new_request_id(kind), arm_name, job.arm.tokenizer, body)
+async def _stream_events(state: ServeState, job: Job, body: RequestBody, arm_name: str, asked: Asked):
+    chunks = ChunkWriter(asked.kind, new_request_id(asked.kind), arm_name, job.arm.tokenizer, body)
     try:
-        if kind == "chat":  # OpenAI's first chunk names the speaker; clients build the message from it
+        if asked.kind == "chat":  # OpenAI's first chunk names the speaker; clients build the message from it
             yield _sse(chunks.chunk({"role": "assistant", "content": ""}))
         while True:
             what, value = await job.events.get()
@@ -772,8 +279,7 @@ async def _stream_events(state: ServeState, job: Job, body: _Body, arm_name: str
                 yield _sse(chunks.piece(*value))
             elif what == "done":
                 # recorded before the last chunk, so feedback sent on [DONE] finds the request
-                await record(state, chunks.request_id, job, kind, body, text, value,
-                             time.perf_counter() - started)
+                await record(state, chunks.request_id, job, value, asked)
                 yield _sse(chunks.last(value))
                 if chunks.include_usage:
                     yield _sse(chunks.usage(value))
@@ -793,22 +299,22 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def record(state: ServeState, request_id: str, job: Job, kind: str, body: _Body, text: str,
-                 result: Generation, latency: float) -> None:
+async def record(state: ServeState, request_id: str, job: Job, result: Generation, asked: Asked) -> None:
     """Log the live answer (judged by the arm that gave it, even if swapped out since), then offer the request to
-    the shadows: they start only once it is answered."""
+    the shadows: they start only once it is answered. The latency runs from queueing to this call."""
+    latency = time.perf_counter() - asked.started
     arm = job.arm
     passed = await format_verdict(state, arm, result.text)
     log_text = state.settings.log_prompts
     # scrubbing runs regexes over the text: off the event loop, like the format check
     await asyncio.to_thread(state.log.add, LoggedRequest(
-        request_id=request_id, arm=arm.name, endpoint=kind, user=body.user, latency_s=latency,
+        request_id=request_id, arm=arm.name, endpoint=asked.kind, user=asked.user, latency_s=latency,
         tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, format_ok=passed,
-        finish_reason=result.finish_reason, prompt=text if log_text else None,
+        finish_reason=result.finish_reason, prompt=asked.text if log_text else None,
         output=result.text if log_text else None, confidence=confidence_of(result)))
     state.metrics.count_request(arm.name, latency)
     if state.shadow is not None and result.finish_reason != "cancelled":
-        state.shadow.offer(ShadowJob(request_id, text, result.text, job.request.max_new_tokens, job.sampling))
+        state.shadow.offer(ShadowJob(request_id, asked.text, result.text, job.request.max_new_tokens, job.sampling))
 
 
 def confidence_of(result: Generation) -> float | None:
@@ -883,7 +389,7 @@ class ChunkWriter:
     and with `stream_options.include_usage` the usage chunk after it (no choices), every other chunk carrying
     `usage: null`."""
 
-    def __init__(self, kind: str, request_id: str, arm: str, tokenizer, body: _Body) -> None:
+    def __init__(self, kind: str, request_id: str, arm: str, tokenizer, body: RequestBody) -> None:
         self.kind, self.request_id, self.tokenizer = kind, request_id, tokenizer
         self.head = {"id": request_id, "created": int(time.time()), "model": arm,
                      "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}

@@ -84,9 +84,8 @@ def versus_best_lines(report) -> list[str]:
         tuned, other = report.arms["tuned"].headline()[metric], report.arms[arm].headline()[metric]
         line = f"{metric}: tuned {100 * tuned:.1f}% vs {arm} {100 * other:.1f}%: {100 * (tuned - other):+.1f} pts"
         if comparison is not None:
-            d = comparison.difference
-            if d.low is not None and d.high is not None:
-                line += f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+            if comparison.difference.bounded:
+                line += f" {comparison.difference.format_bounds('+.1f', 100)}"
             verdict = {"b": "tuned ahead", "a": "tuned behind"}.get(comparison.better, "no difference")
             line += f", {comparison.test} p={comparison.p_value:.3g} ({verdict})"
         else:

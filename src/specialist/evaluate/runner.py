@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from specialist.artifacts import Loaded, ModelPool, constraint_of, load_exported, load_run
+from specialist.artifacts import Loaded, ModelPool, load_base_model, load_exported, load_run
 from specialist.config import RunConfig
 from specialist.console import console
+from specialist.constrain import constraint_of
 from specialist.core.gates import BEST_BASELINE, check_gates, refuse_gates_on_arms_left_out
 from specialist.core.labels import label_rule, render_label
 from specialist.core.scorers import (
@@ -274,15 +275,15 @@ def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[E
     from_adapter): give the SFT run as an arm (`--arm sft=RUN`) to see base / SFT / tuned side by side."""
     template = run.template()
     tuned = load_run(run, pool, adapter_name="tuned") if run.is_trained and not run.is_classifier else None
-    base_model, tokenizer = pool.base(config.model.name)
-    base = Engine(base_model, tokenizer, template, context=pool.base_context(config.model.name))
+    base_weights = load_base_model(config.model.name, pool, template)  # every adapter off while it answers
+    base = base_weights.answering_engine()
     arms: list[Arm] = []
     if not config.evaluation.skip_base:
         arms.append(Arm("base", base))
         if config.evaluation.few_shot_k:
             shots = [(ex.prompt, ex.completion) for ex in train[: config.evaluation.few_shot_k]]
             arms.append(Arm("few_shot", base, shots))
-    arms += baseline_arms(config, train, base)
+    arms += baseline_arms(config, train, base_weights)
     tuned_engine = _engine(tuned, template) if tuned is not None else None
     if tuned_engine is not None:
         arms.append(Arm("tuned", tuned_engine))
@@ -295,7 +296,7 @@ def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[E
     return Arms(arms, base, tuned_engine)
 
 
-def baseline_arms(config: RunConfig, train: list[Example], base: Engine) -> list[Arm]:
+def baseline_arms(config: RunConfig, train: list[Example], base: Loaded) -> list[Arm]:
     """The cheapest alternatives (evaluation.baselines), all from one retrieval index over the training rows:
     nearest, majority and linear need no model; retrieval is the base model shown each row's nearest rows (left
     out with skip_base, like the other base arms)."""
@@ -308,8 +309,7 @@ def baseline_arms(config: RunConfig, train: list[Example], base: Engine) -> list
              .items()]
     if "retrieval" in evaluation.baselines and not evaluation.skip_base and default_retrieval_k(evaluation):
         # the base weights answering as a retrieval-trained model is served: the engine adds the nearest rows
-        found.append(Arm("retrieval", Engine(base.model, base.tokenizer, base.template, context=base.context,
-                                             retrieval=index)))
+        found.append(Arm("retrieval", replace(base, retrieval=index).answering_engine()))
     return found
 
 
@@ -330,7 +330,7 @@ def other_arm(name: str, folder: Path, config: RunConfig, pool: ModelPool, templ
         raise ConfigError(f"arm {name!r}: {folder} is not a run, export or adapter folder",
                           hint="give a run folder, a folder written by `specialist export`, or an adapter folder")
     model, context = pool.with_adapter(config.model.name, None, folder, name)
-    return Arm(name, Engine(model, pool.tokenizer(config.model.name), template, context=context))
+    return Arm(name, _engine(Loaded(model, pool.tokenizer(config.model.name), template, context=context)))
 
 
 def classifier_arm(name: str, run: RunFolder, config: RunConfig) -> Arm:

@@ -148,7 +148,7 @@ def format_check(config: RunConfig, train: list[Example]) -> Callable[[str], boo
     The language is constrained decoding's (`constraint_of`): an explicit evaluation.constraint, else the schema,
     the label set or the regex the config gives; without any of them, JSON only where every training answer is.
     """
-    from specialist.artifacts import constraint_of
+    from specialist.constrain import constraint_of
     from specialist.core.scorers import score_json_valid
 
     evaluation, data = config.evaluation, config.data
