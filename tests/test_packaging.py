@@ -24,8 +24,9 @@ SRC = ROOT / "src" / "specialist"
 # import names of optional packages that need not be installed here, so packages_distributions() cannot map them
 NOT_INSTALLED_HERE = {"bitsandbytes": "bitsandbytes", "llama_cpp": "llama-cpp-python", "xgrammar": "xgrammar",
                       "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "comet_ml": "comet_ml"}
-# modules that only run with an extra installed, and may import it at module scope
-EXTRA_MODULES = {"deploy/serve.py": "serve"}
+# modules that only run with an extra installed, and may import it at module scope (serve_requests.py is
+# imported by serve.py alone, so it is only ever loaded where fastapi is)
+EXTRA_MODULES = {"deploy/serve.py": "serve", "deploy/serve_requests.py": "serve"}
 
 
 def normalise(name: str) -> str:
@@ -170,3 +171,25 @@ def test_require_skips_on_a_developers_machine_and_fails_under_ci(monkeypatch):
     with pytest.raises(pytest.skip.Exception):
         require("specialist_no_such_module", "absent here")
     assert require("json", "the standard library").dumps([]) == "[]"
+
+
+def test_a_module_needing_an_extra_is_imported_at_module_scope_only_by_modules_needing_it_too():
+    # EXTRA_MODULES may import their extra at module scope because nothing loads them without it: a core module
+    # importing one at the top would make `import specialist...` need fastapi after all
+    wrong = {}
+    for path in SRC.rglob("*.py"):
+        importer = path.relative_to(SRC).as_posix()
+        package = importer.split("/")[:-1]
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            if node.level:  # relative: from the importer's package, one level up per extra dot
+                parts = package[:len(package) - node.level + 1] + node.module.split(".")
+            elif node.module.startswith("specialist."):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            target = "/".join(parts) + ".py"
+            if target in EXTRA_MODULES and EXTRA_MODULES.get(importer) != EXTRA_MODULES[target]:
+                wrong[importer] = target
+    assert not wrong, f"modules that need an extra, imported at module scope by modules that do not: {wrong}"
