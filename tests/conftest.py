@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -14,6 +17,20 @@ CORPUS = [
     "[Sun Dec 04 04:47:44 2005] [notice] workerEnv.init() ok /etc/httpd/conf/workers2.properties",
     "### Input:\n### Output:\nParse the log line into JSON. null true false 0123456789",
 ] * 20
+
+
+def under_ci() -> bool:
+    """CI is set by GitHub Actions, GitLab CI and the like, and by .ci/run for any other runner."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(module: str, reason: str) -> ModuleType:
+    """pytest.importorskip on a developer's machine; under CI an import, so a package the test extra installs
+    (the openai and LangChain clients, xgrammar) failing to install fails the run instead of skipping its
+    tests silently."""
+    if under_ci():
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=reason)
 
 
 def build_tiny_tokenizer():

@@ -24,8 +24,9 @@ SRC = ROOT / "src" / "specialist"
 # import names of optional packages that need not be installed here, so packages_distributions() cannot map them
 NOT_INSTALLED_HERE = {"bitsandbytes": "bitsandbytes", "llama_cpp": "llama-cpp-python", "xgrammar": "xgrammar",
                       "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "comet_ml": "comet_ml"}
-# modules that only run with an extra installed, and may import it at module scope
-EXTRA_MODULES = {"deploy/serve.py": "serve"}
+# modules that only run with an extra installed, and may import it at module scope (serve_requests.py is
+# imported by serve.py alone, so it is only ever loaded where fastapi is)
+EXTRA_MODULES = {"deploy/serve.py": "serve", "deploy/serve_requests.py": "serve"}
 
 
 def normalise(name: str) -> str:
@@ -119,3 +120,76 @@ def test_every_extra_the_readme_names_exists():
     extras = set(pyproject()["project"]["optional-dependencies"])
     assert named - extras == set(), f"the README names extras pyproject.toml does not define: {named - extras}"
     assert extras - {"test-tools"} <= in_table, f"extras missing from the install section: {extras - in_table}"
+
+
+def makefile_recipe(target: str) -> str:
+    """The prerequisites and commands of a Makefile rule, up to the blank line that ends it."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    return makefile.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+
+
+def distributions_of(extras: set[str]) -> set[str]:
+    """The distributions the extras install, `specialist[...]` references to other extras followed."""
+    groups = pyproject()["project"]["optional-dependencies"]
+    found, todo, seen = set(), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in map(Requirement, groups[extra]):
+            if normalise(requirement.name) == "specialist":
+                todo += requirement.extras
+            else:
+                found.add(normalise(requirement.name))
+    return found
+
+
+def test_ci_installs_the_clients_the_serve_tests_drive_and_makes_a_missing_one_fail():
+    # .ci/run is `make test`; its test stamp installs these extras, and the constrain stamp (a prerequisite)
+    # xgrammar, which test_serve_api.py needs before its openai and LangChain tests can run
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci and re.search(r'^export CI="\$\{CI:-1\}"', ci, re.MULTILINE), ci
+    assert "$(TEST_STAMP)" in makefile_recipe("test").split("\n", 1)[0]
+    stamp = makefile_recipe("$(TEST_STAMP)")
+    assert "$(CONSTRAIN_STAMP)" in stamp.split("\n", 1)[0] and "xgrammar" in makefile_recipe("$(CONSTRAIN_STAMP)")
+    installed = set(re.search(r"-e '\.\[([\w,-]+)\]'", stamp).group(1).split(","))
+    assert {"openai", "langchain-openai"} <= distributions_of(installed), installed
+
+
+def test_require_skips_on_a_developers_machine_and_fails_under_ci(monkeypatch):
+    from conftest import require
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require("specialist_no_such_module", "absent here")
+    for value in ("1", "true"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(ModuleNotFoundError):
+            require("specialist_no_such_module", "absent here")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        require("specialist_no_such_module", "absent here")
+    assert require("json", "the standard library").dumps([]) == "[]"
+
+
+def test_a_module_needing_an_extra_is_imported_at_module_scope_only_by_modules_needing_it_too():
+    # EXTRA_MODULES may import their extra at module scope because nothing loads them without it: a core module
+    # importing one at the top would make `import specialist...` need fastapi after all
+    wrong = {}
+    for path in SRC.rglob("*.py"):
+        importer = path.relative_to(SRC).as_posix()
+        package = importer.split("/")[:-1]
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            if node.level:  # relative: from the importer's package, one level up per extra dot
+                parts = package[:len(package) - node.level + 1] + node.module.split(".")
+            elif node.module.startswith("specialist."):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            target = "/".join(parts) + ".py"
+            if target in EXTRA_MODULES and EXTRA_MODULES.get(importer) != EXTRA_MODULES[target]:
+                wrong[importer] = target
+    assert not wrong, f"modules that need an extra, imported at module scope by modules that do not: {wrong}"
