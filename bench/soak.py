@@ -119,7 +119,8 @@ def start_server(live: Path, shadow: Path, work: Path, port: int) -> subprocess.
                "--shadow-share", "0.5", "--log-prompts", "--scrub-logs", "--log-max-rows", "1000",
                "--db", str(db), "--port", str(port), "--max-tokens", "64"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    server = subprocess.Popen(command, env=env, stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
+    with open(work / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:
         if server.poll() is not None:
