@@ -61,26 +61,13 @@ def tiny_runs(work: Path) -> tuple[Path, Path]:
     if (live / "adapter").is_dir() and (shadow / "adapter").is_dir():
         return live, shadow
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import LOG_EXAMPLES, build_tiny_model, build_tiny_tokenizer
+    from conftest import build_tiny_model, build_tiny_tokenizer, train_tiny_run
 
-    from specialist.config import validate_config
-    from specialist.pipeline import train_only
-
-    model_dir, data = work / "tiny-model", work / "data.jsonl"
+    model_dir = work / "tiny-model"
     tokenizer = build_tiny_tokenizer()
     build_tiny_model(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    rows = [{"prompt": f"{LOG_EXAMPLES[i % 3][0]} #{i}", "completion": json.dumps(LOG_EXAMPLES[i % 3][1])}
-            for i in range(40)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = validate_config({
-        "data": {"path": str(data), "dedupe": {"near": False}},
-        "model": {"name": str(model_dir), "dtype": "float32"},
-        "method": {"r": 4, "alpha": 8},
-        "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.05, "report_to": []},
-        "evaluation": {"max_new_tokens": 8},
-        "output": {"dir": str(work / "runs"), "run_name": "tiny"}})
-    train_only(config, "tiny")
+    train_tiny_run(model_dir, work)
     scrambled_copy(live, shadow)
     return live, shadow
 

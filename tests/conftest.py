@@ -152,24 +152,40 @@ def tiny_config(tmp_path, tiny_model_dir, log_data):
     }
 
 
-@pytest.fixture(scope="session")
-def tiny_run_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A run folder with a LoRA adapter on the tiny model, trained once for the whole session (2 steps).
-
-    Tests may read it and add files (exports go elsewhere); they must not change what is in it."""
+def train_tiny_run(model_dir: Path, work: Path) -> Path:
+    """Train the tiny run (a LoRA adapter, 2 steps on 40 log lines) on the tiny model in `model_dir`, under `work`.
+    The session fixture and bench/serve_soak.py both call it, so the soak serves what CI serves."""
     from specialist.config import validate_config
     from specialist.pipeline import train_only
 
-    tmp = tmp_path_factory.mktemp("tiny-run")
-    data = tmp / "data.jsonl"
+    data = work / "data.jsonl"
     rows = [{"prompt": f"{LOG_EXAMPLES[i % 3][0]} #{i}", "completion": json.dumps(LOG_EXAMPLES[i % 3][1])}
             for i in range(40)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = validate_config({
         "data": {"path": str(data), "dedupe": {"near": False}},
-        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "model": {"name": str(model_dir), "dtype": "float32"},
         "method": {"r": 4, "alpha": 8},
         "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "learning_rate": 0.05, "report_to": []},
         "evaluation": {"max_new_tokens": 8},
-        "output": {"dir": str(tmp / "runs"), "run_name": "tiny"}})
+        "output": {"dir": str(work / "runs"), "run_name": "tiny"}})
     return train_only(config, "tiny").run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A run folder with a LoRA adapter on the tiny model, trained once for the whole session (2 steps).
+
+    Tests may read it and add files (exports go elsewhere); they must not change what is in it."""
+    return train_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(scope="module")
+def arms(tiny_run_dir, tiny_model_dir):
+    """The tiny run and the tiny base model as served arms, answers cut at 8 tokens (serve and loop tests)."""
+    from specialist.deploy.arms import load_arms
+
+    loaded = load_arms([("tuned", str(tiny_run_dir)), ("base", str(tiny_model_dir))])
+    for arm in loaded.values():
+        arm.max_new_tokens = 8
+    return loaded

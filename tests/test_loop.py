@@ -51,14 +51,6 @@ def fake_arm(name: str, mode: str = "answer", text: str = SHADOW_MARK) -> Served
     return ServedArm(name, FakeEngine(text, mode), "fake", format_check=lambda out: out.startswith("{"))
 
 
-@pytest.fixture(scope="module")
-def arms(tiny_run_dir, tiny_model_dir):
-    loaded = load_arms([("tuned", str(tiny_run_dir)), ("base", str(tiny_model_dir))])
-    for arm in loaded.values():
-        arm.max_new_tokens = 8
-    return loaded
-
-
 def settings(tmp_path, **overrides) -> ServeSettings:
     return ServeSettings(**{"split": {"tuned": 1.0}, "db": tmp_path / "log.sqlite", "log_prompts": True,
                             "max_tokens_limit": 64, "max_prompt_tokens": 256, **overrides})

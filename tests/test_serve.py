@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import sqlite3
@@ -19,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from specialist.deploy.arms import load_arms
 from specialist.deploy.serve import ROUTER, BackgroundServer, ServeSettings, create_app
 
 GOOD = {"model": "tuned", "max_tokens": 6, "messages": [{"role": "user", "content": "Dec 10 sshd[1]: Invalid user x"}]}
@@ -93,14 +91,6 @@ BAD_REQUESTS = [
     ("feedback on an unknown id", "/v1/feedback", {"id": "chatcmpl-none", "score": 1}, 404),
     ("unknown path", "/v1/nothing-here", {"a": 1}, 404),
 ]
-
-
-@pytest.fixture(scope="module")
-def arms(tiny_run_dir, tiny_model_dir):
-    loaded = load_arms([("tuned", str(tiny_run_dir)), ("base", str(tiny_model_dir))])
-    for arm in loaded.values():
-        arm.max_new_tokens = 8
-    return loaded
 
 
 def settings(tmp_path, **overrides) -> ServeSettings:
