@@ -311,6 +311,39 @@ def test_figures_are_built_from_bounds_intervals_or_their_json():
 
 # -- gates on arms an evaluation leaves out: refused before any answer is generated ------------------------------
 
+@pytest.mark.parametrize("overrides, gate, missing", [
+    (["evaluation.skip_base=true"], "tuned - base >= 0.2 on exact_match", "base"),
+    (["evaluation.skip_base=true"], "tuned - retrieval > 0 on exact_match", "retrieval"),
+    (["evaluation.few_shot_k=0"], "few_shot.exact_match >= 0.1", "few_shot"),
+    (["evaluation.baselines=[]"], "tuned - nearest > 0 on exact_match", "nearest"),
+    ([], "tuned+constrained.json_valid >= 0.9", "tuned+constrained"),
+])
+def test_run_refuses_a_gate_on_an_arm_left_out_before_training(tiny_config, monkeypatch, overrides, gate, missing):
+    """A gate on an arm the config leaves out stopped `specialist run` only after the whole training (an hour of
+    log-root-cause); it is now refused before a step is trained, and by `validate`."""
+    import copy
+
+    import specialist.pipeline as pipeline
+    from specialist.config import apply_override
+
+    def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+        raw = copy.deepcopy(raw)
+        for override in overrides:
+            apply_override(raw, override)
+        return raw
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started before the gates were checked against the arms")
+
+    monkeypatch.setattr(pipeline, "train_only", never)
+    raw = apply_overrides(tiny_config, [*overrides, f"evaluation.gates=['{gate}']"])
+    with pytest.raises(ConfigError, match=f"reads {re.escape(missing)}, which this evaluation does not score"):
+        pipeline.run(validate_config(raw))
+    kept = apply_overrides(tiny_config, [f"evaluation.gates=['{gate}']", "evaluation.constrained=true"])
+    with pytest.raises(AssertionError, match="training started"):  # the same gate with its arm kept passes the check
+        pipeline.run(validate_config(kept))
+
+
 def test_a_gate_on_an_arm_left_out_is_refused_before_generation(tiny_run_dir, monkeypatch):
     import specialist.evaluate.runner as runner
     from specialist.core.gates import refuse_gates_on_arms_left_out

@@ -265,6 +265,20 @@ def check_evaluation_inputs(config: RunConfig) -> None:
         resolve_scorers(evaluation.scorers, label_rule(evaluation), evaluation.json_schema)
     if config.training.select_by not in (None, "macro_f1"):
         resolve_scorers([config.training.select_by], label_rule(evaluation), evaluation.json_schema)
+    if config.method.kind != "continued_pretraining":  # a gate on an arm left out failed after an hour's training
+        refuse_gates_on_arms_left_out(evaluation.gates, planned_arm_names(config), [])
+
+
+def planned_arm_names(config: RunConfig) -> list[str]:
+    """The arms build_arms will score, read from the config alone (before the data is split): majority and linear
+    count as planned, since whether the rows carry labels is known only after prepare (evaluate_run checks again)."""
+    evaluation = config.evaluation
+    base_arms = [] if evaluation.skip_base else ["base"] + (["few_shot"] if evaluation.few_shot_k else [])
+    baselines = [name for name in evaluation.baselines if name != "retrieval"]
+    if "retrieval" in evaluation.baselines and not evaluation.skip_base and default_retrieval_k(evaluation):
+        baselines.append("retrieval")
+    tuned = ["tuned"] + (["tuned+constrained"] if evaluation.constrained and config.method.kind != "classifier" else [])
+    return [*base_arms, *baselines, *tuned]
 
 
 def build_arms(run: RunFolder, config: RunConfig, pool: ModelPool, train: list[Example],
