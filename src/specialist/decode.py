@@ -1,0 +1,165 @@
+"""Greedy decoding without transformers' `generate` loop, for the engine's commonest case: greedy, no logits
+processor (no constraint, no log-probabilities, no seeded draw).
+
+Two things make it faster, and neither changes which token is picked:
+
+- one loop of our own (prefill, then one decoder call per token), with the rows that have ended dropped from the
+  batch (their cache rows too), so a short answer stops costing work at once, and none of generate's per-token
+  machinery (its logits processors, stopping criteria, model-kwargs bookkeeping) runs;
+- the output layer, most of a small model's per-token work (Gemma 3 270M: 262144 x 640, 63% of its weights), is
+  read in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), half the bytes of float32.
+  bfloat16 logits are only approximate, so they only pick candidates: every token whose bfloat16 logit is within
+  a proven error bound of the best one is re-scored exactly in float32, and the exact best is the token. The
+  argmax is float32's whatever the rounding (`GreedyHead.pick`). Where the CPU lacks the instructions the layer
+  stays float32 (bfloat16 there is emulated, slower than float32).
+
+The logits are float32's up to the order of the sums, as between two batch sizes of `generate`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# the architectures whose causal-LM head is exactly `lm_head(final hidden state)`: no logit scale, no soft-capping
+# (a model outside this list, or one whose config soft-caps, decodes through generate as before)
+PLAIN_HEAD_MODEL_TYPES = {"llama", "gemma", "gemma3_text", "qwen2", "qwen3", "mistral", "phi3", "smollm3"}
+_UNIT_ROUNDOFF_BF16 = 2.0 ** -8  # bfloat16 keeps 8 significant bits
+_UNIT_ROUNDOFF_FP32 = 2.0 ** -24
+# candidates re-scored exactly per row; a row whose bound admits more is scored in full float32 (rare)
+CANDIDATES = 64
+
+
+def cpu_multiplies_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively and torch may use it: the avx512_bf16 or amx_bf16 flag (of
+    `cpuinfo`, else /proc/cpuinfo), torch's kernels at AVX-512, and no ISA cap below bfloat16 in the environment
+    (the AVX2-only emulation of bench/)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return False
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return cap == "ALL" or "BF16" in cap or "AMX" in cap
+
+
+def fast_path_allowed(model) -> bool:
+    """Whether `model` (a PEFT wrapper or a plain causal LM) has a plain head we may compute ourselves, and a
+    generation config that adds no logits processor of its own to greedy decoding."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return (config is not None and getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+            and not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logit_scale", None)
+            and type(head) is torch.nn.Linear and head.bias is None and hasattr(inner, "get_decoder")
+            and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32
+            and not _processors_in(getattr(inner, "generation_config", None)))
+
+
+# generation-config settings that make generate change greedy logits (penalties, banned or forced tokens)
+_PROCESSOR_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                       "begin_suppress_tokens", "min_length", "min_new_tokens", "forced_bos_token_id",
+                       "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
+                       "encoder_repetition_penalty", "encoder_no_repeat_ngram_size", "watermarking_config")
+
+
+def _processors_in(generation_config) -> bool:
+    if generation_config is None:
+        return False
+    values = [getattr(generation_config, name, None) for name in _PROCESSOR_SETTINGS]
+    return any(value not in (None, 0, 1.0, [], {}) for value in values)
+
+
+class GreedyHead:
+    """argmax over the vocabulary of `hidden @ weight.T`, float32's, read in bfloat16 where that is native.
+
+    The bound: each bfloat16 logit differs from the exact one by at most
+    (2u + u^2 + n*v*(1+u)^2) * ||w_j|| * ||h|| (rounding w and h to bfloat16, then n float32 additions;
+    Cauchy-Schwarz for sum |w_ij||h_i|) plus u * |logit| if the product is rounded to bfloat16 at the end;
+    u = 2^-8, v = 2^-24. Taken twice over, for margin. The best exact logit is then at most 2 * bound below the
+    best bfloat16 one, so every token outside that band is ruled out."""
+
+    def __init__(self, weight: torch.Tensor, bf16: bool) -> None:
+        self.weight = weight
+        self.low = weight.to(torch.bfloat16) if bf16 else None
+        u, n = _UNIT_ROUNDOFF_BF16, weight.shape[1]
+        self.relative = 2 * (2 * u + u * u + n * _UNIT_ROUNDOFF_FP32 * (1 + u) ** 2)
+        self.largest_row = float(weight.norm(dim=1).max()) if bf16 else 0.0
+
+    def pick(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row of `hidden` (rows x hidden size, float32)."""
+        if self.low is None:
+            return F.linear(hidden, self.weight).argmax(dim=-1)
+        approx = F.linear(hidden.to(torch.bfloat16), self.low).float()
+        top = approx.topk(CANDIDATES, dim=-1)
+        best = top.values[:, 0]
+        u = 2 * _UNIT_ROUNDOFF_BF16
+        bound = (self.relative * self.largest_row * hidden.norm(dim=-1) + u * best.abs()) / (1 - 4 * u)
+        covered = top.values[:, -1] < best - 2 * bound  # every token in the band is among the candidates
+        exact = torch.einsum("bkh,bh->bk", self.weight[top.indices], hidden)
+        picks = _first_best(exact, top.indices)
+        for row in (~covered).nonzero().flatten().tolist():  # the band is wider than the candidates: score all
+            picks[row] = F.linear(hidden[row], self.weight).argmax()
+        return picks
+
+
+def _first_best(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per row, the id of the highest score; among equal scores the lowest id, as argmax over the vocabulary
+    would pick."""
+    best = scores.max(dim=-1, keepdim=True).values
+    vocabulary = torch.iinfo(ids.dtype).max
+    return torch.where(scores == best, ids, torch.full_like(ids, vocabulary)).min(dim=-1).values
+
+
+_HEADS: dict[int, tuple[torch.Tensor, int, GreedyHead]] = {}
+
+
+def greedy_head(model) -> GreedyHead:
+    """The model's output layer as a GreedyHead, built once per weight (and again if it is changed in place)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weight = inner.get_output_embeddings().weight
+    key = id(weight)
+    held = _HEADS.get(key)
+    if held is None or held[0] is not weight or held[1] != weight._version:
+        for stale in [k for k, (w, version, _) in _HEADS.items() if w is weight or k == key]:
+            del _HEADS[stale]
+        _HEADS[key] = (weight, weight._version, GreedyHead(weight.detach(), cpu_multiplies_bf16()))
+    return _HEADS[key][2]
+
+
+def greedy_decode(model, inputs: dict, take) -> None:
+    """Greedy decoding of a batch, one decoder call per token, until `take` has ended every row.
+
+    `inputs` are the engine's: left-padded `input_ids` and `attention_mask`, and a shared prefix's `cache` whose
+    tokens lead every row. `take(rows, tokens)` is given the rows still going (their indices in the batch) and
+    each one's new token, and answers which of them have ended; those leave the batch, cache rows and all.
+    Positions and masks are generate's (positions count the mask's ones; an all-ones mask is dropped)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = inner.get_decoder(), greedy_head(model)
+    ids, mask, cache = inputs["input_ids"], inputs["attention_mask"], inputs.get("cache")
+    past = cache.get_seq_length() if cache is not None else 0
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    padded = not bool((mask == 1).all())
+    out = decoder(input_ids=ids[:, past:], attention_mask=mask if padded else None,
+                  position_ids=positions[:, past:], cache=cache, use_cache=True)
+    rows, position = list(range(ids.shape[0])), positions[:, -1:]
+    while True:
+        tokens = head.pick(out.last_hidden_state[:, -1])
+        done = take(rows, tokens.tolist())
+        if all(done):
+            return
+        cache = out.cache
+        if any(done):  # ended rows leave the batch
+            keep = torch.tensor([n for n, ended in enumerate(done) if not ended])
+            cache.batch_select_indices(keep)
+            rows, tokens, mask, position = ([rows[n] for n in keep.tolist()], tokens[keep], mask[keep],
+                                            position[keep])
+        mask, position = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1), position + 1
+        out = decoder(input_ids=tokens[:, None], attention_mask=mask if padded else None, position_ids=position,
+                      cache=cache, use_cache=True)
