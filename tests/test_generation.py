@@ -292,8 +292,9 @@ def test_rows_with_their_own_output_language_are_each_kept_inside_it(babbler):
 
 def test_the_fast_greedy_path_gives_the_plain_paths_tokens(babbler, monkeypatch):
     """Greedy rows with no logits processor decode through specialist.decode (its own loop, rows leaving the batch
-    as they end, the output layer in bfloat16 where the CPU has it, candidates re-scored in float32): every row's
-    tokens are those of transformers' generate, batched with different limits, with a shared prefix, and alone."""
+    as they end, the output layer in bfloat16 where the CPU has it, candidates re-scored in float32, a lone row
+    checking tokens guessed from its context several at a time): every row's tokens are those of transformers'
+    generate, batched with different limits, with a shared prefix, and alone (with and without the guesses)."""
     from specialist import generation
 
     babbler.stop_ids = set()
@@ -322,6 +323,13 @@ def test_the_fast_greedy_path_gives_the_plain_paths_tokens(babbler, monkeypatch)
     generate = babbler.model.generate
     monkeypatch.setattr(babbler.model, "generate", lambda *a, **k: pytest.fail("the fast path called generate"))
     assert tokens(True, [[0, 1, 2], [3, 4, 5]]) == plain  # batched: padding; the second batch shares a prefix
-    assert tokens(True, [[n] for n in range(6)]) == plain  # one at a time
+    calls = []
+    hook = babbler.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    assert tokens(True, [[n] for n in range(6)]) == plain  # one at a time: prompt-lookup drafts checked
+    hook.remove()
+    assert len(calls) - len(limits) < sum(limits) - len(limits)  # some calls took several tokens at once
+    babbler.lookup = 0
+    assert tokens(True, [[n] for n in range(6)]) == plain  # one token per call
     monkeypatch.setattr(babbler.model, "generate", generate)
     assert babbler.run([Request(prompts[0], 5)], Sampling(True, 1.0, 1.0, seed=1))  # sampling: the plain path

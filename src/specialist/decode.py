@@ -138,13 +138,14 @@ def greedy_head(model) -> GreedyHead:
     return _HEADS[key][2]
 
 
-def greedy_decode(model, inputs: dict, take) -> None:
-    """Greedy decoding of a batch, one decoder call per token, until `take` has ended every row.
+def greedy_decode(model, inputs: dict, take, lookup: int = 0) -> None:
+    """Greedy decoding of a batch until `take` has ended every row.
 
     `inputs` are the engine's: left-padded `input_ids` and `attention_mask`, and a shared prefix's `cache` whose
     tokens lead every row. `take(rows, tokens)` is given the rows still going (their indices in the batch) and
     each one's new token, and answers which of them have ended; those leave the batch, cache rows and all.
-    Positions and masks are generate's (positions count the mask's ones; an all-ones mask is dropped)."""
+    Positions and masks are generate's (positions count the mask's ones; an all-ones mask is dropped).
+    A single row with `lookup` > 0 drafts up to that many tokens a step from its own context (`lookup_loop`)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), greedy_head(model)
     ids, mask, cache = inputs["input_ids"], inputs["attention_mask"], inputs.get("cache")
@@ -153,18 +154,71 @@ def greedy_decode(model, inputs: dict, take) -> None:
     padded = not bool((mask == 1).all())
     out = decoder(input_ids=ids[:, past:], attention_mask=mask if padded else None,
                   position_ids=positions[:, past:], cache=cache, use_cache=True)
-    rows, position = list(range(ids.shape[0])), positions[:, -1:]
+    tokens = head.pick(out.last_hidden_state[:, -1])
+    if lookup and ids.shape[0] == 1 and not padded:
+        window = getattr(inner.config, "sliding_window", None) or float("inf")
+        lookup_loop(decoder, head, out.cache, ids[0].tolist() + tokens.tolist(), take, (lookup, window))
+    else:
+        batch_loop(decoder, head, (out.cache, mask if padded else None, positions[:, -1:]), tokens, take)
+
+
+def batch_loop(decoder, head: GreedyHead, state: tuple, tokens: torch.Tensor, take) -> None:
+    """One decoder call per token for the rows still going; `state` is (cache, mask or None, last positions)."""
+    cache, mask, position = state
+    rows = list(range(tokens.shape[0]))
     while True:
-        tokens = head.pick(out.last_hidden_state[:, -1])
         done = take(rows, tokens.tolist())
         if all(done):
             return
-        cache = out.cache
         if any(done):  # ended rows leave the batch
             keep = torch.tensor([n for n, ended in enumerate(done) if not ended])
             cache.batch_select_indices(keep)
-            rows, tokens, mask, position = ([rows[n] for n in keep.tolist()], tokens[keep], mask[keep],
-                                            position[keep])
-        mask, position = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1), position + 1
-        out = decoder(input_ids=tokens[:, None], attention_mask=mask if padded else None, position_ids=position,
-                      cache=cache, use_cache=True)
+            rows, tokens, position = [rows[n] for n in keep.tolist()], tokens[keep], position[keep]
+            mask = mask[keep] if mask is not None else None
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        position = position + 1
+        out = decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                      use_cache=True)
+        tokens = head.pick(out.last_hidden_state[:, -1])
+
+
+def lookup_loop(decoder, head: GreedyHead, cache, context: list[int], take, limits: tuple) -> None:
+    """One row, greedy, with prompt-lookup drafts: the tokens that followed the latest earlier occurrence of the
+    context's last few tokens are guessed as the next ones, and one decoder call checks them all at once (a
+    batch-1 step reads every weight for one token; checking several costs about the same). The model's own pick
+    at each drafted position is taken up to the first guess it disagrees with, plus that pick: exactly the tokens
+    one-at-a-time decoding gives, several per call when the answer copies its input (a field, a name, a
+    template). The cache keeps only the checked tokens. `limits` is (draft length, the model's sliding window:
+    no draft reaches it, where a cache can no longer be cut back)."""
+    most, window = limits
+    while True:
+        if take([0], [context[-1]])[0]:
+            return
+        fed = len(context) - 1  # every token but the newest is in the cache
+        draft = propose(context, most) if fed + most + 1 < window else []
+        step = torch.tensor([context[-1:] + draft])
+        out = decoder(input_ids=step, position_ids=torch.arange(fed, fed + step.shape[1])[None], cache=cache,
+                      use_cache=True)
+        picks = head.pick(out.last_hidden_state[0]).tolist()
+        agreed = 0
+        while agreed < len(draft) and picks[agreed] == draft[agreed]:
+            agreed += 1
+        if agreed < len(draft):
+            cache.crop(-(len(draft) - agreed))  # the guesses after the first wrong one were never the answer
+        for token in picks[:agreed]:  # the agreed guesses are tokens of the answer: the row takes them in turn
+            context.append(token)
+            if take([0], [token])[0]:
+                return
+        context.append(picks[agreed])
+
+
+def propose(context: list[int], most: int, longest: int = 3) -> list[int]:
+    """Up to `most` tokens that followed the latest earlier occurrence of the context's last `longest` (else
+    fewer, down to 1) tokens; none when they never occurred before."""
+    for size in range(min(longest, len(context) - 1), 0, -1):
+        tail = context[-size:]
+        for start in range(len(context) - size - 1, -1, -1):
+            if context[start:start + size] == tail:
+                return context[start + size:start + size + most]
+    return []

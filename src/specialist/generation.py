@@ -369,6 +369,9 @@ class Engine:
         # greedy rows with no logits processor decode through specialist.decode (the same tokens, faster); False
         # sends every batch through transformers' generate (the plain path the fast one is checked against)
         self.fast = True
+        # a single greedy row checks up to this many tokens guessed from its own context per model call (prompt
+        # lookup: the same tokens, several per call where the answer copies its input); 0: one token per call
+        self.lookup = 8
 
     def encode(self, text: str, shots: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None) -> list[int]:
         """The prompt's token ids in the template's format (its input shortened to fit, where the run truncates),
@@ -403,7 +406,8 @@ class Engine:
             try:
                 if self._decodes_fast(sampling, constraint, capture):
                     greedy_decode(self.model, self._inputs([r.prompt_ids for r in requests]),
-                                  lambda going, tokens: [rows[n].add(t) for n, t in zip(going, tokens)])
+                                  lambda going, tokens: [rows[n].add(t) for n, t in zip(going, tokens)],
+                                  self.lookup)
                 else:
                     self._generate(requests, rows, sampling, constraint, capture)
             finally:
