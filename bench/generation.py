@@ -44,7 +44,7 @@ def ours(engine, prompts: list[str], max_new_tokens: int, batch: int) -> dict:
             "answers": [a.text for a in answers]}
 
 
-def matmul_limit(model, batch: int, head_bf16: bool, repeats: int = 5) -> dict:
+def matmul_limit(model, batch: int, head_bf16: bool, repeats: int = 8) -> dict:
     """The decode step's matrix products alone (every nn.Linear of the model once, on `batch` rows; the output
     layer in bfloat16 where `head_bf16`), timed without attention, cache or Python around them: the tokens/s a
     decoder made of nothing else would reach. The best of `repeats` (a shared machine only ever slows it down)."""
@@ -60,6 +60,8 @@ def matmul_limit(model, batch: int, head_bf16: bool, repeats: int = 5) -> dict:
             products.append((torch.randn(batch, module.in_features).to(weight.dtype), weight))
     best = float("inf")
     with torch.inference_mode():
+        for x, weight in products:  # warm-up: oneDNN builds its kernels on the first call of a shape
+            F.linear(x, weight)
         for _ in range(repeats):
             started = time.perf_counter()
             for x, weight in products:
@@ -121,6 +123,9 @@ def measure(args) -> dict:
                "ours_batched_merged": ours(merged, prompts, args.max_new_tokens, args.batch),
                "ours_one_at_a_time_merged": ours(merged, prompts, args.max_new_tokens, 1),
                "matmul_limit": limits(merged.model, args.batch)}
+    if getattr(merged, "lookup", 0):  # prompt lookup helps answers that copy their input: its rate without it too
+        merged.lookup = 0
+        results["ours_one_at_a_time_merged_no_lookup"] = ours(merged, prompts, args.max_new_tokens, 1)
     with tempfile.TemporaryDirectory() as work:
         gguf = export_f16(run.path, Path(work))
         results["llama_cpp"] = llama_cpp(gguf, prompt_ids, args.max_new_tokens, args.batch, args.threads)
@@ -137,6 +142,9 @@ def print_table(results: dict, args, cpu_line: str) -> dict:
     rows = [("ours, batched, adapter on base (evaluation)", results["ours_batched_adapter"]["tokens_per_s"]),
             ("ours, batched, merged (export)", ours_batched),
             ("ours, one at a time, merged", results["ours_one_at_a_time_merged"]["tokens_per_s"]),
+            *([("ours, one at a time, merged, no prompt lookup",
+                results["ours_one_at_a_time_merged_no_lookup"]["tokens_per_s"])]
+              if "ours_one_at_a_time_merged_no_lookup" in results else []),
             (f"llama.cpp f16, batched ({args.batch} sequences)", llama["batched"]["tokens_per_s"]),
             ("llama.cpp f16, one at a time", llama["one_at_a_time"]["tokens_per_s"])]
     print(f"\n{args.rows} held-out prompts of {args.run}, greedy, exactly {args.max_new_tokens} new tokens each")
@@ -148,6 +156,9 @@ def print_table(results: dict, args, cpu_line: str) -> dict:
                   results["ours_batched_adapter"]["tokens_per_s"] / llama["batched"]["tokens_per_s"],
               "ours_one_vs_llama_one": results["ours_one_at_a_time_merged"]["tokens_per_s"]
                   / llama["one_at_a_time"]["tokens_per_s"]}
+    if "ours_one_at_a_time_merged_no_lookup" in results:
+        ratios["ours_one_no_lookup_vs_llama_one"] = (results["ours_one_at_a_time_merged_no_lookup"]["tokens_per_s"]
+                                                     / llama["one_at_a_time"]["tokens_per_s"])
     for name, value in ratios.items():
         print(f"{name:<48}{value:>9.2f}x")
     print(f"llama.cpp batched answers equal to its one-at-a-time answers: {100 * llama['batched_equal_share']:.0f}%")
@@ -165,6 +176,9 @@ def print_agreement(results: dict) -> None:
     """Whether the arms answer alike: ours batched against one at a time, the adapter against the merged model,
     and ours against llama.cpp f16 (float32 and float16 may part on a near-tie)."""
     one = results["ours_one_at_a_time_merged"]["answers"]
+    if "ours_one_at_a_time_merged_no_lookup" in results:
+        print(f"ours one at a time with prompt lookup equal to without: "
+              f"{100 * equal_share(results['ours_one_at_a_time_merged_no_lookup']['answers'], one):.0f}%")
     print(f"ours batched answers equal to ours one at a time: "
           f"{100 * equal_share(results['ours_batched_merged']['answers'], one):.0f}%; adapter equal to merged: "
           f"{100 * equal_share(results['ours_batched_adapter']['answers'], one):.0f}%")
