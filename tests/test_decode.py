@@ -52,3 +52,24 @@ def test_bf16_only_where_the_cpu_has_the_instructions(monkeypatch):
     assert cpu_multiplies_bf16(avx512_bf16) is expected
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the AVX2-only emulation of bench/
     assert not cpu_multiplies_bf16(avx512_bf16)
+
+
+def test_the_bf16_copy_is_made_once_per_weight_and_freed_with_it():
+    import gc
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specialist import decode
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    first, second = decode.greedy_head(model), decode.greedy_head(model)
+    assert first.low is second.low and (first.low is None) is (not cpu_multiplies_bf16())
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(2)  # changed in place: made again
+    assert decode.greedy_head(model).largest_row == 2 * first.largest_row
+    key = id(model.get_output_embeddings().weight)
+    assert key in decode._PREPARED
+    del model, first, second
+    gc.collect()
+    assert key not in decode._PREPARED  # a model let go of takes its copy with it

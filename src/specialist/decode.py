@@ -23,6 +23,7 @@ The logits are float32's up to the order of the sums, as between two batch sizes
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -92,13 +93,15 @@ class GreedyHead:
     quarter more is added for margin. A token outside that band cannot be float32's best.
     (On Gemma 3 270M the band holds 1 to about 50 tokens.)"""
 
-    def __init__(self, weight: torch.Tensor, bf16: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bf16: bool, prepared: tuple | None = None) -> None:
+        """`prepared`: (bfloat16 copy, largest row norm) of `weight` made before, to share rather than remake."""
         self.weight = weight
-        self.low = weight.to(torch.bfloat16) if bf16 else None
+        if prepared is None:
+            prepared = (weight.to(torch.bfloat16), float(weight.norm(dim=1).max())) if bf16 else (None, 0.0)
+        self.low, self.largest_row = prepared
         u, v, n = _UNIT_ROUNDOFF_BF16, _UNIT_ROUNDOFF_FP32, weight.shape[1]
         self.relative = 1.25 * (2 * u + u * u + n * v * (1 + u) ** 2 + n * v)
         self.rounding = 1.25 * u / (1 - u)
-        self.largest_row = float(weight.norm(dim=1).max()) if bf16 else 0.0
 
     def pick(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy token of each row of `hidden` (rows x hidden size, float32)."""
@@ -126,20 +129,23 @@ def _first_best(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(scores == best, ids, torch.full_like(ids, vocabulary)).min(dim=-1).values
 
 
-_HEADS: dict[int, tuple[torch.Tensor, int, GreedyHead]] = {}
+# per output-layer weight (by id, dropped when the weight is freed): (a weak reference to it, its version, its
+# bfloat16 copy and largest row norm). Weak, so a model let go of takes its bfloat16 copy with it.
+_PREPARED: dict[int, tuple[weakref.ref, int, tuple]] = {}
 
 
 def greedy_head(model) -> GreedyHead:
-    """The model's output layer as a GreedyHead, built once per weight (and again if it is changed in place)."""
+    """The model's output layer as a GreedyHead; the bfloat16 copy is made once per weight (again if the weight
+    is changed in place) and shared by every engine on it."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight = inner.get_output_embeddings().weight
-    key = id(weight)
-    held = _HEADS.get(key)
-    if held is None or held[0] is not weight or held[1] != weight._version:
-        for stale in [k for k, (w, version, _) in _HEADS.items() if w is weight or k == key]:
-            del _HEADS[stale]
-        _HEADS[key] = (weight, weight._version, GreedyHead(weight.detach(), cpu_multiplies_bf16()))
-    return _HEADS[key][2]
+    key, held = id(weight), _PREPARED.get(id(weight))
+    if held is not None and held[0]() is weight and held[1] == weight._version:
+        return GreedyHead(weight.detach(), held[2][0] is not None, held[2])
+    head = GreedyHead(weight.detach(), cpu_multiplies_bf16())
+    _PREPARED[key] = (weakref.ref(weight, lambda _, key=key: _PREPARED.pop(key, None)), weight._version,
+                      (head.low, head.largest_row))
+    return head
 
 
 def greedy_decode(model, inputs: dict, take, lookup: int = 0) -> None:
