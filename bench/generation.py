@@ -199,6 +199,9 @@ def print_limits(results: dict, batch: int) -> None:
                 f"({limit['gflops']:.0f} GFLOP/s); ours {ours_rate:.1f} = {100 * ours_rate / limit['tokens_per_s']:.0f}%")
         if engine != "fp32":
             line += f"; all-float32 limit {found[f'batch{rows}_fp32_head']['tokens_per_s']:.0f} tokens/s"
+        if rows == 1 and "ours_one_at_a_time_merged_no_lookup" in results:  # the limit is one token per step
+            line += (f" (prompt lookup checks several tokens a step and may pass it; without: "
+                     f"{results['ours_one_at_a_time_merged_no_lookup']['tokens_per_s']:.1f})")
         print(line)
 
 
