@@ -12,9 +12,11 @@ greedily, every answer exactly --max-new-tokens long (stop tokens ignored, so ev
   llama.cpp          the run exported to GGUF f16 (`specialist export --format gguf --quantize f16`), through
                      llama-cpp-python, one prompt at a time and --batch sequences in one batch
 
-Prints tokens/s side by side with the ratios, the CPU and its flags (and
+Prints tokens/s side by side with the ratios, whether the arms give the same answers, our decode rate against the
+machine's matmul limit (the decode step's matrix products alone, timed at batch 1 and --batch), the CPU and its
+flags (and
 the AVX2-only emulation, when the env vars ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-MKL_ENABLE_INSTRUCTIONS=AVX2 are set); writes bench/results/generation.json.
+MKL_ENABLE_INSTRUCTIONS=AVX2 are set); writes bench/results/generation.json (the answers too, to compare runs).
 """
 
 from __future__ import annotations
@@ -40,6 +42,51 @@ def ours(engine, prompts: list[str], max_new_tokens: int, batch: int) -> dict:
     tokens = sum(a.completion_tokens for a in answers)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "answers": [a.text for a in answers]}
+
+
+def matmul_limit(model, batch: int, head_bf16: bool, repeats: int = 8) -> dict:
+    """The decode step's matrix products alone (every nn.Linear of the model once, on `batch` rows; the output
+    layer in bfloat16 where `head_bf16`), timed without attention, cache or Python around them: the tokens/s a
+    decoder made of nothing else would reach. The best of `repeats` (a shared machine only ever slows it down)."""
+    import torch
+    import torch.nn.functional as F
+
+    head = model.get_output_embeddings()
+    products = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            low = head_bf16 and module is head
+            weight = module.weight.detach().to(torch.bfloat16) if low else module.weight.detach()
+            products.append((torch.randn(batch, module.in_features).to(weight.dtype), weight))
+    best = float("inf")
+    with torch.inference_mode():
+        for x, weight in products:  # warm-up: oneDNN builds its kernels on the first call of a shape
+            F.linear(x, weight)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for x, weight in products:
+                F.linear(x, weight)
+            best = min(best, time.perf_counter() - started)
+    flops = sum(2 * batch * w.shape[0] * w.shape[1] for _, w in products)
+    return {"batch": batch, "head": "bfloat16" if head_bf16 else "float32", "seconds_per_step": best,
+            "tokens_per_s": batch / best, "gflops": flops / best / 1e9}
+
+
+def limits(model, batch: int) -> dict:
+    """The matmul limits at batch 1 and `batch`, with the output layer as our engine runs it on this CPU (bfloat16
+    where it is native) and in float32."""
+    try:
+        from specialist.decode import cpu_multiplies_bf16
+    except ImportError:  # a source from before issue 26: its output layer is float32 everywhere
+        native = False
+    else:
+        native = cpu_multiplies_bf16()
+    found = {}
+    for rows in (1, batch):
+        for head_bf16 in sorted({native, False}):
+            found[f"batch{rows}_{'bf16' if head_bf16 else 'fp32'}_head"] = matmul_limit(model, rows, head_bf16)
+    found["engine_head"] = "bf16" if native else "fp32"
+    return found
 
 
 def llama_cpp(gguf: Path, prompt_ids: list[list[int]], max_new_tokens: int, batch: int, threads: int) -> dict:
@@ -74,10 +121,18 @@ def measure(args) -> dict:
     prompt_ids = [merged.encode(p, max_new_tokens=args.max_new_tokens) for p in prompts]
     results = {"ours_batched_adapter": ours(adapter, prompts, args.max_new_tokens, args.batch),
                "ours_batched_merged": ours(merged, prompts, args.max_new_tokens, args.batch),
-               "ours_one_at_a_time_merged": ours(merged, prompts, args.max_new_tokens, 1)}
+               "ours_one_at_a_time_merged": ours(merged, prompts, args.max_new_tokens, 1),
+               "matmul_limit": limits(merged.model, args.batch)}
+    if getattr(merged, "lookup", 0):  # prompt lookup helps answers that copy their input: its rate without it too
+        merged.lookup = 0
+        results["ours_one_at_a_time_merged_no_lookup"] = ours(merged, prompts, args.max_new_tokens, 1)
     with tempfile.TemporaryDirectory() as work:
         gguf = export_f16(run.path, Path(work))
         results["llama_cpp"] = llama_cpp(gguf, prompt_ids, args.max_new_tokens, args.batch, args.threads)
+    answers = results["llama_cpp"].pop("answers", None)  # token ids; older sources do not return them
+    if answers is not None:
+        results["llama_cpp"]["answer_texts"] = [tuned.tokenizer.decode(a, skip_special_tokens=True).strip()
+                                                for a in answers]
     return results
 
 
@@ -87,6 +142,9 @@ def print_table(results: dict, args, cpu_line: str) -> dict:
     rows = [("ours, batched, adapter on base (evaluation)", results["ours_batched_adapter"]["tokens_per_s"]),
             ("ours, batched, merged (export)", ours_batched),
             ("ours, one at a time, merged", results["ours_one_at_a_time_merged"]["tokens_per_s"]),
+            *([("ours, one at a time, merged, no prompt lookup",
+                results["ours_one_at_a_time_merged_no_lookup"]["tokens_per_s"])]
+              if "ours_one_at_a_time_merged_no_lookup" in results else []),
             (f"llama.cpp f16, batched ({args.batch} sequences)", llama["batched"]["tokens_per_s"]),
             ("llama.cpp f16, one at a time", llama["one_at_a_time"]["tokens_per_s"])]
     print(f"\n{args.rows} held-out prompts of {args.run}, greedy, exactly {args.max_new_tokens} new tokens each")
@@ -98,11 +156,53 @@ def print_table(results: dict, args, cpu_line: str) -> dict:
                   results["ours_batched_adapter"]["tokens_per_s"] / llama["batched"]["tokens_per_s"],
               "ours_one_vs_llama_one": results["ours_one_at_a_time_merged"]["tokens_per_s"]
                   / llama["one_at_a_time"]["tokens_per_s"]}
+    if "ours_one_at_a_time_merged_no_lookup" in results:
+        ratios["ours_one_no_lookup_vs_llama_one"] = (results["ours_one_at_a_time_merged_no_lookup"]["tokens_per_s"]
+                                                     / llama["one_at_a_time"]["tokens_per_s"])
     for name, value in ratios.items():
         print(f"{name:<48}{value:>9.2f}x")
     print(f"llama.cpp batched answers equal to its one-at-a-time answers: {100 * llama['batched_equal_share']:.0f}%")
+    print_agreement(results)
+    print_limits(results, args.batch)
     print(cpu_line)
     return ratios
+
+
+def equal_share(first: list[str], second: list[str]) -> float:
+    return sum(a == b for a, b in zip(first, second, strict=True)) / max(1, len(first))
+
+
+def print_agreement(results: dict) -> None:
+    """Whether the arms answer alike: ours batched against one at a time, the adapter against the merged model,
+    and ours against llama.cpp f16 (float32 and float16 may part on a near-tie)."""
+    one = results["ours_one_at_a_time_merged"]["answers"]
+    if "ours_one_at_a_time_merged_no_lookup" in results:
+        print(f"ours one at a time with prompt lookup equal to without: "
+              f"{100 * equal_share(results['ours_one_at_a_time_merged_no_lookup']['answers'], one):.0f}%")
+    print(f"ours batched answers equal to ours one at a time: "
+          f"{100 * equal_share(results['ours_batched_merged']['answers'], one):.0f}%; adapter equal to merged: "
+          f"{100 * equal_share(results['ours_batched_adapter']['answers'], one):.0f}%")
+    if "answer_texts" in results["llama_cpp"]:
+        print(f"ours (merged, one at a time) equal to llama.cpp f16 one at a time: "
+              f"{100 * equal_share(one, results['llama_cpp']['answer_texts']):.0f}%")
+
+
+def print_limits(results: dict, batch: int) -> None:
+    """Our decode rate against the machine's matmul limit for the decode step (prefill is in ours, not in the
+    limit, so the share is a floor)."""
+    found = results["matmul_limit"]
+    engine = found["engine_head"]
+    for rows, name in ((batch, "ours_batched_merged"), (1, "ours_one_at_a_time_merged")):
+        limit = found[f"batch{rows}_{engine}_head"]
+        ours_rate = results[name]["tokens_per_s"]
+        line = (f"matmul limit, batch {rows} ({engine} output layer): {limit['tokens_per_s']:.0f} tokens/s "
+                f"({limit['gflops']:.0f} GFLOP/s); ours {ours_rate:.1f} = {100 * ours_rate / limit['tokens_per_s']:.0f}%")
+        if engine != "fp32":
+            line += f"; all-float32 limit {found[f'batch{rows}_fp32_head']['tokens_per_s']:.0f} tokens/s"
+        if rows == 1 and "ours_one_at_a_time_merged_no_lookup" in results:  # the limit is one token per step
+            line += (f" (prompt lookup checks several tokens a step and may pass it; without: "
+                     f"{results['ours_one_at_a_time_merged_no_lookup']['tokens_per_s']:.1f})")
+        print(line)
 
 
 def main() -> None:
@@ -119,8 +219,6 @@ def main() -> None:
     results = measure(args)
     cpu = cpu_description()
     ratios = print_table(results, args, flags_line(cpu))
-    for entry in results.values():
-        entry.pop("answers", None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu,
                                     "results": results, "ratios": ratios}, indent=2))

@@ -285,3 +285,51 @@ def test_rows_with_their_own_output_language_are_each_kept_inside_it(babbler):
     assert set(json.loads(results[0].text)) == {"n"} and results[1].text in ("yes", "no")
     assert results[3].text == results[0].text  # same prompt, same seed: the batch split changes nothing
     assert results[2].text == babbler.run([Request(ids[2], 30)], Sampling.of(1.0, seed=1))[0].text
+
+
+# ---- the fast greedy path (issue 26): specialist.decode in place of generate, the same tokens ------------------
+
+
+def test_the_fast_greedy_path_gives_the_plain_paths_tokens(babbler, monkeypatch):
+    """Greedy rows with no logits processor decode through specialist.decode (its own loop, rows leaving the batch
+    as they end, the output layer in bfloat16 where the CPU has it, candidates re-scored in float32, a lone row
+    checking tokens guessed from its context several at a time): every row's tokens are those of transformers'
+    generate, batched with different limits, with a shared prefix, and alone (with and without the guesses)."""
+    from specialist import generation
+
+    babbler.stop_ids = set()
+    shots = [("081109 INFO dfs.DataNode: Receiving block", '{"level": "INFO"}')] * 2
+    prompts = [babbler.encode(p) for p in PROMPTS] + [babbler.encode(p, shots) for p in PROMPTS]
+    limits = [5, 17, 9, 12, 3, 20]
+    seen: dict[int, list[int]] = {}
+    add = generation._Row.add
+
+    def spy(row, token, *rest):  # the tokens a row takes (generate goes on offering an ended row padding)
+        if row.finish is None:
+            seen.setdefault(id(row.request), []).append(token)
+        return add(row, token, *rest)
+
+    monkeypatch.setattr(generation._Row, "add", spy)
+
+    def tokens(fast: bool, batches: list[list[int]]) -> list[list[int]]:
+        babbler.fast = fast
+        requests = [Request(ids, limit) for ids, limit in zip(prompts, limits)]
+        for batch in batches:
+            babbler.run([requests[n] for n in batch])
+        return [seen.pop(id(r)) for r in requests]
+
+    plain = tokens(False, [[0, 1, 2], [3, 4, 5]])
+    assert [len(t) for t in plain] == limits
+    generate = babbler.model.generate
+    monkeypatch.setattr(babbler.model, "generate", lambda *a, **k: pytest.fail("the fast path called generate"))
+    assert tokens(True, [[0, 1, 2], [3, 4, 5]]) == plain  # batched: padding; the second batch shares a prefix
+    calls = []
+    hook = babbler.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    assert tokens(True, [[n] for n in range(6)]) == plain  # one at a time: prompt-lookup drafts checked
+    hook.remove()
+    assert len(calls) - len(limits) < sum(limits) - len(limits)  # some calls took several tokens at once
+    babbler.lookup = 0
+    assert tokens(True, [[n] for n in range(6)]) == plain  # one token per call
+    monkeypatch.setattr(babbler.model, "generate", generate)
+    assert babbler.run([Request(prompts[0], 5)], Sampling(True, 1.0, 1.0, seed=1))  # sampling: the plain path

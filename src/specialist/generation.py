@@ -366,6 +366,12 @@ class Engine:
         self.stop_strings = tuple(template.stop_strings)
         self.lock = model_lock(model)
         self.busy = False
+        # greedy rows with no logits processor decode through specialist.decode (the same tokens, faster); False
+        # sends every batch through transformers' generate (the plain path the fast one is checked against)
+        self.fast = True
+        # a single greedy row checks up to this many tokens guessed from its own context per model call (prompt
+        # lookup: the same tokens, several per call where the answer copies its input); 0: one token per call
+        self.lookup = 8
 
     def encode(self, text: str, shots: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None) -> list[int]:
         """The prompt's token ids in the template's format (its input shortened to fit, where the run truncates),
@@ -389,7 +395,8 @@ class Engine:
 
     def _run_batch(self, requests: list[Request], sampling: Sampling, constraint) -> list[Generation]:
         import torch
-        from transformers import StoppingCriteriaList
+
+        from specialist.decode import greedy_decode
 
         rows = [_Row(request, self) for request in requests]
         wanted = [request.logprobs for request in requests]
@@ -397,15 +404,34 @@ class Engine:
         with self.lock, self.context(), torch.inference_mode():
             self.busy = True
             try:
-                self.model.generate(
-                    **self._inputs([r.prompt_ids for r in requests]),
-                    max_new_tokens=max(r.max_new_tokens for r in requests),
-                    stopping_criteria=StoppingCriteriaList([_RowStops(rows, capture)]),
-                    eos_token_id=sorted(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
-                    **self._processors(requests, sampling, constraint, capture), **sampling.generate_kwargs())
+                if self._decodes_fast(sampling, constraint, capture):
+                    greedy_decode(self.model, self._inputs([r.prompt_ids for r in requests]),
+                                  lambda going, tokens: [rows[n].add(t) for n, t in zip(going, tokens)],
+                                  self.lookup)
+                else:
+                    self._generate(requests, rows, sampling, constraint, capture)
             finally:
                 self.busy = False
         return [self._finished(row) for row in rows]
+
+    def _generate(self, requests: list[Request], rows: list[_Row], sampling: Sampling, constraint,
+                  capture: _LogprobCapture | None) -> None:
+        """The plain path: transformers' generate, any sampling, any logits processors."""
+        from transformers import StoppingCriteriaList
+
+        self.model.generate(
+            **self._inputs([r.prompt_ids for r in requests]),
+            max_new_tokens=max(r.max_new_tokens for r in requests),
+            stopping_criteria=StoppingCriteriaList([_RowStops(rows, capture)]),
+            eos_token_id=sorted(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
+            **self._processors(requests, sampling, constraint, capture), **sampling.generate_kwargs())
+
+    def _decodes_fast(self, sampling: Sampling, constraint, capture: _LogprobCapture | None) -> bool:
+        """Greedy with no logits processor, on a model whose head specialist.decode computes exactly."""
+        from specialist.decode import fast_path_allowed
+
+        return (self.fast and not sampling.do_sample and constraint is None and capture is None
+                and fast_path_allowed(self.model))
 
     def _inputs(self, prompts: list[list[int]]) -> dict:
         """generate's inputs for a batch: left-padded rows, a shared prefix's KV cache computed once

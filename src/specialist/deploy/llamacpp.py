@@ -316,7 +316,8 @@ def measure_throughput(gguf_path: Path | str, prompts: Sequence[Sequence[int]], 
 
     Every prompt generates exactly `max_new_tokens` (end-of-generation does not stop it) so both modes do the
     same work; prefill time is included. Returns {"one_at_a_time": {...}, "batched": {...}} with tokens,
-    seconds and tokens_per_s, and the share of batched answers equal to the one-at-a-time ones.
+    seconds and tokens_per_s, the share of batched answers equal to the one-at-a-time ones, and the one-at-a-time
+    answers (new token ids).
     """
     if parallel < 1 or max_new_tokens < 1 or not prompts:
         raise ConfigError(f"measuring needs prompts, parallel >= 1 and max_new_tokens >= 1; got {len(prompts)} "
@@ -335,7 +336,8 @@ def measure_throughput(gguf_path: Path | str, prompts: Sequence[Sequence[int]], 
     return {"prompts": len(ids), "max_new_tokens": max_new_tokens, "parallel": parallel,
             "one_at_a_time": _rate(tokens, single_s),
             "batched": _rate(sum(len(answer) for answer, _ in batched), batched_s),
-            "batched_equal_share": same / max(1, len(ids))}
+            "batched_equal_share": same / max(1, len(ids)),
+            "answers": [answer for answer, _ in single]}  # token ids, to compare with another engine's
 
 
 def _timed(work):
