@@ -152,6 +152,18 @@ def tiny_config(tmp_path, tiny_model_dir, log_data):
     }
 
 
+def wait_until(check, timeout: float = 30.0, every: float = 0.05) -> bool:
+    """Poll `check` every `every` seconds until it holds (True) or `timeout` passes (False)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(every)
+    return False
+
+
 def train_tiny_run(model_dir: Path, work: Path) -> Path:
     """Train the tiny run (a LoRA adapter, 2 steps on 40 log lines) on the tiny model in `model_dir`, under `work`.
     The session fixture and bench/serve_soak.py both call it, so the soak serves what CI serves."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from conftest import wait_until
 from specialist.deploy.arms import ServedArm, load_arms
 from specialist.deploy.records import LoggedRequest
 from specialist.deploy.serve import BackgroundServer, ServeSettings, create_app
@@ -58,15 +59,6 @@ def settings(tmp_path, **overrides) -> ServeSettings:
 
 def post(url: str, body, headers=None, timeout: float = 60.0) -> httpx.Response:
     return httpx.post(url, json=body, headers=headers or {}, timeout=timeout)
-
-
-def wait_until(check, timeout: float = 30.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def shadow_rows(db) -> list[tuple]:

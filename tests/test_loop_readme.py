@@ -13,13 +13,13 @@ import random
 import shlex
 import sqlite3
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from conftest import wait_until
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADING = "## The production loop"
@@ -126,15 +126,6 @@ def correct_queue(queue: Path) -> int:
     return len(rows)
 
 
-def wait_until(check, timeout: float = 60.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def cli_args(command: str, loop: Loop) -> list[str]:
     """The command's arguments after `specialist`, with promote's --server mapped to the port serve really got."""
     args = shlex.split(command, comments=True)[1:]
@@ -163,7 +154,7 @@ def run_command(command: str, loop: Loop, monkeypatch) -> None:
     loop.ran.append(args[0])
     if args[0] == "serve":
         send_traffic(loop.served[-1])
-        assert wait_until(lambda: shadows_settled(loop.served[-1], loop.folder / "serve.sqlite"))
+        assert wait_until(lambda: shadows_settled(loop.served[-1], loop.folder / "serve.sqlite"), 60.0, 0.1)
 
 
 def write_config(folder: Path, tiny_config: dict) -> None:
