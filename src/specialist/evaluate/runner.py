@@ -269,13 +269,18 @@ def check_evaluation_inputs(config: RunConfig) -> None:
         refuse_gates_on_arms_left_out(evaluation.gates, planned_arm_names(config), [])
 
 
+def has_retrieval_arm(evaluation) -> bool:
+    """The retrieval arm is the base model prompted with neighbours: off with skip_base or with no rows to show."""
+    return "retrieval" in evaluation.baselines and not evaluation.skip_base and bool(default_retrieval_k(evaluation))
+
+
 def planned_arm_names(config: RunConfig) -> list[str]:
     """The arms build_arms will score, read from the config alone (before the data is split): majority and linear
     count as planned, since whether the rows carry labels is known only after prepare (evaluate_run checks again)."""
     evaluation = config.evaluation
     base_arms = [] if evaluation.skip_base else ["base"] + (["few_shot"] if evaluation.few_shot_k else [])
     baselines = [name for name in evaluation.baselines if name != "retrieval"]
-    if "retrieval" in evaluation.baselines and not evaluation.skip_base and default_retrieval_k(evaluation):
+    if has_retrieval_arm(evaluation):
         baselines.append("retrieval")
     tuned = ["tuned"] + (["tuned+constrained"] if evaluation.constrained and config.method.kind != "classifier" else [])
     return [*base_arms, *baselines, *tuned]
@@ -321,7 +326,7 @@ def baseline_arms(config: RunConfig, train: list[Example], base: Loaded) -> list
     found = [Arm(name, None, baseline=answer) for name, answer in
              no_model_baselines(evaluation, index, lambda label: render_label(label, config.data.label_template))
              .items()]
-    if "retrieval" in evaluation.baselines and not evaluation.skip_base and default_retrieval_k(evaluation):
+    if has_retrieval_arm(evaluation):
         # the base weights answering as a retrieval-trained model is served: the engine adds the nearest rows
         found.append(Arm("retrieval", replace(base, retrieval=index).answering_engine()))
     return found
