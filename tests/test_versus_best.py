@@ -112,7 +112,8 @@ def _barely_ahead_of_nearest() -> list[float]:
     return shifted
 
 
-@pytest.mark.parametrize(("constrained", "passes"), [(_fraction_rows(45, 10), True), (_barely_ahead_of_nearest(), False)])
+@pytest.mark.parametrize(("constrained", "passes"),
+                         [(_fraction_rows(45, 10), True), (_barely_ahead_of_nearest(), False)])
 def test_the_constrained_best_baseline_gate_passes_only_when_the_interval_clears_zero(tmp_path, constrained, passes):
     rows = synthetic_rows()
     rows["tuned+constrained"]["field_accuracy"] = constrained
@@ -187,7 +188,8 @@ def test_report_md_html_and_the_cli_carry_the_constrained_line(tmp_path, capsys)
     constrained = [line for line in lines if line.startswith("field_accuracy: tuned+constrained ")]
     assert constrained == [line for line in lines if "tuned+constrained 83.3% vs nearest 58.3%: +25.0 pts" in line]
     assert constrained[0].endswith("(tuned+constrained ahead)")
-    assert lines.index(constrained[0]) == lines.index(next(x for x in lines if x.startswith("field_accuracy: tuned "))) + 1
+    tuned = next(line for line in lines if line.startswith("field_accuracy: tuned "))
+    assert lines.index(constrained[0]) == lines.index(tuned) + 1  # beside tuned's line on the same metric
 
     config = validate_config({"data": {"path": "x.jsonl"}, "output": {"run_name": "vsbest"}})
     outputs = {name: ['{"a": 1}'] * N for name in report.arms}

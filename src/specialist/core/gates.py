@@ -205,7 +205,7 @@ def check_gates(gates: list[str], figures: Figures | Mapping[str, Figure | float
 BASELINE_ARM_NAMES = ("base", "few_shot", "nearest", "majority", "linear", "retrieval")
 BEST_BASELINE = "best_baseline"
 # the arms that are the fine-tune: each is compared with every other arm and measured against the best baseline
-# (tuned+constrained is the same weights decoding inside the JSON schema, so it is the fine-tune too)
+# (tuned+constrained is the same weights decoding inside the output's language, so it is the fine-tune too)
 TUNED_ARM_NAMES = ("tuned", "tuned+constrained")
 STANDARD_ARMS = (*BASELINE_ARM_NAMES, *TUNED_ARM_NAMES)
 

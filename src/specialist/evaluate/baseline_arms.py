@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from specialist.core.baselines import LabelAnswers, linear_answers, majority_answers, training_labels
 from specialist.core.gates import BASELINE_ARM_NAMES
 from specialist.core.retrieval import DEFAULT_NEAR_DUPLICATE, RetrievalIndex
+
+if TYPE_CHECKING:  # results is the report's module; only its record type is named here
+    from specialist.evaluate.results import VersusBest
 
 NOT_COMPARED = ("length", "ece")  # not "higher is better" figures
 
@@ -84,8 +87,8 @@ def versus_best_lines(report) -> list[str]:
     return [versus_best_line(entry) for entry in report.versus_best_baseline()]
 
 
-def versus_best_line(entry) -> str:
-    """One evaluate.results.VersusBest in words."""
+def versus_best_line(entry: VersusBest) -> str:
+    """One tuned arm against the best baseline on one metric, in words."""
     tuned, other = entry.tuned_value, entry.baseline_value
     line = (f"{entry.metric}: {entry.tuned} {100 * tuned:.1f}% vs {entry.baseline} {100 * other:.1f}%: "
             f"{100 * (tuned - other):+.1f} pts")

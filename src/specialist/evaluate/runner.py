@@ -437,7 +437,7 @@ def arm_result(arm: Arm, found: ArmRows, evaluation, rule: LabelRule, seconds: f
     return result
 
 
-def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[ArmPair, dict[str, Any]]:
+def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[ArmPair, dict[str, PairedComparison]]:
     """Paired comparisons, per scorer, on the same rows: each tuned arm (tuned, tuned+constrained) against every
     arm that is not one, then tuned+constrained against tuned (what the schema adds to the same weights)."""
     return {pair: _paired_scores(rows[pair.arm], rows[pair.other], samples) for pair in compared_pairs(rows)}
