@@ -156,6 +156,11 @@ def test_a_constrained_arm_answers_inside_the_language_in_evaluation_and_serving
     predictions = [json.loads(line) for line in run.predictions.read_text().splitlines()]
     assert all(re.fullmatch(pattern, p["tuned+constrained"]) for p in predictions)
     assert any(not re.fullmatch(pattern, p["tuned"]) for p in predictions)  # unconstrained, it wanders off
+    # measured against the baselines and against tuned, in eval.json and in the report's best-baseline lines
+    written = json.loads(run.eval_json.read_text())
+    assert {"tuned+constrained_vs_base", "tuned+constrained_vs_tuned"} <= set(written["comparisons"])
+    assert written["best_baseline"]["json_valid"]["tuned+constrained"] == 1.0
+    assert "- json_valid: tuned+constrained 100.0% vs " in run.report_md.read_text()
 
     import shutil
 

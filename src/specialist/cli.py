@@ -537,7 +537,8 @@ def print_scores(report) -> None:
 
 
 def print_versus_best(report) -> None:
-    """The line that matters: tuned against the best of the cheap alternatives, per metric (paired, same rows)."""
+    """The line that matters: each tuned arm against the best of the cheap alternatives, per metric (paired, same
+    rows); tuned+constrained, where scored, beside tuned."""
     from specialist.evaluate.baseline_arms import versus_best_lines
 
     lines = versus_best_lines(report)

@@ -7,7 +7,8 @@ Forms (the arm defaults to `tuned`):
     tuned - base >= 0.2 on exact_match               the difference between two arms on a metric
     tuned - base > 0 on exact_match confidently      the paired interval of that difference excludes 0
     tuned - best_baseline >= 0 on exact_match        against the best of the baseline arms on that metric (base,
-                                                     few_shot, nearest, majority, linear, retrieval)
+                                                     few_shot, nearest, majority, linear, retrieval); the same
+                                                     for tuned+constrained - best_baseline
     overfitting.train_test_gap <= 0.1                any other figure the evaluation reports, by its dotted name
 
 `confidently` judges the bound on the far side of the threshold: the lower bound for >= and >, the upper bound
@@ -203,7 +204,10 @@ def check_gates(gates: list[str], figures: Figures | Mapping[str, Figure | float
 # name a gate gives the best of them on its metric
 BASELINE_ARM_NAMES = ("base", "few_shot", "nearest", "majority", "linear", "retrieval")
 BEST_BASELINE = "best_baseline"
-STANDARD_ARMS = (*BASELINE_ARM_NAMES, "tuned", "tuned+constrained")
+# the arms that are the fine-tune: each is compared with every other arm and measured against the best baseline
+# (tuned+constrained is the same weights decoding inside the output's language, so it is the fine-tune too)
+TUNED_ARM_NAMES = ("tuned", "tuned+constrained")
+STANDARD_ARMS = (*BASELINE_ARM_NAMES, *TUNED_ARM_NAMES)
 
 
 def refuse_gates_on_arms_left_out(gates: list[str], scored: list[str], others: list[str]) -> None:

@@ -202,10 +202,7 @@ def report_context(run: RunFolder, config, report: EvalReport, test: list[Exampl
         "forgetting": report.forgetting,
         "forgetting_rows": forgetting_rows(report.forgetting) if report.forgetting is not None else [],
         "gates": report.gates,
-        "versus_best": [{"metric": metric, "arm": arm, "comparison": comparison,
-                         "tuned": report.arms["tuned"].headline()[metric],
-                         "baseline": report.arms[arm].headline()[metric]}
-                        for metric, arm, comparison in report.versus_best_baseline()],
+        "versus_best": report.versus_best_baseline(),
         "versus_best_lines": versus_best_lines(report),
         "regressions": worst_regressions(test, outputs),
         "samples": samples(test, outputs, config.evaluation.samples_in_report),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specialist.core.gates import GateResult
+from specialist.core.gates import TUNED_ARM_NAMES, GateResult
 from specialist.core.stats import Interval, PairedComparison
 
 
@@ -42,6 +42,19 @@ class ArmPair:
     def key(self) -> str:
         """The pair's key in eval.json's "comparisons": `tuned_vs_base`."""
         return f"{self.arm}_vs_{self.other}"
+
+
+@dataclass(frozen=True)
+class VersusBest:
+    """A tuned arm against the best baseline on one metric: both values, and `tuned` minus `baseline` on the same
+    rows (None for a figure without per-row scores, such as macro-F1)."""
+
+    tuned: str  # the tuned arm: tuned or tuned+constrained
+    metric: str
+    baseline: str  # the best baseline arm on this metric
+    tuned_value: float
+    baseline_value: float
+    comparison: PairedComparison | None
 
 
 @dataclass
@@ -122,22 +135,48 @@ class EvalReport:
     def comparison(self, arm: str, other: str, metric: str) -> PairedComparison | None:
         return self.comparisons.get(ArmPair(arm, other), {}).get(metric)
 
-    def versus_best_baseline(self) -> list[tuple[str, str, PairedComparison | None]]:
-        """(metric, best baseline arm, tuned minus that arm on the same rows), one per metric; the comparison is
-        None for a figure without per-row scores (macro-F1)."""
-        return [(metric, arm, self.comparison("tuned", arm, metric)) for metric, arm in self.best_baseline.items()]
+    def versus_best_baseline(self) -> list[VersusBest]:
+        """Each tuned arm (tuned, then tuned+constrained where scored) against the best baseline, per metric: the
+        constrained arm beside tuned on each metric, so a reader sees what the schema adds. A tuned arm without
+        the metric has no entry for it."""
+        found = []
+        for metric, baseline in self.best_baseline.items():
+            for tuned in self.tuned_arms():
+                value = self.arms[tuned].headline().get(metric)
+                if value is not None:
+                    found.append(VersusBest(tuned, metric, baseline, value, self.arms[baseline].headline()[metric],
+                                            self.comparison(tuned, baseline, metric)))
+        return found
+
+    def tuned_arms(self) -> list[str]:
+        """The tuned arms this evaluation scored, in TUNED_ARM_NAMES order."""
+        return [name for name in TUNED_ARM_NAMES if name in self.arms]
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "run": str(self.run_dir), "n_eval": self.n_eval,
                 "max_new_tokens": self.max_new_tokens, "decoding": self.decoding,
                 "arms": {name: arm.to_json() for name, arm in self.arms.items()},
                 "comparisons": {pair.key: _plain(per_metric) for pair, per_metric in self.comparisons.items()},
-                "best_baseline": {metric: {"arm": arm, "tuned": self.arms["tuned"].headline()[metric],
-                                           "baseline": self.arms[arm].headline()[metric],
-                                           "comparison": _plain(comparison)}
-                                  for metric, arm, comparison in self.versus_best_baseline()},
+                "best_baseline": self._best_baseline_json(),
                 "forgetting": _plain(self.forgetting),
                 "overfitting": _plain(self.overfitting), "gates": _plain(self.gates)}
+
+    def _best_baseline_json(self) -> dict[str, dict[str, Any]]:
+        """eval.json's "best_baseline", per metric: `arm` (the baseline), `baseline` (its value), and per tuned arm
+        its value under its own name and its comparison under "comparison" for tuned (the key readers had before
+        the constrained arm was measured too), "tuned+constrained_comparison" for the constrained arm."""
+        found: dict[str, dict[str, Any]] = {}
+        for entry in self.versus_best_baseline():
+            per_metric = found.setdefault(entry.metric, {"arm": entry.baseline, "baseline": entry.baseline_value})
+            per_metric[entry.tuned] = entry.tuned_value
+            per_metric[comparison_key(entry.tuned)] = _plain(entry.comparison)
+        return found
+
+
+def comparison_key(tuned: str) -> str:
+    """Where eval.json's best_baseline keeps a tuned arm's paired comparison: "comparison" for tuned (as before),
+    "<arm>_comparison" for another tuned arm."""
+    return "comparison" if tuned == "tuned" else f"{tuned}_comparison"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from specialist.artifacts import Loaded, ModelPool, load_base_model, load_export
 from specialist.config import RunConfig
 from specialist.console import console
 from specialist.constrain import constraint_of
-from specialist.core.gates import BEST_BASELINE, check_gates, refuse_gates_on_arms_left_out
+from specialist.core.gates import BEST_BASELINE, TUNED_ARM_NAMES, check_gates, refuse_gates_on_arms_left_out
 from specialist.core.labels import label_rule, render_label
 from specialist.core.scorers import (
     LabelRule,
@@ -33,7 +33,7 @@ from specialist.core.scorers import (
     resolve_scorers,
     score_rows,
 )
-from specialist.core.stats import paired_comparison, score_interval
+from specialist.core.stats import PairedComparison, paired_comparison, score_interval
 from specialist.data import Example
 from specialist.errors import ConfigError
 from specialist.evaluate.baseline_arms import baseline_index, best_baselines, default_retrieval_k, no_model_baselines
@@ -170,7 +170,7 @@ def held_out(split, evaluation) -> list[Example]:
 def scored_report(run_dir: Path, arms: Arms, answers: dict[str, Answers], rows: dict[str, dict[str, list[float]]],
                   setting: Setting) -> EvalReport:
     """Every arm's scores (`rows`: per arm, each scorer's value per row) with intervals, the paired comparisons of
-    tuned against each arm, the best baselines."""
+    each tuned arm against the other arms, the best baselines."""
     evaluation, test = setting.config.evaluation, setting.test
     expected = [ex.completion for ex in test]
     report = EvalReport(
@@ -437,13 +437,27 @@ def arm_result(arm: Arm, found: ArmRows, evaluation, rule: LabelRule, seconds: f
     return result
 
 
-def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[ArmPair, dict[str, Any]]:
-    """Paired comparisons of `tuned` against each other arm, per scorer, on the same rows."""
-    if "tuned" not in rows:
-        return {}
-    return {ArmPair("tuned", other): {metric: paired_comparison(rows[other][metric], rows["tuned"][metric], samples)
-                                  for metric in rows["tuned"] if metric != "length"}
-            for other in rows if other != "tuned"}
+def compare_arms(rows: dict[str, dict[str, list[float]]], samples: int) -> dict[ArmPair, dict[str, PairedComparison]]:
+    """Paired comparisons, per scorer, on the same rows: each tuned arm (tuned, tuned+constrained) against every
+    arm that is not one, then tuned+constrained against tuned (what the schema adds to the same weights)."""
+    return {pair: _paired_scores(rows[pair.arm], rows[pair.other], samples) for pair in compared_pairs(rows)}
+
+
+def compared_pairs(rows: Mapping[str, Any]) -> list[ArmPair]:
+    """The pairs compare_arms measures, tuned's first, so eval.json keeps the order it had before the constrained
+    arm was compared too."""
+    tuned = [name for name in TUNED_ARM_NAMES if name in rows]
+    pairs = [ArmPair(arm, other) for arm in tuned for other in rows if other not in TUNED_ARM_NAMES]
+    if tuned == list(TUNED_ARM_NAMES):
+        pairs.append(ArmPair("tuned+constrained", "tuned"))
+    return pairs
+
+
+def _paired_scores(arm: dict[str, list[float]], other: dict[str, list[float]],
+                   samples: int) -> dict[str, PairedComparison]:
+    """`arm` minus `other` on each scorer both have; length is no "higher is better" figure, so not compared."""
+    return {metric: paired_comparison(other[metric], values, samples)
+            for metric, values in arm.items() if metric != "length" and metric in other}
 
 
 def forgetting(arms: Arms, evaluation):
@@ -473,7 +487,7 @@ def overfitting(answer_train: Callable[[list[Example]], list[str]], split, test_
 def figures_of(report: EvalReport):
     """Every figure a gate may name: `arm.metric` (with `arm.macro_f1`, `arm.refused_when_should[_not]`),
     `forgetting.*`, `overfitting.gap.metric`, `overfitting.memorisation_rate`; with intervals where known, and the
-    paired differences of tuned against each arm."""
+    paired differences compare_arms measured (each tuned arm against each arm and against best_baseline)."""
     from specialist.core.gates import Figure, Figures
 
     values: dict[str, Figure] = {}
@@ -491,8 +505,9 @@ def figures_of(report: EvalReport):
     for metric, arm in report.best_baseline.items():
         if f"{arm}.{metric}" in values:
             values[f"{BEST_BASELINE}.{metric}"] = values[f"{arm}.{metric}"]
-        if ("tuned", arm, metric) in differences:
-            differences[("tuned", BEST_BASELINE, metric)] = differences[("tuned", arm, metric)]
+        for tuned in TUNED_ARM_NAMES:  # `tuned+constrained - best_baseline ... confidently` needs its pair too
+            if (tuned, arm, metric) in differences:
+                differences[(tuned, BEST_BASELINE, metric)] = differences[(tuned, arm, metric)]
     return Figures(values, differences)
 
 
