@@ -338,3 +338,34 @@ def test_the_fast_greedy_path_gives_the_plain_paths_tokens(babbler, monkeypatch)
     assert tokens(True, [[n] for n in range(6)]) == plain  # one token per call
     monkeypatch.setattr(babbler.model, "generate", generate)
     assert babbler.run([Request(prompts[0], 5)], Sampling(True, 1.0, 1.0, seed=1))  # sampling: the plain path
+
+
+def test_an_answer_ends_where_its_json_scores_are_decided_and_scores_the_same(babbler):
+    """The evaluation's rule (only JSON scorers, JSON answers expected): generation stops once no continuation
+    could parse, and every scorer gives the cut answer what it gives the whole one."""
+    from specialist.core.scorers import BUILTIN, decided_once_not_json
+
+    babbler.stop_ids = set()
+    expected = ['{"level": "INFO", "component": "sshd", "template": "Invalid user <*>"}'] * len(PROMPTS)
+    decided = decided_once_not_json(["json_valid", "exact_match", "field_accuracy"], expected)
+    whole = babbler.generate(PROMPTS, 24, batch_size=3)
+    cut = babbler.generate(PROMPTS, 24, batch_size=3, decided=decided)
+    assert any(g.finish_reason == "decided" for g in cut)  # random weights do not write JSON
+    for short, full, want in zip(cut, whole, expected):
+        assert full.text.startswith(short.text)
+        if short.finish_reason == "decided":
+            assert short.completion_tokens < 24
+        for name in ("json_valid", "exact_match", "field_accuracy"):
+            assert BUILTIN[name](short.text, want) == BUILTIN[name](full.text, want)
+
+
+@pytest.mark.parametrize(("scorers", "expected"), [
+    (["json_valid", "chrf"], ['{"a": 1}']),  # chrF gives partial credit to any text: nothing is decided
+    (["exact_match"], ["plain text answer"]),  # a non-JSON answer could still match it exactly
+    (["my_module:score"], ['{"a": 1}']),  # a scorer of the user's: unknown rules
+    ([], ['{"a": 1}']),
+])
+def test_no_early_end_where_a_continuation_could_still_score(scorers, expected):
+    from specialist.core.scorers import decided_once_not_json
+
+    assert decided_once_not_json(scorers, expected) is None

@@ -75,6 +75,8 @@ class Request:
     stop: tuple[str, ...] = ()  # the caller's own stop strings, beside the prompt format's
     constraint: Constraint | None = None  # this row's output language, in place of the engine's
     logprobs: int | None = None  # None: none; k >= 0: each answer token's log-probability and the k likeliest
+    # True once no continuation of the answer so far could change its scores (an evaluation's rule): the row ends
+    decided: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (stop token or string), "length" (token limit) or "cancelled"
+    finish_reason: str  # "stop" (stop token or string), "length" (token limit), "cancelled" or "decided"
     probabilities: dict[str, float] | None = None  # a classifier's answer: every label's probability
     logprobs: tuple[TokenLogprob, ...] | None = None  # the answer's tokens, where the request asked for them
 
@@ -197,6 +199,8 @@ class _Row:
             self.finish = "stop"
         elif self.stops and self._stop_string_reached():
             self.finish = "stop"
+        elif self.request.decided is not None and self.request.decided(self.raw_text()):
+            self.finish = "decided"
         elif self.request.cancelled.is_set():
             self.finish = "cancelled"
         elif len(self.tokens) >= self.request.max_new_tokens:
@@ -478,9 +482,11 @@ class Engine:
 
     def generate(self, prompts: list[str], max_new_tokens: int, sampling: Sampling = GREEDY, batch_size: int = 16,
                  shots: Sequence[tuple[str, str]] = (), label: str = "generating",
-                 row_shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[Generation]:
+                 row_shots: Sequence[Sequence[tuple[str, str]]] | None = None,
+                 decided: Callable[[str], bool] | None = None) -> list[Generation]:
         """Every prompt's answer, in input order; batched after sorting by length so batches carry little padding.
-        `row_shots`, where given, are each prompt's own examples (retrieval) in place of the shared `shots`."""
+        `row_shots`, where given, are each prompt's own examples (retrieval) in place of the shared `shots`;
+        `decided` ends an answer early (Request.decided)."""
         if row_shots is None and not shots and self.retrieval is not None:  # one search for the whole list
             row_shots = self.retrieval.prompt_shots(prompts)
         encoded = [self.encode(p, shots if row_shots is None else row_shots[i], max_new_tokens)
@@ -490,7 +496,7 @@ class Engine:
         with GenerationProgress(label, len(prompts)) as progress:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                answers = self.run([Request(encoded[i], max_new_tokens) for i in batch], sampling)
+                answers = self.run([Request(encoded[i], max_new_tokens, decided=decided) for i in batch], sampling)
                 for i, answer in zip(batch, answers):
                     results[i] = answer
                 progress.advance(len(batch), sum(a.completion_tokens for a in answers))

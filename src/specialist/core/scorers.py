@@ -15,7 +15,7 @@ import importlib
 import inspect
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,25 @@ BUILTIN: dict[str, Scorer] = {
 NEEDS_SETTINGS = {"label_accuracy", "json_schema"}
 CODE_SCORERS = {"tests_pass", "mutation_kill"}
 KNOWN = set(BUILTIN) | NEEDS_SETTINGS | CODE_SCORERS
+
+
+# scorers that give 0 to every answer json.loads cannot read, when the expected answers are JSON
+SCORE_ONLY_JSON = frozenset({"json_valid", "json_schema", "exact_match", "field_accuracy"})
+
+
+def decided_once_not_json(scorer_names: Sequence[str], expected: Sequence[str]) -> Callable[[str], bool] | None:
+    """The rule that ends an answer once its scores are decided, or None where no such rule holds.
+
+    With only JSON scorers and JSON expected answers, an answer that no continuation could make parse scores 0
+    on every scorer however it goes on: generation may stop there (the base model echoing a log line is decided
+    at its second character). The stored answer is then the text up to that point."""
+    if not scorer_names or not set(scorer_names) <= SCORE_ONLY_JSON:
+        return None
+    if any(parse_json(text) is _MISSING for text in expected):
+        return None
+    from specialist.core.json_prefix import can_become_json
+
+    return lambda text: not can_become_json(text)
 
 
 def resolve_scorers(names: list[str], label_rule: LabelRule | None = None,

@@ -26,6 +26,7 @@ from specialist.core.gates import BEST_BASELINE, TUNED_ARM_NAMES, check_gates, r
 from specialist.core.labels import label_rule, render_label
 from specialist.core.scorers import (
     LabelRule,
+    decided_once_not_json,
     label_report,
     length_report,
     per_key_accuracy,
@@ -158,8 +159,11 @@ class Setting:
     def decoding(self) -> dict[str, Any]:
         """What eval.json's decoding notes: the sampling settings, label scoring and calibration."""
         evaluation = self.config.evaluation
+        cut = decided_once_not_json(evaluation.scorers, [ex.completion for ex in self.test]) is not None
         return (sampling_of(evaluation).generate_kwargs() | scoring_of(self.scoring)
-                | ({"label_calibration": "batch"} if evaluation.label_calibration == "batch" else {}))
+                | ({"label_calibration": "batch"} if evaluation.label_calibration == "batch" else {})
+                # the stored answers (and their lengths) then end where they stopped
+                | ({"answers_end": "once no continuation could parse as JSON"} if cut else {}))
 
 
 def held_out(split, evaluation) -> list[Example]:
@@ -405,8 +409,10 @@ def likelihood_probabilities(engine: Engine, prompts: list[str], scoring: LabelS
 
 def generate(engine: Engine, examples: list[Example], max_new_tokens: int, config: RunConfig,
              shots: Sequence[tuple[str, str]] = (), label: str = "generating") -> list[str]:
+    # an answer whose scores no continuation can change ends there (the base model echoing its input, say)
+    decided = decided_once_not_json(config.evaluation.scorers, [ex.completion for ex in examples])
     answers = engine.generate([ex.prompt for ex in examples], max_new_tokens, sampling_of(config.evaluation),
-                              config.evaluation.batch_size, shots, label)
+                              config.evaluation.batch_size, shots, label, decided=decided)
     return [answer.text for answer in answers]
 
 
