@@ -253,7 +253,11 @@ def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_th
     from specialist.evaluate.forgetting import measure_forgetting
 
     model, tokenizer = tiny_model
-    plain = perplexity(model, tokenizer, TEXTS)
+    from specialist.evaluate.forgetting import bf16_autocast_helps
+
+    autocast = bf16_autocast_helps(model)  # the stage runs in bf16 where the CPU multiplies it: compare alike
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain = perplexity(model, tokenizer, TEXTS)
     # Random (not zero) LoRA weights, so the adapter changes the model's answers.
     tuned = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lock = threading.Lock()  # both arms share one model, as the evaluation's engines do
@@ -280,7 +284,9 @@ def test_measure_forgetting_switches_the_adapter_off_for_the_base_and_follows_th
     assert (report["texts"], report["questions"], report["corpus"]) == (len(TEXTS), 10, str(corpus))
     assert report["knowledge_before"]["n"] == 10 and not lock.locked()
     figure, before, after, change = typed.table()[0]
-    assert figure == f"perplexity on {corpus} ({len(TEXTS)} texts)" and before == f"{plain:.2f}"
+    assert report["precision"] == ("bfloat16 autocast" if autocast else "float32")
+    precision = ", bfloat16 autocast" if autocast else ""
+    assert figure == f"perplexity on {corpus} ({len(TEXTS)} texts{precision})" and before == f"{plain:.2f}"
     assert change.startswith(f"{100 * report['ppl_increase']:+.1f}% [")
     knowledge = typed.table()[1]
     assert knowledge[0] == "knowledge probe accuracy (10 questions)" and "McNemar p = " in knowledge[3]
