@@ -374,3 +374,19 @@ def test_a_terminal_gets_the_bar_and_no_extra_lines(monkeypatch):
                                               (3600, "1h00m"), (90061, "25h01m")])
 def test_eta_is_written_for_people(seconds, text):
     assert progress.format_seconds(seconds) == text
+
+
+@pytest.mark.parametrize(("multiplies_bf16", "expected"), [(True, True), (False, False)])
+def test_training_autocasts_to_bf16_where_the_cpu_multiplies_it(monkeypatch, tiny_model, multiplies_bf16, expected):
+    """Detected, not assumed: fp32 weights on a CPU with AVX512-BF16 (or AMX) train under bf16 autocast; an AVX2
+    machine keeps fp32 throughout."""
+    import specialist.decode
+    import specialist.models
+    from specialist.train.loop import use_bf16_autocast
+
+    model, _ = tiny_model
+    monkeypatch.setattr(specialist.models, "bf16_is_fast", lambda: False)  # no AMX, no CUDA
+    monkeypatch.setattr(specialist.decode, "cpu_multiplies_bf16", lambda cpuinfo=None: multiplies_bf16)
+    assert use_bf16_autocast(model) is expected
+    assert use_bf16_autocast(model, False) is False and use_bf16_autocast(model, True) is True  # training.bf16
+    assert use_bf16_autocast(model.to(torch.bfloat16)) is True  # bf16 weights always compute in bf16

@@ -156,7 +156,7 @@ def train_classifier(job: TrainJob) -> TrainResult:
     train_rows = encode_rows(job.train, job.template, tokenizer, labels, training.max_length)
     val_rows = encode_rows(job.val, job.template, tokenizer, labels, training.max_length) if job.val else None
     args = TrainingArguments(**common_arguments(training, run.checkpoints, len(train_rows), bool(val_rows),
-                                                use_bf16_autocast(classifier), tensorboard_dir=run.tensorboard),
+                                                use_bf16_autocast(classifier, training.bf16), tensorboard_dir=run.tensorboard),
                              remove_unused_columns=False)
     trainer = ClassifierTrainer(
         model=classifier, args=args, train_dataset=train_rows, eval_dataset=val_rows,

@@ -41,7 +41,7 @@ def train_dpo(job: TrainJob) -> TrainResult:
     val_ds = preference_dataset(job.val, job.template, job.tokenizer) if job.val else None
     args = DPOConfig(
         **common_arguments(training, run.checkpoints, len(train_ds), val_ds is not None,
-                           use_bf16_autocast(job.model), tensorboard_dir=run.tensorboard,
+                           use_bf16_autocast(job.model, training.bf16), tensorboard_dir=run.tensorboard,
                            sequence_length=2 * training.max_length),  # chosen and rejected in one forward
         beta=method.beta,
         max_length=training.max_length,

@@ -272,7 +272,7 @@ def train_grpo(job: TrainJob) -> TrainResult:
     max_new_tokens = completion_limit(config, tokenizer, job.train)
     train_ds, prompt_ids = prompt_dataset(job.train, template, tokenizer, max_new_tokens)
     val_ds, val_ids = prompt_dataset(job.val, template, tokenizer, max_new_tokens) if job.val else (None, {})
-    args = grpo_arguments(config, job.run, len(train_ds), val_ds is not None, use_bf16_autocast(job.model),
+    args = grpo_arguments(config, job.run, len(train_ds), val_ds is not None, use_bf16_autocast(job.model, config.training.bf16),
                           max_new_tokens, weights)
     trainer_class = functools.partial(DurableGRPOTrainer, reward_funcs=rewards, prompt_ids=prompt_ids | val_ids)
     with warnings.catch_warnings():

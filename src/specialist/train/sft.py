@@ -73,7 +73,7 @@ def train_sft(job: TrainJob) -> TrainResult:
     val_ds = build_dataset(job.val, data_template, tokenizer) if job.val else None
     if not plain_text:
         refuse_examples_without_completion(train_ds, training.max_length)
-    args = sft_config(training, job.run.checkpoints, len(train_ds), bf16=use_bf16_autocast(job.model),
+    args = sft_config(training, job.run.checkpoints, len(train_ds), bf16=use_bf16_autocast(job.model, training.bf16),
                       has_val=val_ds is not None, plain_text=plain_text, tensorboard_dir=job.run.tensorboard)
     return fit(job, CompletionOnlySFTTrainer, args, train_ds, val_ds, selection_rows(job))
 
