@@ -369,3 +369,39 @@ def test_no_early_end_where_a_continuation_could_still_score(scorers, expected):
     from specialist.core.scorers import decided_once_not_json
 
     assert decided_once_not_json(scorers, expected) is None
+
+
+class _CharTokenizer:
+    """One token per character: a row's text is exactly the characters fed to it."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _fed(text: str, stops: tuple[str, ...]):
+    from types import SimpleNamespace
+
+    from specialist.core.scorers import decided_once_not_json
+    from specialist.generation import _Row
+
+    engine = SimpleNamespace(stop_strings=stops, stop_ids=set(), tokenizer=_CharTokenizer())
+    decided = decided_once_not_json(["json_valid", "exact_match"], ['{"a": 1}'])
+    row = _Row(Request([1], max_new_tokens=len(text) + 5, decided=decided), engine)
+    for char in text:
+        if row.add(ord(char)):
+            break
+    return row
+
+
+def test_a_json_answer_followed_by_the_next_turn_is_cut_by_the_stop_string_not_decided():
+    """The few-shot arm writes its JSON, then begins the next turn of the built-in format: the characters after
+    the JSON are a stop string in the making, and the answer scored is the JSON before it."""
+    row = _fed('{"a": 1}\n\n### Input:\nmore', ("\n### ",))
+    assert row.finish == "stop" and row.text().strip() == '{"a": 1}'
+
+
+def test_an_echoed_log_line_is_decided_at_its_second_character_even_with_stop_strings():
+    row = _fed("081111 044337 13 INFO dfs.DataBlockScanner", ("\n### ",))
+    assert row.finish == "decided" and row.text() == "08"
+    row = _fed('{"a": 1} and then some words', ("\n### ",))  # text after the value that no stop string begins
+    assert row.finish == "decided" and row.text() == '{"a": 1} a'

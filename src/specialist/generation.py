@@ -199,7 +199,7 @@ class _Row:
             self.finish = "stop"
         elif self.stops and self._stop_string_reached():
             self.finish = "stop"
-        elif self.request.decided is not None and self.request.decided(self.raw_text()):
+        elif self.request.decided is not None and self._decided():
             self.finish = "decided"
         elif self.request.cancelled.is_set():
             self.finish = "cancelled"
@@ -214,6 +214,16 @@ class _Row:
 
     def text(self) -> str:
         return cut_at_stop(self.raw_text(), self.stops)
+
+    def _decided(self) -> bool:
+        """Request.decided holds for the text so far and for every answer a stop string may still cut it to: a
+        stop string that has begun in the text's tail would end the answer before it (a few-shot answer's JSON is
+        followed by the start of the next turn, `\n### `, and is judged without it)."""
+        raw = self.raw_text()
+        if not self.request.decided(raw):
+            return False
+        cuts = (at for at in range(len(raw)) if any(stop.startswith(raw[at:]) for stop in self.stops))
+        return all(self.request.decided(raw[:at]) for at in cuts)
 
     def _stop_string_reached(self) -> bool:
         raw = self.raw_text()
