@@ -268,7 +268,7 @@ def _warn_not_isolated(isolation: str) -> None:
     who = "this user (root: the whole machine)" if os.geteuid() == 0 else "this user"
     console.print(f"[yellow]warning:[/] generated tests are NOT isolated ({isolation}: {why}). Guarded: time, "
                   f"memory, file size, {count}{network}; {processes}. NOT guarded: the tests can read and write "
-                  "every file this user can. Install bubblewrap (`make sandbox`, or apt-get install bubblewrap) "
+                  f"every file {who} can. Install bubblewrap (`make sandbox`, or apt-get install bubblewrap) "
                   "or score untrusted output in a container.")
 
 

@@ -17,7 +17,6 @@ group (`split_by: grouped` keeps a group out of the other splits, so training mu
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
