@@ -354,6 +354,24 @@ def test_a_log_file_gets_a_progress_line_at_least_every_30_seconds(monkeypatch):
     assert "ETA 1m38s" in lines[1]  # 42 s for 6 steps, 14 steps to go
 
 
+def test_a_validation_pass_in_a_log_file_gets_a_line_every_30_seconds(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "now", clock)
+    monkeypatch.setattr(console, "_force_terminal", False)
+    monkeypatch.setattr(console, "width", 300)
+    callback = progress.RichProgressCallback()
+    state = TrainerState(max_steps=20, is_world_process_zero=True)
+    with console.capture() as captured:
+        callback.on_train_begin(None, state, TrainerControl())
+        state.global_step = 10
+        for _ in range(10):  # ten validation batches of 8 s each, after step 10
+            clock.t += 8.0
+            callback.on_prediction_step(None, state, TrainerControl())
+        callback.on_train_end(None, state, TrainerControl())
+    lines = [line for line in captured.get().splitlines() if "validating" in line]
+    assert len(lines) == 2 and all("step 10/20" in line for line in lines)  # at 32 s and 64 s
+
+
 def test_a_terminal_gets_the_bar_and_no_extra_lines(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(progress, "now", clock)
