@@ -104,8 +104,9 @@ def launch_folder(folder, tiny_model_dir, name):
         "data": {"path": str(data), "instruction": "Parse the log line into JSON.", "dedupe": {"near": False}},
         "model": {"name": str(tiny_model_dir), "dtype": "float32"},
         "method": {"r": 4, "alpha": 8},
+        # fp32: the launches are compared to 1e-4, and FSDP's bf16 policy rounds where DDP's autocast does not
         "training": {"max_steps": 3, "batch_size": 2, "max_length": 128, "learning_rate": 0.01, "logging_steps": 1,
-                     "report_to": []},
+                     "report_to": [], "bf16": False},
         "output": {"dir": str(folder / "runs"), "run_name": None},  # both ranks must agree on the timestamped name
     }
     config_path = folder / f"{name}.yaml"

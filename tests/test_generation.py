@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specialist.data import Example, PromptTemplate
-from specialist.generation import Engine, Request, Sampling, cut_at_stop
+from specialist.generation import Engine, Request, RowRules, Sampling, cut_at_stop
 
 
 @pytest.fixture
@@ -349,7 +349,7 @@ def test_an_answer_ends_where_its_json_scores_are_decided_and_scores_the_same(ba
     expected = ['{"level": "INFO", "component": "sshd", "template": "Invalid user <*>"}'] * len(PROMPTS)
     decided = decided_once_not_json(["json_valid", "exact_match", "field_accuracy"], expected)
     whole = babbler.generate(PROMPTS, 24, batch_size=3)
-    cut = babbler.generate(PROMPTS, 24, batch_size=3, decided=decided)
+    cut = babbler.generate(PROMPTS, 24, batch_size=3, rows=RowRules(decided=decided))
     assert any(g.finish_reason == "decided" for g in cut)  # random weights do not write JSON
     for short, full, want in zip(cut, whole, expected):
         assert full.text.startswith(short.text)
@@ -405,3 +405,22 @@ def test_an_echoed_log_line_is_decided_at_its_second_character_even_with_stop_st
     assert row.finish == "decided" and row.text() == "08"
     row = _fed('{"a": 1} and then some words', ("\n### ",))  # text after the value that no stop string begins
     assert row.finish == "decided" and row.text() == '{"a": 1} a'
+
+
+def test_a_log_file_hears_from_a_batch_that_outlasts_the_progress_interval(monkeypatch, capsys):
+    """In a log (not a terminal) the clock writes a progress line even while one batch is still running."""
+    import time
+
+    from specialist.console import console
+    from specialist.generation import GenerationProgress
+
+    monkeypatch.setattr(console, "_force_terminal", False)
+    monkeypatch.setattr(console, "width", 300)
+    # capsys, not console.capture(): Rich buffers a capture per thread, and the heartbeat writes from its own
+    with GenerationProgress("evaluating slow arm", 16, every=0.2) as progress:
+        time.sleep(0.7)  # one batch, no advance yet
+        progress.advance(16, 320)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "evaluating slow arm" in line]
+    assert len(lines) >= 3  # at least two heartbeats, then the last row's line
+    assert "0/16 rows" in lines[0] and "ETA ?" in lines[0] and "16/16 rows" in lines[-1]
+    assert not any(t.name == "generation-progress" and t.is_alive() for t in __import__("threading").enumerate())

@@ -80,6 +80,14 @@ class Request:
 
 
 @dataclass(frozen=True)
+class RowRules:
+    """What one `Engine.generate` call asks of each row beyond the engine's defaults."""
+
+    shots: Sequence[Sequence[tuple[str, str]]] | None = None  # each prompt's own examples (retrieval), in order
+    decided: Callable[[str], bool] | None = None  # Request.decided for every row
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """One answer token's log-probability under the model (before temperature, top-p and any constraint: the
     model's own distribution, as vLLM reports by default) and the `top` likeliest tokens there, (id, logprob)."""
@@ -492,11 +500,11 @@ class Engine:
 
     def generate(self, prompts: list[str], max_new_tokens: int, sampling: Sampling = GREEDY, batch_size: int = 16,
                  shots: Sequence[tuple[str, str]] = (), label: str = "generating",
-                 row_shots: Sequence[Sequence[tuple[str, str]]] | None = None,
-                 decided: Callable[[str], bool] | None = None) -> list[Generation]:
+                 rows: RowRules = RowRules()) -> list[Generation]:
         """Every prompt's answer, in input order; batched after sorting by length so batches carry little padding.
-        `row_shots`, where given, are each prompt's own examples (retrieval) in place of the shared `shots`;
-        `decided` ends an answer early (Request.decided)."""
+        `rows.shots`, where given, are each prompt's own examples (retrieval) in place of the shared `shots`;
+        `rows.decided` ends an answer early (Request.decided)."""
+        row_shots, decided = rows.shots, rows.decided
         if row_shots is None and not shots and self.retrieval is not None:  # one search for the whole list
             row_shots = self.retrieval.prompt_shots(prompts)
         encoded = [self.encode(p, shots if row_shots is None else row_shots[i], max_new_tokens)
@@ -531,6 +539,9 @@ class GenerationProgress:
         self.done = self.tokens = 0
         self.started = self.last_line = time.perf_counter()
         self.bar = self.task = None
+        self._lines = threading.Lock()
+        self._stopped = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> GenerationProgress:
         from specialist.console import console, progress
@@ -539,7 +550,17 @@ class GenerationProgress:
             self.bar = progress()
             self.bar.__enter__()
             self.task = self.bar.add_task(self.label, total=self.total, info="")
+        else:
+            self._beat = threading.Thread(target=self._heartbeat, name="generation-progress", daemon=True)
+            self._beat.start()
         return self
+
+    def _heartbeat(self) -> None:
+        # one batch can outlast `every` (16 retrieval prompts of the demo: 23 s on 2 cores, 37 s on one), so the
+        # clock, not only a finished batch, writes the line: a log is never quiet for much longer than `every`
+        while not self._stopped.wait(self.every / 4):
+            if time.perf_counter() - self.last_line >= self.every:
+                self._log_line()
 
     def advance(self, rows: int, tokens: int) -> None:
         self.done += rows
@@ -556,12 +577,16 @@ class GenerationProgress:
     def _log_line(self) -> None:
         from specialist.console import console
 
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        console.log(f"{self.label}: {self.done}/{self.total} rows, {self._rate():.1f} {self.counted} tok/s, "
-                    f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s")
-        self.last_line = time.perf_counter()
+        with self._lines:
+            elapsed = time.perf_counter() - self.started
+            eta = f"{elapsed / self.done * (self.total - self.done):.0f} s" if self.done else "?"
+            console.log(f"{self.label}: {self.done}/{self.total} rows, {self._rate():.1f} {self.counted} tok/s, "
+                        f"{elapsed:.0f} s elapsed, ETA {eta}")
+            self.last_line = time.perf_counter()
 
     def __exit__(self, *exc) -> None:
+        self._stopped.set()
+        if self._beat is not None:
+            self._beat.join()
         if self.bar is not None:
             self.bar.__exit__(*exc)

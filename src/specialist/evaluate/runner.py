@@ -39,7 +39,7 @@ from specialist.data import Example
 from specialist.errors import ConfigError
 from specialist.evaluate.baseline_arms import baseline_index, best_baselines, default_retrieval_k, no_model_baselines
 from specialist.evaluate.results import ArmPair, ArmResult, EvalReport, Overfitting
-from specialist.generation import Engine, Sampling, default_max_new_tokens
+from specialist.generation import Engine, RowRules, Sampling, default_max_new_tokens
 from specialist.run_folder import ExportFolder, RunFolder
 from specialist.trackers import log_evaluation
 
@@ -412,7 +412,7 @@ def generate(engine: Engine, examples: list[Example], max_new_tokens: int, confi
     # an answer whose scores no continuation can change ends there (the base model echoing its input, say)
     decided = decided_once_not_json(config.evaluation.scorers, [ex.completion for ex in examples])
     answers = engine.generate([ex.prompt for ex in examples], max_new_tokens, sampling_of(config.evaluation),
-                              config.evaluation.batch_size, shots, label, decided=decided)
+                              config.evaluation.batch_size, shots, label, RowRules(decided=decided))
     return [answer.text for answer in answers]
 
 

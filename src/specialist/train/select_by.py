@@ -61,7 +61,7 @@ def generated_answers(template, tokenizer, train: list, evaluation,
                       shots_of: dict[str, list[tuple[str, str]]] | None = None) -> Callable[[Any, list[str]], list[str]]:
     """select_by's answers for generative methods: greedy generation through the engine evaluation uses; `shots_of`
     gives a prompt its retrieved examples (data.retrieval)."""
-    from specialist.generation import GREEDY, Engine, default_max_new_tokens
+    from specialist.generation import GREEDY, Engine, RowRules, default_max_new_tokens
 
     max_new_tokens = evaluation.max_new_tokens or default_max_new_tokens(tokenizer, train)
 
@@ -69,7 +69,7 @@ def generated_answers(template, tokenizer, train: list, evaluation,
         engine = Engine(model, tokenizer, template)
         row_shots = [shots_of.get(p, []) for p in prompts] if shots_of else None
         found = engine.generate(prompts, max_new_tokens, GREEDY, evaluation.batch_size, label="select_by",
-                                row_shots=row_shots)
+                                rows=RowRules(shots=row_shots))
         return [g.text for g in found]
 
     return answer
