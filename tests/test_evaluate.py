@@ -143,3 +143,25 @@ def test_report_renders_in_headless_chromium_with_its_figures(trained_run, tmp_p
                     "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000  # a page with figures, not a blank one
+
+
+def test_json_only_scorers_end_the_arms_answers_where_they_are_decided(trained_run, tiny_model_dir):
+    """With only JSON scorers, `eval` says in eval.json that answers end once they cannot become JSON, and no arm
+    keeps an answer past that point: without its last token every stored answer can still become JSON."""
+    from transformers import AutoTokenizer
+
+    from specialist.core.json_prefix import can_become_json
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    scorers = "evaluation.scorers=[json_valid,exact_match,field_accuracy]"
+    result = runner.invoke(app, ["eval", str(trained_run), "--set", scorers, "--set", "evaluation.forgetting=false"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    report = json.loads((trained_run / "eval.json").read_text())
+    assert report["decoding"]["answers_end"] == "once no continuation could parse as JSON"
+    predictions = [json.loads(line) for line in (trained_run / "predictions.jsonl").read_text().splitlines()]
+    for row in predictions:
+        for arm in ("base", "few_shot", "retrieval", "tuned"):
+            ids = tokenizer(row[arm], add_special_tokens=False)["input_ids"]
+            assert can_become_json(tokenizer.decode(ids[:-1])), (arm, row[arm])
