@@ -348,10 +348,31 @@ def test_a_log_file_gets_a_progress_line_at_least_every_30_seconds(monkeypatch):
                 callback.on_log(args, state, control, logs={"loss": 1.5, "learning_rate": 1e-3})
         callback.on_train_end(args, state, control)
     lines = [line for line in captured.get().splitlines() if "ETA" in line]
-    # step 1 (its loss), then each step at which 30 s have passed since the last line: 6, 11, 16
-    assert [int(line.split("step ")[1].split("/")[0]) for line in lines] == [1, 6, 11, 16]
-    assert "step 6/20" in lines[1] and "loss 1.5000" in lines[1] and "14 tok/s" in lines[1]
-    assert "ETA 1m38s" in lines[1]  # 42 s for 6 steps, 14 steps to go
+    # the start, step 1 (its loss), then each step at which 30 s have passed since the last line: 6, 11, 16
+    assert [int(line.split("step ")[1].split("/")[0]) for line in lines] == [0, 1, 6, 11, 16]
+    assert "step 6/20" in lines[2] and "loss 1.5000" in lines[2] and "14 tok/s" in lines[2]
+    assert "ETA 1m38s" in lines[2]  # 42 s for 6 steps, 14 steps to go
+
+
+def test_a_log_file_hears_from_the_clock_while_a_step_runs(monkeypatch, capsys):
+    """A step longer than the line interval (or the first step, after loading) still gets lines: the clock writes
+    them. capsys, not console.capture(): Rich buffers a capture per thread, and the clock writes from its own."""
+    import threading
+    import time as real_time
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress, "now", clock)
+    monkeypatch.setattr(console, "_force_terminal", False)
+    monkeypatch.setattr(console, "width", 300)
+    callback = progress.RichProgressCallback(line_every=0.2)
+    state = TrainerState(max_steps=5, is_world_process_zero=True)
+    callback.on_train_begin(None, state, TrainerControl())
+    clock.t += 1.0  # the first step has taken longer than the interval and has not ended
+    real_time.sleep(0.5)
+    callback.on_train_end(None, state, TrainerControl())
+    lines = [line for line in capsys.readouterr().err.splitlines() if "step 0/5" in line and "ETA" in line]
+    assert len(lines) >= 2  # the start's line, then the clock's
+    assert not any(t.name == "training-progress" and t.is_alive() for t in threading.enumerate())
 
 
 def test_a_validation_pass_in_a_log_file_gets_a_line_every_30_seconds(monkeypatch):
@@ -408,3 +429,29 @@ def test_training_autocasts_to_bf16_where_the_cpu_multiplies_it(monkeypatch, tin
     assert use_bf16_autocast(model) is expected
     assert use_bf16_autocast(model, False) is False and use_bf16_autocast(model, True) is True  # training.bf16
     assert use_bf16_autocast(model.to(torch.bfloat16)) is True  # bf16 weights always compute in bf16
+
+
+def test_a_training_that_raises_leaves_no_progress_clock_running(monkeypatch):
+    """run_trainer stops the clock even when the Trainer raises before on_train_end (a kill, a bad batch)."""
+    import threading
+    from types import SimpleNamespace
+
+    from specialist.train.loop import run_trainer
+
+    monkeypatch.setattr(console, "_force_terminal", False)
+    callback = progress.RichProgressCallback(line_every=0.2)
+
+    class Raising:
+        callback_handler = SimpleNamespace(callbacks=[callback])
+        state = TrainerState(max_steps=5, is_world_process_zero=True)
+
+        def remove_callback(self, _):
+            pass
+
+        def train(self, resume_from_checkpoint=None):
+            callback.on_train_begin(None, self.state, TrainerControl())
+            raise RuntimeError("a batch the model cannot take")
+
+    with pytest.raises(RuntimeError, match="cannot take"):
+        run_trainer(Raising(), None)
+    assert not any(t.name == "training-progress" and t.is_alive() for t in threading.enumerate())

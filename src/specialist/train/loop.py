@@ -73,7 +73,12 @@ def run_trainer(trainer, resume_from: Path | None) -> tuple[float, int]:
     # The Rich bar replaces the Trainer's plain-text dict printer.
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:  # a training that raised never reaches on_train_end: its progress clock must not outlive it
+        for callback in trainer.callback_handler.callbacks:
+            if hasattr(callback, "stop_clock"):
+                callback.stop_clock()
     return time.perf_counter() - started, int(trainer.state.num_input_tokens_seen or 0)
 
 
