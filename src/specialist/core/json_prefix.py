@@ -17,17 +17,7 @@ _ESCAPES = '"\\/bfnrtu'
 _HEX = "0123456789abcdefABCDEF"
 _DIGITS = "0123456789"
 _LITERALS = ("true", "false", "null", "NaN", "Infinity")
-# number states, after the characters read so far: what may come next
-_NUMBER_NEXT = {
-    "sign": "digits or Infinity",
-    "zero": "fraction, exponent or end",
-    "int": "digit, fraction, exponent or end",
-    "dot": "digit",
-    "frac": "digit, exponent or end",
-    "e": "sign or digit",
-    "esign": "digit",
-    "exp": "digit or end",
-}
+# a number's states (see _number_step): sign, zero, int, dot, frac, e, esign, exp; these may end it
 _NUMBER_ENDS = {"zero", "int", "frac", "exp"}
 
 
@@ -38,7 +28,9 @@ class _Reader:
         self.stack: list[str] = []  # "{" or "[" for each open container
         self.expect = "value"  # value | value_or_close | key | key_or_close | colon | after | end
         self.token: str | None = None  # string | key | escape | hex | number | literal, while one is being read
-        self.detail = ""  # the number's state, the literal read so far, or the hex digits still owed
+        self.detail = ""  # the number's state, or the literal read so far
+        self.escaped_in = ""  # inside an escape: the kind of string (string or key) it goes back to
+        self.hex_owed = 0  # inside a \u escape: the hex digits still to come
 
     def feed(self, char: str) -> bool:
         """Take one character; False once no continuation can parse."""
@@ -125,7 +117,7 @@ class _Reader:
                 self._value_done()
             return True
         if char == "\\":
-            self.detail, self.token = self.token, "escape"  # remember which kind of string to go back to
+            self.escaped_in, self.token = self.token, "escape"
             return True
         return ord(char) >= 0x20  # json.loads refuses control characters inside strings
 
@@ -133,17 +125,17 @@ class _Reader:
         if char not in _ESCAPES:
             return False
         if char == "u":
-            self.token, self.detail = "hex", f"{self.detail}:4"
+            self.token, self.hex_owed = "hex", 4
         else:
-            self.token, self.detail = self.detail, ""
+            self.token = self.escaped_in
         return True
 
     def _in_hex(self, char: str) -> bool:
         if char not in _HEX:
             return False
-        kind, owed = self.detail.split(":")
-        owed_now = int(owed) - 1
-        self.token, self.detail = (kind, "") if owed_now == 0 else ("hex", f"{kind}:{owed_now}")
+        self.hex_owed -= 1
+        if self.hex_owed == 0:
+            self.token = self.escaped_in
         return True
 
     def _in_number(self, char: str) -> bool:
