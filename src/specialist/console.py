@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -30,3 +31,29 @@ def progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+class QuietLineClock:
+    """Into a log file (where no live bar renders) a progress writer's line whenever `every` seconds pass without
+    one: `write()` is called from a daemon thread once `since_line()` (seconds since the writer's last line, on
+    the writer's own clock) reaches `every`. A line written only when a step or a batch ends leaves a log silent
+    for up to one more step or batch; this does not. `stop()` ends the thread (and may be called again)."""
+
+    def __init__(self, every: float, since_line: Callable[[], float], write: Callable[[], None], name: str) -> None:
+        self.every, self.since_line, self.write = every, since_line, write
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> QuietLineClock:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.every / 4):
+            if self.since_line() >= self.every:
+                self.write()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -7,12 +7,11 @@ logging steps may be minutes apart and a silent log looks like a hung run.
 
 from __future__ import annotations
 
-import threading
 import time
 
 from transformers import TrainerCallback
 
-from specialist.console import console, progress
+from specialist.console import QuietLineClock, console, progress
 
 PLAIN_LINE_SECONDS = 30.0
 SHOWN = ("loss", "eval_loss", "learning_rate")
@@ -38,9 +37,7 @@ class RichProgressCallback(TrainerCallback):
         self._first_tokens = 0
         self._last_line = 0.0
         self._last: dict[str, float] = {}
-        self._state = None  # the Trainer's state, for the clock's lines
-        self._stopped = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._clock: QuietLineClock | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -54,16 +51,9 @@ class RichProgressCallback(TrainerCallback):
         if not console.is_terminal:
             # a line now, then one from the clock whenever `line_every` passes without one: a line at a step's end
             # alone leaves up to a step more than `line_every` silent (39 s in the demo's log on 2 cores)
-            self._state = state
             self._print_line(state)
-            self._stopped.clear()
-            self._beat = threading.Thread(target=self._heartbeat, name="training-progress", daemon=True)
-            self._beat.start()
-
-    def _heartbeat(self) -> None:
-        while not self._stopped.wait(self.line_every / 4):
-            if self._progress is not None and now() - self._last_line >= self.line_every:
-                self._print_line(self._state)
+            self._clock = QuietLineClock(self.line_every, lambda: now() - self._last_line,
+                                         lambda: self._print_line(state), "training-progress").start()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._progress is None:
@@ -93,10 +83,9 @@ class RichProgressCallback(TrainerCallback):
 
     def stop_clock(self) -> None:
         """End the clock's lines (at the end of training, or when training raised: run_trainer calls this)."""
-        self._stopped.set()
-        if self._beat is not None:
-            self._beat.join()
-            self._beat = None
+        if self._clock is not None:
+            self._clock.stop()
+            self._clock = None
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop_clock()
