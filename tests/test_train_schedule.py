@@ -330,11 +330,18 @@ def test_a_budget_spent_in_the_measurement_stops_at_once_evaluated_and_saved(tin
 
 
 # -- progress lines in a log file -----------------------------------------------------------------------------------
-def test_a_log_file_gets_a_progress_line_at_least_every_30_seconds(monkeypatch):
+@pytest.fixture
+def log_file_clock(monkeypatch) -> FakeClock:
+    """The progress callback's clock, faked, with the console writing to a log file (not a terminal), wide."""
     clock = FakeClock()
     monkeypatch.setattr(progress, "now", clock)
     monkeypatch.setattr(console, "_force_terminal", False)
     monkeypatch.setattr(console, "width", 300)
+    return clock
+
+
+def test_a_log_file_gets_a_progress_line_at_least_every_30_seconds(log_file_clock):
+    clock = log_file_clock
     callback = progress.RichProgressCallback()
     args, control = None, TrainerControl()
     state = TrainerState(max_steps=20, is_world_process_zero=True)
@@ -354,16 +361,13 @@ def test_a_log_file_gets_a_progress_line_at_least_every_30_seconds(monkeypatch):
     assert "ETA 1m38s" in lines[2]  # 42 s for 6 steps, 14 steps to go
 
 
-def test_a_log_file_hears_from_the_clock_while_a_step_runs(monkeypatch, capsys):
+def test_a_log_file_hears_from_the_clock_while_a_step_runs(log_file_clock, capsys):
     """A step longer than the line interval (or the first step, after loading) still gets lines: the clock writes
     them. capsys, not console.capture(): Rich buffers a capture per thread, and the clock writes from its own."""
     import threading
     import time as real_time
 
-    clock = FakeClock()
-    monkeypatch.setattr(progress, "now", clock)
-    monkeypatch.setattr(console, "_force_terminal", False)
-    monkeypatch.setattr(console, "width", 300)
+    clock = log_file_clock
     callback = progress.RichProgressCallback(line_every=0.2)
     state = TrainerState(max_steps=5, is_world_process_zero=True)
     callback.on_train_begin(None, state, TrainerControl())
@@ -375,11 +379,8 @@ def test_a_log_file_hears_from_the_clock_while_a_step_runs(monkeypatch, capsys):
     assert not any(t.name == "training-progress" and t.is_alive() for t in threading.enumerate())
 
 
-def test_a_validation_pass_in_a_log_file_gets_a_line_every_30_seconds(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(progress, "now", clock)
-    monkeypatch.setattr(console, "_force_terminal", False)
-    monkeypatch.setattr(console, "width", 300)
+def test_a_validation_pass_in_a_log_file_gets_a_line_every_30_seconds(log_file_clock):
+    clock = log_file_clock
     callback = progress.RichProgressCallback()
     state = TrainerState(max_steps=20, is_world_process_zero=True)
     with console.capture() as captured:
