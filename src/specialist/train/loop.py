@@ -111,8 +111,8 @@ def use_bf16_autocast(model, asked: bool | Literal["auto"] = "auto") -> bool:
     """training.bf16: true or false as asked; auto: bf16 autocast where the weights are bf16 or the hardware
     multiplies bf16 (fp32 weights stay the master copy).
 
-    On 2 AVX512-BF16 cores without AMX, autocast trains Gemma 3 270M with LoRA 1.16x faster than fp32 at 2 rows a
-    forward pass and 1.31x at 4 (bench/train_precision.py); bf16 *weights* were slower there (models.torch_dtype),
+    On 2 AVX512-BF16 cores without AMX, autocast trains Gemma 3 270M with LoRA 1.22x faster than fp32 at 2 rows a
+    forward pass and 1.34x at 4 (bench/results/train_precision_avx512_2cores.txt); bf16 *weights* were slower there (models.torch_dtype),
     so the weights stay fp32 and only the matmuls drop to bf16."""
     import torch
 
