@@ -203,11 +203,13 @@ class _Row:
         self.tokens.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
+        # the text so far, decoded once for both checks that read it (every token of every row passes here)
+        raw = self.raw_text() if self.stops or self.request.decided is not None else ""
         if token in self.engine.stop_ids:
             self.finish = "stop"
-        elif self.stops and self._stop_string_reached():
+        elif self.stops and self._stop_string_reached(raw):
             self.finish = "stop"
-        elif self.request.decided is not None and self._decided():
+        elif self.request.decided is not None and self._decided(raw):
             self.finish = "decided"
         elif self.request.cancelled.is_set():
             self.finish = "cancelled"
@@ -223,18 +225,17 @@ class _Row:
     def text(self) -> str:
         return cut_at_stop(self.raw_text(), self.stops)
 
-    def _decided(self) -> bool:
+    def _decided(self, raw: str) -> bool:
         """Request.decided holds for the text so far and for every answer a stop string may still cut it to: a
         stop string that has begun in the text's tail would end the answer before it (a few-shot answer's JSON is
         followed by the start of the next turn, `\n### `, and is judged without it)."""
-        raw = self.raw_text()
         if not self.request.decided(raw):
             return False
         cuts = (at for at in range(len(raw)) if any(stop.startswith(raw[at:]) for stop in self.stops))
         return all(self.request.decided(raw[:at]) for at in cuts)
 
-    def _stop_string_reached(self) -> bool:
-        raw = self.raw_text()
+    def _stop_string_reached(self, raw: str | None = None) -> bool:
+        raw = self.raw_text() if raw is None else raw
         return any(stop in raw for stop in self.stops)
 
     def answer_tokens(self) -> int:
