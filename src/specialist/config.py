@@ -408,6 +408,14 @@ class TrainingConfig(_Section):
         "auto: 256 on CPU (one row of the default max_length), whole batches on GPU; None: whole batches.",
     )
     max_length: int = Field(default=256, gt=8, description="Longest training sequence in tokens; longer rows are cut.")
+    padding_free: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Run each micro-batch's rows as one sequence without padding (TRL's padding_free: positions "
+        "restart at each row and no row attends to another), so pad tokens cost nothing and loss and gradients are "
+        "those of the padded batch. auto: on CPU, off on CUDA (there sdpa would build one dense mask over the whole "
+        "micro-batch; flash attention is the way to drop padding). Prompt/completion rows only: plain text is "
+        "packed into full blocks anyway.",
+    )
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     seed: int = 42
