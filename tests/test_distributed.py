@@ -27,9 +27,15 @@ RECORDING_SCRIPT = textwrap.dedent("""
 
     def recording_loss(model, inputs, num_items):
         if model.training:
+            if "cu_seq_lens_q" in inputs:  # padding-free: the rows end to end in one sequence
+                ids, edges = inputs["input_ids"][0].tolist(), inputs["cu_seq_lens_q"].tolist()
+                rows = [ids[start:end] for start, end in zip(edges[:-1], edges[1:])]
+            else:
+                rows = [[i for i, m in zip(ids, mask) if m]
+                        for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist())]
             with open(seen_path, "a") as handle:
-                for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()):
-                    handle.write(json.dumps([i for i, m in zip(ids, mask) if m]) + "\\n")
+                for row in rows:
+                    handle.write(json.dumps(row) + "\\n")
         return original(model, inputs, num_items)
 
     fast_loss.completion_loss = recording_loss

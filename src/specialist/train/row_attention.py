@@ -24,18 +24,18 @@ NAME = "specialist_rows"
 
 
 def rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                   is_causal: bool | None = None, **kwargs):
+                   attention_mask: torch.Tensor | None, **kwargs):
     """sdpa per row of a padding-free sequence (batch 1, no cache, causal); anything else goes to sdpa as is.
-    Returns (batch, tokens, heads, head_dim) like every transformers attention function."""
+    `kwargs` are what the model passes every attention function (dropout, scaling, sliding_window, the collator's
+    cu_seq_lens_q, ...). Returns (batch, tokens, heads, head_dim) like every transformers attention function."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
     if (bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-            or not getattr(module, "is_causal", True) or kwargs.get("softcap") is not None
+            or not kwargs.get("is_causal", getattr(module, "is_causal", True)) or kwargs.get("softcap") is not None
             or kwargs.get("position_bias") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    dropout, scaling = kwargs.get("dropout", 0.0), kwargs.get("scaling")
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     window = kwargs.get("sliding_window")
