@@ -17,13 +17,14 @@ LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=O
 
 # constraints.txt pins torch 2.13.0, whose CPU build is what these machines install; a looser pin pulls CUDA.
 # The demo needs the package and the embedded model only; the tests add their tools (and the llama.cpp build).
-# --no-compile: pip byte-compiles every file it installs (torch, transformers: 54 s of a 19 s install on 2 cores);
+# Not --quiet: pip says what it collects and installs, so a slow download is never a silent minute.
+# --no-compile: pip byte-compiles every file it installs (torch, transformers: 54 s with it, 19 s without, 2 cores);
 # the demo imports a fraction of them, compiled when first imported. The test set-up compiles everything once,
 # since its many subprocesses would each compile what they import where the environment forbids writing .pyc.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet --no-compile -c constraints.txt -e '.[embedded,serve]'
+	$(VENV)/bin/pip install --no-compile -c constraints.txt -e '.[embedded,serve]'
 	touch $(STAMP)
 
 # xgrammar (constrained decoding) is installed without its dependencies: on Linux x86_64 it asks for triton,
