@@ -730,3 +730,45 @@ def test_modelfile_refuses_prompt_formats_and_arguments_it_cannot_reproduce(toke
     with pytest.raises(ConfigError, match="a number, a bool or a string"):
         write_modelfile(tmp_path, "m.gguf", builtin, params={"stop": ["a"]})
     assert not (tmp_path / "Modelfile").exists()
+
+
+def test_a_conversion_parses_the_gguf_once_and_gives_what_transformers_reads(arch_models, tokenizer, tmp_path,
+                                                                              monkeypatch):
+    """transformers reads the file for the tokenizer's config, the tokenizer and the weights; convert_gguf parses it
+    once for all three, and the folder it writes holds the model transformers reads from the file directly."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from specialist.models import convert_gguf
+
+    model = arch_models("qwen2")
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(model, tokenizer, path, "f32")
+    parses = []
+    original = gguf.GGUFReader
+
+    def counting(*args, **kwargs):
+        parses.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    convert_gguf(path, tmp_path / "converted")
+    assert len(parses) == 1
+    assert gguf.GGUFReader is counting  # the sharing ends with the conversion
+    ids = torch.tensor([tokenizer(GOLDEN[0])["input_ids"]])
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qwen2.gguf").eval()
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    with torch.inference_mode():
+        assert torch.equal(direct(ids).logits, converted(ids).logits)
+
+
+def test_the_shared_reader_is_put_back_when_a_conversion_fails(tmp_path):
+    import gguf
+
+    from specialist.models import gguf_parsed_once
+
+    original = gguf.GGUFReader
+    with pytest.raises(RuntimeError, match="corrupt"), gguf_parsed_once():
+        assert gguf.GGUFReader is not original
+        raise RuntimeError("corrupt")
+    assert gguf.GGUFReader is original
