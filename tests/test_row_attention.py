@@ -146,7 +146,7 @@ def test_a_row_longer_than_the_window_sees_the_window_before_each_token():
                              [False, False, False, True, True]]
 
 
-def test_row_attention_refuses_nothing_it_cannot_do_and_passes_it_to_sdpa():
+def test_a_cached_call_goes_to_sdpa_whatever_row_boundaries_came_with_it():
     """A cache (query shorter than the keys) goes to sdpa, whatever row boundaries came with it."""
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 1
@@ -212,3 +212,20 @@ def test_a_padding_free_trainer_step_gives_the_padded_step_update(tiny_model_dir
     assert any(v.abs().sum() > 0 for n, v in adapters[True].items() if "lora_B" in n)  # the step moved B
     for name, value in adapters[True].items():
         torch.testing.assert_close(value, adapters[False][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "classifier", "continued_pretraining", "grpo"])
+def test_padding_free_asked_for_a_method_without_prompt_completion_rows_is_refused(kind):
+    from specialist.config import validate_config
+    from specialist.errors import ConfigError
+
+    raw = {"data": {"path": "data.jsonl"}, "method": {"kind": kind}, "training": {"padding_free": True}}
+    if kind == "classifier":
+        raw["data"]["shape"] = "labelled"
+    with pytest.raises(ConfigError, match="training.padding_free: auto"):
+        validate_config(raw)
+    raw["training"]["padding_free"] = "auto"  # auto leaves such a method padded, as it is
+    try:
+        validate_config(raw)
+    except ConfigError as exc:
+        assert "padding_free" not in str(exc)

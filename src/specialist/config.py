@@ -413,8 +413,8 @@ class TrainingConfig(_Section):
         description="Run each micro-batch's rows as one sequence without padding (TRL's padding_free: positions "
         "restart at each row and no row attends to another), so pad tokens cost nothing and loss and gradients are "
         "those of the padded batch. auto: on CPU, off on CUDA (there sdpa would build one dense mask over the whole "
-        "micro-batch; flash attention is the way to drop padding). Prompt/completion rows only: plain text is "
-        "packed into full blocks anyway.",
+        "micro-batch; flash attention is the way to drop padding). Methods lora, full and qlora (auto leaves the "
+        "others padded; true with another method is refused).",
     )
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -633,6 +633,7 @@ def _check_folder_name(name: str) -> None:
 
 # Methods whose checkpoints training.select_by can pick: they answer prompts (generated text or a label)
 RETRIEVAL_METHODS = ("lora", "full", "qlora")
+PADDING_FREE_METHODS = ("lora", "full", "qlora")  # continued_pretraining packs its text into full blocks instead
 SELECT_BY_METHODS = ("lora", "full", "qlora", "classifier")
 
 
@@ -655,6 +656,9 @@ class RunConfig(_Section):
         if self.training.select_by and kind not in SELECT_BY_METHODS:
             raise ValueError(f"training.select_by applies to method.kind {', '.join(SELECT_BY_METHODS)}, not "
                              f"{kind!r}; remove it")
+        if self.training.padding_free is True and kind not in PADDING_FREE_METHODS:
+            raise ValueError(f"training.padding_free lays prompt/completion rows end to end, with method.kind "
+                             f"{', '.join(PADDING_FREE_METHODS)}, not {kind!r}; set training.padding_free: auto")
         if self.data.retrieval is not None and kind not in RETRIEVAL_METHODS:
             raise ValueError(f"data.retrieval trains prompts that carry their nearest training rows, with method.kind "
                              f"{', '.join(RETRIEVAL_METHODS)}, not {kind!r}; remove data.retrieval")

@@ -40,12 +40,15 @@ def rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     window = kwargs.get("sliding_window")
-    edges = [int(b) for b in bounds.tolist()]
-    outputs = [F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                              attn_mask=sliding_mask(end - start, window, query.device),
-                                              dropout_p=dropout, scale=scaling,
-                                              is_causal=end - start <= (window or end - start))
-               for start, end in zip(edges[:-1], edges[1:]) if end > start]
+    edges = bounds.tolist()
+    outputs = []
+    for start, end in zip(edges[:-1], edges[1:]):
+        if end == start:
+            continue
+        mask = sliding_mask(end - start, window, query.device)
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
+            dropout_p=dropout, scale=scaling, is_causal=mask is None))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
