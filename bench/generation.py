@@ -8,7 +8,8 @@ greedily, every answer exactly --max-new-tokens long (stop tokens ignored, so ev
 
   ours, batched      specialist.generation.Engine (what `specialist eval` and `serve` run), --batch rows at a time,
                      the adapter on the base (as evaluation runs it) and the merged model (as an export serves it)
-  ours, one at a time   the same engine, batch 1
+  ours, one at a time   the same engine, batch 1; and the f16 GGUF export as `serve` answers a lone request
+                     (the engine's lone runtime: llama.cpp on the export's file, fed through the engine's rows)
   llama.cpp          the run exported to GGUF f16 (`specialist export --format gguf --quantize f16`), through
                      llama-cpp-python, one prompt at a time and --batch sequences in one batch
 
@@ -97,11 +98,27 @@ def llama_cpp(gguf: Path, prompt_ids: list[list[int]], max_new_tokens: int, batc
 
 def export_f16(run_dir: Path, work: Path) -> Path:
     from specialist.deploy.export import ExportOptions, export_run
-    from specialist.run_folder import ExportFolder
 
     options = ExportOptions(golden=2, max_new_tokens=8, quantize="f16")
-    folder = export_run(run_dir, "gguf", work / "gguf-f16", options).folder
-    return ExportFolder(folder).file(ExportFolder(folder).meta()["gguf_file"])
+    return export_run(run_dir, "gguf", work / "gguf-f16", options).folder
+
+
+def ours_lone_export(folder: Path, prompts: list[str], max_new_tokens: int) -> dict | None:
+    """The GGUF export as `serve` answers it one request at a time: the engine with its lone runtime (llama.cpp
+    on the export's file), where this source has one."""
+    from specialist.artifacts import ModelPool
+
+    try:
+        from specialist.deploy.arms import load_for_serving
+    except ImportError:  # a source from before the lone runtime
+        return None
+    loaded = load_for_serving(str(folder), ModelPool(lone_runtime="llama.cpp"))
+    engine = loaded.answering_engine()
+    engine.stop_ids, engine.stop_strings = set(), ()
+    engine.generate(prompts[:1], 4, batch_size=1, label="warm-up")  # loads llama.cpp's copy of the file
+    result = ours(engine, prompts, max_new_tokens, 1)
+    engine.lone.close()
+    return result
 
 
 def measure(args) -> dict:
@@ -127,8 +144,14 @@ def measure(args) -> dict:
         merged.lookup = 0
         results["ours_one_at_a_time_merged_no_lookup"] = ours(merged, prompts, args.max_new_tokens, 1)
     with tempfile.TemporaryDirectory() as work:
-        gguf = export_f16(run.path, Path(work))
+        from specialist.run_folder import ExportFolder
+
+        export = export_f16(run.path, Path(work))
+        gguf = ExportFolder(export).file(ExportFolder(export).meta()["gguf_file"])
         results["llama_cpp"] = llama_cpp(gguf, prompt_ids, args.max_new_tokens, args.batch, args.threads)
+        lone = ours_lone_export(export, prompts, args.max_new_tokens)
+        if lone is not None:
+            results["ours_one_at_a_time_gguf_lone"] = lone
     answers = results["llama_cpp"].pop("answers", None)  # token ids; older sources do not return them
     if answers is not None:
         results["llama_cpp"]["answer_texts"] = [tuned.tokenizer.decode(a, skip_special_tokens=True).strip()
@@ -145,6 +168,9 @@ def print_table(results: dict, args, cpu_line: str) -> dict:
             *([("ours, one at a time, merged, no prompt lookup",
                 results["ours_one_at_a_time_merged_no_lookup"]["tokens_per_s"])]
               if "ours_one_at_a_time_merged_no_lookup" in results else []),
+            *([("ours, one at a time, GGUF export (lone runtime)",
+                results["ours_one_at_a_time_gguf_lone"]["tokens_per_s"])]
+              if "ours_one_at_a_time_gguf_lone" in results else []),
             (f"llama.cpp f16, batched ({args.batch} sequences)", llama["batched"]["tokens_per_s"]),
             ("llama.cpp f16, one at a time", llama["one_at_a_time"]["tokens_per_s"])]
     print(f"\n{args.rows} held-out prompts of {args.run}, greedy, exactly {args.max_new_tokens} new tokens each")
@@ -158,6 +184,9 @@ def print_table(results: dict, args, cpu_line: str) -> dict:
                   / llama["one_at_a_time"]["tokens_per_s"]}
     if "ours_one_at_a_time_merged_no_lookup" in results:
         ratios["ours_one_no_lookup_vs_llama_one"] = (results["ours_one_at_a_time_merged_no_lookup"]["tokens_per_s"]
+                                                     / llama["one_at_a_time"]["tokens_per_s"])
+    if "ours_one_at_a_time_gguf_lone" in results:
+        ratios["ours_one_gguf_lone_vs_llama_one"] = (results["ours_one_at_a_time_gguf_lone"]["tokens_per_s"]
                                                      / llama["one_at_a_time"]["tokens_per_s"])
     for name, value in ratios.items():
         print(f"{name:<48}{value:>9.2f}x")
@@ -185,6 +214,12 @@ def print_agreement(results: dict) -> None:
     if "answer_texts" in results["llama_cpp"]:
         print(f"ours (merged, one at a time) equal to llama.cpp f16 one at a time: "
               f"{100 * equal_share(one, results['llama_cpp']['answer_texts']):.0f}%")
+    if "ours_one_at_a_time_gguf_lone" in results:
+        lone = results["ours_one_at_a_time_gguf_lone"]["answers"]
+        print(f"ours (GGUF export, lone runtime) equal to ours merged one at a time: {100 * equal_share(lone, one):.0f}%"
+              + (f"; to llama.cpp f16 one at a time: "
+                 f"{100 * equal_share(lone, results['llama_cpp']['answer_texts']):.0f}%"
+                 if "answer_texts" in results["llama_cpp"] else ""))
 
 
 def print_limits(results: dict, batch: int) -> None:

@@ -33,14 +33,17 @@ class Loaded:
     kind: str = "base"  # "run", "export" or "base"
     engine: Any = None  # a ready engine callers use instead of building one (a classifier run's ClassifierEngine)
     retrieval: Any = None  # core.retrieval.RetrievalIndex of a data.retrieval run (its prompts carry neighbours)
+    lone: Any = None  # a runtime for lone greedy requests (deploy.llamacpp.LoneGreedy on a GGUF export's file)
 
     def answering_engine(self, constraint=None, template=None):
         """The generation engine over this model: its prompt format (`template` for a bare base model), its
         adapter switch, its retrieval index; inside `constraint`'s language where one is given."""
         from specialist.generation import Engine
 
-        return Engine(self.model, self.tokenizer, self.template or template, context=self.context,
-                      constraint=constraint, retrieval=self.retrieval)
+        engine = Engine(self.model, self.tokenizer, self.template or template, context=self.context,
+                        constraint=constraint, retrieval=self.retrieval)
+        engine.lone = self.lone
+        return engine
 
 
 def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
@@ -80,6 +83,9 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
         found.model = AutoModelForCausalLM.from_pretrained(export.path)
     found.model.eval()
     return found
+
+
+LONE_RUNTIMES = ("auto", "torch", "llama.cpp")  # what answers a GGUF export arm's lone requests (deploy.arms)
 
 
 def load_run(run: RunFolder, pool: ModelPool | None = None, adapter_name: str | None = None) -> Loaded:
@@ -137,8 +143,10 @@ def _start_of(config) -> Path | None:
 class ModelPool:
     """One loaded copy per base model (and per merged starting point); adapters attach to it by name."""
 
-    def __init__(self, dtype: str = "float32") -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: str = "float32", lone_runtime: str = "auto") -> None:
+        if lone_runtime not in LONE_RUNTIMES:
+            raise ConfigError(f"unknown runtime for lone requests {lone_runtime!r}", hint=f"one of {LONE_RUNTIMES}")
+        self.dtype, self.lone_runtime = dtype, lone_runtime
         self._bases: dict[tuple[str, str | None], tuple[Any, Any]] = {}
         self._tokenizers: dict[str, Any] = {}
 

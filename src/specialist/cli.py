@@ -285,6 +285,9 @@ def serve(
                                                   "(the rules of data.clean.scrub).")] = False,
     log_max_rows: Annotated[int | None, typer.Option(min=1, help="Keep the newest N requests in the log.")] = None,
     log_max_age: Annotated[float | None, typer.Option(min=1, help="Delete logged requests older than this many hours.")] = None,
+    lone_runtime: Annotated[str, typer.Option(help="What answers a GGUF export arm's requests that arrive alone: "
+                                                   "llama.cpp (auto: where llama-cpp-python is installed) or "
+                                                   "torch; batches always run in torch.")] = "auto",
 ) -> None:
     """Serve the arms behind an OpenAI-compatible API with A/B routing, batching and a request log."""
     from specialist.deploy.serve import run_server
@@ -295,7 +298,7 @@ def serve(
             queue_size=queue_size, max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens,
             drain_seconds=drain_seconds, admin_key=admin_key, admin_roots=tuple(admin_root or ()),
             scrub_logs=scrub_logs, log_max_rows=log_max_rows,
-            log_max_age_s=None if log_max_age is None else log_max_age * 3600),
+            log_max_age_s=None if log_max_age is None else log_max_age * 3600, lone_runtime=lone_runtime),
             shadow_share, shadow_queue)
     console.print(f"serving {names} on http://{host}:{port}/v1 (split {settings.split}); log {db}"
                   + (f"; shadows {[s.partition('=')[0] for s in shadow]}" if shadow else ""), soft_wrap=True)
@@ -313,7 +316,7 @@ def _serve_app(arm: list[str], shadow: list[str], split: str | None, constrain: 
 
     specs, shadow_specs = parse_arms(arm), parse_arms(shadow) if shadow else []
     weights = parse_split(split, [name for name, _ in specs])
-    pool = ModelPool()
+    pool = ModelPool(lone_runtime=options.pop("lone_runtime", "auto"))
     loaded = load_arms(specs + shadow_specs, pool, constrain=constrain)
     live = {name: loaded[name] for name, _ in specs}
     shadows = {name: loaded[name] for name, _ in shadow_specs}

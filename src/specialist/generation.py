@@ -395,6 +395,9 @@ class Engine:
         # a single greedy row checks up to this many tokens guessed from its own context per model call (prompt
         # lookup: the same tokens, several per call where the answer copies its input); 0: one token per call
         self.lookup = 8
+        # a second runtime for a greedy row that comes alone (deploy.llamacpp.LoneGreedy: llama.cpp on the GGUF
+        # file this model was read from), faster than torch at batch 1; it hands its tokens to the same rows
+        self.lone = None
 
     def encode(self, text: str, shots: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None) -> list[int]:
         """The prompt's token ids in the template's format (its input shortened to fit, where the run truncates),
@@ -427,7 +430,9 @@ class Engine:
         with self.lock, self.context(), torch.inference_mode():
             self.busy = True
             try:
-                if self._decodes_fast(sampling, constraint, capture):
+                if self._answers_lone(requests, sampling, constraint, capture):
+                    self.lone.decode(requests[0].prompt_ids, rows[0].add)
+                elif self._decodes_fast(sampling, constraint, capture):
                     greedy_decode(self.model, self._inputs([r.prompt_ids for r in requests]),
                                   lambda going, tokens: [rows[n].add(t) for n, t in zip(going, tokens)],
                                   self.lookup)
@@ -448,6 +453,13 @@ class Engine:
             stopping_criteria=StoppingCriteriaList([_RowStops(rows, capture)]),
             eos_token_id=sorted(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
             **self._processors(requests, sampling, constraint, capture), **sampling.generate_kwargs())
+
+    def _answers_lone(self, requests: list[Request], sampling: Sampling, constraint,
+                      capture: _LogprobCapture | None) -> bool:
+        """One greedy row with no logits processor, which the lone runtime's context holds."""
+        return (self.lone is not None and self.fast and len(requests) == 1 and not sampling.do_sample
+                and constraint is None and capture is None
+                and self.lone.fits(len(requests[0].prompt_ids), requests[0].max_new_tokens))
 
     def _decodes_fast(self, sampling: Sampling, constraint, capture: _LogprobCapture | None) -> bool:
         """Greedy with no logits processor, on a model whose head specialist.decode computes exactly."""

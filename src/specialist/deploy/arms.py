@@ -51,7 +51,7 @@ def load_arms(specs: list[tuple[str, str]], pool: ModelPool | None = None,
     loaded: dict[str, Loaded] = {}
     for name, source in sorted(specs, key=lambda spec: _is_bare_model(spec[1])):
         fallback = next((found.template for found in loaded.values() if found.template is not None), None)
-        loaded[name] = load_source(source, pool, fallback)
+        loaded[name] = load_for_serving(source, pool, fallback)
     return {name: served_arm(name, source, loaded[name], constrain) for name, source in specs}
 
 
@@ -140,4 +140,20 @@ def load_replacement(name: str, source: str, pool: ModelPool, constrain: bool = 
     fetch from a hub), its adapter attached to the pooled base copy the old arm shares, probed like at start-up."""
     if _is_bare_model(source):
         raise ConfigError(f"{source} is not a run or export folder", hint="promote a run folder or an export")
-    return served_arm(name, source, load_source(source, pool), constrain)
+    return served_arm(name, source, load_for_serving(source, pool), constrain)
+
+
+def load_for_serving(source: str, pool: ModelPool, template=None) -> Loaded:
+    """`load_source`, and for a GGUF export the runtime its lone greedy requests are answered by (the pool's
+    `lone_runtime`: llama.cpp on the export's own file, faster than torch at batch 1)."""
+    from pathlib import Path
+
+    from specialist.run_folder import ExportFolder
+
+    found = load_source(source, pool, template)
+    export = ExportFolder(Path(source))
+    if export.is_export(export.path) and export.meta()["format"] == "gguf":
+        from specialist.deploy.llamacpp import lone_runtime
+
+        found.lone = lone_runtime(export, pool.lone_runtime)
+    return found

@@ -165,6 +165,101 @@ class LlamaRunner:
                                      shape=(self.n_vocab,)).copy()
 
 
+class LoneGreedy:
+    """llama.cpp answering one greedy request at a time from a GGUF export, for `Engine` (its `lone` runtime).
+
+    At batch 1 every token reads all of the weights, and llama.cpp's kernels read them faster than torch's on a
+    CPU (bench/generation.py: f16 at 45 tokens/s against our 14 on 2 cores, where batched the two are level), so
+    `serve` answers a request that arrives alone here and batches through torch. The tokens are fed to the
+    engine's own row (`take`), so stop tokens, stop strings, cancellation, streaming and the text are the
+    engine's rules, not llama.cpp's. The file is loaded at the first request, and the context keeps the previous
+    prompt's cache: a request that starts with the same tokens (the instruction) computes only the rest.
+    """
+
+    def __init__(self, gguf: Path | str, lora: Path | str | None = None, n_ctx: int = 4096,
+                 threads: int | None = None) -> None:
+        self.gguf, self.lora, self.n_ctx, self.threads = Path(gguf), lora, n_ctx, threads
+        self._runner: LlamaRunner | None = None
+        self._cached: list[int] = []  # the tokens whose keys and values the context holds, in order
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        return prompt_tokens + max_new_tokens <= self.n_ctx
+
+    def runner(self) -> LlamaRunner:
+        if self._runner is None:
+            import torch
+
+            self._runner = LlamaRunner(self.gguf, n_ctx=self.n_ctx, threads=self.threads or torch.get_num_threads(),
+                                       lora=self.lora)
+        return self._runner
+
+    def decode(self, prompt_ids: Sequence[int], take) -> None:
+        """Greedy tokens after `prompt_ids`, each handed to `take(token)` until it returns True (the row ended)."""
+        runner = self.runner()
+        prompt = [int(t) for t in prompt_ids]
+        bad = [t for t in prompt if not 0 <= t < runner.n_vocab]
+        if not prompt or bad:
+            raise ConfigError(f"the prompt has token ids outside llama.cpp's vocabulary of {runner.n_vocab}: {bad[:5]}"
+                              if bad else "the prompt is empty", hint="tokenize with the exported model's tokenizer")
+        try:
+            position = self._reuse_prefix(runner, prompt)
+            self._cached = []  # unknown until the decode succeeds
+            runner.decode([(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt[position:], start=position)])
+            self._cached, index = prompt, len(prompt) - 1 - position
+            while True:
+                token = int(np.argmax(runner.logits(index)))
+                if take(token):
+                    return
+                self._cached = []
+                runner.decode([(token, len(prompt), 0, True)])
+                prompt.append(token)
+                self._cached, index = prompt, 0
+        except BaseException:
+            self._cached = []  # a failed decode leaves the cache unknown: the next request starts afresh
+            raise
+
+    def _reuse_prefix(self, runner: LlamaRunner, prompt: list[int]) -> int:
+        """How many of `prompt`'s first tokens the context already holds (at least one token is left to compute,
+        whose logits pick the first answer token); the rest of the cache is dropped. 0 where llama.cpp cannot
+        drop a tail (a sliding-window cache may not): the context is cleared."""
+        shared = 0
+        limit = min(len(self._cached), len(prompt) - 1)
+        while shared < limit and self._cached[shared] == prompt[shared]:
+            shared += 1
+        lib = runner.lib
+        memory = lib.llama_get_memory(runner.ctx)
+        window = lib.llama_model_n_swa(runner.model)
+        # a sliding-window layer keeps only the last `window` positions: the kept prefix is usable only if the
+        # positions its next token attends to are still held (llama.cpp's server checks the same)
+        if (shared == 0 or not lib.llama_memory_seq_rm(memory, 0, shared, -1)
+                or (window > 0 and lib.llama_memory_seq_pos_min(memory, 0) > max(0, shared - window))):
+            runner.clear()
+            return 0
+        return shared
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner, self._cached = None, []
+
+    def __del__(self) -> None:  # an arm swapped out of `serve` frees llama.cpp's memory with it
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone already
+            pass
+
+
+def lone_runtime(export, choice: str) -> LoneGreedy | None:
+    """What answers a GGUF export's (an ExportFolder's) lone greedy requests: llama.cpp on the export's own file
+    ("auto" where llama-cpp-python is installed; "llama.cpp" requires it), or None: torch, as batches do."""
+    if choice == "torch" or (choice == "auto" and not llama_cpp_available()):
+        return None
+    require_llama_cpp("answering a GGUF export's lone requests in llama.cpp")
+    meta = export.meta()
+    lora = export.file(meta["gguf_lora_file"]) if meta.get("gguf_lora_file") else None
+    return LoneGreedy(export.file(meta["gguf_file"]), lora)
+
+
 def load_llama(path: Path | str, n_ctx: int = 2048, n_seq: int = 1, threads: int | None = None) -> LlamaRunner:
     """A `LlamaRunner` on `path` (close it, or use it in a `with`)."""
     return LlamaRunner(path, n_ctx=n_ctx, n_seq=n_seq, threads=threads)
