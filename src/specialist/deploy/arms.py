@@ -145,7 +145,7 @@ def load_replacement(name: str, source: str, pool: ModelPool, constrain: bool = 
 
 def load_for_serving(source: str, pool: ModelPool, template=None) -> Loaded:
     """`load_source`, and for a GGUF export the runtime its lone greedy requests are answered by (the pool's
-    `lone_runtime`: llama.cpp on the export's own file, faster than torch at batch 1)."""
+    `lone_runtime`: llama.cpp on the export's own file, faster than torch at batch 1), its file loaded."""
     from pathlib import Path
 
     from specialist.run_folder import ExportFolder
@@ -156,4 +156,6 @@ def load_for_serving(source: str, pool: ModelPool, template=None) -> Loaded:
         from specialist.deploy.llamacpp import lone_runtime
 
         found.lone = lone_runtime(export, pool.lone_runtime)
+        if found.lone is not None:  # loaded now: a file llama.cpp cannot run fails the start or the swap, not
+            found.lone.runner()     # every lone request after it
     return found

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,11 @@ import numpy as np
 from specialist.errors import ConfigError, ModelError
 
 _backend_ready = False
+# llama.cpp's log callback is one per process: `_llama_log` blocks take turns on it (serve loads and frees each
+# arm's file from that arm's own thread), else one block restores the callback of another that has ended, and
+# llama.cpp's next line calls into freed memory. Reentrant: a LoneGreedy freed by the garbage collector inside a
+# block closes in a block of its own
+_LOG_LOCK = threading.RLock()
 INSTALL_HINT = "pip install 'specialist[gguf]' (llama-cpp-python; see the Makefile for CMAKE_ARGS that build it fast)"
 
 
@@ -230,9 +236,10 @@ class LoneGreedy:
         memory = lib.llama_get_memory(runner.ctx)
         window = lib.llama_model_n_swa(runner.model)
         # a sliding-window layer keeps only the last `window` positions: the kept prefix is usable only if the
-        # positions its next token attends to are still held (llama.cpp's server checks the same)
-        if (shared == 0 or not lib.llama_memory_seq_rm(memory, 0, shared, -1)
-                or (window > 0 and lib.llama_memory_seq_pos_min(memory, 0) > max(0, shared - window))):
+        # positions its next token attends to are still held (llama.cpp's server checks the same). Checked before
+        # the tail is dropped: dropping it can empty the sliding-window cache, whose lowest position then reads -1
+        if (shared == 0 or (window > 0 and lib.llama_memory_seq_pos_min(memory, 0) > max(0, shared - window))
+                or not lib.llama_memory_seq_rm(memory, 0, shared, -1)):
             runner.clear()
             return 0
         return shared
@@ -395,13 +402,14 @@ def _llama_log() -> Iterator[list[str]]:
         lines.append(text.decode("utf-8", errors="replace"))
 
     callback = lib.llama_log_callback(collect)  # kept referenced until restored below
-    previous, previous_data = lib.llama_log_callback(), ctypes.c_void_p()
-    lib.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-    lib.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        lib.llama_log_set(previous, previous_data)
+    with _LOG_LOCK:
+        previous, previous_data = lib.llama_log_callback(), ctypes.c_void_p()
+        lib.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+        lib.llama_log_set(callback, ctypes.c_void_p(0))
+        try:
+            yield lines
+        finally:
+            lib.llama_log_set(previous, previous_data)
 
 
 def measure_throughput(gguf_path: Path | str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
