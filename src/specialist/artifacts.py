@@ -66,13 +66,14 @@ def load_exported(folder: Path, pool: ModelPool | None = None) -> Loaded:
     elif fmt == "gguf":
         from specialist.gguf_bounds import check_gguf_header
 
-        check_gguf_header(export.file(meta.get("gguf_file")))
-        found.model = AutoModelForCausalLM.from_pretrained(export.path, gguf_file=export.file(meta.get("gguf_file")).name)
+        gguf, lora = export.gguf_files()
+        check_gguf_header(gguf)
+        found.model = AutoModelForCausalLM.from_pretrained(export.path, gguf_file=gguf.name)
         found.model.hf_quantizer = None  # dequantized at load; the marks only block saving
-        if meta.get("gguf_lora_file"):  # base + LoRA adapter: the update added to the dequantized base
+        if lora is not None:  # base + LoRA adapter: the update added to the dequantized base
             from specialist.gguf_layout import merge_gguf_lora
 
-            merge_gguf_lora(found.model, export.file(meta["gguf_lora_file"]))
+            merge_gguf_lora(found.model, lora)
     elif fmt == "adapter":
         if not isinstance(meta.get("base_model"), str):
             raise ConfigError(f"{export.meta_file} names no base model", hint="export it again")

@@ -457,16 +457,18 @@ class Engine:
     def _answers_lone(self, requests: list[Request], sampling: Sampling, constraint,
                       capture: _LogprobCapture | None) -> bool:
         """One greedy row with no logits processor, which the lone runtime's context holds."""
-        return (self.lone is not None and self.fast and len(requests) == 1 and not sampling.do_sample
-                and constraint is None and capture is None
+        return (self.lone is not None and len(requests) == 1 and self._plain_greedy(sampling, constraint, capture)
                 and self.lone.fits(len(requests[0].prompt_ids), requests[0].max_new_tokens))
+
+    def _plain_greedy(self, sampling: Sampling, constraint, capture: _LogprobCapture | None) -> bool:
+        """Greedy with no logits processor (no constraint, no log-probabilities), the fast paths not switched off."""
+        return self.fast and not sampling.do_sample and constraint is None and capture is None
 
     def _decodes_fast(self, sampling: Sampling, constraint, capture: _LogprobCapture | None) -> bool:
         """Greedy with no logits processor, on a model whose head specialist.decode computes exactly."""
         from specialist.decode import fast_path_allowed
 
-        return (self.fast and not sampling.do_sample and constraint is None and capture is None
-                and fast_path_allowed(self.model))
+        return self._plain_greedy(sampling, constraint, capture) and fast_path_allowed(self.model)
 
     def _inputs(self, prompts: list[list[int]]) -> dict:
         """generate's inputs for a batch: left-padded rows, a shared prefix's KV cache computed once

@@ -349,6 +349,12 @@ class ExportFolder:
 
         return PromptTemplate.load(self.template_file)
 
+    def gguf_files(self) -> tuple[Path, Path | None]:
+        """A GGUF export's model file and, where a LoRA was written beside its base, the adapter file (else None)."""
+        meta = self.meta()
+        lora = meta.get("gguf_lora_file")
+        return self.file(meta.get("gguf_file")), (self.file(lora) if lora else None)
+
     def file(self, name: Any) -> Path:
         """A file named in export.json, refused unless it is a plain name that resolves inside this folder."""
         if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):

@@ -359,9 +359,8 @@ def replay_check(tuned, export: ExportFolder, prompts: list[str], max_new_tokens
 
     reference = tuned.answering_engine()
     if fmt == "gguf" and llama_cpp_available():
-        meta = export.meta()
-        lora = export.file(meta["gguf_lora_file"]) if meta.get("gguf_lora_file") else None
-        check = llama_cpp_replay(reference, export.file(meta["gguf_file"]), prompts, max_new_tokens, lora=lora)
+        gguf, lora = export.gguf_files()
+        check = llama_cpp_replay(reference, gguf, prompts, max_new_tokens, lora=lora)
     else:
         exported = load_exported(export.path, ModelPool())
         candidate = exported.answering_engine()

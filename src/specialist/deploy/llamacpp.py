@@ -202,24 +202,19 @@ class LoneGreedy:
     def decode(self, prompt_ids: Sequence[int], take) -> None:
         """Greedy tokens after `prompt_ids`, each handed to `take(token)` until it returns True (the row ended)."""
         runner = self.runner()
-        prompt = [int(t) for t in prompt_ids]
-        bad = [t for t in prompt if not 0 <= t < runner.n_vocab]
-        if not prompt or bad:
-            raise ConfigError(f"the prompt has token ids outside llama.cpp's vocabulary of {runner.n_vocab}: {bad[:5]}"
-                              if bad else "the prompt is empty", hint="tokenize with the exported model's tokenizer")
+        prompt = _prompt_ids(runner, [prompt_ids], add_special=False)[0]
         try:
             position = self._reuse_prefix(runner, prompt)
-            self._cached = []  # unknown until the decode succeeds
             runner.decode([(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt[position:], start=position)])
+            # the list grows by each token once llama.cpp holds it; any failure below empties the cache's record
             self._cached, index = prompt, len(prompt) - 1 - position
             while True:
                 token = int(np.argmax(runner.logits(index)))
                 if take(token):
                     return
-                self._cached = []
                 runner.decode([(token, len(prompt), 0, True)])
                 prompt.append(token)
-                self._cached, index = prompt, 0
+                index = 0
         except BaseException:
             self._cached = []  # a failed decode leaves the cache unknown: the next request starts afresh
             raise
@@ -262,9 +257,7 @@ def lone_runtime(export, choice: str) -> LoneGreedy | None:
     if choice == "torch" or (choice == "auto" and not llama_cpp_available()):
         return None
     require_llama_cpp("answering a GGUF export's lone requests in llama.cpp")
-    meta = export.meta()
-    lora = export.file(meta["gguf_lora_file"]) if meta.get("gguf_lora_file") else None
-    return LoneGreedy(export.file(meta["gguf_file"]), lora)
+    return LoneGreedy(*export.gguf_files())
 
 
 def load_llama(path: Path | str, n_ctx: int = 2048, n_seq: int = 1, threads: int | None = None) -> LlamaRunner:
