@@ -45,10 +45,11 @@ def ours(engine, prompts: list[str], max_new_tokens: int, batch: int) -> dict:
             "answers": [a.text for a in answers]}
 
 
-def matmul_limit(model, batch: int, head_bf16: bool, repeats: int = 8) -> dict:
+def matmul_limit(model, batch: int, head_bf16: bool, packed: bool, repeats: int = 8) -> dict:
     """The decode step's matrix products alone (every nn.Linear of the model once, on `batch` rows; the output
-    layer in bfloat16 where `head_bf16`), timed without attention, cache or Python around them: the tokens/s a
-    decoder made of nothing else would reach. The best of `repeats` (a shared machine only ever slows it down)."""
+    layer in bfloat16 where `head_bf16`; through oneDNN's packed kernel where `packed`, else F.linear), timed
+    without attention, cache or Python around them: the tokens/s a decoder made of nothing else would reach. The
+    best of `repeats` (a shared machine only ever slows it down)."""
     import torch
     import torch.nn.functional as F
 
@@ -58,36 +59,51 @@ def matmul_limit(model, batch: int, head_bf16: bool, repeats: int = 8) -> dict:
         if isinstance(module, torch.nn.Linear):
             low = head_bf16 and module is head
             weight = module.weight.detach().to(torch.bfloat16) if low else module.weight.detach()
+            if packed:
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16)
             products.append((torch.randn(batch, module.in_features).to(weight.dtype), weight))
+    product = ((lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")) if packed
+               else F.linear)
     best = float("inf")
     with torch.inference_mode():
         for x, weight in products:  # warm-up: oneDNN builds its kernels on the first call of a shape
-            F.linear(x, weight)
+            product(x, weight)
         for _ in range(repeats):
             started = time.perf_counter()
             for x, weight in products:
-                F.linear(x, weight)
+                product(x, weight)
             best = min(best, time.perf_counter() - started)
     flops = sum(2 * batch * w.shape[0] * w.shape[1] for _, w in products)
-    return {"batch": batch, "head": "bfloat16" if head_bf16 else "float32", "seconds_per_step": best,
-            "tokens_per_s": batch / best, "gflops": flops / best / 1e9}
+    return {"batch": batch, "head": "bfloat16" if head_bf16 else "float32", "kernel": "onednn" if packed else "torch",
+            "seconds_per_step": best, "tokens_per_s": batch / best, "gflops": flops / best / 1e9}
 
 
 def limits(model, batch: int) -> dict:
     """The matmul limits at batch 1 and `batch`, with the output layer as our engine runs it on this CPU (bfloat16
-    where it is native) and in float32."""
+    where it is native) and in float32; through the fastest kernel this torch has (oneDNN's packed one, which the
+    engine uses where it exists: the limit is the machine's, not F.linear's), and through F.linear."""
     try:
         from specialist.decode import cpu_multiplies_bf16
     except ImportError:  # a source from before issue 26: its output layer is float32 everywhere
         native = False
     else:
         native = cpu_multiplies_bf16()
+    packed = hasattr(torch_ops_mkldnn(), "_reorder_linear_weight")
     found = {}
     for rows in (1, batch):
         for head_bf16 in sorted({native, False}):
-            found[f"batch{rows}_{'bf16' if head_bf16 else 'fp32'}_head"] = matmul_limit(model, rows, head_bf16)
+            name = f"batch{rows}_{'bf16' if head_bf16 else 'fp32'}_head"
+            found[name] = matmul_limit(model, rows, head_bf16, packed)
+            if packed:
+                found[name + "_torch"] = matmul_limit(model, rows, head_bf16, False)
     found["engine_head"] = "bf16" if native else "fp32"
     return found
+
+
+def torch_ops_mkldnn():
+    import torch
+
+    return torch.ops.mkldnn if torch.backends.mkldnn.is_available() else None
 
 
 def llama_cpp(gguf: Path, prompt_ids: list[list[int]], max_new_tokens: int, batch: int, threads: int) -> dict:
@@ -230,8 +246,11 @@ def print_limits(results: dict, batch: int) -> None:
     for rows, name in ((batch, "ours_batched_merged"), (1, "ours_one_at_a_time_merged")):
         limit = found[f"batch{rows}_{engine}_head"]
         ours_rate = results[name]["tokens_per_s"]
-        line = (f"matmul limit, batch {rows} ({engine} output layer): {limit['tokens_per_s']:.0f} tokens/s "
-                f"({limit['gflops']:.0f} GFLOP/s); ours {ours_rate:.1f} = {100 * ours_rate / limit['tokens_per_s']:.0f}%")
+        line = (f"matmul limit, batch {rows} ({engine} output layer, {limit.get('kernel', 'torch')} kernel): "
+                f"{limit['tokens_per_s']:.0f} tokens/s ({limit['gflops']:.0f} GFLOP/s); "
+                f"ours {ours_rate:.1f} = {100 * ours_rate / limit['tokens_per_s']:.0f}%")
+        if f"batch{rows}_{engine}_head_torch" in found:
+            line += f"; through F.linear {found[f'batch{rows}_{engine}_head_torch']['tokens_per_s']:.0f} tokens/s"
         if engine != "fp32":
             line += f"; all-float32 limit {found[f'batch{rows}_fp32_head']['tokens_per_s']:.0f} tokens/s"
         if rows == 1 and "ours_one_at_a_time_merged_no_lookup" in results:  # the limit is one token per step

@@ -280,11 +280,12 @@ class LabelClassifier:
         import numpy as np
 
         from specialist.generation import GenerationProgress
+        from specialist.onednn import packed_linears
 
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         found = np.zeros((len(encoded), len(self.labels)), dtype=np.float64)
         progress = GenerationProgress(label, len(encoded), counted="read") if label else nullcontext()
-        with progress, self.context(), torch.inference_mode():
+        with progress, self.context(), torch.inference_mode(), packed_linears(self.model):
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 found[batch] = self._batch([encoded[i] for i in batch])

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from specialist.onednn import head_product
+
 IGNORE_INDEX = -100
 
 
@@ -93,7 +95,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h, t = hidden[rows], targets[rows]
-            logits = F.linear(h, weight, bias).float()
+            logits = head_product(h, weight, bias).float()
             log_z = torch.logsumexp(logits, dim=-1)
             total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
@@ -103,7 +105,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             probs[torch.arange(t.numel(), device=t.device), t] -= 1
             probs = probs.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = probs @ weight
+                grad_hidden[rows] = head_product(probs, weight, transpose=True)
             if grad_weight is not None:
                 grad_weight += (probs.t() @ h).float()
             if grad_bias is not None:

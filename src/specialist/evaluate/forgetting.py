@@ -38,6 +38,7 @@ from specialist.core.stats import (
 )
 from specialist.errors import DataError
 from specialist.logits import capture_instead, head_can_be_chunked, label_positions, project_only
+from specialist.onednn import packed_linears
 
 if TYPE_CHECKING:
     from specialist.generation import Engine
@@ -340,7 +341,10 @@ def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingRep
     measured = []
     autocast = bf16_autocast_helps(base.model) and bf16_autocast_helps(tuned.model)
     for engine, weights in ((base, "base"), (tuned, "tuned")):
-        with engine.lock, engine.context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        # under autocast the layers are torch's bfloat16 ones; without (a CPU that does not multiply bfloat16),
+        # float32 through oneDNN's packed kernels
+        with engine.lock, engine.context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                packed_linears(engine.model):
             measured.append(measure(engine.model, engine.tokenizer, texts, questions, weights))
     corpus = str(evaluation.forgetting_corpus) if evaluation.forgetting_corpus else "bundled Wikipedia sentences"
     report = forgetting_report(measured[0], measured[1], len(texts), len(questions), corpus,

@@ -50,6 +50,7 @@ def label_logprobs(engine: Engine, prompts: Sequence[str], completions: Sequence
     import torch
 
     from specialist.generation import GenerationProgress, encode_prompt
+    from specialist.onednn import packed_linears
 
     model, tokenizer, template = engine.model, engine.tokenizer, engine.template
     if not completions:
@@ -58,7 +59,8 @@ def label_logprobs(engine: Engine, prompts: Sequence[str], completions: Sequence
     budget = max(len(e) for e in endings)  # a truncating template leaves the longest label room
     per_pass = max(1, batch_size // len(endings))
     scores = np.zeros((len(prompts), len(endings)), dtype=np.float64)
-    with torch.inference_mode(), GenerationProgress(label, len(prompts), counted="scored") as progress:
+    with torch.inference_mode(), packed_linears(model, engine.fast), \
+            GenerationProgress(label, len(prompts), counted="scored") as progress:
         for start in range(0, len(prompts), per_pass):
             chunk = [encode_prompt(template, tokenizer, p, shots if row_shots is None else row_shots[start + i], budget)
                      for i, p in enumerate(prompts[start:start + per_pass])]

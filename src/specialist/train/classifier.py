@@ -43,7 +43,7 @@ from specialist.ranks import is_main_process
 from specialist.train.checkpoints import DurableCheckpoints
 from specialist.train.common import TrainResult, common_arguments, forward_evaluation_steps
 from specialist.train.job import TrainJob
-from specialist.train.loop import callbacks, run_trainer, save_trained, trained_result, use_bf16_autocast
+from specialist.train.loop import callbacks, run_trainer, save_trained, trained_result, trains_packed, use_bf16_autocast
 from specialist.train.select_by import SelectionRows
 
 
@@ -164,7 +164,7 @@ def train_classifier(job: TrainJob) -> TrainResult:
         compute_loss_func=weighted_loss(weights),
         callbacks=callbacks(training, run, args, selection_answers(job, labels, spec.window),
                             forward_evaluation_steps(training, len(val_rows)) if val_rows else 0.0))
-    seconds, tokens = run_trainer(trainer, job.resume_from)
+    seconds, tokens = run_trainer(trainer, job.resume_from, trains_packed(training, classifier))
     save_trained(trainer, run.adapter)  # on every rank: under FSDP the gather is collective
     if is_main_process():
         save_labels(run, labels, spec, weights)

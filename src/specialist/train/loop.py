@@ -16,6 +16,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from specialist.config import TrainingConfig
 from specialist.console import console
+from specialist.errors import ConfigError
 from specialist.ranks import is_main_process
 from specialist.run_folder import RunFolder
 from specialist.trackers import record_tracker_runs
@@ -45,7 +46,7 @@ def fit(job: TrainJob, trainer_class, args, train_ds, val_ds, selection: Selecti
         callbacks=callbacks(training, job.run, args, selection, evaluation_steps),
     )
     warn_if_fsdp_was_asked_for_but_is_off(trainer)
-    seconds, tokens = run_trainer(trainer, job.resume_from)
+    seconds, tokens = run_trainer(trainer, job.resume_from, trains_packed(training, job.model))
     output_dir = job.run.trained_output(method.uses_lora)
     save_trained(trainer, output_dir, None if method.uses_lora else job.tokenizer)
     return trained_result(trainer, output_dir, seconds, tokens)
@@ -66,15 +67,19 @@ def trained_result(trainer, output_dir: Path, seconds: float, tokens: int) -> Tr
     )
 
 
-def run_trainer(trainer, resume_from: Path | None) -> tuple[float, int]:
-    """Train (from a checkpoint when given); return (seconds, tokens seen)."""
+def run_trainer(trainer, resume_from: Path | None, packed: bool = False) -> tuple[float, int]:
+    """Train (from a checkpoint when given), the frozen layers through oneDNN's packed kernels where `packed`;
+    return (seconds, tokens seen)."""
     from transformers.trainer_callback import PrinterCallback
+
+    from specialist.onednn import packed_linears
 
     # The Rich bar replaces the Trainer's plain-text dict printer.
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with packed_linears(trainer.model, packed):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:  # a training that raised never reaches on_train_end: its progress clock must not outlive it
         for callback in trainer.callback_handler.callbacks:
             if hasattr(callback, "stop_clock"):
@@ -105,6 +110,21 @@ def warn_if_fsdp_was_asked_for_but_is_off(trainer) -> None:
     if asked and not trainer.is_fsdp_enabled and is_main_process():
         console.print("[yellow]warning:[/] FSDP was asked for, but accelerate runs this launch as data parallel "
                       "(no sharding): FSDP needs GPUs (or other accelerators) with accelerate 1.15")
+
+
+def trains_packed(training: TrainingConfig, model) -> bool:
+    """training.packed_kernels resolved: on where the model is on the CPU and torch has oneDNN's packed kernel;
+    true where it cannot be is an error rather than a silent fallback."""
+    from specialist.onednn import available
+
+    if training.packed_kernels is False:
+        return False
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if training.packed_kernels is True and not (on_cpu and available()):
+        raise ConfigError("training.packed_kernels: true needs the model on the CPU and a torch built with oneDNN "
+                          f"(here: {'CPU' if on_cpu else 'not the CPU'}, oneDNN kernels "
+                          f"{'present' if available() else 'missing'}); set it to auto or false")
+    return on_cpu and available()
 
 
 def use_bf16_autocast(model, asked: bool | Literal["auto"] = "auto") -> bool:
