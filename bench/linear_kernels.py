@@ -100,14 +100,17 @@ def main() -> None:
     weight = torch.randn(VOCABULARY, HIDDEN) * 0.03
     low = weight.bfloat16()
     heads = [output_layer(rows, weight, low) for rows in ROWS[:3]]
-    print("decoder layer (7 float32 products)   F.linear ms  GFLOP/s   packed ms  GFLOP/s   ratio   rel. error plain/packed")
+    print("decoder layer (7 float32 products)   F.linear ms  GFLOP/s   packed ms  GFLOP/s   ratio   "
+          "rel. error plain/packed")
     for r in layers:
         print(f"  {r['rows']:>5} rows{'':<24}{r['plain_ms']:>9.3f}{r['plain_gflops']:>9.0f}{r['packed_ms']:>12.3f}"
               f"{r['packed_gflops']:>9.0f}{r['ratio']:>8.2f}x   {r['plain_error']:.1e} / {r['packed_error']:.1e}")
-    print("output layer 262144 x 640            fp32 plain  packed  ratio    bf16 plain  packed  ratio   rel. error fp32/bf16 packed")
+    print("output layer 262144 x 640            fp32 plain  packed  ratio    bf16 plain  packed  ratio   "
+          "rel. error fp32/bf16 packed")
     for r in heads:
-        print(f"  {r['rows']:>5} rows{'':<24}{r['fp32_plain_ms']:>9.1f}{r['fp32_packed_ms']:>8.1f}{r['fp32_ratio']:>6.2f}x"
-              f"{r['bf16_plain_ms']:>14.1f}{r['bf16_packed_ms']:>8.1f}{r['bf16_ratio']:>6.2f}x   "
+        print(f"  {r['rows']:>5} rows{'':<24}{r['fp32_plain_ms']:>9.1f}{r['fp32_packed_ms']:>8.1f}"
+              f"{r['fp32_ratio']:>6.2f}x{r['bf16_plain_ms']:>14.1f}{r['bf16_packed_ms']:>8.1f}"
+              f"{r['bf16_ratio']:>6.2f}x   "
               f"{r['fp32_packed_error']:.1e} / {r['bf16_packed_error']:.1e}")
     cpu = cpu_description()
     print(flags_line(cpu))

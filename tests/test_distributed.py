@@ -67,10 +67,10 @@ FSDP_ON_CPU_SCRIPT = textwrap.dedent("""
     import specialist.train.loop as loop
     run_trainer = loop.run_trainer
 
-    def recording_run(trainer, resume_from):
+    def recording_run(trainer, resume_from, packed=False):
         from torch.distributed.tensor import DTensor
 
-        trained = run_trainer(trainer, resume_from)
+        trained = run_trainer(trainer, resume_from, packed)
         shards = {name: [list(p.to_local().shape), list(p.shape)] for name, p in trainer.model.named_parameters()
                   if "lora_" in name and isinstance(p, DTensor)}
         record = {"fsdp": trainer.is_fsdp_enabled, "shards": shards}

@@ -134,13 +134,13 @@ def test_the_scope_is_per_thread_and_two_threads_pack_a_weight_once(monkeypatch)
             layer(torch.randn(2, 32))
 
     def outside():
-        seen["active"] = onednn._ACTIVE.get()
+        seen["active"] = onednn._MODE.get()
 
     with onednn.packed_linears(layer):
         other = threading.Thread(target=outside)
         other.start()
         other.join()
-    assert seen["active"] is False  # a context does not leak into another thread
+    assert seen["active"] is None  # a context does not leak into another thread
     threads = [threading.Thread(target=packing) for _ in range(3)]
     for thread in threads:
         thread.start()
@@ -222,3 +222,53 @@ def test_training_packed_kernels_resolves_and_refuses_what_cannot_be(monkeypatch
         trains_packed(TrainingConfig(packed_kernels=True), model)
     with pytest.raises(ValueError):
         TrainingConfig(packed_kernels="sometimes")
+
+
+def test_a_trainings_copies_are_let_go_of_after_it():
+    model = small_model()
+    model[0].requires_grad_(False)
+    with onednn.packed_linears(model):
+        model(torch.randn(3, 24, requires_grad=True)).sum().backward()
+    assert {(id(model[0].weight), "onednn"), (id(model[0].weight), "onednn-t")} <= set(onednn._HELD)
+    onednn.drop_copies(model)
+    assert not held_for(model[0].weight)
+
+
+def test_inside_a_training_a_trainable_weight_is_never_read_from_a_copy():
+    """torch's fused AdamW (the Trainer's default) writes a weight without moving its version counter: a copy
+    made before the step would be read after it. Inside a training's scope, even in an evaluation's no-grad
+    generation nested in it, trainable weights are torch's and only frozen ones are packed."""
+    torch.manual_seed(5)
+    model = small_model()
+    model[0].requires_grad_(False)  # frozen: packed; model[2] trains
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    x = torch.randn(4, 24)
+    with onednn.packed_linears(model, training=True):
+        for _ in range(3):
+            model(x).pow(2).mean().backward()
+            version = model[2].weight._version
+            optimizer.step()
+            optimizer.zero_grad()
+            assert model[2].weight._version == version  # the fused step left the counter where it was
+            with torch.inference_mode(), onednn.packed_linears(model):  # an evaluation inside the training
+                torch.testing.assert_close(model(x), F.gelu(x @ model[0].weight.T + model[0].bias) @ model[2].weight.T)
+                assert onednn._MODE.get() == "frozen"
+    assert not held_for(model[2].weight) and (id(model[0].weight), "onednn") in onednn._HELD
+
+
+def test_inside_a_training_the_greedy_head_keeps_no_copy_of_a_trainable_output_layer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specialist import decode
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    weight = model.get_output_embeddings().weight
+    hidden = torch.randn(3, 32)
+    with onednn.packed_linears(model, enabled=False, training=True):
+        head = decode.greedy_head(model)
+        assert head.low is None
+        with torch.no_grad():
+            weight.mul_(-1)
+        assert head.pick(hidden).tolist() == (hidden @ weight.T).argmax(-1).tolist()
+    assert not held_for(weight)

@@ -104,9 +104,9 @@ class GreedyHead:
         self.rounding = 1.25 * u / (1 - u)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits of every token (oneDNN's packed copy of the weight where this torch has it: 4.8x
-        F.linear at 16 rows, 2 cores)."""
-        return onednn.linear(hidden, self.parameter) if onednn.available() else F.linear(hidden, self.weight)
+        """float32 logits of every token (through oneDNN's packed copy of the weight inside
+        onednn.packed_linears: 4.8x F.linear at 16 rows, 2 cores)."""
+        return onednn.head_product(hidden, self.parameter)
 
     def pick(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy token of each row of `hidden` (rows x hidden size, float32)."""
@@ -148,7 +148,9 @@ def greedy_head(model) -> GreedyHead:
     """The model's output layer as a GreedyHead; its bfloat16 copy (or float32 packing) is made once per weight
     (again if the weight is changed in place) and shared by every engine on it."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return GreedyHead(inner.get_output_embeddings().weight, cpu_multiplies_bf16())
+    weight = inner.get_output_embeddings().weight
+    # inside a training a trainable head's copy could go stale unseen (onednn.holds_copies): float32 there
+    return GreedyHead(weight, cpu_multiplies_bf16() and onednn.holds_copies(weight))
 
 
 def greedy_decode(model, inputs: dict, take, lookup: int = 0) -> None:

@@ -14,29 +14,40 @@ decoder layers: 400 MiB more; training adds the transposed copies its input grad
 layer reads it only inside `packed_linears`, only where autocast is off and weight and input are float32 on the
 CPU, and only where the weight wants no gradient (a frozen base layer under LoRA; in inference, every layer):
 everywhere else it is torch's own layer.
+
+What the version counter cannot see, a copy cannot follow: inside a training (torch's fused AdamW writes weights
+without moving it) no trainable weight is packed or copied at all (`packed_linears(training=True)`), and a PEFT
+merge (`merge_and_unload` writes `weight.data`) must be followed by `drop_copies` where the model ran packed
+before (run_folder.merge_adapter does).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from types import MethodType
 
 import torch
 import torch.nn.functional as F
 
 # rows the packed layout is made for: 1 to 1,024 rows ran within 5% of their best layout with it (bench/)
 PACK_ROWS = 16
-_ACTIVE: ContextVar[bool] = ContextVar("specialist_packed_linears", default=False)
-# (id of a weight, what was derived from it) -> (a weak reference to the weight, its version, the derived tensor);
-# weak, so a model let go of takes its copies with it
-_HELD: dict[tuple[int, str], tuple[weakref.ref, int, object]] = {}
+# None: torch's layers; "all": every float32 layer reads packed weights where no gradient is recorded; "frozen":
+# only the layers whose weights want no gradient (inside a training)
+_MODE: ContextVar[str | None] = ContextVar("specialist_packed_linears", default=None)
+# inside a training: an optimizer may write a trainable weight without moving its version counter (torch's fused
+# AdamW, the Trainer's default, does), so no copy of a trainable weight is held there, whoever asks
+_TRAINING: ContextVar[bool] = ContextVar("specialist_training", default=False)
+# (id of a weight, what was derived from it) -> (a weak reference to the weight, its `_stamp`, a weak reference to
+# its storage, the derived tensor); weak, so a model let go of takes its copies with it
+_HELD: dict[tuple[int, str], tuple[weakref.ref, tuple[int, int], weakref.ref, object]] = {}
 _GUARD = threading.Lock()
 
 
+@functools.cache
 def available() -> bool:
     """Whether this torch has oneDNN and its packed linear kernel."""
     if not torch.backends.mkldnn.is_available():
@@ -56,20 +67,47 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
+def _stamp(weight: torch.Tensor) -> tuple[int, int]:
+    """What tells a weight's values apart from before: its version counter, and where its data lies. The counter
+    alone misses a write through `.data`, which has a counter of its own: `param.data = new` (a module's
+    `.to(dtype)` and back, PEFT's safe merge) keeps the version and swaps the storage under it."""
+    return _version(weight), weight.data_ptr()
+
+
+def _is_current(held, weight: torch.Tensor) -> bool:
+    # the storage itself is compared as well as its address: a storage freed by `.data = new` may have its
+    # memory handed straight to the new one (torch keeps one Python object per live storage, so `is` is exact)
+    return (held is not None and held[0]() is weight and held[1] == _stamp(weight)
+            and held[2]() is weight.untyped_storage())
+
+
 def held_copy(weight: torch.Tensor, kind: str, make: Callable[[torch.Tensor], object]) -> object:
-    """`make(weight)`, made once per weight and `kind` (again if the weight is changed in place) and shared by
-    every caller until the weight is freed."""
+    """`make(weight)`, made once per weight and `kind` (again if the weight is changed in place or given new data)
+    and shared by every caller until the weight is freed."""
+    if weight.requires_grad and _TRAINING.get():  # see _TRAINING: made afresh every time
+        return make(weight.detach())
     key = (id(weight), kind)
     held = _HELD.get(key)
-    if held is not None and held[0]() is weight and held[1] == _version(weight):
-        return held[2]
+    if _is_current(held, weight):
+        return held[3]
     with _GUARD:  # two threads asking at once make it once
         held = _HELD.get(key)
-        if held is not None and held[0]() is weight and held[1] == _version(weight):
-            return held[2]
+        if _is_current(held, weight):
+            return held[3]
         made = make(weight.detach())
-        _HELD[key] = (weakref.ref(weight, lambda _, key=key: _HELD.pop(key, None)), _version(weight), made)
+        _HELD[key] = (weakref.ref(weight, lambda _, key=key: _HELD.pop(key, None)), _stamp(weight),
+                      weakref.ref(weight.untyped_storage()), made)
         return made
+
+
+def drop_copies(model, kinds: tuple[str, ...] = ("onednn", "onednn-t")) -> None:
+    """Let go of the packed copies of `model`'s weights (after training: evaluation reads no transposed copy, and
+    packs what it reads again on first use)."""
+    ids = {id(parameter) for parameter in model.parameters()}
+    with _GUARD:
+        # a snapshot: a weight freed meanwhile drops its own entry (its weak reference's callback)
+        for key in [key for key in list(_HELD) if key[0] in ids and key[1] in kinds]:
+            _HELD.pop(key, None)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -104,32 +142,58 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.backward_weight = transposed(weight) if ctx.needs_input_grad[0] else None
+        ctx.weight = weight
         return linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = product(grad.contiguous(), ctx.backward_weight) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0] and torch.is_grad_enabled():
+            # create_graph (a second derivative through this gradient): the packed product has no derivative of
+            # its own and would silently give zero, so torch's differentiable product
+            grad_x = grad @ ctx.weight
+        else:
+            grad_x = product(grad.contiguous(), ctx.backward_weight) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
 
 
+def holds_copies(weight: torch.Tensor) -> bool:
+    """Whether a copy of `weight` made now stays right until its version counter moves: everywhere but inside a
+    training, for a weight the optimizer writes (see _TRAINING)."""
+    return not (weight.requires_grad and _TRAINING.get())
+
+
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_ACTIVE.get() and x.dtype == torch.float32 and weight.dtype == torch.float32
+    mode = _MODE.get()
+    return (mode is not None and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu"))
+            and weight.numel() > 0  # oneDNN has no primitive for a layer with no outputs (or no inputs)
+            and not torch.is_autocast_enabled("cpu")
+            # a weight that wants a gradient: autograd's path where one is recorded, and always inside a training
+            and not (weight.requires_grad and (mode == "frozen" or torch.is_grad_enabled())))
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = self.weight, self.bias
     if not _kernel_applies(x, weight):
         return F.linear(x, weight, bias)
-    if not torch.is_grad_enabled():
-        return linear(x, weight, bias)
-    if weight.requires_grad:  # the weight's own gradient: autograd's path
-        return F.linear(x, weight, bias)
-    if x.requires_grad or (bias is not None and bias.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _FrozenLinear.apply(x, weight, bias)
     return linear(x, weight, bias)
+
+
+class _PackedForward:
+    """An installed layer's `forward`: `_forward` bound to it. A class rather than a bound method so that the
+    model still pickles (`torch.save` of a whole module): pickle looks a bound method up again by its function's
+    name, `_forward`, which the layer has no attribute of."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: torch.nn.Linear) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self.module, x)
 
 
 def head_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -150,18 +214,22 @@ def install(model) -> None:
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     for module in model.modules():
         if type(module) is torch.nn.Linear and module is not head and "forward" not in vars(module):
-            module.forward = MethodType(_forward, module)
+            module.forward = _PackedForward(module)
 
 
 @contextmanager
-def packed_linears(model, enabled: bool = True) -> Iterator[None]:
-    """Within: the linear layers of `model` read packed weights (see the module docstring), in this thread."""
-    if not enabled or not available():
-        yield
-        return
-    install(model)
-    token = _ACTIVE.set(True)
+def packed_linears(model, enabled: bool = True, training: bool = False) -> Iterator[None]:
+    """Within, in this thread: the linear layers of `model` read packed weights (see the module docstring); not
+    `enabled`: torch's layers, whatever scope this one is inside. `training` (a trainer's whole run): only weights
+    that want no gradient are packed, and no copy of a trainable weight is held, in any scope entered inside it
+    (the generation of an evaluation during training)."""
+    training = training or _TRAINING.get()
+    mode = ("frozen" if training else "all") if enabled and available() else None
+    if mode is not None:
+        install(model)
+    tokens = (_MODE.set(mode), _TRAINING.set(training))
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        _MODE.reset(tokens[0])
+        _TRAINING.reset(tokens[1])

@@ -288,7 +288,11 @@ def merge_adapter(model, adapter: Path):
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"no PEFT adapter in {adapter}", hint="point at the adapter/ folder of an SFT run")
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    from specialist.onednn import drop_copies
+
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    drop_copies(merged)  # PEFT merges through `weight.data`, which no version counter sees: packed copies go stale
+    return merged
 
 
 @dataclass(frozen=True)

@@ -72,15 +72,19 @@ def run_trainer(trainer, resume_from: Path | None, packed: bool = False) -> tupl
     return (seconds, tokens seen)."""
     from transformers.trainer_callback import PrinterCallback
 
-    from specialist.onednn import packed_linears
+    from specialist.onednn import drop_copies, packed_linears
 
     # The Rich bar replaces the Trainer's plain-text dict printer.
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     try:
-        with packed_linears(trainer.model, packed):
+        # a training scope even unpacked: no copy of a trainable weight is held (decode's bfloat16 head included)
+        with packed_linears(trainer.model if packed else None, packed, training=True):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:  # a training that raised never reaches on_train_end: its progress clock must not outlive it
+    finally:
+        if packed:
+            drop_copies(trainer.model)  # Gemma 3 270M: 2 GiB that evaluation would hold for nothing
+        # a training that raised never reaches on_train_end: its progress clock must not outlive it
         for callback in trainer.callback_handler.callbacks:
             if hasattr(callback, "stop_clock"):
                 callback.stop_clock()
