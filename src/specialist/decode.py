@@ -133,7 +133,12 @@ def _low_copy(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The output layer's bfloat16 copy (laid out for oneDNN where this torch has it: 2.2x F.linear's bfloat16 at
     16 rows, 3.2x at 1, 2 cores) and its largest row norm."""
     low = weight.to(torch.bfloat16)
-    return (onednn.pack(low) if onednn.available() else low), float(weight.norm(dim=1).max())
+    if onednn.available():
+        try:
+            low = onednn.pack(low)
+        except RuntimeError:  # oneDNN packs bfloat16 only with AVX512-BW/VL/DQ or AVX-NE-CONVERT: the plain copy
+            pass
+    return low, float(weight.norm(dim=1).max())
 
 
 def _first_best(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
