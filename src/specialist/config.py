@@ -421,7 +421,7 @@ class TrainingConfig(_Section):
         description="Run the float32 linear layers whose weights train nothing (LoRA's frozen base layers, the "
         "output layer of the loss) through oneDNN with the weights packed once (specialist.onednn): float32's "
         "products in another order, 1.5x the LoRA training tokens/s of torch's kernels on 2 CPU cores "
-        "(bench/train_precision.py), for about 2 GiB more memory with Gemma 3 270M. auto and true: on where the "
+        "(bench/train_precision.py), for about 1.4 GiB more memory with Gemma 3 270M. auto and true: on where the "
         "model is on the CPU and this torch has the kernels (true says when it cannot be); false: torch's own.",
     )
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
