@@ -255,10 +255,8 @@ def test_the_float32_greedy_head_picks_the_argmax_of_strided_hidden_states():
     assert picks == F.linear(hidden.contiguous(), weight).argmax(dim=-1).tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: PEFT's (unsafe) merge writes `weight.data += delta`, which moves "
-                   "no version counter and keeps the storage: nothing the cache can see. drop_copies(model) after "
-                   "merging a model that ran packed is the remedy")
-def test_merge_and_unload_after_running_packed_reads_the_merged_weights():
+def adapter_model_run_packed():
+    """(a LoRA model whose base weights were packed by a run, the ids, its logits): ready to be merged."""
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_llama(9), LoraConfig(r=4, target_modules="all-linear",
@@ -268,24 +266,27 @@ def test_merge_and_unload_after_running_packed_reads_the_merged_weights():
         expected = model(input_ids=ids).logits
     with torch.inference_mode(), onednn.packed_linears(model):
         model(input_ids=ids)  # the base weights are packed
+    return model, ids, expected
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: PEFT's (unsafe) merge writes `weight.data += delta`, which moves "
+                   "no version counter and keeps the storage: nothing the cache can see. drop_copies(model) after "
+                   "merging a model that ran packed is the remedy")
+def test_merge_and_unload_after_running_packed_reads_the_merged_weights():
+    model, ids, expected = adapter_model_run_packed()
     merged = model.merge_and_unload()
     with torch.inference_mode(), onednn.packed_linears(merged):
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_drop_copies_after_a_merge_gives_the_merged_numbers():
-    """The remedy for the case above."""
-    from peft import LoraConfig, get_peft_model
+def test_the_projects_merge_drops_the_copies_and_gives_the_merged_numbers(tmp_path):
+    """The remedy for the case above, in run_folder.merge_adapter (DPO/GRPO from an adapter, a pool's merge)."""
+    from specialist.run_folder import merge_adapter
 
-    model = get_peft_model(tiny_llama(9), LoraConfig(r=4, target_modules="all-linear",
-                                                     init_lora_weights=False)).eval()
-    ids = torch.tensor([[3, 7, 2, 8, 1]])
-    with torch.inference_mode():
-        expected = model(input_ids=ids).logits
-    with torch.inference_mode(), onednn.packed_linears(model):
-        model(input_ids=ids)
-    merged = model.merge_and_unload()
-    onednn.drop_copies(merged)
+    model, ids, expected = adapter_model_run_packed()
+    model.save_pretrained(tmp_path / "adapter")
+    base = model.unload()  # the same base weights, packed by the run above, the adapter taken off
+    merged = merge_adapter(base, tmp_path / "adapter")
     with torch.inference_mode(), onednn.packed_linears(merged):
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
 
