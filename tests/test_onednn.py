@@ -272,3 +272,14 @@ def test_inside_a_training_the_greedy_head_keeps_no_copy_of_a_trainable_output_l
             weight.mul_(-1)
         assert head.pick(hidden).tolist() == (hidden @ weight.T).argmax(-1).tolist()
     assert not held_for(weight)
+
+
+def test_drop_copies_lets_go_of_every_kind_a_weight_has():
+    """A merge through `weight.data` leaves every derived copy stale, the greedy head's bfloat16 one included."""
+    layer = nn.Linear(8, 8)
+    onednn.held_copy(layer.weight, "greedy-head", lambda w: w.clone())
+    with torch.no_grad(), onednn.packed_linears(layer):
+        layer(torch.randn(2, 8))
+    assert held_for(layer.weight) == {(id(layer.weight), "greedy-head"), (id(layer.weight), "onednn")}
+    onednn.drop_copies(layer)
+    assert not held_for(layer.weight)

@@ -105,7 +105,7 @@ class GreedyHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of every token (through oneDNN's packed copy of the weight inside
-        onednn.packed_linears: 4.8x F.linear at 16 rows, 2 cores)."""
+        onednn.packed_linears: 4.2x F.linear at 16 rows, 2 cores, bench/linear_kernels.py)."""
         return onednn.head_product(hidden, self.parameter)
 
     def pick(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,7 @@ class GreedyHead:
         if self.low is None:
             return self.logits(hidden).argmax(dim=-1)
         low = hidden.to(torch.bfloat16)
-        logits = (torch.ops.mkldnn._linear_pointwise(low, self.low, None, "none", [], "") if self.low.is_mkldnn
-                  else F.linear(low, self.low))
+        logits = onednn.product(low, self.low) if self.low.is_mkldnn else F.linear(low, self.low)
         top = logits.topk(CANDIDATES, dim=-1)  # in bfloat16: one pass
         values = top.values.float()
         best = values[:, 0]
@@ -130,8 +129,8 @@ class GreedyHead:
 
 
 def _low_copy(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The output layer's bfloat16 copy (laid out for oneDNN where this torch has it: 2.2x F.linear's bfloat16 at
-    16 rows, 3.2x at 1, 2 cores) and its largest row norm."""
+    """The output layer's bfloat16 copy (laid out for oneDNN where this torch has it: 1.55x F.linear's bfloat16 at
+    16 rows, 1.59x at 1, 2 cores, bench/linear_kernels.py) and its largest row norm."""
     low = weight.to(torch.bfloat16)
     if onednn.available():
         try:

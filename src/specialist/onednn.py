@@ -1,12 +1,12 @@
-"""float32 linear layers through oneDNN with their weights packed once, for forward passes that want no gradient
-(generation, the forgetting stage).
+"""float32 linear layers through oneDNN with their weights packed once, wherever no gradient flows into a weight
+(generation, scoring, the forgetting stage, the frozen layers of a LoRA training).
 
 torch computes a float32 `nn.Linear` with MKL's sgemm, which lays the weight out for its kernel again on every
 call. oneDNN given the weight already laid out (`torch.ops.mkldnn._reorder_linear_weight`: the packing
 torch.compile's CPU backend freezes weights into) computes the same float32 products, only the order of the sums
 differs, and is much faster on the small batches of decoding. bench/linear_kernels.py, Gemma 3 270M's decoder
-layer shapes, 2026-12-08, AMD EPYC with AVX-512: 3.0x F.linear at 16 rows, 2.3x at 1,024 rows on 2 cores; 2.6x
-and 2.3x on one core; 1.5x and 1.2x with torch and oneDNN held to AVX2 (the slower machines' instructions).
+layer shapes, 2026-12-08, AMD EPYC with AVX-512: 2.8x F.linear at 16 rows, 2.3x at 1,024 rows on 2 cores; 2.5x
+and 2.3x on one core; 1.7x and 1.2x with torch and oneDNN held to AVX2 (the slower machines' instructions).
 
 The weight itself is left as it is (training, merging and state dicts read it); the packed copy is made on first
 use and again whenever the weight changes (its version counter), and lives as long as the weight (Gemma 3 270M's
@@ -100,13 +100,14 @@ def held_copy(weight: torch.Tensor, kind: str, make: Callable[[torch.Tensor], ob
         return made
 
 
-def drop_copies(model, kinds: tuple[str, ...] = ("onednn", "onednn-t")) -> None:
-    """Let go of the packed copies of `model`'s weights (after training: evaluation reads no transposed copy, and
-    packs what it reads again on first use)."""
+def drop_copies(model) -> None:
+    """Let go of every copy held of `model`'s weights, of any kind (after a training: evaluation reads no
+    transposed copy, and makes what it reads again on first use; after a merge through `weight.data`: all are
+    stale)."""
     ids = {id(parameter) for parameter in model.parameters()}
     with _GUARD:
         # a snapshot: a weight freed meanwhile drops its own entry (its weak reference's callback)
-        for key in [key for key in list(_HELD) if key[0] in ids and key[1] in kinds]:
+        for key in [key for key in list(_HELD) if key[0] in ids]:
             _HELD.pop(key, None)
 
 

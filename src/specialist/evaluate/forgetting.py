@@ -341,8 +341,7 @@ def measure_forgetting(base: Engine, tuned: Engine, evaluation) -> ForgettingRep
     measured = []
     autocast = bf16_autocast_helps(base.model) and bf16_autocast_helps(tuned.model)
     for engine, weights in ((base, "base"), (tuned, "tuned")):
-        # under autocast the layers are torch's bfloat16 ones; without (a CPU that does not multiply bfloat16),
-        # float32 through oneDNN's packed kernels
+        # float32 through oneDNN's packed kernels; under autocast (only a torch without them) torch's bfloat16
         with engine.lock, engine.context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
                 packed_linears(engine.model):
             measured.append(measure(engine.model, engine.tokenizer, texts, questions, weights))
