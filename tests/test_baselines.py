@@ -187,7 +187,8 @@ def test_eval_of_labelled_rows_scores_majority_and_linear_on_the_training_split_
         "training": {"max_steps": 1, "batch_size": 4, "max_length": 64, "report_to": []},
         "evaluation": {"scorers": ["label_accuracy"], "max_new_tokens": 4, "few_shot_k": 0, "forgetting": False,
                        "train_sample": 0, "bootstrap_samples": 200, "baselines": ["nearest", "majority", "linear"],
-                       "gates": ["tuned - best_baseline >= -1 on label_accuracy"]},
+                       "gates": ["tuned - best_baseline >= -1 on label_accuracy",
+                                 "tuned - best_baseline >= -1 on macro_f1"]},
         "output": {"dir": str(tmp_path / "runs"), "run_name": "tickets"}})
     run = train_only(config, "tickets").run_dir
     report = evaluate_run(run, config)
@@ -198,7 +199,21 @@ def test_eval_of_labelled_rows_scores_majority_and_linear_on_the_training_split_
     assert [p["linear"] for p in predictions] == linear.labels  # the arm is the baseline fitted on train only
     assert report.arms["linear"].labels["macro_f1"] >= 0.5  # the words give these tickets away
     assert report.best_baseline["label_accuracy"] in ("nearest", "majority", "linear")
-    assert report.gates[0].passed and "best_baseline" in json.loads((run / "eval.json").read_text())
+    assert all(gate.passed for gate in report.gates)
+    # macro-F1, a figure of the whole set, is compared on resampled rows like every per-row score
+    from specialist.core.labels import label_rule
+    from specialist.core.stats import paired_macro_f1
+
+    rule = label_rule(config.evaluation)
+    want = [rule.extract(p["expected"]) for p in predictions]
+    by_hand = paired_macro_f1(want, [rule.extract(p["linear"]) for p in predictions],
+                              [rule.extract(p["tuned"]) for p in predictions], 200)
+    assert report.comparison("tuned", "linear", "macro_f1") == by_hand
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["comparisons"]["tuned_vs_linear"]["macro_f1"]["test"] == "approximate randomization"
+    best = report.best_baseline["macro_f1"]
+    assert saved["best_baseline"]["macro_f1"]["comparison"] == json.loads(json.dumps(
+        report.comparison("tuned", best, "macro_f1").as_dict()))
 
 
 @pytest.fixture(scope="module")

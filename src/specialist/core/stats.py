@@ -14,6 +14,9 @@ Which interval, and why:
 - a paired difference (arm b minus arm a on the same rows): for proportions, Newcombe's hybrid score interval for
   paired data (Newcombe 1998, Statistics in Medicine 17:2635, method 10) with an exact McNemar test (a two-sided
   binomial test on the discordant rows); otherwise BCa on the per-row differences with a sign-flip permutation test.
+- a paired difference of macro-F1, a figure of the whole set with no per-row score: BCa over resampled rows (each
+  row's expected label with both arms' answers, kept together) and an approximate randomization test (Noreen 1989;
+  Yeh 2000, COLING: each row's two answers swapped at random, the usual test for F-score differences).
 """
 
 from __future__ import annotations
@@ -173,6 +176,59 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], samples: int = 100
     if p_value < 1 - confidence and difference.mean != 0:
         better = "b" if difference.mean > 0 else "a"
     return PairedComparison(difference, p_value, better, test)
+
+
+def paired_macro_f1(expected: Sequence[str], a: Sequence[str | None], b: Sequence[str | None], samples: int = 1000,
+                    seed: int = 0, confidence: float = CONFIDENCE) -> PairedComparison:
+    """Does arm b beat arm a on macro-F1 over the same rows? `expected` and each arm's answers are labels (None or
+    any other string for an answer outside the expected labels). Macro-F1 as the label report computes it: the mean
+    F1 over the labels expected in the rows (a resample's rows, in the bootstrap)."""
+    if not len(expected) == len(a) == len(b):
+        raise ValueError(f"a paired comparison needs the same rows in both arms, got {len(expected)} expected, "
+                         f"{len(a)} and {len(b)} answers")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence!r}")
+    classes = sorted(set(expected))
+    code = {label: float(i) for i, label in enumerate(classes)}
+    want, got_a, got_b = (np.array([code.get(label, -1.0) for label in labels]) for labels in (expected, a, b))
+
+    def difference(want_rows: np.ndarray, a_rows: np.ndarray, b_rows: np.ndarray, axis: int = -1) -> np.ndarray:
+        return (_macro_f1(want_rows, b_rows, len(classes), axis) - _macro_f1(want_rows, a_rows, len(classes), axis))
+
+    observed = float(difference(want, got_a, got_b))
+    interval = paired_bootstrap_interval((want, got_a, got_b), difference, observed, samples, confidence, seed)
+    p_value = _randomization_p(want, got_a, got_b, difference, samples, seed + 1)
+    better = "no difference"
+    if p_value < 1 - confidence and observed != 0:
+        better = "b" if observed > 0 else "a"
+    return PairedComparison(interval, p_value, better, "approximate randomization")
+
+
+def _macro_f1(want: np.ndarray, got: np.ndarray, classes: int, axis: int = -1) -> np.ndarray:
+    """Macro-F1 of label codes along `axis`: F1 = 2tp / (2tp + fp + fn) per class expected in the rows, averaged
+    over those classes (0 where none is expected)."""
+    total = present = 0
+    for label in range(classes):
+        expected, answered = want == label, got == label
+        hits = np.sum(expected & answered, axis)
+        wrong = np.sum(answered & ~expected, axis) + np.sum(expected & ~answered, axis)
+        f1 = np.divide(2.0 * hits, 2.0 * hits + wrong, out=np.zeros(np.shape(hits)), where=(2 * hits + wrong) > 0)
+        seen = np.sum(expected, axis) > 0
+        total, present = total + np.where(seen, f1, 0.0), present + seen
+    return np.divide(total, np.maximum(present, 1))
+
+
+def _randomization_p(want: np.ndarray, a: np.ndarray, b: np.ndarray, difference, samples: int, seed: int) -> float:
+    """Two-sided p of "no difference": the share of random swaps of each row's two answers whose difference is at
+    least as far from zero as the observed one (counting the observed, so p is never 0)."""
+    observed = abs(float(difference(want, a, b)))
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    for start in range(0, samples, 256):  # batches keep memory at 256 x n
+        swap = rng.random((min(256, samples - start), want.size)) < 0.5
+        swapped = difference(want, np.where(swap, b, a), np.where(swap, a, b))
+        extreme += int(np.sum(np.abs(swapped) >= observed - 1e-12))
+    return (extreme + 1) / (samples + 1)
 
 
 def newcombe_paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Interval:

@@ -47,7 +47,7 @@ class ArmPair:
 @dataclass(frozen=True)
 class VersusBest:
     """A tuned arm against the best baseline on one metric: both values, and `tuned` minus `baseline` on the same
-    rows (None for a figure without per-row scores, such as macro-F1)."""
+    rows (None for a figure that has no paired test, such as a refusal direction)."""
 
     tuned: str  # the tuned arm: tuned or tuned+constrained
     metric: str

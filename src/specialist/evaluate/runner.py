@@ -34,7 +34,7 @@ from specialist.core.scorers import (
     resolve_scorers,
     score_rows,
 )
-from specialist.core.stats import PairedComparison, paired_comparison, score_interval
+from specialist.core.stats import PairedComparison, paired_comparison, paired_macro_f1, score_interval
 from specialist.data import Example
 from specialist.errors import ConfigError
 from specialist.evaluate.baseline_arms import baseline_index, best_baselines, default_retrieval_k, no_model_baselines
@@ -184,8 +184,23 @@ def scored_report(run_dir: Path, arms: Arms, answers: dict[str, Answers], rows: 
                                    setting.scoring.calibration(answers[arm.name], test, evaluation.escalation_label))
               for arm in arms.arms},
         comparisons=compare_arms(rows, evaluation.bootstrap_samples))
+    if any("label_accuracy" in scores for scores in rows.values()):
+        texts = {name: answers[name].texts for name in rows if "label_accuracy" in rows[name]}
+        for pair, comparison in macro_f1_comparisons(texts, expected, setting.rule,
+                                                     evaluation.bootstrap_samples).items():
+            report.comparisons.setdefault(pair, {})["macro_f1"] = comparison
     report.best_baseline = best_baselines(report.arms)
     return report
+
+
+def macro_f1_comparisons(outputs: dict[str, list[str]], expected: list[str], rule: LabelRule,
+                         samples: int) -> dict[ArmPair, PairedComparison]:
+    """Macro-F1 of each pair compare_arms measures, among the arms with label answers (`outputs`): a figure of
+    the whole set, so its paired interval resamples rows rather than per-row scores."""
+    want = [rule.extract(text) for text in expected]
+    labels = {name: [rule.extract(text) for text in texts] for name, texts in outputs.items()}
+    return {pair: paired_macro_f1(want, labels[pair.other], labels[pair.arm], samples)
+            for pair in compared_pairs(labels)}
 
 
 def add_side_reports(report: EvalReport, arms: Arms, answers: dict[str, Answers],
