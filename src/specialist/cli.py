@@ -174,25 +174,52 @@ def baselines(
     set_: SetOption = None,
     out: Annotated[Path | None, typer.Option(help="Prepared-data folder (default: OUTPUT_DIR/<config name>-data).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON here.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Also cross-validate the baselines over every distinct prepared "
+                                              "row in this many folds (by data.split_by), e.g. 5.")] = None,
+    repeats: Annotated[int, typer.Option(help="--folds: shuffles of the folds.")] = 3,
 ) -> None:
     """Before any training: what the cheapest alternatives score on CONFIG's held-out rows (the nearest training
     row's answer; for labelled rows the majority label and TF-IDF + logistic regression), with the config's
-    scorers and 95% intervals. A fine-tune is worth its cost only above these."""
+    scorers and 95% intervals. A fine-tune is worth its cost only above these. With --folds, also their mean and
+    spread across splits: how far one split's figure can sit from what the baseline scores in general."""
     import json
 
     from specialist.config import load_config
-    from specialist.evaluate.runner import evaluate_baselines
+    from specialist.evaluate.cross_validation import check_fold_counts
+    from specialist.evaluate.runner import cross_validated_baselines, evaluate_baselines
     from specialist.pipeline import load_template, prepare_data
 
     with _user_errors():
+        if folds is not None:
+            check_fold_counts(folds, repeats)
         cfg = load_config(config, list(set_ or []))
         tokenizer, template = load_template(cfg)
         split, _ = prepare_data(cfg, out or cfg.output.dir / f"{config_name(config)}-data", tokenizer, template,
                                 protect=[config])
         report = evaluate_baselines(cfg, split)
+        crossed = cross_validated_baselines(cfg, split, folds, repeats) if folds is not None else None
     print_scores(report)
+    scores = report.to_json()["arms"]
+    if crossed is not None:
+        print_cross_validation(crossed)
+        for arm, per_metric in crossed.summary().items():
+            scores.setdefault(arm, {})["cross_validation"] = per_metric
     if json_out is not None:
-        json_out.write_text(json.dumps(report.to_json()["arms"], indent=2), encoding="utf-8")
+        json_out.write_text(json.dumps(scores, indent=2), encoding="utf-8")
+
+
+def print_cross_validation(figures) -> None:
+    """The baselines' figures across folds: mean (sd) per metric and arm."""
+    from specialist.evaluate.cross_validation import summary_rows
+
+    table = Table(title=f"cross-validated: {figures.folds} folds x {figures.repeats} shuffles over {figures.rows} "
+                        "distinct rows; mean (sd) across folds")
+    table.add_column("metric", no_wrap=True)
+    for arm in figures.summary():
+        table.add_column(arm, justify="right")
+    for row in summary_rows(figures):
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command()

@@ -224,11 +224,16 @@ def add_side_reports(report: EvalReport, arms: Arms, answers: dict[str, Answers]
 def evaluate_baselines(config: RunConfig, split) -> EvalReport:
     """The baselines that need no model (nearest, majority, linear) on `split`'s test rows, scored like `evaluate_run`
     scores its arms: what a fine-tune has to beat, known in seconds before any training."""
+    test = held_out(split, config.evaluation)
+    return EvalReport(run_dir=Path("."), n_eval=len(test), max_new_tokens=0, decoding={},
+                      arms=no_model_arm_results(config, split.train, test))
+
+
+def no_model_arm_results(config: RunConfig, train: list[Example], test: list[Example]) -> dict[str, ArmResult]:
+    """nearest, majority and linear fitted on `train`, answering and scored on `test`."""
     evaluation = config.evaluation
-    test = held_out(split, evaluation)
-    index = baseline_index(config, split.train)
-    found = no_model_baselines(evaluation.model_copy(update={"baselines": ["nearest", "majority", "linear"]}), index,
-                               lambda label: render_label(label, config.data.label_template))
+    found = no_model_baselines(evaluation.model_copy(update={"baselines": ["nearest", "majority", "linear"]}),
+                               baseline_index(config, train), lambda label: render_label(label, config.data.label_template))
     rule = label_rule(evaluation)
     scorers = resolve_scorers(evaluation.scorers, rule, evaluation.json_schema)
     expected, prompts = [ex.completion for ex in test], [ex.prompt for ex in test]
@@ -237,7 +242,18 @@ def evaluate_baselines(config: RunConfig, split) -> EvalReport:
         texts, seconds, _ = baseline(prompts)
         rows = score_rows(texts, expected, scorers, prompts)
         arms[name] = arm_result(Arm(name, None), ArmRows(rows, texts, expected), evaluation, rule, seconds)
-    return EvalReport(run_dir=Path("."), n_eval=len(test), max_new_tokens=0, decoding={}, arms=arms)
+    return arms
+
+
+def cross_validated_baselines(config: RunConfig, split, folds: int, repeats: int):
+    """The no-model baselines over `folds` folds of every distinct prepared row, `repeats` shuffles, the folds
+    following data.split_by (evaluate.cross_validation): each figure's mean and spread across splits."""
+    from specialist.evaluate.cross_validation import cross_validate, distinct_rows
+
+    def score_fold(fit: list[Example], held: list[Example]) -> dict[str, dict[str, float]]:
+        return {name: arm.headline() for name, arm in no_model_arm_results(config, fit, held).items()}
+
+    return cross_validate(distinct_rows(split), config.data.split_by, folds, repeats, score_fold)
 
 
 def label_scoring(run: RunFolder, config: RunConfig, train: list[Example]) -> LabelScoring:
