@@ -106,3 +106,17 @@ def test_hostile_inputs_are_refused_or_read_as_wrong_answers():
     garbage = [None, "' OR 1=1", "\u202e", "x" * 10_000] * 10
     result = paired_macro_f1(expected, garbage, list(expected), samples=100)
     assert result.difference.mean == pytest.approx(1.0 - label_report_macro_f1(expected, garbage))
+
+
+def test_past_bca_max_rows_the_interval_is_the_percentile_one_and_stays_quick():
+    """BCa's jackknife re-scores the whole set once per row: quadratic for macro-F1. Above BCA_MAX_ROWS the
+    percentile interval of the same resamples is used."""
+    from specialist.core.stats import BCA_MAX_ROWS
+
+    small = expected_rows(200, seed=11)
+    assert paired_macro_f1(small, noisy_answers(small, 0.4, 12), noisy_answers(small, 0.6, 13),
+                           samples=200).difference.method == "bca"
+    large = expected_rows(BCA_MAX_ROWS + 1, seed=14)
+    result = paired_macro_f1(large, noisy_answers(large, 0.4, 15), noisy_answers(large, 0.6, 16), samples=200)
+    assert result.difference.method == "percentile" and result.difference.n == BCA_MAX_ROWS + 1
+    assert result.difference.low < result.difference.mean < result.difference.high and result.better == "b"

@@ -176,7 +176,7 @@ def baselines(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON here.")] = None,
     folds: Annotated[int | None, typer.Option(help="Also cross-validate the baselines over every distinct prepared "
                                               "row in this many folds (by data.split_by), e.g. 5.")] = None,
-    repeats: Annotated[int, typer.Option(help="--folds: shuffles of the folds.")] = 3,
+    repeats: Annotated[int | None, typer.Option(help="--folds: shuffles of the folds (default 3).")] = None,
 ) -> None:
     """Before any training: what the cheapest alternatives score on CONFIG's held-out rows (the nearest training
     row's answer; for labelled rows the majority label and TF-IDF + logistic regression), with the config's
@@ -185,13 +185,12 @@ def baselines(
     import json
 
     from specialist.config import load_config
-    from specialist.evaluate.cross_validation import check_fold_counts
+    from specialist.evaluate.cross_validation import fold_options
     from specialist.evaluate.runner import cross_validated_baselines, evaluate_baselines
     from specialist.pipeline import load_template, prepare_data
 
     with _user_errors():
-        if folds is not None:
-            check_fold_counts(folds, repeats)
+        repeats = fold_options(folds, repeats)  # before any data is read
         cfg = load_config(config, list(set_ or []))
         tokenizer, template = load_template(cfg)
         split, _ = prepare_data(cfg, out or cfg.output.dir / f"{config_name(config)}-data", tokenizer, template,

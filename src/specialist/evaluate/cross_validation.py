@@ -25,6 +25,7 @@ from specialist.errors import ConfigError
 
 MAX_FOLDS = 100
 MAX_REPEATS = 20
+DEFAULT_REPEATS = 3
 
 
 @dataclass
@@ -68,6 +69,18 @@ def check_folds(folds: int, repeats: int, rows: Sequence[Example], split_by: str
     if units < folds:
         raise ConfigError(f"--folds {folds} needs at least {folds} {what} to hold out; the prepared data has {units}",
                           hint=f"use --folds {units} or fewer" if units >= 2 else "add rows, or leave --folds out")
+
+
+def fold_options(folds: int | None, repeats: int | None) -> int | None:
+    """--folds and --repeats as given: the shuffles to run (DEFAULT_REPEATS unless given; None without --folds).
+    --repeats alone is refused rather than ignored."""
+    if folds is None:
+        if repeats is not None:
+            raise ConfigError(f"--repeats {repeats} needs --folds", hint="add --folds 5, or leave --repeats out")
+        return None
+    repeats = DEFAULT_REPEATS if repeats is None else repeats
+    check_fold_counts(folds, repeats)
+    return repeats
 
 
 def check_fold_counts(folds: int, repeats: int) -> None:
@@ -123,12 +136,17 @@ def cross_validate(rows: Sequence[Example], split_by: str, folds: int, repeats: 
 
 
 def summary_rows(figures: FoldFigures) -> list[list[Any]]:
-    """Table rows: metric, then each arm's "mean (sd)" over the folds ("" where the arm lacks the metric)."""
+    """Table rows: metric, then each arm's "mean (sd)" over the folds ("" where the arm lacks the metric), with
+    "in k of n folds" where the arm was scored on only some (a label baseline needs two labels to fit on)."""
     summary = figures.summary()
     arms = list(summary)
     metrics = list(dict.fromkeys(metric for per_metric in summary.values() for metric in per_metric))
-    return [[metric, *[_mean_sd(summary[arm].get(metric)) for arm in arms]] for metric in metrics]
+    total = figures.folds * figures.repeats
+    return [[metric, *[_mean_sd(summary[arm].get(metric), total) for arm in arms]] for metric in metrics]
 
 
-def _mean_sd(figure: dict[str, float | int] | None) -> str:
-    return "" if figure is None else f"{100 * figure['mean']:.1f}% ({100 * figure['sd']:.1f})"
+def _mean_sd(figure: dict[str, float | int] | None, total: int) -> str:
+    if figure is None:
+        return ""
+    text = f"{100 * figure['mean']:.1f}% ({100 * figure['sd']:.1f})"
+    return text if figure["folds"] >= total else f"{text} in {figure['folds']} of {total} folds"
