@@ -197,14 +197,9 @@ class _PackedForward:
         return _forward(self.module, x)
 
 
-def head_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 transpose: bool = False) -> torch.Tensor:
-    """x @ weight.T + bias (or x @ weight, `transpose`) for an output layer computed by hand (the chunked loss):
-    the first through the packed weight inside `packed_linears`; the second always torch's, whose product over the
-    vocabulary was as fast as a packed transpose (a LoRA step of Gemma 3 270M, 7 rows: 2.59 s against 2.62 s, 2
-    cores) that would hold 640 MiB more."""
-    if transpose:
-        return x @ weight
+def head_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for an output layer computed by hand (the chunked loss, the greedy head): through the
+    packed weight inside `packed_linears`, else torch's."""
     return linear(x, weight, bias) if _kernel_applies(x, weight) else F.linear(x, weight, bias)
 
 

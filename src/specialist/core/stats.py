@@ -173,10 +173,14 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], samples: int = 100
     else:
         difference = bootstrap_ci(right - left, samples, confidence, seed)
         p_value, test = sign_flip_p(right - left, samples, seed + 1), "sign-flip permutation"
-    better = "no difference"
-    if p_value < 1 - confidence and difference.mean != 0:
-        better = "b" if difference.mean > 0 else "a"
-    return PairedComparison(difference, p_value, better, test)
+    return PairedComparison(difference, p_value, _better(p_value, difference.mean, confidence), test)
+
+
+def _better(p_value: float, difference: float, confidence: float) -> str:
+    """Which arm a paired test says is better: "b" (b minus a above zero), "a", or "no difference"."""
+    if p_value < 1 - confidence and difference != 0:
+        return "b" if difference > 0 else "a"
+    return "no difference"
 
 
 def paired_macro_f1(expected: Sequence[str], a: Sequence[str | None], b: Sequence[str | None], samples: int = 1000,
@@ -201,10 +205,7 @@ def paired_macro_f1(expected: Sequence[str], a: Sequence[str | None], b: Sequenc
     observed = float(difference(want, got_a, got_b))
     interval = paired_bootstrap_interval((want, got_a, got_b), difference, observed, samples, confidence, seed)
     p_value = _randomization_p(want, got_a, got_b, difference, samples, seed + 1)
-    better = "no difference"
-    if p_value < 1 - confidence and observed != 0:
-        better = "b" if observed > 0 else "a"
-    return PairedComparison(interval, p_value, better, "approximate randomization")
+    return PairedComparison(interval, p_value, _better(p_value, observed, confidence), "approximate randomization")
 
 
 def _macro_f1(want: np.ndarray, got: np.ndarray, classes: int, axis: int = -1) -> np.ndarray:

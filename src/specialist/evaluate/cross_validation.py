@@ -13,6 +13,7 @@ only, as on a split's training rows.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from statistics import mean, pstdev
@@ -91,16 +92,16 @@ def check_fold_counts(folds: int, repeats: int) -> None:
         raise ConfigError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}", hint="e.g. --repeats 3")
 
 
-def fold_indices(rows: Sequence[Example], split_by: str, folds: int, seed: int) -> Iterator[tuple[list[int], list[int]]]:
+def fold_indices(rows: Sequence[Example], split_by: str, folds: int,
+                 seed: int) -> Iterator[tuple[list[int], list[int]]]:
     """(fit rows, held-out rows) per fold, by data.split_by, shuffled by `seed`."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    index = np.arange(len(rows))
     if split_by == "grouped":
         yield from _group_folds([_group_of(ex, i) for i, ex in enumerate(rows)], folds, seed)
         return
-    labels = [ex.label for ex in rows]
-    counts = {label: labels.count(label) for label in set(labels)}
+    index, labels = np.arange(len(rows)), [ex.label for ex in rows]
+    counts = Counter(labels)
     if split_by == "stratified" and None not in counts and min(counts.values()) >= folds:
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed).split(index, labels)
     else:  # a label with fewer rows than folds cannot be in every fold: plain shuffled folds
@@ -128,8 +129,8 @@ def cross_validate(rows: Sequence[Example], split_by: str, folds: int, repeats: 
 
     check_folds(folds, repeats, rows, split_by)
     figures = FoldFigures(folds, repeats, len(rows))
-    plan = [(seed, fit, held) for seed in range(repeats) for fit, held in fold_indices(rows, split_by, folds, seed)]
-    for _, fit, held in track(plan, description=f"{folds} folds x {repeats}", transient=True):
+    plan = [fold for seed in range(repeats) for fold in fold_indices(rows, split_by, folds, seed)]
+    for fit, held in track(plan, description=f"{folds} folds x {repeats}", transient=True):
         for arm, values in score_fold([rows[i] for i in fit], [rows[i] for i in held]).items():
             figures.add(arm, values)
     return figures

@@ -184,11 +184,10 @@ def scored_report(run_dir: Path, arms: Arms, answers: dict[str, Answers], rows: 
                                    setting.scoring.calibration(answers[arm.name], test, evaluation.escalation_label))
               for arm in arms.arms},
         comparisons=compare_arms(rows, evaluation.bootstrap_samples))
-    if any("label_accuracy" in scores for scores in rows.values()):
-        texts = {name: answers[name].texts for name in rows if "label_accuracy" in rows[name]}
-        for pair, comparison in macro_f1_comparisons(texts, expected, setting.rule,
-                                                     evaluation.bootstrap_samples).items():
-            report.comparisons.setdefault(pair, {})["macro_f1"] = comparison
+    labelled = {name: answers[name].texts for name in rows if "label_accuracy" in rows[name]}
+    for pair, comparison in macro_f1_comparisons(labelled, expected, setting.rule,
+                                                 evaluation.bootstrap_samples).items():
+        report.comparisons.setdefault(pair, {})["macro_f1"] = comparison
     report.best_baseline = best_baselines(report.arms)
     return report
 
@@ -233,7 +232,8 @@ def no_model_arm_results(config: RunConfig, train: list[Example], test: list[Exa
     """nearest, majority and linear fitted on `train`, answering and scored on `test`."""
     evaluation = config.evaluation
     found = no_model_baselines(evaluation.model_copy(update={"baselines": ["nearest", "majority", "linear"]}),
-                               baseline_index(config, train), lambda label: render_label(label, config.data.label_template))
+                               baseline_index(config, train),
+                               lambda label: render_label(label, config.data.label_template))
     rule = label_rule(evaluation)
     scorers = resolve_scorers(evaluation.scorers, rule, evaluation.json_schema)
     expected, prompts = [ex.completion for ex in test], [ex.prompt for ex in test]
